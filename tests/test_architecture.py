@@ -1,0 +1,27 @@
+"""The module boundaries written in pyproject.toml hold: a change that breaks one fails here."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_are_kept() -> None:
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run(
+        [str(lint_imports), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def test_no_importable_package_shadows_the_standard_library_operator_module() -> None:
+    assert not (ROOT / "operator" / "__init__.py").exists()
+    import operator
+
+    assert hasattr(operator, "itemgetter")
