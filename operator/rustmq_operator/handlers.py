@@ -1,0 +1,124 @@
+"""kopf registrations: the only module that uses ``kopf.on``.
+
+kopf is used for what it does well (watching with bounded timeouts, reconnecting, logging, the
+liveness endpoint); the reconciling itself is level-based and lives in ``reconciler``. Every
+watch event, on a RustMQCluster or on any child carrying ``app.kubernetes.io/managed-by:
+rustmq-operator``, only puts the cluster's key on a work queue; workers run one
+``reconciler.reconcile`` pass per key, and each pass schedules the next (soon while
+converging, every 30 s otherwise to correct drift nobody reported).
+
+No handler here needs a finalizer (no delete handlers, daemons or timers), so deleting a
+RustMQCluster, or its whole namespace, never waits for this operator: the garbage collector
+removes the children through their owner references and the claims stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any, Final
+
+import kopf
+
+from rustmq_operator import k8s, naming, reconciler, spec as specs, workqueue
+
+logger = logging.getLogger(__name__)
+
+WORKERS: Final = 4
+MANAGED: Final = f"app.kubernetes.io/managed-by={naming.MANAGED_BY}"
+_CHILDREN: Final = (
+    ("apps", "v1", "statefulsets"),
+    ("", "v1", "pods"),
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+    ("policy", "v1", "poddisruptionbudgets"),
+)
+
+Key = tuple[str, str]
+
+
+class _State:
+    queue: workqueue.WorkQueue[Key]
+    kube: k8s.Kube
+    workers: list[asyncio.Task[None]]
+    last_pass: float = 0.0
+
+
+STATE = _State()
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # kopf's own state would live under rustmq.io if any handler needed it; none does.
+    settings.persistence.finalizer = "rustmq.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="rustmq.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="rustmq.io", key="last-handled-configuration"
+    )
+    # Bounded watches: a silently dead connection is replaced within two minutes.
+    settings.watching.server_timeout = 120
+    settings.watching.client_timeout = 150
+    settings.watching.connect_timeout = 30
+    settings.watching.reconnect_backoff = 1.0
+    settings.networking.request_timeout = 60
+    # The reconciler posts the Events worth a person's attention; kopf's per-handler log
+    # events on every watched pod would drown them.
+    settings.posting.enabled = False
+    for group, version, plural in _CHILDREN:
+        settings.watching.label_selectors[group, plural] = MANAGED
+    STATE.kube = k8s.Kube(k8s.load_client(os.environ.get("KUBECONFIG") or None))
+    STATE.queue = workqueue.WorkQueue()
+    STATE.workers = [asyncio.create_task(_work(n), name=f"reconcile-{n}") for n in range(WORKERS)]
+
+
+@kopf.on.cleanup()
+async def stop(**_: Any) -> None:
+    for task in STATE.workers:
+        task.cancel()
+    await asyncio.gather(*STATE.workers, return_exceptions=True)
+
+
+@kopf.on.probe(id="reconcile_workers")
+def probe_workers(**_: Any) -> dict[str, Any]:
+    dead = [task.get_name() for task in STATE.workers if task.done()]
+    if dead:
+        raise kopf.PermanentError(f"reconcile workers stopped: {', '.join(dead)}")
+    return {"queued": len(STATE.queue), "seconds_since_last_pass": round(time.monotonic() - STATE.last_pass, 1)}
+
+
+@kopf.on.event(specs.GROUP, specs.VERSION, specs.PLURAL)
+def cluster_changed(type: str | None, name: str, namespace: str, **_: Any) -> None:
+    if type == "DELETED":
+        STATE.queue.forget((namespace, name))
+    else:
+        STATE.queue.add((namespace, name))
+
+
+@kopf.on.event("apps", "v1", "statefulsets", labels={"app.kubernetes.io/managed-by": naming.MANAGED_BY})
+@kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": naming.MANAGED_BY})
+@kopf.on.event("", "v1", "services", labels={"app.kubernetes.io/managed-by": naming.MANAGED_BY})
+@kopf.on.event("", "v1", "configmaps", labels={"app.kubernetes.io/managed-by": naming.MANAGED_BY})
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels={"app.kubernetes.io/managed-by": naming.MANAGED_BY})
+def child_changed(labels: kopf.Labels, namespace: str, **_: Any) -> None:
+    cluster = labels.get(naming.CLUSTER_LABEL)
+    if cluster:
+        STATE.queue.add((namespace, cluster))
+
+
+async def _work(number: int) -> None:
+    while True:
+        key = await STATE.queue.get()
+        namespace, name = key
+        try:
+            outcome = await asyncio.to_thread(reconciler.reconcile, STATE.kube, namespace, name)
+        except Exception:  # one failing cluster must not stop the others; retry it later
+            logger.exception("reconcile of %s/%s failed; retrying in 5 s", namespace, name)
+            STATE.queue.done(key)
+            STATE.queue.add(key, 5.0)
+            continue
+        STATE.last_pass = time.monotonic()
+        STATE.queue.done(key)
+        if outcome.requeue_after is not None:
+            STATE.queue.add(key, outcome.requeue_after)

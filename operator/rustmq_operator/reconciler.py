@@ -1,0 +1,284 @@
+"""One level-based reconcile pass for one RustMQCluster: observe, decide, act, report.
+
+A pass reads the CR and its children, lets ``planning`` decide (scale, storage, roll), renders
+the children with the decisions, server-side applies them under one field manager (which also
+restores anything edited or deleted by hand), prunes children the spec no longer asks for,
+performs at most one disruptive action, and writes the status only if it changed. It remembers
+nothing between passes: the next pass starts again from what the cluster shows, so a restart
+of the operator, a lost watch event or a failed call costs one pass and no duplicate work.
+
+The caller (``handlers``) runs passes from a work queue and schedules the next one after the
+delay ``reconcile`` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from rustmq_operator import k8s, naming, planning, rendering, spec as specs, status as statuses
+
+logger = logging.getLogger(__name__)
+
+RESYNC_SECONDS: Final = 30.0  # drift check even when no watch event arrives
+PROGRESS_SECONDS: Final = 2.0  # while converging
+STALLED_SECONDS: Final = 15.0
+
+# Kinds the operator prunes when the spec stops asking for them (never the StatefulSet or claims).
+_PRUNABLE: Final = (
+    ("v1", "ConfigMap"),
+    ("v1", "Service"),
+    ("policy/v1", "PodDisruptionBudget"),
+)
+_MONITORING: Final = (
+    ("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors"),
+    ("monitoring.coreos.com/v1", "PrometheusRule", "prometheusrules"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a pass did, for logs and tests."""
+
+    requeue_after: float | None  # None: the CR is gone, forget it
+    applied: tuple[str, ...] = ()
+    pruned: tuple[str, ...] = ()
+    actions: tuple[str, ...] = ()
+    status_written: bool = False
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def observe(kube: k8s.Kube, namespace: str, name: str, spec: Mapping[str, Any]) -> planning.Observed:
+    selector = naming.selector_labels(name)
+    statefulset = kube.get("apps/v1", "StatefulSet", namespace, naming.statefulset(name))
+    pods = [
+        pod
+        for pod in kube.list("v1", "Pod", namespace, selector)
+        if naming.ordinal_of(pod["metadata"]["name"], name) is not None
+    ]
+    claim_prefix = f"{naming.DATA_VOLUME}-{name}-"
+    claims = [
+        claim
+        for claim in kube.list("v1", "PersistentVolumeClaim", namespace, selector)
+        if claim["metadata"]["name"].startswith(claim_prefix)
+    ]
+    external = None
+    if spec["services"]["external"]["enabled"]:
+        external = kube.get("v1", "Service", namespace, naming.external_service(name))
+    storage_class, expandable = None, None
+    wanted = specs.parse_quantity(spec["storage"]["size"])
+    template = planning.template_size(statefulset) if statefulset else None
+    needs_growth = any(
+        specs.parse_quantity(planning.claim_size(claim)) < wanted for claim in claims
+    ) or (template is not None and specs.parse_quantity(template) < wanted)
+    if needs_growth:
+        class_name = next(
+            (c["spec"].get("storageClassName") for c in claims if c["spec"].get("storageClassName")),
+            spec["storage"].get("storageClassName"),
+        )
+        storage_class, expandable = kube.storage_class_expandable(class_name)
+    monitoring = spec["monitoring"]
+    return planning.Observed(
+        statefulset=statefulset,
+        pods=pods,
+        claims=claims,
+        external_service=external,
+        storage_expandable=expandable,
+        storage_class=storage_class,
+        service_monitor_crd=bool(
+            monitoring["serviceMonitor"]["enabled"]
+            and kube.serves("monitoring.coreos.com/v1", "servicemonitors")
+        ),
+        prometheus_rule_crd=bool(
+            monitoring["prometheusRule"]["enabled"]
+            and kube.serves("monitoring.coreos.com/v1", "prometheusrules")
+        ),
+    )
+
+
+def monitoring_verdict(spec: Mapping[str, Any], observed: planning.Observed) -> planning.Verdict | None:
+    if not spec["monitoring"]["serviceMonitor"]["enabled"]:
+        return planning.Verdict("Disabled", "monitoring.serviceMonitor.enabled is false")
+    if not observed.service_monitor_crd:
+        return planning.Verdict(
+            "ServiceMonitorCRDMissing",
+            "the ServiceMonitor CRD (monitoring.coreos.com/v1) is not installed; the "
+            "ServiceMonitor is created as soon as the Prometheus Operator's CRDs are",
+        )
+    return None
+
+
+def reconcile(
+    kube: k8s.Kube,
+    namespace: str,
+    name: str,
+    *,
+    now: Callable[[], str] = _now,
+) -> Outcome:
+    cr = kube.get(specs.API_VERSION, specs.KIND, namespace, name)
+    if cr is None or cr["metadata"].get("deletionTimestamp"):
+        # Children carry owner references: the garbage collector removes them; the claims,
+        # created by the StatefulSet controller and not owned by the CR, stay.
+        return Outcome(requeue_after=None)
+    metadata = cr["metadata"]
+    spec = specs.with_defaults(cr.get("spec"))
+    previous = cr.get("status") or {}
+    generation = int(metadata.get("generation", 0))
+    paused = specs.is_paused(metadata)
+    observed = observe(kube, namespace, name, spec)
+
+    invalid = specs.problems(spec)
+    scale = planning.plan_scale(name, spec["replicas"], observed, previous.get("lastNonZeroReplicas"))
+    storage = planning.plan_storage(spec["storage"]["size"], observed)
+    monitoring = monitoring_verdict(spec, observed)
+    stalled = (
+        planning.Verdict("InvalidSpec", "; ".join(invalid)) if invalid else scale.stalled or storage.stalled
+    )
+    progressing = storage.progressing or scale.progressing
+
+    target = rendering.Target(
+        name=name,
+        namespace=namespace,
+        uid=metadata["uid"],
+        spec=spec,
+        replicas=scale.replicas,
+        claim_size=storage.claim_size,
+        service_monitor=observed.service_monitor_crd,
+        prometheus_rule=observed.prometheus_rule_crd,
+    )
+    rendered: rendering.Rendered | None = None
+    if not invalid:
+        try:
+            rendered = rendering.render(target)
+        except rendering.RenderError as error:
+            stalled = planning.Verdict("RenderFailed", str(error))
+
+    applied: list[str] = []
+    pruned: list[str] = []
+    actions: list[str] = []
+    events: list[planning.Event] = []
+    config_hash = rendered.config_hash if rendered else str(previous.get("configHash", ""))
+
+    if rendered is not None and not paused and not invalid:
+        events.extend(scale.events)
+        events.extend(storage.events)
+        for claim in storage.expand_claims:
+            kube.resize_claim(namespace, claim, storage.claim_size)
+            actions.append(f"expand {claim}")
+        applied_statefulset: dict[str, Any] | None = None
+        for obj in rendered.objects:
+            if obj["kind"] == "StatefulSet" and storage.recreate_statefulset:
+                continue
+            try:
+                result = kube.apply(obj)
+            except k8s.KubeError as error:
+                if error.status not in (400, 403, 409, 422):
+                    raise
+                stalled = planning.Verdict(
+                    "ApplyFailed", f"{obj['kind']} {obj['metadata']['name']}: {error.message}"
+                )
+                continue
+            applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
+            if obj["kind"] == "StatefulSet":
+                applied_statefulset = result
+        if storage.recreate_statefulset and observed.statefulset is not None:
+            kube.delete(
+                "apps/v1",
+                "StatefulSet",
+                namespace,
+                naming.statefulset(name),
+                propagation="Orphan",
+                uid=observed.statefulset["metadata"]["uid"],
+            )
+            actions.append("orphan-delete StatefulSet")
+        pruned = _prune(kube, namespace, name, metadata["uid"], rendered, observed)
+        if not storage.recreate_statefulset:
+            live = dataclasses.replace(observed, statefulset=applied_statefulset or observed.statefulset)
+            roll = planning.plan_roll(
+                name, scale.replicas, rendered.config_hash, live, applied_statefulset is not None
+            )
+            progressing = progressing or roll.progressing
+            if roll.delete is not None:
+                kube.delete("v1", "Pod", namespace, roll.delete)
+                actions.append(f"delete pod {roll.delete}")
+                events.extend(roll.events)
+            elif roll.evict is not None:
+                if kube.evict(namespace, roll.evict):
+                    actions.append(f"evict pod {roll.evict}")
+                    events.extend(roll.events)
+                else:
+                    progressing = planning.Verdict(
+                        "RollingUpdate",
+                        f"the PodDisruptionBudget does not allow restarting {roll.evict} yet",
+                    )
+
+    inputs = statuses.Inputs(
+        name=name,
+        namespace=namespace,
+        generation=generation,
+        spec=spec,
+        replicas=scale.replicas if not invalid else (planning.current_replicas(observed, name) or 0),
+        config_hash=config_hash,
+        claim_size=storage.claim_size,
+        last_non_zero=scale.last_non_zero,
+        observed=observed,
+        paused=paused,
+        stalled=stalled,
+        progressing=progressing,
+        monitoring=monitoring,
+    )
+    new_status = statuses.compute(inputs, previous, now())
+    patch = statuses.merge_patch(previous, new_status)
+    if stalled is not None and stalled.reason not in statuses.stalled_reasons(previous):
+        events.append(planning.Event("Warning", stalled.reason, stalled.message))
+    for event in events:
+        kube.post_event(cr, event.type, event.reason, event.message)
+    if patch:
+        kube.patch_status(namespace, name, patch)
+    if actions:
+        logger.info("%s/%s: %s", namespace, name, "; ".join(actions))
+    ready = statuses.condition(new_status, "Ready") or {}
+    if stalled is not None:
+        delay = STALLED_SECONDS
+    elif ready.get("status") != "True" and not paused:
+        delay = PROGRESS_SECONDS
+    else:
+        delay = RESYNC_SECONDS
+    return Outcome(
+        requeue_after=delay,
+        applied=tuple(applied),
+        pruned=tuple(pruned),
+        actions=tuple(actions),
+        status_written=bool(patch),
+    )
+
+
+def _prune(
+    kube: k8s.Kube,
+    namespace: str,
+    name: str,
+    owner_uid: str,
+    rendered: rendering.Rendered,
+    observed: planning.Observed,
+) -> list[str]:
+    wanted = {(obj["kind"], obj["metadata"]["name"]) for obj in rendered.objects}
+    selector = {naming.CLUSTER_LABEL: name, "app.kubernetes.io/managed-by": naming.MANAGED_BY}
+    kinds = list(_PRUNABLE)
+    for api_version, kind, plural in _MONITORING:
+        if kube.serves(api_version, plural):
+            kinds.append((api_version, kind))
+    removed: list[str] = []
+    for api_version, kind in kinds:
+        for obj in kube.list(api_version, kind, namespace, selector):
+            meta = obj["metadata"]
+            owned = any(ref.get("uid") == owner_uid for ref in meta.get("ownerReferences") or [])
+            if owned and (kind, meta["name"]) not in wanted:
+                kube.delete(api_version, kind, namespace, meta["name"], uid=meta["uid"])
+                removed.append(f"{kind}/{meta['name']}")
+    return removed

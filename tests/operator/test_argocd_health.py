@@ -1,0 +1,111 @@
+"""The ArgoCD health check (examples/argocd/health.lua), run with a real Lua interpreter (lupa)
+against statuses the operator writes, including ones computed by rustmq_operator.status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lupa
+import pytest
+import yaml
+
+from rustmq_operator import planning, spec as specs, status
+
+ROOT = Path(__file__).resolve().parents[2]
+HEALTH_LUA = ROOT / "examples" / "argocd" / "health.lua"
+
+
+def health(obj: dict[str, Any]) -> tuple[str, str]:
+    runtime = lupa.LuaRuntime(unpack_returned_tuples=True)
+
+    def to_lua(value: Any) -> Any:
+        if isinstance(value, dict):
+            return runtime.table_from({k: to_lua(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return runtime.table_from([to_lua(v) for v in value])
+        return value
+
+    runtime.globals().obj = to_lua(obj)
+    result = runtime.execute(HEALTH_LUA.read_text())
+    return str(result["status"]), str(result["message"])
+
+
+def cr(generation: int = 2, annotations: dict[str, str] | None = None, **status_fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "metadata": {"name": "rustmq", "generation": generation, "annotations": annotations or {}},
+        "spec": {"replicas": 3},
+    }
+    if status_fields:
+        body["status"] = status_fields
+    return body
+
+
+def cond(kind: str, value: str, reason: str, message: str = "") -> dict[str, str]:
+    return {"type": kind, "status": value, "reason": reason, "message": message}
+
+
+def test_no_status_yet_is_progressing() -> None:
+    assert health(cr())[0] == "Progressing"
+
+
+def test_stale_status_is_progressing_even_if_it_said_ready() -> None:
+    stale = cr(generation=3, observedGeneration=2, conditions=[cond("Ready", "True", "Reconciled")])
+    assert health(stale) == ("Progressing", "Waiting for rustmq-operator to act on the latest spec")
+
+
+def test_ready_is_healthy() -> None:
+    ready = cr(observedGeneration=2, conditions=[cond("Ready", "True", "Reconciled", "3/3 broker(s) Ready")])
+    assert health(ready) == ("Healthy", "3/3 broker(s) Ready")
+
+
+def test_stalled_is_degraded_with_the_reason() -> None:
+    stalled = cr(
+        observedGeneration=2,
+        conditions=[cond("Ready", "False", "ScaleDownBlocked"), cond("Stalled", "True", "ScaleDownBlocked", "refused")],
+    )
+    assert health(stalled) == ("Degraded", "ScaleDownBlocked: refused")
+
+
+def test_rolling_update_is_progressing_not_degraded() -> None:
+    rolling = cr(
+        observedGeneration=2,
+        conditions=[
+            cond("Ready", "False", "RollingUpdate"),
+            cond("Reconciling", "True", "RollingUpdate", "restarting rustmq-2"),
+            cond("Stalled", "False", "NotStalled"),
+        ],
+    )
+    assert health(rolling) == ("Progressing", "RollingUpdate: restarting rustmq-2")
+
+
+def test_paused_is_suspended() -> None:
+    paused = cr(annotations={specs.PAUSE_ANNOTATION: "true"}, observedGeneration=2, conditions=[])
+    assert health(paused)[0] == "Suspended"
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [("converged", "Healthy"), ("blocked", "Degraded"), ("starting", "Progressing"), ("hibernated", "Suspended")],
+)
+def test_statuses_computed_by_the_operator_map_to_argocd_health(scenario: str, expected: str) -> None:
+    spec = specs.with_defaults({"replicas": 0 if scenario == "hibernated" else 1})
+    pods = [] if scenario == "hibernated" else [
+        {"metadata": {"name": "rustmq-0", "annotations": {"rustmq.io/config-hash": "h"}},
+         "status": {"conditions": [{"type": "Ready", "status": "False" if scenario == "starting" else "True"}]}}
+    ]
+    stalled = planning.Verdict("ScaleDownBlocked", "refused") if scenario == "blocked" else None
+    computed = status.compute(
+        status.Inputs(
+            name="rustmq", namespace="ns", generation=2, spec=spec, replicas=spec["replicas"], config_hash="h",
+            claim_size="10Gi", last_non_zero=1, observed=planning.Observed(pods=pods), stalled=stalled,
+        ),
+        None,
+        "2026-11-23T10:00:00Z",
+    )
+    assert health(cr(**computed))[0] == expected
+
+
+def test_argocd_cm_example_carries_the_same_lua() -> None:
+    configmap = yaml.safe_load((ROOT / "examples" / "argocd" / "argocd-cm.yaml").read_text())
+    assert configmap["data"]["resource.customizations.health.rustmq.io_RustMQCluster"] == HEALTH_LUA.read_text()

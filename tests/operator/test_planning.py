@@ -1,0 +1,169 @@
+"""The operator's decisions (scale, storage, roll) as pure functions of spec and observed state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rustmq_operator import naming, planning
+
+
+def pod(ordinal: int, *, ready: bool = True, config_hash: str = "h1", deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": naming.pod("rustmq", ordinal),
+        "annotations": {naming.CONFIG_HASH_ANNOTATION: config_hash},
+    }
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {"metadata": meta, "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def statefulset(replicas: int, size: str = "10Gi", settled: bool = True) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "rustmq", "uid": "sts-uid", "generation": 4},
+        "spec": {
+            "replicas": replicas,
+            "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {"resources": {"requests": {"storage": size}}}}],
+        },
+        "status": {"observedGeneration": 4 if settled else 3},
+    }
+
+
+def claim(ordinal: int, size: str) -> dict[str, Any]:
+    return {"metadata": {"name": naming.claim("rustmq", ordinal)}, "spec": {"resources": {"requests": {"storage": size}}}}
+
+
+# -- scaling -------------------------------------------------------------------------------
+
+
+def test_first_creation_uses_the_spec() -> None:
+    plan = planning.plan_scale("rustmq", 3, planning.Observed(), None)
+    assert plan.replicas == 3 and plan.stalled is None
+
+
+def test_scale_up_is_not_gated_on_health() -> None:
+    observed = planning.Observed(statefulset=statefulset(1), pods=[pod(0, ready=False)])
+    plan = planning.plan_scale("rustmq", 3, observed, 1)
+    assert plan.replicas == 3
+    assert plan.stalled is None
+    assert plan.progressing is not None and plan.progressing.reason == "ScalingUp"
+    assert [e.reason for e in plan.events] == ["ScalingUp"]
+
+
+def test_scale_down_is_refused_and_the_set_keeps_its_size() -> None:
+    observed = planning.Observed(statefulset=statefulset(3), pods=[pod(0), pod(1), pod(2)])
+    plan = planning.plan_scale("rustmq", 1, observed, 3)
+    assert plan.replicas == 3
+    assert plan.stalled is not None and plan.stalled.reason == "ScaleDownBlocked"
+    assert "rustmq-1, rustmq-2" in plan.stalled.message
+    assert "from 3 to 1" in plan.stalled.message
+
+
+def test_zero_hibernates_and_remembers_the_size() -> None:
+    observed = planning.Observed(statefulset=statefulset(3), pods=[pod(0), pod(1), pod(2)])
+    plan = planning.plan_scale("rustmq", 0, observed, 3)
+    assert plan.replicas == 0 and plan.stalled is None and plan.last_non_zero == 3
+    assert [e.reason for e in plan.events] == ["Hibernating"]
+
+
+def test_waking_up_smaller_than_before_is_refused() -> None:
+    observed = planning.Observed(statefulset=statefulset(0))
+    refused = planning.plan_scale("rustmq", 1, observed, 3)
+    assert refused.replicas == 0 and refused.stalled is not None
+    assert refused.stalled.reason == "ScaleDownBlocked"
+    woken = planning.plan_scale("rustmq", 3, observed, 3)
+    assert woken.replicas == 3 and woken.stalled is None
+
+
+def test_a_missing_statefulset_with_running_pods_counts_as_their_size() -> None:
+    """While the set is re-created for a resize, its orphaned pods still define the size."""
+    observed = planning.Observed(pods=[pod(0), pod(1), pod(2)])
+    assert planning.plan_scale("rustmq", 1, observed, None).replicas == 3
+
+
+# -- storage -------------------------------------------------------------------------------
+
+
+def test_nothing_to_do_when_sizes_match() -> None:
+    observed = planning.Observed(statefulset=statefulset(1), claims=[claim(0, "10Gi")])
+    plan = planning.plan_storage("10Gi", observed)
+    assert plan == planning.StoragePlan(claim_size="10Gi")
+
+
+def test_growth_expands_claims_and_recreates_the_set() -> None:
+    observed = planning.Observed(
+        statefulset=statefulset(2), claims=[claim(0, "10Gi"), claim(1, "10Gi")], storage_expandable=True
+    )
+    plan = planning.plan_storage("20Gi", observed)
+    assert plan.expand_claims == ("data-rustmq-0", "data-rustmq-1")
+    assert plan.recreate_statefulset and plan.claim_size == "20Gi"
+    assert plan.progressing is not None and plan.progressing.reason == "ResizingStorage"
+
+
+def test_an_interrupted_resize_finishes_from_the_claims() -> None:
+    """The set was already re-created with 20Gi but one claim was never patched (crash)."""
+    observed = planning.Observed(
+        statefulset=statefulset(2, size="20Gi"),
+        claims=[claim(0, "20Gi"), claim(1, "10Gi")],
+        storage_expandable=True,
+    )
+    plan = planning.plan_storage("20Gi", observed)
+    assert plan.expand_claims == ("data-rustmq-1",) and not plan.recreate_statefulset
+
+
+def test_unexpandable_class_stalls_and_keeps_the_template() -> None:
+    observed = planning.Observed(
+        statefulset=statefulset(1), claims=[claim(0, "10Gi")], storage_expandable=False, storage_class="standard"
+    )
+    plan = planning.plan_storage("20Gi", observed)
+    assert plan.claim_size == "10Gi" and not plan.expand_claims and not plan.recreate_statefulset
+    assert plan.stalled is not None and plan.stalled.reason == "StorageExpansionUnsupported"
+    assert "standard" in plan.stalled.message
+
+
+def test_quantities_compare_by_value() -> None:
+    observed = planning.Observed(statefulset=statefulset(1, size="10240Mi"), claims=[claim(0, "10Gi")])
+    assert planning.plan_storage("10Gi", observed) == planning.StoragePlan(claim_size="10Gi")
+
+
+# -- rolling -------------------------------------------------------------------------------
+
+
+def test_up_to_date_cluster_does_not_roll() -> None:
+    observed = planning.Observed(statefulset=statefulset(3), pods=[pod(0), pod(1), pod(2)])
+    assert planning.plan_roll("rustmq", 3, "h1", observed, True) == planning.RollPlan()
+
+
+def test_roll_evicts_one_highest_ordinal_broker_when_all_are_ready() -> None:
+    observed = planning.Observed(statefulset=statefulset(3), pods=[pod(0), pod(1), pod(2)])
+    plan = planning.plan_roll("rustmq", 3, "h2", observed, True)
+    assert plan.evict == "rustmq-2" and plan.delete is None
+
+
+def test_roll_waits_while_another_broker_is_down() -> None:
+    observed = planning.Observed(statefulset=statefulset(3), pods=[pod(0), pod(1, config_hash="h2", ready=False), pod(2)])
+    plan = planning.plan_roll("rustmq", 3, "h2", observed, True)
+    assert plan.evict is None and plan.delete is None
+    assert plan.progressing is not None and plan.progressing.reason == "RollingUpdate"
+
+
+def test_roll_waits_while_a_restarted_pod_is_terminating_or_missing() -> None:
+    terminating = planning.Observed(statefulset=statefulset(3), pods=[pod(0), pod(1), pod(2, config_hash="h2", deleting=True)])
+    assert planning.plan_roll("rustmq", 3, "h2", terminating, True).evict is None
+    missing = planning.Observed(statefulset=statefulset(3), pods=[pod(0), pod(1)])
+    assert planning.plan_roll("rustmq", 3, "h2", missing, True).evict is None
+
+
+def test_roll_waits_until_the_statefulset_controller_saw_the_new_template() -> None:
+    observed = planning.Observed(statefulset=statefulset(3, settled=False), pods=[pod(0), pod(1), pod(2)])
+    assert planning.plan_roll("rustmq", 3, "h2", observed, True).evict is None
+
+
+def test_a_broken_broker_on_an_old_revision_is_replaced_at_once() -> None:
+    observed = planning.Observed(statefulset=statefulset(3), pods=[pod(0, config_hash="h2"), pod(1, ready=False), pod(2, config_hash="h2")])
+    plan = planning.plan_roll("rustmq", 3, "h2", observed, True)
+    assert plan.delete == "rustmq-1" and plan.evict is None
+    assert [e.type for e in plan.events] == ["Warning"]
+
+
+def test_a_hibernated_cluster_never_rolls() -> None:
+    assert planning.plan_roll("rustmq", 0, "h2", planning.Observed(statefulset=statefulset(0)), True) == planning.RollPlan()
