@@ -90,15 +90,20 @@ def owner_reference(target: Target) -> dict[str, Any]:
 
 
 def broker_environment(spec: Mapping[str, Any]) -> dict[str, str]:
-    """The RUSTMQ_* settings the brokers read (the ConfigMap's data), all as strings."""
+    """The RUSTMQ_* settings the brokers read (the ConfigMap's data), all as strings.
+
+    Names are rustmq.config's: ``RUSTMQ_<FIELD>`` for plain fields and ``RUSTMQ_LOG`` (JSON)
+    for the default log settings of every topic (segments, retention, flush policy).
+    """
+    config = spec["config"]
     env = {
         "RUSTMQ_PARTITIONS": str(spec["partitions"]),
         "RUSTMQ_PRODUCER_PORT": str(spec["ports"]["producer"]),
         "RUSTMQ_CONSUMER_PORT": str(spec["ports"]["consumer"]),
         "RUSTMQ_METRICS_PORT": str(spec["ports"]["metrics"]),
         "RUSTMQ_HOST": "0.0.0.0",
+        "RUSTMQ_LOG": json.dumps(log_settings(config), sort_keys=True, separators=(",", ":")),
     }
-    config = spec["config"]
     for field, variable in specs.CONFIG_ENV.items():
         if config.get(field) is not None:
             env[variable] = str(config[field])
@@ -107,10 +112,34 @@ def broker_environment(spec: Mapping[str, Any]) -> dict[str, str]:
     return dict(sorted(env.items()))
 
 
-def container_env(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+def log_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """spec.config's log fields in the shape of the broker's LogConfig (snake case, ms)."""
+    flush = config["flush"]
+    settings: dict[str, Any] = {
+        "flush": {"mode": flush["mode"], "interval_ms": flush["intervalMs"]},
+    }
+    if flush.get("bytes") is not None:
+        settings["flush"]["bytes"] = flush["bytes"]
+    if config.get("segmentBytes") is not None:
+        settings["segment_bytes"] = config["segmentBytes"]
+    if config.get("retentionHours") is not None:
+        settings["retention_ms"] = config["retentionHours"] * 3_600_000
+    if config.get("retentionBytes") is not None:
+        settings["retention_bytes"] = config["retentionBytes"]
+    return settings
+
+
+def container_env(cluster: str, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per-pod settings from the downward API, then the user's extra variables."""
+    headless = naming.headless_service(cluster)
     downward = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {
+            "name": "RUSTMQ_BROKER_ID",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}},
+        },
+        {"name": "RUSTMQ_ADVERTISED_HOST", "value": f"$(POD_NAME).{headless}.$(POD_NAMESPACE).svc"},
     ]
     return downward + [dict(item) for item in spec["podTemplate"].get("env") or []]
 
@@ -186,7 +215,7 @@ def render(target: Target) -> Rendered:
         "selector": naming.selector_labels(target.name),
         "owner": owner_reference(target),
         "broker_env": environment,
-        "env": container_env(spec),
+        "env": container_env(target.name, spec),
         "default_pod_security_context": DEFAULT_POD_SECURITY_CONTEXT,
         "default_affinity": default_affinity(target.name),
         "default_topology_spread": default_topology_spread(target.name),

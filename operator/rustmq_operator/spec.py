@@ -34,7 +34,11 @@ DEFAULTS: Final[dict[str, Any]] = {
     "imagePullPolicy": "IfNotPresent",
     "partitions": 12,
     "ports": {"producer": 9092, "consumer": 9093, "metrics": 9094},
-    "config": {"dataDir": "/data/rustmq", "logLevel": "INFO"},
+    "config": {
+        "dataDir": "/data/rustmq",
+        "logLevel": "INFO",
+        "flush": {"mode": "interval", "intervalMs": 1000},
+    },
     "resources": {
         "requests": {"cpu": "500m", "memory": "1Gi"},
         "limits": {"cpu": "1000m", "memory": "2Gi"},
@@ -64,14 +68,9 @@ DEFAULTS: Final[dict[str, Any]] = {
     "tls": {"enabled": False},
 }
 
-# Broker settings in spec.config and the environment variable each becomes (seed README names).
+# Broker settings in spec.config that are plain RUSTMQ_<FIELD> variables of rustmq.config.
 CONFIG_ENV: Final[dict[str, str]] = {
     "dataDir": "RUSTMQ_DATA_DIR",
-    "segmentBytes": "RUSTMQ_SEGMENT_BYTES",
-    "retentionBytes": "RUSTMQ_RETENTION_BYTES",
-    "retentionHours": "RUSTMQ_RETENTION_HOURS",
-    "flushIntervalMs": "RUSTMQ_FLUSH_INTERVAL_MS",
-    "flushMessages": "RUSTMQ_FLUSH_MESSAGES",
     "maxFrameBytes": "RUSTMQ_MAX_FRAME_BYTES",
     "maxConnections": "RUSTMQ_MAX_CONNECTIONS",
     "logLevel": "RUSTMQ_LOG_LEVEL",

@@ -173,7 +173,7 @@ def test_broker_environment_carries_the_seed_settings() -> None:
     assert env["RUSTMQ_PRODUCER_PORT"] == "9092"
     assert env["RUSTMQ_CONSUMER_PORT"] == "9093"
     assert env["RUSTMQ_METRICS_PORT"] == "9094"
-    assert env["RUSTMQ_RETENTION_HOURS"] == "12"
+    assert json.loads(env["RUSTMQ_LOG"]) == {"flush": {"mode": "interval", "interval_ms": 1000}, "retention_ms": 12 * 3_600_000}
     assert env["RUSTMQ_SEGMENT_INDEX_BYTES"] == "4096"
 
 
