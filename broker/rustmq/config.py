@@ -1,0 +1,172 @@
+"""Broker configuration: defaults, then an optional config file, then RUSTMQ_* variables, then flags.
+
+The five variables of the deployment RustMQ replaces keep their names and defaults
+(RUSTMQ_DATA_DIR=/data/rustmq, RUSTMQ_PARTITIONS=12, RUSTMQ_PRODUCER_PORT=9092,
+RUSTMQ_CONSUMER_PORT=9093, RUSTMQ_METRICS_PORT=9094). Every other field of BrokerConfig can be
+set the same way: ``RUSTMQ_<FIELD>`` in the environment, ``--<field>`` on the command line, or
+``<field>: value`` in a YAML/JSON file given with ``--config``. The ``log`` field holds the
+default LogConfig of every topic (segment, retention and flush settings; see docs/storage.md),
+as overrides of DEFAULT_LOG, and is only settable from the file or as JSON in RUSTMQ_LOG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rustmq.server.settings import ServerSettings
+from rustmq.storage.config import LogConfig
+
+ENV_PREFIX = "RUSTMQ_"
+_SERVER_DEFAULTS = ServerSettings()
+
+# The broker default flushes every second in the background; produce with acks=durable (or a
+# topic whose flush.mode is "always") for acknowledgements that survive a power loss.
+DEFAULT_LOG: dict[str, Any] = {"flush": {"mode": "interval", "interval_ms": 1000}}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the field and the source."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    data_dir: Path = Path("/data/rustmq")
+    partitions: int = 12  # partitions of the default topic and of auto-created topics
+    host: str = "0.0.0.0"
+    producer_port: int = 9092
+    consumer_port: int = 9093
+    metrics_port: int = 9094
+    advertised_host: str | None = None
+    broker_id: int = 0
+    max_frame_bytes: int = _SERVER_DEFAULTS.max_frame_bytes
+    max_connections: int = _SERVER_DEFAULTS.max_connections
+    max_inflight_requests: int = _SERVER_DEFAULTS.max_inflight_requests
+    write_buffer_high_bytes: int = _SERVER_DEFAULTS.write_buffer_high_bytes
+    max_fetch_bytes: int = _SERVER_DEFAULTS.max_fetch_bytes
+    frame_timeout_s: float = _SERVER_DEFAULTS.frame_timeout_s
+    auto_create_topics: bool = True
+    default_topic: str = "default"
+    group_commit_ms: float = 2.0
+    shutdown_timeout_s: float = _SERVER_DEFAULTS.shutdown_timeout_s
+    ports_file: Path | None = None  # where to write the bound ports as JSON once listening
+    log_level: str = "INFO"
+    uvloop: bool = False
+    log: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of DEFAULT_LOG
+
+    def __post_init__(self) -> None:
+        for name in ("producer_port", "consumer_port", "metrics_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name} must be between 0 and 65535, not {port}")
+        for name in ("partitions", "max_frame_bytes", "max_connections", "max_inflight_requests",
+                     "write_buffer_high_bytes", "max_fetch_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_frame_bytes > 1 << 30:
+            raise ConfigError("max_frame_bytes must be at most 1 GiB")
+        try:
+            self.log_config()
+        except Exception as exc:
+            raise ConfigError(f"log: {exc}") from None
+
+    def server_settings(self) -> ServerSettings:
+        return ServerSettings(
+            host=self.host,
+            producer_port=self.producer_port,
+            consumer_port=self.consumer_port,
+            advertised_host=self.advertised_host,
+            broker_id=self.broker_id,
+            max_frame_bytes=self.max_frame_bytes,
+            max_connections=self.max_connections,
+            max_inflight_requests=self.max_inflight_requests,
+            write_buffer_high_bytes=self.write_buffer_high_bytes,
+            max_fetch_bytes=self.max_fetch_bytes,
+            frame_timeout_s=self.frame_timeout_s,
+            auto_create_topics=self.auto_create_topics,
+            default_partitions=self.partitions,
+            default_topic=self.default_topic,
+            shutdown_timeout_s=self.shutdown_timeout_s,
+        )
+
+    def log_config(self) -> LogConfig:
+        return LogConfig().merged(DEFAULT_LOG).merged(self.log)
+
+
+FIELDS = {field.name: field for field in dataclasses.fields(BrokerConfig)}
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    kind = FIELDS[name].type
+    try:
+        if name == "log":
+            parsed = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(parsed, dict):
+                raise ValueError("must be a mapping")
+            return parsed
+        if value is None:
+            return None
+        if "Path" in kind:
+            return Path(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError("not an integer")
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{name} from {source}: {exc}") from None
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    return data
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> BrokerConfig:
+    """The effective config; flags with value None are treated as not given."""
+    values: dict[str, Any] = {}
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if config_file is not None:
+        layers.append((str(config_file), read_file(config_file)))
+    if env is not None:
+        layers.append(("environment", {
+            name: env[ENV_PREFIX + name.upper()] for name in FIELDS if ENV_PREFIX + name.upper() in env
+        }))
+    layers.append(("flags", {name: value for name, value in (flags or {}).items() if value is not None}))
+    for source, layer in layers:
+        unknown = sorted(set(layer) - set(FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown setting(s) in {source}: {', '.join(unknown)}")
+        for name, value in layer.items():
+            values[name] = _convert(name, value, source)
+    try:
+        return BrokerConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None

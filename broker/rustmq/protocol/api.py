@@ -1,0 +1,224 @@
+"""API keys, error codes and the typed requests of the RustMQ protocol.
+
+Every request header carries ``api`` (an ApiKey) and ``corr`` (a u32 correlation id the response
+echoes). Every response header carries ``corr`` and ``error`` (an ErrorCode, 0 on success) and,
+when ``error`` is not 0, a human ``message``. The parse_* functions here turn a decoded header
+into a NamedTuple or raise RequestError(INVALID_REQUEST) naming the offending field, so a wrong
+type in a field gets the same answer from every API. docs/protocol.md lists every field.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any, Final, NamedTuple
+
+import crc32c
+
+MAX_CORRELATION_ID: Final = 2**32 - 1
+MAX_PARTITIONS_PER_TOPIC: Final = 10_000
+
+
+class ApiKey(IntEnum):
+    PRODUCE = 0
+    FETCH = 1
+    LIST_OFFSETS = 2
+    METADATA = 3
+    CREATE_TOPIC = 4
+    DELETE_TOPIC = 5
+    DESCRIBE_TOPIC = 6
+    LIST_TOPICS = 7
+    BROKER_STATS = 8
+    ADD_PARTITIONS = 9
+
+
+class ErrorCode(IntEnum):
+    """Wire error codes; the same numbers are the low 16 bits of a simple-produce error reply."""
+
+    NONE = 0
+    MALFORMED_FRAME = 1  # header length does not fit, msgpack does not decode, not a map
+    UNKNOWN_API = 2
+    INVALID_REQUEST = 3  # a missing field or a field of the wrong type or range
+    UNKNOWN_TOPIC = 4
+    UNKNOWN_PARTITION = 5
+    CORRUPT_BATCH = 6  # bad CRC, bad framing or bad counts in a record batch
+    OFFSET_OUT_OF_RANGE = 7
+    TOPIC_EXISTS = 8
+    INVALID_CONFIG = 9  # invalid topic name, partition count or log config
+    STORAGE_FULL = 10
+    STORAGE_ERROR = 11
+    FRAME_TOO_LARGE = 12  # sent once, then the connection is closed
+    SHUTTING_DOWN = 13
+    REQUEST_TIMEOUT = 14
+    TOO_MANY_CONNECTIONS = 15  # sent once, then the connection is closed
+    BATCH_TOO_LARGE = 16  # one batch is larger than a whole segment of the topic
+    INTERNAL_ERROR = 99
+
+
+class Acks(IntEnum):
+    NONE = 0  # no response at all; errors are only logged and counted
+    LEADER = 1  # respond once the batches are in the log (page cache)
+    DURABLE = 2  # respond once the batches are fsynced (group commit)
+
+
+EARLIEST: Final = -2
+LATEST: Final = -1
+
+
+class RequestError(Exception):
+    """A request the broker answers with an error code (the connection stays open)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ProduceRequest(NamedTuple):
+    topic: str
+    partition: int | None
+    key: bytes | None
+    acks: Acks
+    timeout_ms: int
+
+
+class FetchPartition(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+    max_bytes: int
+
+
+class FetchRequest(NamedTuple):
+    partitions: list[FetchPartition]
+    max_wait_ms: int
+    min_bytes: int
+    max_bytes: int
+
+
+class ListOffsetsRequest(NamedTuple):
+    topic: str
+    partition: int
+    at: int  # EARLIEST, LATEST, or a timestamp in ms
+
+
+class CreateTopicRequest(NamedTuple):
+    topic: str
+    partitions: int | None
+    config: dict[str, Any]
+
+
+def _field(header: dict[str, Any], name: str, kinds: type | tuple[type, ...], default: Any = ...) -> Any:
+    value = header.get(name, default)
+    if value is ...:
+        raise RequestError(ErrorCode.INVALID_REQUEST, f"missing field {name!r}")
+    if value is None and default is None:
+        return None
+    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in _as_tuple(kinds):
+        raise RequestError(
+            ErrorCode.INVALID_REQUEST,
+            f"field {name!r} must be {_kind_names(kinds)}, got {type(value).__name__}",
+        )
+    return value
+
+
+def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _kind_names(kinds: type | tuple[type, ...]) -> str:
+    return " or ".join(kind.__name__ for kind in _as_tuple(kinds))
+
+
+def _int(header: dict[str, Any], name: str, low: int, high: int, default: Any = ...) -> Any:
+    value = _field(header, name, int, default)
+    if value is not None and not low <= value <= high:
+        raise RequestError(ErrorCode.INVALID_REQUEST, f"field {name!r} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def parse_envelope(header: dict[str, Any]) -> tuple[int, int]:
+    """The (api, corr) of a request header; corr is validated first so errors can echo it."""
+    corr = _int(header, "corr", 0, MAX_CORRELATION_ID)
+    api = _int(header, "api", 0, 2**16 - 1)
+    return api, corr
+
+
+def parse_produce(header: dict[str, Any]) -> ProduceRequest:
+    acks = _int(header, "acks", 0, 2, int(Acks.LEADER))
+    return ProduceRequest(
+        topic=_field(header, "topic", str),
+        partition=_int(header, "partition", 0, MAX_PARTITIONS_PER_TOPIC - 1, None),
+        key=_field(header, "key", bytes, None),
+        acks=Acks(acks),
+        timeout_ms=_int(header, "timeout_ms", 0, 3_600_000, 30_000),
+    )
+
+
+def parse_fetch(header: dict[str, Any], broker_max_bytes: int) -> FetchRequest:
+    raw = _field(header, "partitions", list)
+    if not raw:
+        raise RequestError(ErrorCode.INVALID_REQUEST, "field 'partitions' must not be empty")
+    max_bytes = min(_int(header, "max_bytes", 1, 2**31 - 1, broker_max_bytes), broker_max_bytes)
+    partitions = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise RequestError(ErrorCode.INVALID_REQUEST, "each entry of 'partitions' must be a map")
+        partitions.append(
+            FetchPartition(
+                topic=_field(item, "topic", str),
+                partition=_int(item, "partition", 0, MAX_PARTITIONS_PER_TOPIC - 1),
+                offset=_int(item, "offset", 0, 2**63 - 1),
+                max_bytes=min(_int(item, "max_bytes", 1, 2**31 - 1, max_bytes), max_bytes),
+            )
+        )
+    return FetchRequest(
+        partitions=partitions,
+        max_wait_ms=_int(header, "max_wait_ms", 0, 600_000, 500),
+        min_bytes=_int(header, "min_bytes", 0, 2**31 - 1, 1),
+        max_bytes=max_bytes,
+    )
+
+
+def parse_list_offsets(header: dict[str, Any]) -> ListOffsetsRequest:
+    return ListOffsetsRequest(
+        topic=_field(header, "topic", str),
+        partition=_int(header, "partition", 0, MAX_PARTITIONS_PER_TOPIC - 1),
+        at=_int(header, "at", EARLIEST, 2**63 - 1),
+    )
+
+
+def parse_topic_names(header: dict[str, Any]) -> list[str] | None:
+    names = _field(header, "topics", list, None)
+    if names is not None and not all(isinstance(name, str) for name in names):
+        raise RequestError(ErrorCode.INVALID_REQUEST, "field 'topics' must be a list of strings")
+    return names
+
+
+def parse_create_topic(header: dict[str, Any]) -> CreateTopicRequest:
+    return CreateTopicRequest(
+        topic=_field(header, "topic", str),
+        partitions=_int(header, "partitions", 1, MAX_PARTITIONS_PER_TOPIC, None),
+        config=_field(header, "config", dict, None) or {},
+    )
+
+
+def parse_topic(header: dict[str, Any]) -> str:
+    return _field(header, "topic", str)
+
+
+def parse_add_partitions(header: dict[str, Any]) -> tuple[str, int]:
+    return _field(header, "topic", str), _int(header, "partitions", 1, MAX_PARTITIONS_PER_TOPIC)
+
+
+def partition_for_key(key: bytes, partition_count: int) -> int:
+    """The partition of a keyed record: CRC-32C (Castagnoli) of the key bytes modulo the count.
+
+    Clients and the broker use the same function, so records with equal keys land together no
+    matter who picks the partition.
+    """
+    return crc32c.crc32c(key) % partition_count
+
+
+def error_header(corr: int | None, code: ErrorCode, message: str) -> dict[str, Any]:
+    """The response header for a failed request (corr is None when the frame had no usable id)."""
+    return {"corr": corr, "error": int(code), "message": message}
