@@ -1,0 +1,32 @@
+"""Every limit and policy of the TCP server, in one frozen dataclass with documented defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rustmq.protocol import frames
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    producer_port: int = 9092
+    consumer_port: int = 9093
+    advertised_host: str | None = None  # host reported by METADATA; None: clients keep theirs
+    broker_id: int = 0
+
+    max_frame_bytes: int = frames.DEFAULT_MAX_FRAME_BYTES  # larger frames: FRAME_TOO_LARGE + close
+    max_connections: int = 1024  # per broker; beyond: TOO_MANY_CONNECTIONS + close
+    # Requests read ahead of their responses on one connection; beyond it the socket is paused.
+    max_inflight_requests: int = 256
+    # Bytes queued in a transport before it is paused; with max_fetch_bytes it bounds the memory a
+    # consumer that stops reading can pin: about write_buffer_high_bytes + max_fetch_bytes.
+    write_buffer_high_bytes: int = 4 << 20
+    max_fetch_bytes: int = 8 << 20  # cap on one fetch response's payload
+    frame_timeout_s: float = 30.0  # a partially received frame older than this closes the connection
+
+    auto_create_topics: bool = True  # produce to an unknown topic creates it with default_partitions
+    default_partitions: int = 12
+    default_topic: str = "default"  # where simple produce messages without a topic go
+
+    shutdown_timeout_s: float = 10.0  # how long SIGTERM waits for in-flight requests
