@@ -31,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--liveness", default=os.environ.get("RUSTMQ_OPERATOR_LIVENESS", "http://0.0.0.0:8080/healthz"),
         help="liveness endpoint URL, or 'none' (default: %(default)s)",
     )
+    parser.add_argument(
+        "--metrics-port", type=int, default=int(os.environ.get("RUSTMQ_OPERATOR_METRICS_PORT", "0")),
+        help="serve the operator's Prometheus metrics on this port (0: off; the chart uses 8081)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--debug", action="store_true")
     return parser.parse_args(argv)
@@ -40,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
+    os.environ["RUSTMQ_OPERATOR_METRICS_PORT"] = str(args.metrics_port)
     import kopf
 
     from rustmq_operator import handlers  # noqa: F401  (registers the handlers)

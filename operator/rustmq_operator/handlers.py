@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import kopf
 
-from rustmq_operator import k8s, naming, reconciler, spec as specs, workqueue
+from rustmq_operator import k8s, metrics, naming, reconciler, spec as specs, workqueue
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     for group, version, plural in _CHILDREN:
         settings.watching.label_selectors[group, plural] = MANAGED
     STATE.kube = k8s.Kube(k8s.load_client(os.environ.get("KUBECONFIG") or None))
+    metrics_port = int(os.environ.get("RUSTMQ_OPERATOR_METRICS_PORT", "0"))
+    if metrics_port:
+        metrics.serve(metrics_port)
     STATE.queue = workqueue.WorkQueue()
     STATE.workers = [asyncio.create_task(_work(n), name=f"reconcile-{n}") for n in range(WORKERS)]
 
@@ -111,14 +114,21 @@ async def _work(number: int) -> None:
     while True:
         key = await STATE.queue.get()
         namespace, name = key
+        started = time.monotonic()
         try:
             outcome = await asyncio.to_thread(reconciler.reconcile, STATE.kube, namespace, name)
         except Exception:  # one failing cluster must not stop the others; retry it later
             logger.exception("reconcile of %s/%s failed; retrying in 5 s", namespace, name)
+            metrics.RECONCILES.labels("error").inc()
             STATE.queue.done(key)
             STATE.queue.add(key, 5.0)
             continue
         STATE.last_pass = time.monotonic()
+        metrics.RECONCILES.labels("ok").inc()
+        metrics.RECONCILE_SECONDS.observe(STATE.last_pass - started)
         STATE.queue.done(key)
-        if outcome.requeue_after is not None:
+        if outcome.requeue_after is None:
+            metrics.CONDITIONS.forget(namespace, name)
+        else:
+            metrics.CONDITIONS.set(namespace, name, dict(outcome.conditions))
             STATE.queue.add(key, outcome.requeue_after)

@@ -48,6 +48,7 @@ class Outcome:
     pruned: tuple[str, ...] = ()
     actions: tuple[str, ...] = ()
     status_written: bool = False
+    conditions: tuple[tuple[str, bool], ...] = ()
 
 
 def _now() -> str:
@@ -256,6 +257,9 @@ def reconcile(
         pruned=tuple(pruned),
         actions=tuple(actions),
         status_written=bool(patch),
+        conditions=tuple(
+            (str(found["type"]), found["status"] == "True") for found in new_status["conditions"]
+        ),
     )
 
 

@@ -1,0 +1,90 @@
+{{/* Names and labels, as in the `helm create` scaffold. */}}
+{{- define "rustmq-operator.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* A fully qualified name, truncated to 63 characters (some name fields are DNS labels). */}}
+{{- define "rustmq-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "rustmq-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "rustmq-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "rustmq-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "rustmq-operator.labels" -}}
+helm.sh/chart: {{ include "rustmq-operator.chart" . }}
+{{ include "rustmq-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: rustmq
+{{- end }}
+
+{{- define "rustmq-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "rustmq-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The rules the operator needs in every namespace it manages (least privilege: no wildcards,
+     no secrets, no writes to the RustMQCluster spec). */}}
+{{- define "rustmq-operator.namespacedRules" -}}
+- apiGroups: [rustmq.io]
+  resources: [rustmqclusters]
+  verbs: [get, list, watch]
+- apiGroups: [rustmq.io]
+  resources: [rustmqclusters/status]
+  verbs: [get, patch]
+# Owner references with blockOwnerDeletion need update on the owner's finalizers.
+- apiGroups: [rustmq.io]
+  resources: [rustmqclusters/finalizers]
+  verbs: [update]
+- apiGroups: [apps]
+  resources: [statefulsets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [services, configmaps]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, delete]
+- apiGroups: [""]
+  resources: [pods/eviction]
+  verbs: [create]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, list, watch, patch]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+- apiGroups: [monitoring.coreos.com]
+  resources: [servicemonitors, prometheusrules]
+  verbs: [get, list, watch, create, patch, delete]
+{{- end }}
+
+{{/* Cluster-scoped reads: the storage class (can claims grow?), and API discovery for kopf. */}}
+{{- define "rustmq-operator.clusterRules" -}}
+- apiGroups: [storage.k8s.io]
+  resources: [storageclasses]
+  verbs: [get, list]
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [get, list, watch]
+{{- end }}
