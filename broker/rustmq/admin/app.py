@@ -1,0 +1,157 @@
+"""The aiohttp application of the admin port: probes, metrics and the JSON topic API.
+
+Routes (all JSON except /metrics):
+
+* ``GET /healthz``: 200 while the process serves HTTP at all (liveness).
+* ``GET /readyz``: 200 once every partition is recovered and both TCP ports listen, else 503
+  (also 503 again from the start of a shutdown).
+* ``GET /metrics``: Prometheus text exposition from the broker's own registry.
+* ``GET /v1/broker``: broker id, bound ports, RSS, connection count.
+* ``GET /v1/topics``: every topic with its partitions; ``POST /v1/topics`` with
+  ``{"name", "partitions"?, "config"?}`` creates one (201).
+* ``GET /v1/topics/{name}``, ``DELETE /v1/topics/{name}``, and
+  ``POST /v1/topics/{name}/partitions`` with ``{"partitions": total}`` to grow a topic.
+
+Errors are ``{"error": <ErrorCode name>, "message": ...}`` with 400 (bad input), 404 (unknown
+topic), 409 (topic exists), 503 (not ready) or 500.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from rustmq.admin import metrics
+from rustmq.protocol.api import ErrorCode, RequestError
+from rustmq.server.broker import Broker, error_code_for
+from rustmq.server.stats import BrokerStats
+
+_STATUS = {
+    ErrorCode.UNKNOWN_TOPIC: 404,
+    ErrorCode.UNKNOWN_PARTITION: 404,
+    ErrorCode.TOPIC_EXISTS: 409,
+    ErrorCode.INVALID_CONFIG: 400,
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.STORAGE_FULL: 507,
+}
+
+
+@dataclasses.dataclass
+class AdminState:
+    """What the admin port can see; the composition root fills broker in once the log is open."""
+
+    stats: BrokerStats
+    broker: Broker | None = None
+    ready: bool = False
+
+
+STATE = web.AppKey("state", AdminState)
+
+
+def make_admin_app(state: AdminState) -> web.Application:
+    app = web.Application(middlewares=[_errors])
+    app[STATE] = state
+    registry = metrics.make_registry(state.stats, lambda: state.broker, lambda: state.ready)
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/broker", broker_info)
+    app.router.add_get("/v1/topics", list_topics)
+    app.router.add_post("/v1/topics", create_topic)
+    app.router.add_get("/v1/topics/{name}", describe_topic)
+    app.router.add_delete("/v1/topics/{name}", delete_topic)
+    app.router.add_post("/v1/topics/{name}/partitions", add_partitions)
+    return app
+
+
+def _error(code: ErrorCode, message: str) -> web.Response:
+    return web.json_response({"error": code.name, "message": message}, status=_STATUS.get(code, 500))
+
+
+def _broker(request: web.Request) -> Broker:
+    state = request.app[STATE]
+    if state.broker is None or not state.ready:
+        raise RequestError(ErrorCode.SHUTTING_DOWN, "the broker is not ready")
+    return state.broker
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(ErrorCode.INVALID_REQUEST, f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError(ErrorCode.INVALID_REQUEST, "body must be a JSON object")
+    return body
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        return _error(error_code_for(exc), str(exc))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not ready"}, status=503)
+
+
+async def broker_info(request: web.Request) -> web.Response:
+    broker = _broker(request)
+    return web.json_response({**broker.broker_stats(), "ports": broker.ports})
+
+
+async def list_topics(request: web.Request) -> web.Response:
+    broker = _broker(request)
+    return web.json_response({"topics": [broker.describe(topic) for topic in sorted(broker.log.topics(), key=lambda t: t.name)]})
+
+
+async def create_topic(request: web.Request) -> web.Response:
+    broker = _broker(request)
+    body = await _body(request)
+    name, partitions, config = body.get("name"), body.get("partitions"), body.get("config")
+    if not isinstance(name, str):
+        raise RequestError(ErrorCode.INVALID_REQUEST, "'name' must be a string")
+    if partitions is not None and (not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1):
+        raise RequestError(ErrorCode.INVALID_REQUEST, "'partitions' must be a positive integer")
+    if config is not None and not isinstance(config, dict):
+        raise RequestError(ErrorCode.INVALID_REQUEST, "'config' must be an object")
+    topic = broker.create_topic(name, partitions, config)
+    return web.json_response(broker.describe(topic), status=201)
+
+
+async def describe_topic(request: web.Request) -> web.Response:
+    broker = _broker(request)
+    return web.json_response(broker.describe(broker.topic(request.match_info["name"])))
+
+
+async def delete_topic(request: web.Request) -> web.Response:
+    broker = _broker(request)
+    name = request.match_info["name"]
+    broker.delete_topic(name)
+    return web.json_response({"deleted": name})
+
+
+async def add_partitions(request: web.Request) -> web.Response:
+    broker = _broker(request)
+    body = await _body(request)
+    total = body.get("partitions")
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        raise RequestError(ErrorCode.INVALID_REQUEST, "'partitions' must be a positive integer")
+    topic = broker.add_partitions(request.match_info["name"], total)
+    return web.json_response(broker.describe(topic))

@@ -1,0 +1,263 @@
+"""The ``rustmq`` command: run a broker, manage topics, produce, consume and benchmark.
+
+    rustmq broker [--data-dir DIR] [--producer-port N] ... [--config FILE]
+    rustmq topic create|list|describe|delete [NAME] [--partitions N] [--config KEY=VALUE]
+    rustmq produce TOPIC [VALUE ...]      (values from stdin lines when none are given)
+    rustmq consume TOPIC [--from earliest|latest|OFFSET|@TIMESTAMP_MS] [--max-messages N] [--timeout S]
+    rustmq bench produce|consume|latency [...]
+
+Every client command takes ``--bootstrap host:port`` (default localhost:9092) and ``--json``.
+Broker settings follow rustmq.config: flags override RUSTMQ_* variables, which override the
+config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rustmq import __version__, config
+from rustmq.client import Admin, Consumer, Producer
+from rustmq.client.errors import ClientError
+
+DEFAULT_BOOTSTRAP = os.environ.get("RUSTMQ_BOOTSTRAP", "localhost:9092")
+
+
+def _broker_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML or JSON file with broker settings")
+    for name, field in config.FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "log":
+            parser.add_argument(flag, help="default topic LogConfig overrides as JSON")
+        elif field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, metavar=name.upper())
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP, help="broker host:port (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rustmq", description="RustMQ message broker and tools")
+    parser.add_argument("--version", action="version", version=f"rustmq {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    broker = commands.add_parser("broker", help="run a broker")
+    _broker_flags(broker)
+
+    topic = commands.add_parser("topic", help="create, list, describe or delete topics")
+    topic_commands = topic.add_subparsers(dest="topic_command", required=True)
+    create = topic_commands.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--partitions", type=int)
+    create.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                        help="topic LogConfig override; VALUE is JSON (e.g. retention_ms=60000)")
+    for sub in ("list", "describe", "delete"):
+        command = topic_commands.add_parser(sub)
+        if sub != "list":
+            command.add_argument("name")
+    for command in (create, *[topic_commands.choices[sub] for sub in ("list", "describe", "delete")]):
+        _client_flags(command)
+
+    produce = commands.add_parser("produce", help="produce values from arguments or stdin lines")
+    produce.add_argument("topic")
+    produce.add_argument("values", nargs="*")
+    produce.add_argument("--key")
+    produce.add_argument("--partition", type=int)
+    produce.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
+    produce.add_argument("--acks", choices=["none", "leader", "durable"], default="leader")
+    produce.add_argument("--codec", choices=["none", "gzip", "zstd", "lz4"], default="none")
+    _client_flags(produce)
+
+    consume = commands.add_parser("consume", help="print messages of a topic")
+    consume.add_argument("topic")
+    consume.add_argument("--from", dest="start", default="earliest",
+                         help="earliest, latest, an OFFSET, or @TIMESTAMP_MS (default earliest)")
+    consume.add_argument("--partition", type=int, action="append", help="only these partitions (repeatable)")
+    consume.add_argument("--max-messages", type=int)
+    consume.add_argument("--timeout", type=float, help="stop after this many seconds without a message")
+    _client_flags(consume)
+
+    bench = commands.add_parser("bench", help="benchmarks in the spirit of kafka-*-perf-test")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    from rustmq.client import bench as bench_module
+
+    bench_module.add_arguments(bench_commands, _client_flags)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "broker":
+            return run_broker(args)
+        if args.command == "topic":
+            return asyncio.run(run_topic(args))
+        if args.command == "produce":
+            return asyncio.run(run_produce(args))
+        if args.command == "consume":
+            return asyncio.run(run_consume(args))
+        if args.command == "bench":
+            from rustmq.client import bench as bench_module
+
+            return asyncio.run(bench_module.run(args))
+    except config.ConfigError as exc:
+        print(f"rustmq: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (ClientError, OSError, asyncio.TimeoutError) as exc:
+        print(f"rustmq: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    from rustmq import app
+
+    flags = {name: getattr(args, name) for name in config.FIELDS}
+    settings = config.load(flags, os.environ, args.config)
+    app.run(settings)
+    return 0
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data) if args.json else text)
+
+
+async def run_topic(args: argparse.Namespace) -> int:
+    async with Admin(args.bootstrap) as admin:
+        command = args.topic_command
+        if command == "create":
+            overrides = {}
+            for item in args.config:
+                key, _, value = item.partition("=")
+                try:
+                    overrides[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    overrides[key] = value
+            created = await admin.create_topic(args.name, args.partitions, overrides or None)
+            _emit(args, created, f"created topic {created['topic']} with {created['partitions']} partitions")
+        elif command == "list":
+            names = await admin.list_topics()
+            _emit(args, {"topics": names}, "\n".join(names))
+        elif command == "describe":
+            described = await admin.describe_topic(args.name)
+            lines = [f"topic {described['topic']}"]
+            lines += [
+                f"  partition {p['partition']}: offsets [{p['start_offset']}, {p['end_offset']}) "
+                f"durable<{p['durable_offset']} size {p['size_bytes']} B segments {p['segment_count']}"
+                for p in described["partitions"]
+            ]
+            _emit(args, described, "\n".join(lines))
+        elif command == "delete":
+            await admin.delete_topic(args.name)
+            _emit(args, {"deleted": args.name}, f"deleted topic {args.name}")
+    return 0
+
+
+async def run_produce(args: argparse.Namespace) -> int:
+    headers = []
+    for item in args.header:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"rustmq: --header wants NAME=VALUE, got {item!r}")
+        headers.append((name, value.encode()))
+    key = args.key.encode() if args.key is not None else None
+    values = args.values if args.values else (line.rstrip("\n") for line in sys.stdin)
+    async with Producer(args.bootstrap, acks=args.acks, codec=args.codec) as producer:
+        if args.acks == "none":
+            count = 0
+            for value in values:
+                await producer.send(args.topic, value.encode(), key, partition=args.partition, headers=headers or None)
+                count += 1
+            await producer.flush()
+            if args.json:
+                print(json.dumps({"topic": args.topic, "messages": count}))
+            return 0
+        pending = [
+            asyncio.ensure_future(producer.send_and_wait(args.topic, value.encode(), key, partition=args.partition, headers=headers or None))
+            for value in values
+        ]
+        for future in pending:
+            meta = await future
+            _emit(args, {"topic": meta.topic, "partition": meta.partition, "offset": meta.offset, "timestamp": meta.timestamp_ms},
+                  f"{meta.topic}/{meta.partition}@{meta.offset}")
+    return 0
+
+
+def _text(data: bytes | None) -> tuple[str | None, bool]:
+    if data is None:
+        return None, False
+    try:
+        return data.decode(), False
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode(), True
+
+
+def message_json(message: Any) -> dict[str, Any]:
+    key, key_b64 = _text(message.key)
+    value, value_b64 = _text(message.value)
+    out: dict[str, Any] = {
+        "topic": message.topic,
+        "partition": message.partition,
+        "offset": message.offset,
+        "timestamp": message.timestamp_ms,
+        "key": key,
+        "value": value,
+    }
+    if message.headers:
+        out["headers"] = {name: _text(raw)[0] for name, raw in message.headers}
+    if key_b64 or value_b64:
+        out["base64"] = [name for name, flag in (("key", key_b64), ("value", value_b64)) if flag]
+    return out
+
+
+def parse_start(text: str) -> str | int | tuple[str, int]:
+    if text in ("earliest", "latest"):
+        return text
+    if text.startswith("@"):
+        return ("timestamp", int(text[1:]))
+    try:
+        return int(text)
+    except ValueError:
+        raise SystemExit(f"rustmq: --from wants earliest, latest, OFFSET or @TIMESTAMP_MS, got {text!r}") from None
+
+
+async def run_consume(args: argparse.Namespace) -> int:
+    start = parse_start(args.start)
+    seen = 0
+    wait_ms = 500 if args.timeout is None else max(1, min(500, int(args.timeout * 1000)))
+    async with Consumer(args.bootstrap, args.topic, partitions=args.partition, start=start, max_wait_ms=wait_ms) as consumer:
+        last_message = time.monotonic()
+        while args.max_messages is None or seen < args.max_messages:
+            room = 10_000 if args.max_messages is None else args.max_messages - seen
+            messages = await consumer.getmany(room, timeout_s=wait_ms / 1000)
+            if not messages:
+                if args.timeout is not None and time.monotonic() - last_message >= args.timeout:
+                    break
+                continue
+            last_message = time.monotonic()
+            for message in messages:
+                if args.json:
+                    print(json.dumps(message_json(message)))
+                else:
+                    value = _text(message.value)[0]
+                    print(f"{message.partition}@{message.offset}\t{value}")
+            sys.stdout.flush()
+            seen += len(messages)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

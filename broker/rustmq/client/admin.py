@@ -1,0 +1,66 @@
+"""Topic administration and cluster metadata over the protocol (what ``rustmq topic`` uses)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rustmq.client.connection import Connection, parse_address
+from rustmq.protocol.api import EARLIEST, LATEST, ApiKey
+
+
+class Admin:
+    """Metadata and topic operations against the broker at ``bootstrap`` ('host:port')."""
+
+    def __init__(self, bootstrap: str = "localhost:9092", *, timeout: float = 30.0) -> None:
+        self.host, self.port = parse_address(bootstrap)
+        self._timeout = timeout
+        self._connection: Connection | None = None
+
+    async def start(self) -> Admin:
+        self._connection = await Connection.open(self.host, self.port, timeout=self._timeout)
+        return self
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+
+    async def __aenter__(self) -> Admin:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _call(self, api: ApiKey, **fields: Any) -> dict[str, Any]:
+        assert self._connection is not None, "call start() first"
+        response = await self._connection.request({"api": int(api), **fields}, timeout=self._timeout)
+        header = dict(response.header)
+        for key in ("corr", "error"):
+            header.pop(key, None)
+        return header
+
+    async def metadata(self, topics: list[str] | None = None, *, create: bool = False) -> dict[str, Any]:
+        """Brokers and topics; with create=True missing topics are auto-created (if the broker allows)."""
+        return await self._call(ApiKey.METADATA, topics=topics, create=create)
+
+    async def create_topic(self, name: str, partitions: int | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await self._call(ApiKey.CREATE_TOPIC, topic=name, partitions=partitions, config=config)
+
+    async def delete_topic(self, name: str) -> dict[str, Any]:
+        return await self._call(ApiKey.DELETE_TOPIC, topic=name)
+
+    async def describe_topic(self, name: str) -> dict[str, Any]:
+        return await self._call(ApiKey.DESCRIBE_TOPIC, topic=name)
+
+    async def list_topics(self) -> list[str]:
+        return list((await self._call(ApiKey.LIST_TOPICS))["topics"])
+
+    async def add_partitions(self, name: str, total: int) -> dict[str, Any]:
+        return await self._call(ApiKey.ADD_PARTITIONS, topic=name, partitions=total)
+
+    async def broker_stats(self) -> dict[str, Any]:
+        return await self._call(ApiKey.BROKER_STATS)
+
+    async def list_offset(self, topic: str, partition: int, at: int | str) -> int:
+        """Offset at 'earliest', 'latest' or a timestamp in ms (first offset at or after it)."""
+        where = {"earliest": EARLIEST, "latest": LATEST}.get(at, at) if isinstance(at, str) else at
+        return int((await self._call(ApiKey.LIST_OFFSETS, topic=topic, partition=partition, at=where))["offset"])

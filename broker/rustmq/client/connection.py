@@ -1,0 +1,228 @@
+"""One client connection: pipelined requests matched to responses by correlation id.
+
+Requests are written immediately (many may be in flight); the broker answers in order, and
+each response resolves the future of its correlation id. ``drain()`` waits while the socket's
+write buffer is above its high-water mark, so a producer that outruns the broker slows down
+instead of buffering without bound. Closing (or losing) the connection fails every pending
+future with ConnectionClosedError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, NamedTuple
+
+from rustmq.client.errors import BrokerError, ConnectionClosedError
+from rustmq.protocol import frames
+from rustmq.protocol.api import MAX_CORRELATION_ID, ErrorCode
+
+MAX_RESPONSE_BYTES = 1 << 30
+_MIN_READ = 256 << 10
+
+
+class Response(NamedTuple):
+    header: dict[str, Any]
+    payload: bytes | memoryview
+
+
+def parse_address(address: str, default_port: int = 9092) -> tuple[str, int]:
+    """'host:port', 'host' or ':port' (IPv6 as '[::1]:9092') to (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "]" in port:
+        host, port = address, str(default_port)
+    host = host.strip("[]") or "localhost"
+    return host, int(port)
+
+
+class _Protocol(asyncio.BufferedProtocol):
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._buf = bytearray(_MIN_READ * 4)
+        self._rpos = 0
+        self._wpos = 0
+        self._frame_need = 0
+        self._big: bytearray | None = None  # a large frame is received into its own buffer
+        self._big_filled = 0
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._big is not None:
+            return memoryview(self._big)[self._big_filled :]
+        if len(self._buf) - self._wpos < _MIN_READ:
+            unread = self._wpos - self._rpos
+            if unread + _MIN_READ > len(self._buf):
+                fresh = bytearray(max(len(self._buf) * 2, unread + _MIN_READ))
+                fresh[:unread] = memoryview(self._buf)[self._rpos : self._wpos]
+                self._buf = fresh
+            else:
+                self._buf[:unread] = self._buf[self._rpos : self._wpos]
+            self._rpos, self._wpos = 0, unread
+        return memoryview(self._buf)[self._wpos :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._big is not None:
+            self._big_filled += nbytes
+            if self._big_filled == len(self._big):
+                body, self._big = self._big, None
+                self._connection._on_frame(memoryview(body), owned=True)
+            return
+        self._wpos += nbytes
+        buf = self._buf
+        while self._wpos - self._rpos >= frames.LENGTH_SIZE:
+            (length,) = frames.LENGTH.unpack_from(buf, self._rpos)
+            if length > MAX_RESPONSE_BYTES:
+                self._connection._abort(ConnectionClosedError(f"response frame of {length} bytes is too large"))
+                return
+            start = self._rpos + frames.LENGTH_SIZE
+            end = start + length
+            if end > self._wpos:
+                if length > _MIN_READ:
+                    # Receive the rest straight into a buffer the response can keep (no copy).
+                    big = bytearray(length)
+                    have = self._wpos - start
+                    big[:have] = memoryview(buf)[start : self._wpos]
+                    self._big, self._big_filled = big, have
+                    self._rpos = self._wpos = 0
+                break
+            self._rpos = end
+            self._connection._on_frame(memoryview(buf)[start:end], owned=False)
+        if self._rpos == self._wpos:
+            self._rpos = self._wpos = 0
+
+    def pause_writing(self) -> None:
+        self._connection._write_paused()
+
+    def resume_writing(self) -> None:
+        self._connection._write_resumed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connection._abort(ConnectionClosedError(f"connection lost: {exc}" if exc else "connection closed by the broker"))
+
+
+class Connection:
+    """A connection to one broker port; use ``await Connection.open(host, port)``."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, asyncio.Future[Response]] = {}
+        self._ids = itertools.count(1)
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._closed: BaseException | None = None
+        self.unsolicited_errors: list[dict[str, Any]] = []  # error responses nobody waited for
+
+    @classmethod
+    async def open(cls, host: str, port: int, *, timeout: float = 10.0) -> Connection:
+        connection = cls()
+        loop = asyncio.get_running_loop()
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(lambda: _Protocol(connection), host, port), timeout
+        )
+        assert isinstance(transport, asyncio.Transport)
+        transport.set_write_buffer_limits(high=8 << 20)
+        connection._transport = transport
+        return connection
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def send(self, header: dict[str, Any], payload: bytes | memoryview = b"", *, expect_response: bool = True) -> asyncio.Future[Response] | None:
+        """Write one request now; the future resolves to the raw response (errors included)."""
+        if self._closed is not None:
+            raise ConnectionClosedError(str(self._closed))
+        corr = next(self._ids) & MAX_CORRELATION_ID
+        header["corr"] = corr
+        prefix = frames.encode_prefix(header, len(payload))
+        assert self._transport is not None
+        future: asyncio.Future[Response] | None = None
+        if expect_response:
+            future = asyncio.get_running_loop().create_future()
+            self._pending[corr] = future
+        if len(payload) < 64 << 10:
+            self._transport.write(prefix + payload if payload else prefix)
+        else:
+            self._transport.write(prefix)
+            self._transport.write(payload)
+        return future
+
+    async def request(self, header: dict[str, Any], payload: bytes | memoryview = b"", *, timeout: float | None = 30.0) -> Response:
+        """Send a request and wait for its response; BrokerError if the broker reports an error."""
+        future = self.send(header, payload)
+        assert future is not None
+        response = await asyncio.wait_for(future, timeout)
+        check(response)
+        return response
+
+    async def drain(self) -> None:
+        """Wait while the socket write buffer is above its high-water mark."""
+        if self._closed is not None:
+            raise ConnectionClosedError(str(self._closed))
+        if not self._paused:
+            return
+        if self._drain_waiter is None or self._drain_waiter.done():
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+        await self._drain_waiter
+        if self._closed is not None:
+            raise ConnectionClosedError(str(self._closed))
+
+    def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+        self._abort(ConnectionClosedError("connection closed"))
+
+    # -- protocol callbacks ------------------------------------------------------------------
+
+    def _on_frame(self, body: memoryview, owned: bool) -> None:
+        try:
+            header, payload = frames.decode_body(body)
+        except frames.FrameError as exc:
+            self._abort(ConnectionClosedError(f"broker sent an unreadable frame: {exc}"))
+            return
+        corr = header.get("corr")
+        future = self._pending.pop(corr, None) if isinstance(corr, int) else None
+        if future is None:
+            if header.get("error"):
+                self.unsolicited_errors.append(header)
+            return
+        if not future.done():
+            future.set_result(Response(header, payload if owned else bytes(payload)))
+
+    def _write_paused(self) -> None:
+        self._paused = True
+
+    def _write_resumed(self) -> None:
+        self._paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def _abort(self, error: BaseException) -> None:
+        if self._closed is None:
+            self._closed = error
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)  # drain() re-checks _closed after waking
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+
+def check(response: Response) -> Response:
+    code = response.header.get("error", 0)
+    if code:
+        raise BrokerError(code, str(response.header.get("message", "")))
+    return response
+
+
+def error_code(header: dict[str, Any]) -> ErrorCode | int:
+    code = header.get("error", 0)
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return int(code)

@@ -1,0 +1,226 @@
+"""The asyncio Consumer: long-poll fetches of raw batches, decoded one msgpack call per batch.
+
+``async for message in consumer`` yields Message tuples in offset order per partition;
+``async for batch in consumer.batches()`` yields whole decoded batches (lists of Message), which
+is what throughput-minded code should iterate. Positions are kept client-side, one integer per
+partition (there are no consumer groups yet). While the caller works on one response the next
+fetch is already on its way (one fetch of prefetch), so the broker and the decoder overlap.
+
+``start`` is 'earliest', 'latest', an offset (int, applied to every partition) or
+``("timestamp", ms)``. An offset below the log start (retention deleted it) moves to the log
+start; an offset past the end moves to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
+
+from rustmq.client.admin import Admin
+from rustmq.client.connection import Connection, Response, check, parse_address
+from rustmq.client.errors import BrokerError
+from rustmq.protocol import records
+from rustmq.protocol.api import ApiKey, ErrorCode
+from rustmq.storage import batch as storage_batch
+
+
+class Message(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None
+
+
+def decode_batches(topic: str, partition: int, data: bytes | memoryview, position: int) -> tuple[list[Message], int]:
+    """Messages at or after ``position`` in concatenated raw batches, and the next position."""
+    view = memoryview(data)
+    out: list[Message] = []
+    pos, end = 0, len(view)
+    while end - pos >= storage_batch.HEADER_SIZE:
+        header = storage_batch.read_header(view, pos)
+        size = header.size
+        if pos + size > end:
+            break
+        last = header.base_offset + header.record_count - 1
+        if last >= position:
+            entries = records.decode_body(view[pos + storage_batch.HEADER_SIZE : pos + size], header.attributes & records.CODEC_MASK)
+            base, first_ts = header.base_offset, header.first_timestamp_ms
+            skip = max(0, position - base)
+            out.extend(
+                Message(topic, partition, base + index, first_ts + entry[0], entry[1], entry[2], entry[3])
+                for index, entry in enumerate(entries[skip:], skip)
+            )
+            position = last + 1
+        pos += size
+    return out, position
+
+
+class Consumer:
+    def __init__(
+        self,
+        bootstrap: str = "localhost:9092",
+        topic: str = "default",
+        *,
+        partitions: list[int] | None = None,
+        start: str | int | tuple[str, int] = "earliest",
+        max_bytes: int = 4 << 20,
+        max_wait_ms: int = 500,
+        min_bytes: int = 1,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.partitions = partitions
+        self.start_at = start
+        self.max_bytes = max_bytes
+        self.max_wait_ms = max_wait_ms
+        self.min_bytes = min_bytes
+        self.timeout_s = timeout_s
+        self.positions: dict[int, int] = {}
+        self.high_watermarks: dict[int, int] = {}
+        self._admin = Admin(bootstrap, timeout=timeout_s)
+        self._connection: Connection | None = None
+        self._next: asyncio.Future[Response] | None = None
+
+    async def start(self) -> Consumer:
+        await self._admin.start()
+        metadata = await self._admin.metadata([self.topic])
+        (entry,) = metadata["topics"]
+        if entry["error"]:
+            raise BrokerError(entry["error"], f"topic {self.topic!r}")
+        available = [p["partition"] for p in entry["partitions"]]
+        self.partitions = available if self.partitions is None else self.partitions
+        for partition in self.partitions:
+            if partition not in available:
+                raise BrokerError(ErrorCode.UNKNOWN_PARTITION, f"topic {self.topic!r} has no partition {partition}")
+        broker = metadata["brokers"][0]
+        host = broker.get("host") or self._admin.host
+        port = broker.get("consumer_port") or self._admin.port
+        self._connection = await Connection.open(host, port)
+        for partition in self.partitions:
+            self.positions[partition] = await self._resolve(partition, self.start_at)
+        return self
+
+    async def _resolve(self, partition: int, start: str | int | tuple[str, int]) -> int:
+        if isinstance(start, tuple):
+            return await self._admin.list_offset(self.topic, partition, int(start[1]))
+        if isinstance(start, int):
+            return start
+        return await self._admin.list_offset(self.topic, partition, start)
+
+    async def seek(self, partition: int, offset: int) -> None:
+        self._discard_prefetch()
+        self.positions[partition] = offset
+
+    async def close(self) -> None:
+        self._discard_prefetch()
+        if self._connection is not None:
+            self._connection.close()
+        await self._admin.close()
+
+    async def __aenter__(self) -> Consumer:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _discard_prefetch(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+
+    def _send_fetch(self) -> asyncio.Future[Response]:
+        assert self._connection is not None, "call start() first"
+        header = {
+            "api": int(ApiKey.FETCH),
+            "max_wait_ms": self.max_wait_ms,
+            "min_bytes": self.min_bytes,
+            "max_bytes": self.max_bytes,
+            "partitions": [
+                {"topic": self.topic, "partition": partition, "offset": offset}
+                for partition, offset in self.positions.items()
+            ],
+        }
+        future = self._connection.send(header)
+        assert future is not None
+        return future
+
+    async def fetch_raw(self) -> list[tuple[int, memoryview, int]]:
+        """One fetch: (partition, raw batches, position they were fetched from) per partition with data.
+
+        Advances positions past the fetched batches and has the next fetch sent before returning.
+        """
+        future = self._next or self._send_fetch()
+        self._next = None
+        response = check(await asyncio.wait_for(future, self.timeout_s + self.max_wait_ms / 1000))
+        payload = memoryview(response.payload)
+        out = []
+        pos = 0
+        for entry in response.header["partitions"]:
+            partition, size = entry["partition"], entry.get("size", 0)
+            data = payload[pos : pos + size]
+            pos += size
+            if entry["error"]:
+                await self._recover(partition, entry)
+                continue
+            self.high_watermarks[partition] = entry["high_watermark"]
+            if size:
+                fetched_from = self.positions[partition]
+                self.positions[partition] = _next_position(data, fetched_from)
+                out.append((partition, data, fetched_from))
+        self._next = self._send_fetch()
+        return out
+
+    async def _recover(self, partition: int, entry: dict[str, Any]) -> None:
+        if entry["error"] == ErrorCode.OFFSET_OUT_OF_RANGE:
+            position = self.positions[partition]
+            start = await self._admin.list_offset(self.topic, partition, "earliest")
+            end = await self._admin.list_offset(self.topic, partition, "latest")
+            self.positions[partition] = start if position < start else end
+            return
+        raise BrokerError(entry["error"], entry.get("message", ""))
+
+    async def batches(self) -> AsyncIterator[list[Message]]:
+        """Decoded batches as they arrive (one list per partition per fetch)."""
+        while True:
+            for partition, data, fetched_from in await self.fetch_raw():
+                messages, _ = decode_batches(self.topic, partition, data, fetched_from)
+                if messages:
+                    yield messages
+
+    async def __aiter__(self) -> AsyncIterator[Message]:
+        async for batch in self.batches():
+            for message in batch:
+                yield message
+
+    async def getmany(self, max_messages: int = 10_000, timeout_s: float = 1.0) -> list[Message]:
+        """Whatever arrives within timeout_s (at most max_messages; the rest is refetched later)."""
+        out: list[Message] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while len(out) < max_messages and loop.time() < deadline:
+            for partition, data, fetched_from in await self.fetch_raw():
+                messages, _ = decode_batches(self.topic, partition, data, fetched_from)
+                room = max_messages - len(out)
+                if len(messages) > room:
+                    await self.seek(partition, messages[room].offset)
+                    messages = messages[:room]
+                out.extend(messages)
+            if out:
+                break
+        return out
+
+
+def _next_position(data: memoryview, position: int) -> int:
+    pos, end = 0, len(data)
+    while end - pos >= storage_batch.HEADER_SIZE:
+        header = storage_batch.read_header(data, pos)
+        if pos + header.size > end:
+            break
+        position = max(position, header.base_offset + header.record_count)
+        pos += header.size
+    return position

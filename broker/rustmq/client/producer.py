@@ -1,0 +1,292 @@
+"""The asyncio Producer: per-partition batching with linger, in-flight limits and backpressure.
+
+``send()`` appends a record to the open batch of its partition and returns at once unless the
+producer already buffers ``max_buffer_bytes`` (then it waits: backpressure). A batch is sealed
+when it reaches ``batch_bytes`` or ``linger_ms`` after its first record, encoded with one
+msgpack call (rustmq.protocol.records), compressed per ``codec``, framed by
+rustmq.storage.batch and sent as one PRODUCE request; at most ``max_in_flight`` requests wait
+for responses at a time. Delivery errors are raised by ``flush()``/``close()`` as ProduceError
+and by the future returned from ``send_and_wait()``.
+
+Partitioning: an explicit partition wins; a key picks crc32c(key) % partitions (the broker's
+own rule); keyless records stick to one partition per batch and move round-robin to the next
+partition whenever a batch is sealed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, Iterable
+from typing import Any, NamedTuple
+
+from rustmq.client.connection import Connection, check, parse_address
+from rustmq.client.errors import BrokerError, ProduceError
+from rustmq.protocol import records
+from rustmq.protocol.api import ApiKey, ErrorCode, partition_for_key
+from rustmq.storage import batch as storage_batch
+
+ACKS = {"none": 0, "leader": 1, "durable": 2}
+
+
+class RecordMetadata(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+
+class _Batch:
+    __slots__ = ("topic", "partition", "records", "size", "first_ts", "max_ts", "waiters", "timer")
+
+    def __init__(self, topic: str, partition: int, first_ts: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.records: list[list[Any]] = []
+        self.size = 0
+        self.first_ts = first_ts
+        self.max_ts = first_ts
+        self.waiters: list[tuple[int, asyncio.Future[RecordMetadata]]] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Producer:
+    def __init__(
+        self,
+        bootstrap: str = "localhost:9092",
+        *,
+        acks: str = "leader",
+        linger_ms: float = 5.0,
+        batch_bytes: int = 256 << 10,
+        max_in_flight: int = 8,
+        max_buffer_bytes: int = 64 << 20,
+        codec: str = "none",
+        request_timeout_s: float = 30.0,
+    ) -> None:
+        if acks not in ACKS:
+            raise ValueError(f"acks must be one of {', '.join(ACKS)}")
+        if codec not in records.CODEC_NAMES:
+            raise ValueError(f"codec must be one of {', '.join(records.CODEC_NAMES)}")
+        self.host, self.port = parse_address(bootstrap)
+        self.acks = acks
+        self.linger_s = linger_ms / 1000
+        self.batch_bytes = batch_bytes
+        self.max_in_flight = max_in_flight
+        self.max_buffer_bytes = max_buffer_bytes
+        self.codec = records.CODEC_NAMES[codec]
+        self.request_timeout_s = request_timeout_s
+        self._connection: Connection | None = None
+        self._partitions: dict[str, int] = {}
+        self._open: dict[tuple[str, int], _Batch] = {}
+        self._sticky: dict[str, int] = {}
+        self._buffered = 0
+        self._space = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._errors: list[BaseException] = []
+        self.messages_sent = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> Producer:
+        self._connection = await Connection.open(self.host, self.port)
+        self._slots = asyncio.Semaphore(self.max_in_flight)
+        return self
+
+    async def close(self) -> None:
+        """Send what is buffered, wait for it, close; raise ProduceError if anything failed."""
+        try:
+            await self.flush()
+        finally:
+            if self._connection is not None:
+                self._connection.close()
+
+    async def __aenter__(self) -> Producer:
+        return await self.start()
+
+    async def __aexit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            await self.close()
+        elif self._connection is not None:
+            self._connection.close()
+
+    # -- sending --------------------------------------------------------------------------------
+
+    async def partition_count(self, topic: str) -> int:
+        count = self._partitions.get(topic)
+        if count is None:
+            assert self._connection is not None, "call start() first"
+            response = await self._connection.request(
+                {"api": int(ApiKey.METADATA), "topics": [topic], "create": True}, timeout=self.request_timeout_s
+            )
+            (entry,) = response.header["topics"]
+            if entry["error"]:
+                raise BrokerError(entry["error"], f"topic {topic!r}")
+            count = self._partitions[topic] = len(entry["partitions"])
+        return count
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        *,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        """Buffer one record; waits only when max_buffer_bytes are already buffered."""
+        self._append(topic, value, key, partition, headers, timestamp_ms, await self.partition_count(topic))
+        if self._buffered >= self.max_buffer_bytes:
+            await self._wait_for_space()
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        *,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> RecordMetadata:
+        """Buffer one record and wait until the broker acknowledged it (acks none: until sent)."""
+        batch, index = self._append(topic, value, key, partition, headers, timestamp_ms, await self.partition_count(topic))
+        future: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
+        if batch.waiters is None:
+            batch.waiters = []
+        batch.waiters.append((index, future))
+        return await future
+
+    async def send_batch(self, topic: str, values: list[bytes], *, partition: int | None = None, key: bytes | None = None) -> None:
+        """Send values as one batch right away, bypassing linger (a fast path for bulk loads)."""
+        count = await self.partition_count(topic)
+        now = int(time.time() * 1000)
+        chosen = self._choose(topic, partition, key, count)
+        batch = _Batch(topic, chosen, now)
+        batch.records = [[0, key, value, None] for value in values]
+        batch.size = sum(map(len, values))
+        self._buffered += batch.size
+        self._dispatch(batch)
+        if self._buffered >= self.max_buffer_bytes:
+            await self._wait_for_space()
+
+    async def send_all(self, topic: str, values: Iterable[bytes] | AsyncIterable[bytes]) -> int:
+        """Sink form: send every value of an (async) iterable, then flush; returns the count."""
+        sent = 0
+        if isinstance(values, AsyncIterable):
+            async for value in values:
+                await self.send(topic, value)
+                sent += 1
+        else:
+            for value in values:
+                await self.send(topic, value)
+                sent += 1
+        await self.flush()
+        return sent
+
+    async def flush(self) -> None:
+        """Seal every open batch and wait for all requests; ProduceError if any batch failed."""
+        for batch in list(self._open.values()):
+            self._seal(batch)
+        while self._in_flight:
+            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise ProduceError(errors)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _choose(self, topic: str, partition: int | None, key: bytes | None, count: int) -> int:
+        if partition is not None:
+            if not 0 <= partition < count:
+                raise BrokerError(ErrorCode.UNKNOWN_PARTITION, f"topic {topic!r} has {count} partitions")
+            return partition
+        if key is not None:
+            return partition_for_key(key, count)
+        return self._sticky.get(topic, 0) % count
+
+    def _append(
+        self, topic: str, value: bytes | None, key: bytes | None, partition: int | None,
+        headers: list[tuple[str, bytes]] | None, timestamp_ms: int | None, count: int,
+    ) -> tuple[_Batch, int]:
+        chosen = self._choose(topic, partition, key, count)
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+        batch = self._open.get((topic, chosen))
+        if batch is None:
+            batch = self._open[(topic, chosen)] = _Batch(topic, chosen, now)
+            batch.timer = asyncio.get_running_loop().call_later(self.linger_s, self._seal, batch)
+        delta = now - batch.first_ts
+        if delta < 0:  # an earlier explicit timestamp: keep deltas non-negative
+            batch.first_ts = now
+            for record in batch.records:
+                record[0] -= delta
+            delta = 0
+        elif now > batch.max_ts:
+            batch.max_ts = now
+        batch.records.append([delta, key, value, headers])
+        size = (len(value) if value else 0) + (len(key) if key else 0) + 16
+        batch.size += size
+        self._buffered += size
+        self.messages_sent += 1
+        index = len(batch.records) - 1
+        if batch.size >= self.batch_bytes:
+            self._seal(batch)
+        return batch, index
+
+    def _seal(self, batch: _Batch) -> None:
+        key = (batch.topic, batch.partition)
+        if self._open.get(key) is not batch:
+            return
+        del self._open[key]
+        if batch.timer is not None:
+            batch.timer.cancel()
+        self._sticky[batch.topic] = self._sticky.get(batch.topic, 0) + 1
+        self._dispatch(batch)
+
+    def _dispatch(self, batch: _Batch) -> None:
+        task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _send_batch(self, batch: _Batch) -> None:
+        assert self._slots is not None and self._connection is not None
+        try:
+            payload = storage_batch.build_batch(
+                records.encode_body(batch.records, self.codec),
+                record_count=len(batch.records),
+                first_timestamp_ms=batch.first_ts,
+                max_timestamp_ms=batch.max_ts,
+                codec=storage_batch.Codec(self.codec),
+            )
+            header = {"api": int(ApiKey.PRODUCE), "topic": batch.topic, "partition": batch.partition, "acks": ACKS[self.acks]}
+            async with self._slots:
+                await self._connection.drain()
+                if self.acks == "none":
+                    self._connection.send(header, payload, expect_response=False)
+                    base = -1
+                else:
+                    future = self._connection.send(header, payload)
+                    assert future is not None
+                    response = check(await asyncio.wait_for(future, self.request_timeout_s))
+                    base = int(response.header["base_offset"])
+            if batch.waiters:
+                for index, waiter in batch.waiters:
+                    if not waiter.done():
+                        offset = base + index if base >= 0 else -1
+                        waiter.set_result(RecordMetadata(batch.topic, batch.partition, offset, batch.first_ts + batch.records[index][0]))
+        except Exception as exc:
+            self._errors.append(exc)
+            if batch.waiters:
+                for _, waiter in batch.waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+        finally:
+            self._buffered -= batch.size
+            if self._buffered < self.max_buffer_bytes:
+                self._space.set()
+
+    async def _wait_for_space(self) -> None:
+        while self._buffered >= self.max_buffer_bytes:
+            self._space.clear()
+            await self._space.wait()

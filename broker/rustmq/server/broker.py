@@ -1,0 +1,323 @@
+"""The broker's request logic over one ``rustmq.storage.log.Log``, free of sockets.
+
+Everything here runs on the event loop thread, one call per request and one storage call per
+batch run: produce validates the batches with ``scan_batches`` (header and CRC per batch, never
+per record), appends them as they arrived and wakes long-polling fetches of that partition;
+fetch returns memoryviews of the log without copying. Durable acks go through the storage
+GroupCommitter, whose thread callbacks are bridged back with ``loop.call_soon_threadsafe``.
+
+Topic auto-creation policy: a produce (framed or simple) to a topic that does not exist creates
+it with ``default_partitions`` partitions when ``auto_create_topics`` is on (the default), and
+fails with UNKNOWN_TOPIC when it is off. Fetch, list-offsets and describe never create topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from rustmq.protocol import api
+from rustmq.protocol.api import ErrorCode, RequestError
+from rustmq.server.settings import ServerSettings
+from rustmq.server.stats import BrokerStats
+from rustmq.storage import batch as storage_batch
+from rustmq.storage import errors as storage_errors
+
+log = logging.getLogger(__name__)
+
+_STORAGE_ERROR_CODES: tuple[tuple[type[BaseException], ErrorCode], ...] = (
+    (storage_errors.CorruptBatchError, ErrorCode.CORRUPT_BATCH),
+    (storage_errors.BatchTooLargeError, ErrorCode.BATCH_TOO_LARGE),
+    (storage_errors.OffsetOutOfRangeError, ErrorCode.OFFSET_OUT_OF_RANGE),
+    (storage_errors.StorageFullError, ErrorCode.STORAGE_FULL),
+    (storage_errors.UnknownTopicError, ErrorCode.UNKNOWN_TOPIC),
+    (storage_errors.TopicExistsError, ErrorCode.TOPIC_EXISTS),
+    (storage_errors.InvalidConfigError, ErrorCode.INVALID_CONFIG),
+    (storage_errors.LogClosedError, ErrorCode.SHUTTING_DOWN),
+    (storage_errors.StorageIOError, ErrorCode.STORAGE_ERROR),
+    (storage_errors.StorageError, ErrorCode.STORAGE_ERROR),
+)
+
+
+def error_code_for(exc: BaseException) -> ErrorCode:
+    """The wire error code for an exception raised while serving a request."""
+    if isinstance(exc, RequestError):
+        return exc.code
+    for kind, code in _STORAGE_ERROR_CODES:
+        if isinstance(exc, kind):
+            return code
+    return ErrorCode.INTERNAL_ERROR
+
+
+class Produced(NamedTuple):
+    partition: int
+    base_offset: int
+    last_offset: int
+    log: Any  # the PartitionLog written to, for durable acks
+    always_durable: bool  # the topic's flush mode is "always": every ack waits for the fsync
+
+
+class FetchedPartition(NamedTuple):
+    header: dict[str, Any]
+    views: list[memoryview]
+    size: int
+
+
+class Broker:
+    """Request logic for one broker; construct once the log is open."""
+
+    def __init__(self, storage_log: Any, committer: Any, settings: ServerSettings, stats: BrokerStats) -> None:
+        self.log = storage_log
+        self.committer = committer
+        self.settings = settings
+        self.stats = stats
+        self.ports: dict[str, int] = {}
+        self.started_at = time.time()
+        self.connections = 0
+        self._next_partition: dict[str, int] = {}
+        self._waiters: dict[Any, list[Callable[[], None]]] = {}
+        self._loop = asyncio.get_running_loop()
+
+    # -- topics ---------------------------------------------------------------------------
+
+    def topic(self, name: str) -> Any:
+        try:
+            return self.log.topic(name)
+        except storage_errors.UnknownTopicError:
+            raise RequestError(ErrorCode.UNKNOWN_TOPIC, f"unknown topic {name!r}") from None
+
+    def topic_for_produce(self, name: str) -> Any:
+        try:
+            return self.log.topic(name)
+        except storage_errors.UnknownTopicError:
+            if not self.settings.auto_create_topics:
+                raise RequestError(
+                    ErrorCode.UNKNOWN_TOPIC, f"unknown topic {name!r} (auto-creation is off)"
+                ) from None
+        log.info("auto-creating topic %r with %d partitions", name, self.settings.default_partitions)
+        return self.create_topic(name, self.settings.default_partitions, None)
+
+    def create_topic(self, name: str, partitions: int | None, config: dict[str, Any] | None) -> Any:
+        count = partitions or self.settings.default_partitions
+        try:
+            return self.log.create_topic(name, count, config or None)
+        except (ValueError, TypeError) as exc:
+            raise RequestError(ErrorCode.INVALID_CONFIG, str(exc)) from None
+
+    def delete_topic(self, name: str) -> None:
+        topic = self.topic(name)
+        self.log.delete_topic(name)
+        for partition_log in topic.partitions:
+            self._wake(partition_log)
+
+    def add_partitions(self, name: str, total: int) -> Any:
+        self.topic(name)
+        self.log.add_partitions(name, total)
+        return self.log.topic(name)
+
+    def partition_log(self, topic: Any, partition: int) -> Any:
+        partitions = topic.partitions
+        if partition >= len(partitions):
+            raise RequestError(
+                ErrorCode.UNKNOWN_PARTITION,
+                f"topic {topic.name!r} has {len(partitions)} partitions, no partition {partition}",
+            )
+        return partitions[partition]
+
+    def describe(self, topic: Any) -> dict[str, Any]:
+        return {
+            "topic": topic.name,
+            "config": topic.config.to_dict(),
+            "partitions": [
+                {
+                    "partition": index,
+                    "start_offset": plog.start_offset,
+                    "end_offset": plog.end_offset,
+                    "durable_offset": plog.durable_offset,
+                    "size_bytes": plog.size_bytes,
+                    "segment_count": plog.segment_count,
+                }
+                for index, plog in enumerate(topic.partitions)
+            ],
+        }
+
+    def metadata(self, names: list[str] | None) -> dict[str, Any]:
+        topics = []
+        chosen = self.log.topics() if names is None else []
+        if names is not None:
+            for name in names:
+                try:
+                    chosen.append(self.log.topic(name))
+                except storage_errors.UnknownTopicError:
+                    topics.append({"name": name, "error": int(ErrorCode.UNKNOWN_TOPIC), "partitions": []})
+        for topic in chosen:
+            topics.append(
+                {
+                    "name": topic.name,
+                    "error": 0,
+                    "partitions": [
+                        {
+                            "partition": index,
+                            "leader": self.settings.broker_id,
+                            "start_offset": plog.start_offset,
+                            "end_offset": plog.end_offset,
+                        }
+                        for index, plog in enumerate(topic.partitions)
+                    ],
+                }
+            )
+        broker = {"id": self.settings.broker_id, "host": self.settings.advertised_host}
+        broker.update({f"{name}_port": port for name, port in self.ports.items()})
+        return {"brokers": [broker], "topics": topics}
+
+    def broker_stats(self) -> dict[str, Any]:
+        return {
+            "broker_id": self.settings.broker_id,
+            "rss_bytes": current_rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "connections": self.connections,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "pid": os.getpid(),
+        }
+
+    # -- produce --------------------------------------------------------------------------
+
+    def choose_partition(self, topic: Any, partition: int | None, key: bytes | None) -> int:
+        count = len(topic.partitions)
+        if partition is not None:
+            return partition
+        if key is not None:
+            return api.partition_for_key(key, count)
+        chosen = self._next_partition.get(topic.name, 0) % count
+        self._next_partition[topic.name] = chosen + 1
+        return chosen
+
+    def produce(self, topic_name: str, partition: int | None, key: bytes | None, batches: memoryview) -> Produced:
+        """Validate and append one or more concatenated record batches to one partition."""
+        topic = self.topic_for_produce(topic_name)
+        index = self.choose_partition(topic, partition, key)
+        plog = self.partition_log(topic, index)
+        scan = storage_batch.scan_batches(batches)
+        if scan.batch_count == 0:
+            raise RequestError(ErrorCode.CORRUPT_BATCH, "produce payload holds no record batch")
+        result = plog.append(batches)
+        stats = self.stats.topic(topic.name)
+        stats.messages_in += scan.record_count
+        stats.bytes_in += result.size_bytes
+        stats.batches_in += scan.batch_count
+        waiters = self._waiters.pop(plog, None)
+        if waiters:
+            for wake in waiters:
+                wake()
+        return Produced(index, result.base_offset, result.last_offset, plog, topic.config.flush.mode == "always")
+
+    def when_durable(self, plog: Any, offset: int, done: Callable[[BaseException | None], None]) -> None:
+        """Call done(error) on the loop thread once offset is fsynced (or the flush failed)."""
+        loop = self._loop
+
+        def on_committer_thread(error: BaseException | None) -> None:
+            try:
+                loop.call_soon_threadsafe(done, error)
+            except RuntimeError:  # the loop closed during shutdown; nobody is waiting any more
+                pass
+
+        self.committer.request(plog, offset, on_committer_thread)
+
+    # -- fetch ----------------------------------------------------------------------------
+
+    def read_partition(self, request: api.FetchPartition, budget: int) -> FetchedPartition:
+        """One partition's part of a fetch response; errors become the entry's error code."""
+        header: dict[str, Any] = {"topic": request.topic, "partition": request.partition, "error": 0}
+        try:
+            plog = self.partition_log(self.topic(request.topic), request.partition)
+            header["high_watermark"] = plog.end_offset
+            header["log_start_offset"] = plog.start_offset
+            if budget <= 0:
+                header["size"] = 0
+                return FetchedPartition(header, [], 0)
+            fetched = plog.read(request.offset, min(request.max_bytes, budget))
+        except Exception as exc:
+            code = error_code_for(exc)
+            if code is ErrorCode.INTERNAL_ERROR:
+                log.exception("fetch of %s/%d failed", request.topic, request.partition)
+            header.update(error=int(code), message=str(exc), size=0)
+            self.stats.request_errors[code.name] += 1
+            return FetchedPartition(header, [], 0)
+        header["size"] = fetched.size_bytes
+        if fetched.size_bytes:
+            stats = self.stats.topic(request.topic)
+            stats.bytes_out += fetched.size_bytes
+            stats.messages_out += max(0, fetched.next_offset - request.offset)
+        return FetchedPartition(header, list(fetched.views), fetched.size_bytes)
+
+    def read_fetch(self, request: api.FetchRequest) -> tuple[list[FetchedPartition], int]:
+        parts, total = [], 0
+        for partition_request in request.partitions:
+            part = self.read_partition(partition_request, request.max_bytes - total)
+            parts.append(part)
+            total += part.size
+        return parts, total
+
+    def wait_for_data(self, plogs: list[Any], wake: Callable[[], None]) -> None:
+        """Call wake() once, at the next append to any of plogs (long-poll fetch)."""
+        for plog in plogs:
+            self._waiters.setdefault(plog, []).append(wake)
+
+    def stop_waiting(self, plogs: list[Any], wake: Callable[[], None]) -> None:
+        for plog in plogs:
+            waiters = self._waiters.get(plog)
+            if waiters and wake in waiters:
+                waiters.remove(wake)
+                if not waiters:
+                    del self._waiters[plog]
+
+    def fetch_logs(self, request: api.FetchRequest) -> list[Any]:
+        plogs = []
+        for partition_request in request.partitions:
+            try:
+                plogs.append(self.partition_log(self.topic(partition_request.topic), partition_request.partition))
+            except RequestError:
+                continue
+        return plogs
+
+    def wake_all(self) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for wakes in waiters.values():
+            for wake in wakes:
+                wake()
+
+    def _wake(self, plog: Any) -> None:
+        for wake in self._waiters.pop(plog, ()):
+            wake()
+
+    # -- offsets --------------------------------------------------------------------------
+
+    def list_offset(self, request: api.ListOffsetsRequest) -> dict[str, Any]:
+        plog = self.partition_log(self.topic(request.topic), request.partition)
+        if request.at == api.EARLIEST:
+            offset = plog.start_offset
+        elif request.at == api.LATEST:
+            offset = plog.end_offset
+        else:
+            found = plog.offset_for_timestamp(request.at)
+            offset = plog.end_offset if found is None else found
+        return {"offset": offset, "start_offset": plog.start_offset, "end_offset": plog.end_offset}
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,531 @@
+"""One client connection: framing into a reusable buffer, dispatch, ordered responses, flow control.
+
+The socket reads straight into the connection's bytearray (``asyncio.BufferedProtocol``), and a
+complete frame is handled as a memoryview slice of it: produce payloads go from that slice into
+the log without an intermediate bytes object. A frame length above ``max_frame_bytes`` is
+refused as soon as its four bytes arrive, before the buffer grows.
+
+Responses leave in request order (clients may pipeline). Requests that finish later (durable
+produce, long-poll fetch) hold a slot in ``_pending``; responses behind them wait in their slots.
+Fetch responses are the encoded prefix followed by memoryviews of the log, written view by view
+so the kernel copies from the mmap (on Python 3.11 ``writelines`` would join them into one copy).
+
+Flow control, both ways: reading from the socket pauses while the transport's write buffer is
+above its high-water mark (a consumer or producer not reading its responses) or while
+``max_inflight_requests`` responses are outstanding, and resumes when both clear. So one slow
+client pins at most about write_buffer_high_bytes + max_fetch_bytes of broker memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from rustmq.protocol import api, frames, records, simple
+from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
+from rustmq.server.broker import Broker, error_code_for
+from rustmq.storage import batch as storage_batch
+
+if TYPE_CHECKING:
+    from rustmq.server.listener import Listener
+
+log = logging.getLogger(__name__)
+
+INITIAL_BUFFER_BYTES = 256 << 10
+MIN_READ_BYTES = 64 << 10
+SHRINK_ABOVE_BYTES = 4 << 20
+SMALL_WRITE_BYTES = 64 << 10
+
+
+class _Slot:
+    """A response position in the ordered output; buffers is None until the response is ready."""
+
+    __slots__ = ("buffers",)
+
+    def __init__(self) -> None:
+        self.buffers: list[bytes | memoryview] | None = None
+
+
+class Connection(asyncio.BufferedProtocol):
+    def __init__(self, listener: Listener, broker: Broker, accept_simple: bool) -> None:
+        self._listener = listener
+        self._broker = broker
+        self._settings = broker.settings
+        self._accept_simple = accept_simple
+        self._simple_mode = False
+        self._buf = bytearray(INITIAL_BUFFER_BYTES)
+        self._rpos = 0
+        self._wpos = 0
+        self._frame_need = 0  # total bytes (prefix included) of the frame being received
+        self._frame_started = 0.0
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+        self._out: list[bytes | memoryview] = []
+        self._pending: deque[_Slot] = deque()
+        self._write_paused = False
+        self._reading = True
+        self._closing = False
+        self._draining = False  # shutdown: no new requests, finish the pending ones
+        self._fetch_waits: set[_FetchWait] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._handlers = {
+            ApiKey.PRODUCE: self._produce,
+            ApiKey.FETCH: self._fetch,
+            ApiKey.LIST_OFFSETS: self._list_offsets,
+            ApiKey.METADATA: self._metadata,
+            ApiKey.CREATE_TOPIC: self._create_topic,
+            ApiKey.DELETE_TOPIC: self._delete_topic,
+            ApiKey.DESCRIBE_TOPIC: self._describe_topic,
+            ApiKey.LIST_TOPICS: self._list_topics,
+            ApiKey.BROKER_STATS: self._broker_stats,
+            ApiKey.ADD_PARTITIONS: self._add_partitions,
+        }
+
+    # -- transport callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        transport.set_write_buffer_limits(high=self._settings.write_buffer_high_bytes)
+        if not self._listener.register(self):
+            self._broker.stats.connections_rejected += 1
+            log.warning("refusing %s: %d connections already open", self._peer, self._settings.max_connections)
+            self._fail(ErrorCode.TOO_MANY_CONNECTIONS, f"the broker allows {self._settings.max_connections} connections")
+            return
+        self._broker.stats.connections_accepted += 1
+        self._broker.connections += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._listener.unregister(self):
+            self._broker.connections -= 1
+        self._closing = True
+        for wait in list(self._fetch_waits):
+            wait.cancel()
+        self._pending.clear()
+        self._out.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._buf = bytearray()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if len(self._buf) - self._wpos < MIN_READ_BYTES or self._rpos + self._frame_need > len(self._buf):
+            self._make_room()
+        return memoryview(self._buf)[self._wpos :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._wpos += nbytes
+        self._process()
+
+    def eof_received(self) -> bool:
+        unread = self._wpos - self._rpos
+        if unread:
+            need = self._frame_need or frames.LENGTH_SIZE
+            log.warning("closing %s: connection ended mid-frame (%d of %d bytes received)", self._peer, unread, need)
+            self._broker.stats.request_errors["TRUNCATED_FRAME"] += 1
+        self._closing = True
+        self._flush_out()
+        return False  # close our side once the output is flushed
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # -- framing --------------------------------------------------------------------------------
+
+    def _make_room(self) -> None:
+        unread = self._wpos - self._rpos
+        want = max(self._frame_need, unread) + MIN_READ_BYTES
+        if want > len(self._buf) or (len(self._buf) > SHRINK_ABOVE_BYTES and want < len(self._buf) // 4):
+            fresh = bytearray(max(want, INITIAL_BUFFER_BYTES))
+            fresh[:unread] = memoryview(self._buf)[self._rpos : self._wpos]
+            self._buf = fresh
+        elif unread:
+            # bytearray slice assignment memcpy's; the source must not overlap, hence the copy.
+            self._buf[:unread] = self._buf[self._rpos : self._wpos]
+        self._rpos, self._wpos = 0, unread
+
+    def _process(self) -> None:
+        buf = self._buf
+        view = memoryview(buf)
+        while not self._blocked():
+            available = self._wpos - self._rpos
+            if available < frames.LENGTH_SIZE:
+                break
+            (length,) = frames.LENGTH.unpack_from(buf, self._rpos)
+            if length > self._settings.max_frame_bytes:
+                self._fail(
+                    ErrorCode.FRAME_TOO_LARGE,
+                    f"frame of {length} bytes exceeds the limit of {self._settings.max_frame_bytes}",
+                )
+                return
+            end = self._rpos + frames.LENGTH_SIZE + length
+            if end > self._wpos:
+                if not self._frame_need:
+                    self._frame_started = time.monotonic()
+                    self._arm_frame_timer()
+                self._frame_need = frames.LENGTH_SIZE + length
+                break
+            body = view[self._rpos + frames.LENGTH_SIZE : end]
+            self._rpos = end
+            self._frame_need = 0
+            self._handle_body(body)
+        if self._rpos == self._wpos:
+            self._rpos = self._wpos = 0
+            if len(self._buf) > SHRINK_ABOVE_BYTES and not self._closing:
+                self._buf = bytearray(INITIAL_BUFFER_BYTES)
+        self._flush_out()
+
+    def _arm_frame_timer(self) -> None:
+        if self._timer is None and self._transport is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._settings.frame_timeout_s, self._check_frame_timeout)
+
+    def _check_frame_timeout(self) -> None:
+        self._timer = None
+        if self._closing or not self._frame_need:
+            return
+        waited = time.monotonic() - self._frame_started
+        if waited >= self._settings.frame_timeout_s:
+            log.warning(
+                "closing %s: frame incomplete after %.1f s (%d of %d bytes)",
+                self._peer, waited, self._wpos - self._rpos, self._frame_need,
+            )
+            self._broker.stats.request_errors["TRUNCATED_FRAME"] += 1
+            self._close()
+        else:
+            self._arm_frame_timer()
+
+    def _handle_body(self, body: memoryview) -> None:
+        if body and body[0] == 0:
+            self._handle_request(body)
+        elif self._accept_simple and frames.is_simple_body(body):
+            self._simple_mode = True
+            self._handle_simple(body)
+        else:
+            first = f"0x{body[0]:02x}" if body else "nothing"
+            expected = "a RustMQ header (0x00) or a simple produce map" if self._accept_simple else "a RustMQ header (0x00)"
+            self._reply_error(None, ErrorCode.MALFORMED_FRAME, f"frame body starts with {first}, expected {expected}")
+
+    def _handle_request(self, body: memoryview) -> None:
+        corr: int | None = None
+        try:
+            header, payload = frames.decode_body(body)
+            raw_corr = header.get("corr")
+            if isinstance(raw_corr, int) and not isinstance(raw_corr, bool) and 0 <= raw_corr <= api.MAX_CORRELATION_ID:
+                corr = raw_corr
+            api_key, corr = api.parse_envelope(header)
+            try:
+                handler = self._handlers[ApiKey(api_key)]
+            except (ValueError, KeyError):
+                raise RequestError(ErrorCode.UNKNOWN_API, f"unknown api {api_key}") from None
+            if self._draining:
+                raise RequestError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
+            self._broker.stats.requests[ApiKey(api_key).name] += 1
+            handler(corr, header, payload)
+        except frames.FrameError as exc:
+            self._reply_error(None, ErrorCode(exc.code), exc.message)
+        except Exception as exc:
+            self._reply_exception(corr, exc)
+
+    def _reply_exception(self, corr: int | None, exc: BaseException) -> None:
+        code = error_code_for(exc)
+        if code is ErrorCode.INTERNAL_ERROR:
+            log.exception("request from %s failed", self._peer, exc_info=exc)
+        self._reply_error(corr, code, str(exc) or code.name)
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _reply_error(self, corr: int | None, code: ErrorCode, message: str) -> None:
+        self._broker.stats.request_errors[code.name] += 1
+        log.debug("error %s to %s: %s", code.name, self._peer, message)
+        if self._simple_mode and corr is None:
+            self._respond([simple.encode_error_reply(code)])
+        else:
+            self._respond([frames.encode_frame(api.error_header(corr, code, message))])
+
+    def _respond(self, buffers: list[bytes | memoryview]) -> None:
+        if self._pending:
+            slot = _Slot()
+            slot.buffers = buffers
+            self._pending.append(slot)
+        else:
+            self._out.extend(buffers)
+
+    def _reserve(self) -> _Slot:
+        slot = _Slot()
+        self._pending.append(slot)
+        return slot
+
+    def _complete(self, slot: _Slot, buffers: list[bytes | memoryview]) -> None:
+        if self._closing and not self._draining:
+            return
+        slot.buffers = buffers
+        pending = self._pending
+        while pending and pending[0].buffers is not None:
+            self._out.extend(pending.popleft().buffers)  # type: ignore[arg-type]
+        self._flush_out()
+        self._update_reading()
+        self._listener.maybe_drained(self)
+
+    def _flush_out(self) -> None:
+        out = self._out
+        transport = self._transport
+        if not out or transport is None or transport.is_closing():
+            out.clear()
+            return
+        self._out = []
+        small: list[bytes] = []
+        for buffer in out:
+            if isinstance(buffer, bytes) and len(buffer) < SMALL_WRITE_BYTES:
+                small.append(buffer)
+                continue
+            if small:
+                transport.write(b"".join(small))
+                small = []
+            transport.write(buffer)
+        if small:
+            transport.write(small[0] if len(small) == 1 else b"".join(small))
+
+    def _blocked(self) -> bool:
+        return self._closing or self._write_paused or len(self._pending) >= self._settings.max_inflight_requests
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._blocked() or self._draining:
+            if self._reading:
+                self._reading = False
+                transport.pause_reading()
+        elif not self._reading:
+            self._reading = True
+            transport.resume_reading()
+            if self._wpos > self._rpos:
+                self._process()
+
+    def _fail(self, code: ErrorCode, message: str) -> None:
+        """Answer a frame that cannot be delimited, then close: the stream cannot be resynced."""
+        log.warning("closing %s: %s (%s)", self._peer, message, code.name)
+        self._reply_error(None, code, message)
+        while self._pending:  # the error goes last; unfinished responses are abandoned
+            slot = self._pending.popleft()
+            if slot.buffers is not None:
+                self._out.extend(slot.buffers)
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._flush_out()
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Stop taking requests; the pending ones still complete (listener shutdown)."""
+        self._draining = True
+        self._update_reading()
+        for wait in list(self._fetch_waits):
+            wait.finish()
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending
+
+    def close(self) -> None:
+        self._close()
+
+    # -- request handlers ----------------------------------------------------------------------
+
+    def _produce(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+        request = api.parse_produce(header)
+        started = time.perf_counter()
+        try:
+            produced = self._broker.produce(request.topic, request.partition, request.key, payload)
+        except Exception as exc:
+            if request.acks is api.Acks.NONE:
+                code = error_code_for(exc)
+                self._broker.stats.request_errors[code.name] += 1
+                log.warning("acks=none produce from %s to %r failed: %s", self._peer, request.topic, exc)
+                return
+            raise
+        self._broker.stats.produce_latency.observe(time.perf_counter() - started)
+        if request.acks is api.Acks.NONE:
+            return
+        response = {
+            "corr": corr,
+            "error": 0,
+            "partition": produced.partition,
+            "base_offset": produced.base_offset,
+            "last_offset": produced.last_offset,
+        }
+        if request.acks is api.Acks.LEADER and not produced.always_durable:
+            self._respond([frames.encode_frame(response)])
+            return
+        slot = self._reserve()
+        appended = time.perf_counter()
+
+        def durable(error: BaseException | None) -> None:
+            self._broker.stats.durable_latency.observe(time.perf_counter() - appended)
+            if error is None:
+                self._complete(slot, [frames.encode_frame(response)])
+            else:
+                code = error_code_for(error)
+                self._broker.stats.request_errors[code.name] += 1
+                log.error("flush for produce to %s/%d failed: %s", request.topic, produced.partition, error)
+                self._complete(slot, [frames.encode_frame(api.error_header(corr, code, f"flush failed: {error}"))])
+
+        self._broker.when_durable(produced.log, produced.last_offset, durable)
+
+    def _handle_simple(self, body: memoryview) -> None:
+        self._broker.stats.requests["SIMPLE_PRODUCE"] += 1
+        try:
+            message = simple.decode_message(body)
+            now = int(time.time() * 1000)
+            batch = storage_batch.build_batch(
+                records.encode_body([[0, message.key, message.value, message.headers]]),
+                record_count=1,
+                first_timestamp_ms=now,
+                max_timestamp_ms=now,
+            )
+            topic = message.topic or self._settings.default_topic
+            produced = self._broker.produce(topic, message.partition, message.key, memoryview(batch))
+        except Exception as exc:
+            code = error_code_for(exc)
+            if code is ErrorCode.INTERNAL_ERROR:
+                log.exception("simple produce from %s failed", self._peer)
+            self._broker.stats.request_errors[code.name] += 1
+            log.debug("simple produce error %s to %s: %s", code.name, self._peer, exc)
+            self._respond([simple.encode_error_reply(code)])
+            return
+        self._respond([simple.encode_offset_reply(produced.base_offset)])
+
+    def _fetch(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+        request = api.parse_fetch(header, self._settings.max_fetch_bytes)
+        started = time.perf_counter()
+        parts, total = self._broker.read_fetch(request)
+        if total >= request.min_bytes or request.max_wait_ms == 0 or self._draining:
+            self._respond(_fetch_response(corr, parts, total))
+            self._broker.stats.fetch_latency.observe(time.perf_counter() - started)
+            if total >= SMALL_WRITE_BYTES:
+                self._flush_out()  # lets pause_writing stop the next pipelined fetch early
+            return
+        for part in parts:  # views of an empty read are released before waiting
+            part.views.clear()
+        wait = _FetchWait(self, corr, request, self._reserve(), started)
+        self._fetch_waits.add(wait)
+        wait.start()
+
+    def _list_offsets(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+        response = self._broker.list_offset(api.parse_list_offsets(header))
+        self._ok(corr, response)
+
+    def _metadata(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+        names = api.parse_topic_names(header)
+        if header.get("create") is True and names and self._settings.auto_create_topics:
+            for name in names:
+                self._broker.topic_for_produce(name)
+        self._ok(corr, self._broker.metadata(names))
+
+    def _create_topic(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+        request = api.parse_create_topic(header)
+        topic = self._broker.create_topic(request.topic, request.partitions, request.config)
+        self._ok(corr, {"topic": topic.name, "partitions": len(topic.partitions)})
+
+    def _delete_topic(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+        name = api.parse_topic(header)
+        self._broker.delete_topic(name)
+        self._ok(corr, {"topic": name})
+
+    def _describe_topic(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+        self._ok(corr, self._broker.describe(self._broker.topic(api.parse_topic(header))))
+
+    def _list_topics(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+        self._ok(corr, {"topics": sorted(topic.name for topic in self._broker.log.topics())})
+
+    def _broker_stats(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+        self._ok(corr, self._broker.broker_stats())
+
+    def _add_partitions(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+        name, total = api.parse_add_partitions(header)
+        topic = self._broker.add_partitions(name, total)
+        self._ok(corr, {"topic": name, "partitions": len(topic.partitions)})
+
+    def _ok(self, corr: int, fields: dict[str, Any]) -> None:
+        self._respond([frames.encode_frame({"corr": corr, "error": 0, **fields})])
+
+
+def _fetch_response(corr: int, parts: list[Any], total: int) -> list[bytes | memoryview]:
+    header = {"corr": corr, "error": 0, "partitions": [part.header for part in parts]}
+    buffers: list[bytes | memoryview] = [frames.encode_prefix(header, total)]
+    for part in parts:
+        buffers.extend(part.views)
+    return buffers
+
+
+class _FetchWait:
+    """A long-poll fetch: re-read on every append to its partitions until min_bytes or max_wait."""
+
+    __slots__ = ("_conn", "_corr", "_request", "_slot", "_started", "_plogs", "_timer", "_done")
+
+    def __init__(self, conn: Connection, corr: int, request: api.FetchRequest, slot: _Slot, started: float) -> None:
+        self._conn = conn
+        self._corr = corr
+        self._request = request
+        self._slot = slot
+        self._started = started
+        self._plogs = conn._broker.fetch_logs(request)
+        self._timer: asyncio.TimerHandle | None = None
+        self._done = False
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._request.max_wait_ms / 1000, self.finish)
+        self._conn._broker.wait_for_data(self._plogs, self._on_append)
+
+    def _on_append(self) -> None:
+        if self._done:
+            return
+        # Called from inside the producer's append: answer on the next loop pass instead, so
+        # the producer's own response is not delayed by this fetch's read and write.
+        asyncio.get_running_loop().call_soon(self._recheck)
+
+    def _recheck(self) -> None:
+        if self._done:
+            return
+        parts, total = self._conn._broker.read_fetch(self._request)
+        if total >= self._request.min_bytes:
+            self._answer(parts, total)
+        else:
+            self._conn._broker.wait_for_data(self._plogs, self._on_append)
+
+    def finish(self) -> None:
+        if self._done:
+            return
+        parts, total = self._conn._broker.read_fetch(self._request)
+        self._answer(parts, total)
+
+    def _answer(self, parts: list[Any], total: int) -> None:
+        self._stop()
+        conn = self._conn
+        conn._broker.stats.fetch_latency.observe(time.perf_counter() - self._started)
+        conn._complete(self._slot, _fetch_response(self._corr, parts, total))
+
+    def cancel(self) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._conn._broker.stop_waiting(self._plogs, self._on_append)
+        self._conn._fetch_waits.discard(self)
