@@ -1,0 +1,279 @@
+"""Helpers for the operator's e2e tests (tests/e2e/test_operator_*.py).
+
+The control-plane fixtures (`cluster`, `api_client`, `namespace`, `lb_ipam`) come from
+tests/e2e/conftest.py. This module adds what the operator's tests share: installing crds/,
+running the real `rustmq-operator` console script as a subprocess against the cluster's
+kubeconfig (started and stopped per test module, restartable within a test), and small
+polling helpers over kubectl JSON. Test modules load it with ``load()`` and re-export the
+fixtures they use, since --import-mode=importlib keeps tests/e2e off sys.path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "rustmq.io_rustmqclusters.yaml"
+OPERATOR = Path(sys.executable).with_name("rustmq-operator")
+T = TypeVar("T")
+RUNNING: list[OperatorProcess] = []  # the operator of the current module, for failure messages
+
+# A trimmed ServiceMonitor CRD (the fields the operator writes) standing in for the Prometheus
+# Operator's, which cannot be downloaded here; the API server treats it like the real one.
+SERVICE_MONITOR_CRD = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: servicemonitors.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor, shortNames: [smon]}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            spec:
+              type: object
+              required: [selector, endpoints]
+              properties:
+                selector:
+                  type: object
+                  properties:
+                    matchLabels: {type: object, additionalProperties: {type: string}}
+                namespaceSelector:
+                  type: object
+                  properties:
+                    any: {type: boolean}
+                    matchNames: {type: array, items: {type: string}}
+                endpoints:
+                  type: array
+                  items:
+                    type: object
+                    properties:
+                      port: {type: string}
+                      path: {type: string}
+                      interval: {type: string, pattern: "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+                      scrapeTimeout: {type: string, pattern: "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+"""
+
+
+def load() -> Any:
+    """This module, imported once under a stable name (test modules share its state)."""
+    name = "rustmq_operator_e2e_support"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.5) -> T:
+    """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    log = RUNNING[-1].log_tail(40) if RUNNING else "(no operator running)"
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})\noperator log:\n{log}")
+
+
+class OperatorProcess:
+    """The real `rustmq-operator` console script, run against the test cluster."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.liveness_port = 0
+        self.metrics_port = 0
+
+    def start(self) -> OperatorProcess:
+        assert self.process is None, "already running"
+        self.liveness_port, self.metrics_port = free_port(), free_port()
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                str(OPERATOR),
+                "--all-namespaces",
+                f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz",
+                f"--metrics-port={self.metrics_port}",
+                "--verbose",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        RUNNING.append(self)
+        wait_for("the operator's liveness endpoint", self.alive, timeout=60)
+        return self
+
+    def alive(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            pytest.fail(f"rustmq-operator exited with {self.process.returncode}:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+        if self in RUNNING:
+            RUNNING.remove(self)
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def crd_installed(cluster: Any) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/rustmqclusters.rustmq.io", "--timeout=60s")
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Any, crd_installed: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    log_path = tmp_path_factory.mktemp("operator") / "rustmq-operator.log"
+    process = OperatorProcess(cluster.kubeconfig, log_path).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+class Kubectl:
+    """JSON reads and small writes through the cluster's kubectl, scoped to one namespace."""
+
+    def __init__(self, cluster: Any, namespace: str) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+
+    def run(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.cluster.kubectl("-n", self.namespace, *args, input=input, check=check)
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        result = self.run("get", kind, name, "-o", "json", check=False)
+        if result.returncode != 0:
+            if "NotFound" in result.stderr or "not found" in result.stderr:
+                return None
+            raise AssertionError(result.stderr)
+        return dict(json.loads(result.stdout))
+
+    def list(self, kind: str, selector: str | None = None) -> list[dict[str, Any]]:
+        args = ["get", kind, "-o", "json"]
+        if selector:
+            args += ["-l", selector]
+        return list(json.loads(self.run(*args).stdout)["items"])
+
+    def apply(self, obj: dict[str, Any] | str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        text = obj if isinstance(obj, str) else yaml.safe_dump(obj)
+        return self.run("apply", "-f", "-", input=text, check=check)
+
+    def patch(self, kind: str, name: str, patch: dict[str, Any], check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run("patch", kind, name, "--type=merge", "-p", json.dumps(patch), check=check)
+
+    def cluster_status(self, name: str = "rustmq") -> dict[str, Any]:
+        found = self.get("rustmqcluster", name) or {}
+        return dict(found.get("status") or {})
+
+    def condition(self, kind: str, name: str = "rustmq") -> dict[str, Any]:
+        for found in self.cluster_status(name).get("conditions", []):
+            if found["type"] == kind:
+                return dict(found)
+        return {}
+
+    def wait_condition(self, kind: str, status: str, reason: str | None = None, name: str = "rustmq", timeout: float = 120) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            cr = self.get("rustmqcluster", name) or {}
+            found = self.condition(kind, name)
+            fresh = (cr.get("status") or {}).get("observedGeneration") == cr.get("metadata", {}).get("generation")
+            if fresh and found.get("status") == status and (reason is None or found.get("reason") == reason):
+                return found
+            return None
+
+        return wait_for(f"{kind}={status} ({reason or 'any reason'}) on {name}", probe, timeout=timeout)
+
+    def pods(self, cluster: str = "rustmq") -> list[dict[str, Any]]:
+        pods = self.list("pods", f"rustmq.io/cluster={cluster},app.kubernetes.io/component=broker")
+        return sorted(pods, key=lambda p: p["metadata"]["name"])
+
+
+def cluster_cr(namespace: str, name: str = "rustmq", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "rustmq.io/v1alpha1",
+        "kind": "RustMQCluster",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def example(name: str, namespace: str) -> dict[str, Any]:
+    cr = dict(yaml.safe_load((REPO / "examples" / name).read_text()))
+    cr["metadata"]["namespace"] = namespace
+    return cr
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
+    return any(
+        c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions", [])
+    )
+
+
+@contextlib.contextmanager
+def service_monitor_crd(cluster: Any) -> Iterator[None]:
+    cluster.kubectl("apply", "-f", "-", input=SERVICE_MONITOR_CRD)
+    cluster.kubectl("wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com", "--timeout=60s")
+    try:
+        yield
+    finally:
+        cluster.kubectl("delete", "crd", "servicemonitors.monitoring.coreos.com", "--wait=true", "--timeout=60s", check=False)

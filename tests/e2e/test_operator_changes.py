@@ -1,0 +1,174 @@
+"""Changes to a running RustMQCluster on the real control plane: scale-up (also through the
+scale subresource) that never restarts running brokers, refused scale-down, hibernation, a
+configuration change rolled one broker at a time, storage growth with the StatefulSet
+re-created under running pods, and a storage class that cannot grow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+
+def _support() -> Any:
+    name = "rustmq_operator_e2e_support"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("operator_support.py"))
+        assert spec is not None and spec.loader is not None
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+ops = _support()
+crd_installed = ops.crd_installed
+operator = ops.operator
+
+
+def uids(kubectl: Any) -> dict[str, str]:
+    return {p["metadata"]["name"]: p["metadata"]["uid"] for p in kubectl.pods()}
+
+
+@pytest.mark.timeout(300)
+def test_scale_up_then_refused_scale_down(cluster: Any, namespace: str, operator: Any) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    kubectl.apply(ops.cluster_cr(namespace))
+    kubectl.wait_condition("Ready", "True", timeout=150)
+    first = uids(kubectl)
+
+    kubectl.run("scale", "rmq/rustmq", "--replicas=3")
+    kubectl.wait_condition("Ready", "True", "Reconciled", timeout=150)
+    status = kubectl.cluster_status()
+    assert (status["replicas"], status["readyReplicas"]) == (3, 3)
+    after_scale = uids(kubectl)
+    assert after_scale["rustmq-0"] == first["rustmq-0"], "scaling up restarted a running broker"
+    scale = json_of(kubectl.run("get", "--raw", f"/apis/rustmq.io/v1alpha1/namespaces/{namespace}/rustmqclusters/rustmq/scale").stdout)
+    assert scale["spec"]["replicas"] == 3 and scale["status"]["replicas"] == 3
+    assert scale["status"]["selector"] == status["selector"]
+
+    kubectl.patch("rmq", "rustmq", {"spec": {"replicas": 1}})
+    stalled = kubectl.wait_condition("Stalled", "True", "ScaleDownBlocked")
+    assert "from 3 to 1" in stalled["message"] and "rustmq-1, rustmq-2" in stalled["message"]
+    assert kubectl.condition("Ready")["reason"] == "ScaleDownBlocked"
+    time.sleep(5)
+    assert (kubectl.get("rmq", "rustmq") or {})["spec"]["replicas"] == 1, "the operator must not write the spec"
+    assert (kubectl.get("statefulset", "rustmq") or {})["spec"]["replicas"] == 3
+    assert uids(kubectl) == after_scale, "a refused scale-down must leave the pods alone"
+    events = kubectl.list("events")
+    assert any(e["reason"] == "ScaleDownBlocked" and e["type"] == "Warning" for e in events)
+
+    kubectl.patch("rmq", "rustmq", {"spec": {"replicas": 3}})
+    kubectl.wait_condition("Stalled", "False")
+    kubectl.wait_condition("Ready", "True", "Reconciled")
+
+
+@pytest.mark.timeout(240)
+def test_hibernate_keeps_claims_and_wakes_up(cluster: Any, namespace: str, operator: Any) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    kubectl.apply(ops.cluster_cr(namespace, replicas=2))
+    kubectl.wait_condition("Ready", "True", "Reconciled", timeout=150)
+    kubectl.patch("rmq", "rustmq", {"spec": {"replicas": 0}})
+    kubectl.wait_condition("Ready", "True", "Hibernated", timeout=120)
+    ops.wait_for("the brokers to stop", lambda: kubectl.pods() == [] or None)
+    assert sorted(c["metadata"]["name"] for c in kubectl.list("pvc")) == ["data-rustmq-0", "data-rustmq-1"]
+    assert kubectl.cluster_status()["lastNonZeroReplicas"] == 2
+    kubectl.patch("rmq", "rustmq", {"spec": {"replicas": 1}})
+    kubectl.wait_condition("Stalled", "True", "ScaleDownBlocked")
+    kubectl.patch("rmq", "rustmq", {"spec": {"replicas": 2}})
+    kubectl.wait_condition("Ready", "True", "Reconciled", timeout=150)
+
+
+@pytest.mark.timeout(300)
+def test_config_change_rolls_one_broker_at_a_time(cluster: Any, namespace: str, operator: Any) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    kubectl.apply(ops.cluster_cr(namespace, replicas=3))
+    kubectl.wait_condition("Ready", "True", "Reconciled", timeout=150)
+    old_hash = kubectl.cluster_status()["configHash"]
+    before = uids(kubectl)
+
+    kubectl.patch("rmq", "rustmq", {"spec": {"config": {"logLevel": "DEBUG"}}})
+    worst = 0
+    seen: dict[str, set[str]] = {name: {uid} for name, uid in before.items()}
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline:
+        pods = kubectl.pods()
+        down = 3 - sum(1 for p in pods if ops.pod_ready(p))
+        worst = max(worst, down)
+        for pod in pods:
+            seen.setdefault(pod["metadata"]["name"], set()).add(pod["metadata"]["uid"])
+        status = kubectl.cluster_status()
+        ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+        if status.get("configHash") != old_hash and ready.get("status") == "True" and status.get("updatedReplicas") == 3:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the roll did not finish: {kubectl.cluster_status()}\n{operator.log_tail()}")
+    assert worst <= 1, f"{worst} brokers were down at once"
+    assert all(len(uid_set) == 2 for uid_set in seen.values()), f"each broker restarts exactly once: {seen}"
+    new_hash = kubectl.cluster_status()["configHash"]
+    assert all(p["metadata"]["annotations"]["rustmq.io/config-hash"] == new_hash for p in kubectl.pods())
+    assert (kubectl.get("configmap", "rustmq-config") or {})["data"]["RUSTMQ_LOG_LEVEL"] == "DEBUG"
+    reasons = [e["reason"] for e in kubectl.list("events")]
+    assert reasons.count("RestartingBroker") == 3
+
+
+@pytest.mark.timeout(240)
+def test_storage_growth_expands_claims_without_restarting_brokers(cluster: Any, namespace: str, operator: Any) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    storage_class = f"{namespace}-expandable"
+    default = next(
+        sc for sc in json_of(cluster.kubectl("get", "storageclass", "-o", "json").stdout)["items"]
+        if sc["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class") == "true"
+    )
+    cluster.kubectl("apply", "-f", "-", input=yaml_of({
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": storage_class},
+        "provisioner": default["provisioner"], "allowVolumeExpansion": True,
+    }))
+    try:
+        kubectl.apply(ops.cluster_cr(namespace, replicas=2, storage={"size": "1Gi", "storageClassName": storage_class}))
+        kubectl.wait_condition("Ready", "True", "Reconciled", timeout=150)
+        sts_uid = (kubectl.get("statefulset", "rustmq") or {})["metadata"]["uid"]
+        before = uids(kubectl)
+
+        kubectl.patch("rmq", "rustmq", {"spec": {"storage": {"size": "2Gi"}}})
+        def grown() -> bool:
+            sts = kubectl.get("statefulset", "rustmq")
+            claims = kubectl.list("pvc")
+            return bool(
+                sts and sts["metadata"]["uid"] != sts_uid
+                and sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "2Gi"
+                and len(claims) == 2
+                and all(c["spec"]["resources"]["requests"]["storage"] == "2Gi" for c in claims)
+            )
+        ops.wait_for("claims and claim template at 2Gi", grown, timeout=120)
+        kubectl.wait_condition("Ready", "True", "Reconciled", timeout=120)
+        assert uids(kubectl) == before, "growing storage restarted brokers"
+        assert kubectl.cluster_status()["storageSize"] == "2Gi"
+    finally:
+        kubectl.run("delete", "rmq", "rustmq", "--wait=true", check=False)
+        cluster.kubectl("delete", "storageclass", storage_class, check=False)
+
+
+@pytest.mark.timeout(200)
+def test_storage_class_without_expansion_stalls(cluster: Any, namespace: str, operator: Any) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    kubectl.apply(ops.cluster_cr(namespace))
+    kubectl.wait_condition("Ready", "True", "Reconciled", timeout=150)
+    kubectl.patch("rmq", "rustmq", {"spec": {"storage": {"size": "20Gi"}}})
+    stalled = kubectl.wait_condition("Stalled", "True", "StorageExpansionUnsupported")
+    assert "does not allow volume expansion" in stalled["message"]
+    assert [c["spec"]["resources"]["requests"]["storage"] for c in kubectl.list("pvc")] == ["10Gi"]
+
+
+def json_of(text: str) -> Any:
+    return json.loads(text)
+
+
+def yaml_of(obj: Any) -> str:
+    return str(yaml.safe_dump(obj))

@@ -1,0 +1,104 @@
+"""The API server itself refuses invalid RustMQClusters, with messages a person understands:
+the CRD's structural schema, strict field validation and CEL rules (no operator needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _support() -> Any:
+    name = "rustmq_operator_e2e_support"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("operator_support.py"))
+        assert spec is not None and spec.loader is not None
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+ops = _support()
+crd_installed = ops.crd_installed
+
+
+def refused(kubectl: Any, obj: dict[str, Any]) -> str:
+    result = kubectl.apply(obj, check=False)
+    assert result.returncode != 0, f"accepted: {obj}"
+    return str(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"replicas": -1}, "replicas cannot be negative"),
+        ({"ports": {"producer": 9092, "consumer": 9092}}, "ports must be distinct"),
+        ({"replicaz": 3}, 'unknown field "spec.replicaz"'),
+        ({"storage": {"size": "ten gigs"}}, "storage.size must be a positive quantity"),
+        ({"tls": {"enabled": True}}, "spec.tls is reserved"),
+        ({"services": {"metrics": {"enabled": False}}}, "monitoring.serviceMonitor.enabled needs services.metrics.enabled"),
+        ({"services": {"external": {"enabled": True, "type": "NodePort", "loadBalancerClass": "x"}}}, "need type LoadBalancer"),
+    ],
+)
+def test_invalid_specs_are_refused_on_create(cluster: Any, namespace: str, crd_installed: None, spec: dict[str, Any], message: str) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    assert message in refused(kubectl, ops.cluster_cr(namespace, **spec))
+
+
+def test_a_name_only_cr_is_accepted_and_defaulted(cluster: Any, namespace: str, crd_installed: None) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    kubectl.apply(ops.cluster_cr(namespace))
+    spec = (kubectl.get("rmq", "rustmq") or {})["spec"]
+    assert spec["replicas"] == 1 and spec["partitions"] == 12
+    assert spec["storage"]["size"] == "10Gi"
+    assert spec["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "1000m", "memory": "2Gi"}}
+    assert spec["ports"] == {"producer": 9092, "consumer": 9093, "metrics": 9094}
+
+
+def test_a_too_long_name_is_refused(cluster: Any, namespace: str, crd_installed: None) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    assert "at most 52 characters" in refused(kubectl, ops.cluster_cr(namespace, name="r" * 53))
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "message"),
+    [
+        ({"partitions": 12}, {"partitions": 6}, "partitions cannot be decreased (from 12 to 6)"),
+        ({"storage": {"size": "10Gi"}}, {"storage": {"size": "5Gi"}}, "storage.size cannot shrink (from 10Gi to 5Gi)"),
+        ({"storage": {"storageClassName": "standard"}}, {"storage": {"storageClassName": "fast"}}, "storageClassName cannot change"),
+        ({}, {"storage": {"storageClassName": "fast"}}, "storageClassName cannot change"),
+        (
+            {"services": {"external": {"enabled": True, "loadBalancerClass": "io.cilium/bgp-control-plane"}}},
+            {"services": {"external": {"enabled": True, "loadBalancerClass": "other"}}},
+            "loadBalancerClass cannot change",
+        ),
+    ],
+)
+def test_illegal_changes_are_refused_on_update(
+    cluster: Any, namespace: str, crd_installed: None, before: dict[str, Any], after: dict[str, Any], message: str
+) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    kubectl.apply(ops.cluster_cr(namespace, **before))
+    assert message in refused(kubectl, ops.cluster_cr(namespace, **after))
+
+
+def test_legal_changes_are_accepted(cluster: Any, namespace: str, crd_installed: None) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    kubectl.apply(ops.cluster_cr(namespace, partitions=12, storage={"size": "10Gi"}))
+    kubectl.apply(ops.cluster_cr(namespace, partitions=24, storage={"size": "10240Mi"}))
+    kubectl.apply(ops.cluster_cr(namespace, partitions=24, storage={"size": "20Gi"}))
+    spec = (kubectl.get("rmq", "rustmq") or {})["spec"]
+    assert spec["partitions"] == 24 and spec["storage"]["size"] == "20Gi"
+
+
+def test_scale_subresource_refuses_negative_replicas(cluster: Any, namespace: str, crd_installed: None) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    kubectl.apply(ops.cluster_cr(namespace))
+    result = kubectl.run(
+        "patch", "rmq", "rustmq", "--subresource=scale", "--type=merge", "-p", '{"spec":{"replicas":-1}}', check=False
+    )
+    assert result.returncode != 0
+    assert "replicas" in result.stderr
