@@ -85,8 +85,18 @@ class Consumer:
         self._admin = Admin(bootstrap, timeout=timeout_s)
         self._connection: Connection | None = None
         self._next: asyncio.Future[Response] | None = None
+        # The broker resolves a timestamp to the first *batch* whose max timestamp reaches it;
+        # records before the timestamp in that batch are dropped here, once per partition.
+        self._not_before: dict[int, int] = {}
 
     async def start(self) -> Consumer:
+        try:
+            return await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> Consumer:
         await self._admin.start()
         metadata = await self._admin.metadata([self.topic])
         (entry,) = metadata["topics"]
@@ -107,6 +117,7 @@ class Consumer:
 
     async def _resolve(self, partition: int, start: str | int | tuple[str, int]) -> int:
         if isinstance(start, tuple):
+            self._not_before[partition] = int(start[1])
             return await self._admin.list_offset(self.topic, partition, int(start[1]))
         if isinstance(start, int):
             return start
@@ -114,6 +125,7 @@ class Consumer:
 
     async def seek(self, partition: int, offset: int) -> None:
         self._discard_prefetch()
+        self._not_before.pop(partition, None)
         self.positions[partition] = offset
 
     async def close(self) -> None:
@@ -188,9 +200,20 @@ class Consumer:
         """Decoded batches as they arrive (one list per partition per fetch)."""
         while True:
             for partition, data, fetched_from in await self.fetch_raw():
-                messages, _ = decode_batches(self.topic, partition, data, fetched_from)
+                messages = self._decode(partition, data, fetched_from)
                 if messages:
                     yield messages
+
+    def _decode(self, partition: int, data: memoryview, fetched_from: int) -> list[Message]:
+        messages, _ = decode_batches(self.topic, partition, data, fetched_from)
+        not_before = self._not_before.get(partition)
+        if not_before is not None and messages:
+            for index, message in enumerate(messages):
+                if message.timestamp_ms >= not_before:
+                    del self._not_before[partition]
+                    return messages[index:]
+            return []
+        return messages
 
     async def __aiter__(self) -> AsyncIterator[Message]:
         async for batch in self.batches():
@@ -204,7 +227,7 @@ class Consumer:
         deadline = loop.time() + timeout_s
         while len(out) < max_messages and loop.time() < deadline:
             for partition, data, fetched_from in await self.fetch_raw():
-                messages, _ = decode_batches(self.topic, partition, data, fetched_from)
+                messages = self._decode(partition, data, fetched_from)
                 room = max_messages - len(out)
                 if len(messages) > room:
                     await self.seek(partition, messages[room].offset)

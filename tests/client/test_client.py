@@ -1,0 +1,122 @@
+"""The asyncio client and its synchronous wrapper against a real broker process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rustmq.client import Admin, BrokerError, Consumer, ProduceError, Producer, SyncConsumer, SyncProducer
+from rustmq.protocol.api import ErrorCode, partition_for_key
+
+
+async def consume_n(bootstrap: str, topic: str, count: int, **options) -> list:
+    out = []
+    async with Consumer(bootstrap, topic, max_wait_ms=200, **options) as consumer:
+        async with asyncio.timeout(20):
+            async for message in consumer:
+                out.append(message)
+                if len(out) == count:
+                    break
+    return out
+
+
+@pytest.mark.parametrize("codec", ["none", "gzip", "zstd", "lz4"])
+async def test_producer_and_consumer_round_trip_with_every_codec(broker, codec) -> None:
+    async with Producer(broker.bootstrap, codec=codec, linger_ms=2) as producer:
+        for index in range(500):
+            await producer.send("rt", b"value-%d" % index, b"key-%d" % (index % 7), headers=[("n", b"%d" % index)])
+    messages = await consume_n(broker.bootstrap, "rt", 500)
+    assert sorted(int(m.value[6:]) for m in messages) == list(range(500))
+    for message in messages:
+        index = int(message.value[6:])
+        assert message.key == b"key-%d" % (index % 7)
+        assert message.partition == partition_for_key(message.key, 3)
+        assert message.headers == [["n", b"%d" % index]]
+    per_partition: dict[int, list[int]] = {}
+    for message in messages:
+        per_partition.setdefault(message.partition, []).append(message.offset)
+    for offsets in per_partition.values():
+        assert offsets == list(range(len(offsets)))  # contiguous, in order, no duplicates
+
+
+async def test_send_and_wait_returns_offsets_and_timestamps(broker) -> None:
+    async with Producer(broker.bootstrap, acks="durable") as producer:
+        first = await producer.send_and_wait("acked", b"a", partition=2, timestamp_ms=1_600_000_000_000)
+        second = await producer.send_and_wait("acked", b"b", partition=2)
+    assert (first.topic, first.partition, first.offset, first.timestamp_ms) == ("acked", 2, 0, 1_600_000_000_000)
+    assert second.offset == 1
+    async with Admin(broker.bootstrap) as admin:
+        assert await admin.list_offset("acked", 2, 1_600_000_000_000) == 0
+        assert await admin.list_offset("acked", 2, "latest") == 2
+        described = await admin.describe_topic("acked")
+        assert described["partitions"][2]["durable_offset"] >= 2
+
+
+async def test_keyless_records_rotate_over_partitions_by_batch(broker) -> None:
+    async with Producer(broker.bootstrap, batch_bytes=1000) as producer:
+        await producer.send_all("spread", [b"x" * 100 for _ in range(100)])
+    async with Admin(broker.bootstrap) as admin:
+        ends = [await admin.list_offset("spread", p, "latest") for p in range(3)]
+    assert sum(ends) == 100 and all(end > 0 for end in ends)
+
+
+async def test_consumer_start_positions(broker) -> None:
+    async with Producer(broker.bootstrap) as producer:
+        for index in range(10):
+            await producer.send("pos", b"%d" % index, partition=0, timestamp_ms=1000 * (index + 1))
+    from_offset = await consume_n(broker.bootstrap, "pos", 3, partitions=[0], start=7)
+    assert [m.offset for m in from_offset] == [7, 8, 9]
+    from_time = await consume_n(broker.bootstrap, "pos", 2, partitions=[0], start=("timestamp", 9000))
+    assert [m.value for m in from_time] == [b"8", b"9"]
+    async with Consumer(broker.bootstrap, "pos", partitions=[0], start="latest", max_wait_ms=100) as consumer:
+        assert await consumer.getmany(timeout_s=0.3) == []
+        async with Producer(broker.bootstrap) as producer:
+            await producer.send("pos", b"new", partition=0)
+        got = await consumer.getmany(timeout_s=5)
+        assert [(m.offset, m.value) for m in got] == [(10, b"new")]
+
+
+async def test_errors_surface_as_broker_errors(broker) -> None:
+    async with Producer(broker.bootstrap) as producer:
+        with pytest.raises(BrokerError) as caught:
+            await producer.send("errs", b"x", partition=99)
+        assert caught.value.code == ErrorCode.UNKNOWN_PARTITION
+    with pytest.raises(BrokerError) as caught:
+        async with Consumer(broker.bootstrap, "no-such-topic"):
+            pass
+    assert caught.value.code == ErrorCode.UNKNOWN_TOPIC
+
+
+async def test_a_failed_batch_is_raised_by_flush(broker) -> None:
+    async with Admin(broker.bootstrap) as admin:
+        await admin.create_topic("shrinking", 2)
+    producer = await Producer(broker.bootstrap).start()
+    await producer.send("shrinking", b"x", partition=1)
+    async with Admin(broker.bootstrap) as admin:
+        await admin.delete_topic("shrinking")
+        await admin.create_topic("shrinking", 1)  # the producer's cached partition 1 is gone
+    with pytest.raises(ProduceError) as caught:
+        await producer.close()
+    assert isinstance(caught.value.errors[0], BrokerError)
+    assert caught.value.errors[0].code == ErrorCode.UNKNOWN_PARTITION
+
+
+async def test_backpressure_bounds_the_producer_buffer(broker) -> None:
+    async with Producer(broker.bootstrap, max_buffer_bytes=64 << 10, batch_bytes=16 << 10, max_in_flight=2) as producer:
+        peak = 0
+        for _ in range(2000):
+            await producer.send("bounded", b"v" * 1000)
+            peak = max(peak, producer._buffered)
+    assert peak < (64 << 10) + 2000
+
+
+def test_sync_wrapper(broker) -> None:
+    with SyncProducer(broker.bootstrap) as producer:
+        meta = producer.send_and_wait("sync", b"hello", partition=0)
+        producer.send("sync", b"world", partition=0)
+    assert meta.offset == 0
+    with SyncConsumer(broker.bootstrap, "sync", partitions=[0]) as consumer:
+        messages = consumer.poll(timeout_s=5)
+        assert [m.value for m in messages] == [b"hello", b"world"]
+        assert consumer.positions == {0: 2}
