@@ -117,6 +117,22 @@ def owns(pid: int, state_dir: Path) -> bool:
     return Path(argv[0]).name in COMPONENTS and any(marker in arg for arg in argv[1:])
 
 
+def stop_process(pid: int, state_dir: Path, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; only while the pid is still this cluster's."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline, killed = time.monotonic() + grace, False
+    while owns(pid, state_dir):
+        if time.monotonic() > deadline:
+            if killed:
+                raise ClusterError(f"pid {pid} survived SIGKILL for 5 s")
+            os.kill(pid, signal.SIGKILL)
+            deadline, killed = time.monotonic() + 5, True
+        time.sleep(0.02)
+
+
 def run_openssl(*args: str, cwd: Path) -> None:
     result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -460,6 +476,10 @@ class Cluster:
             f"--cluster-signing-cert-file={pki / 'ca.crt'}",
             f"--cluster-signing-key-file={pki / 'ca.key'}",
             "--enable-hostpath-provisioner=true",
+            # No client-side throttling (as kwokctl's --disable-qps-limits): the default 20 QPS
+            # slows the namespace and garbage-collector controllers when tests churn objects.
+            "--kube-api-qps=1000",
+            "--kube-api-burst=2000",
             # kwok's node heartbeat is coarse; do not flap fake nodes NotReady under load.
             "--node-monitor-period=25s",
             "--node-monitor-grace-period=3m20s",
@@ -488,6 +508,7 @@ class Cluster:
             f"--kubeconfig={self.kubeconfig}",
             "--manage-nodes-with-label-selector=type=kwok",
             "--cidr=10.244.0.0/16",
+            "--node-ip=127.0.0.1",  # the nodes' InternalIP: NodePorts are "reachable" on loopback
             # Non-zero: kwok keeps node leases and the status heartbeat (with 0, v0.7.0 picks
             # the lease-only heartbeat stage but keeps no lease, and nodes go NotReady).
             "--node-lease-duration-seconds=200",
@@ -495,20 +516,12 @@ class Cluster:
 
     def down(self, quiet: bool = False, keep_logs: bool = False) -> None:
         hostpath_dirs = self.provisioned_hostpath_dirs()
-        pids = {c: self.component_pid(c) for c in reversed(COMPONENTS)}
-        targets = [pid for pid in pids.values() if pid is not None]
+        # In reverse start order, one at a time: an apiserver whose etcd vanished first does not
+        # exit on SIGTERM for tens of seconds, while in order the whole plane stops in ~2 s.
+        targets = [pid for pid in (self.component_pid(c) for c in reversed(COMPONENTS)) if pid is not None]
         targets += [pid for pid in self.stray_pids() if pid not in targets]
         for pid in targets:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(owns(pid, self.state_dir) for pid in targets):
-            time.sleep(0.1)
-        for pid in targets:
-            if owns(pid, self.state_dir):
-                os.kill(pid, signal.SIGKILL)
+            stop_process(pid, self.state_dir)
         for directory in hostpath_dirs:
             shutil.rmtree(directory, ignore_errors=True)
         if keep_logs:
@@ -551,16 +564,45 @@ class Cluster:
         ]
 
 
+def start_watchdog(cluster: Cluster, owner_pid: int) -> None:
+    """A detached process that runs `down` when the owner (a pytest session) dies, even by SIGKILL."""
+    subprocess.Popen(
+        [sys.executable, __file__, "watchdog", "--dir", str(cluster.state_dir), "--owner-pid", str(owner_pid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def watchdog(cluster: Cluster, owner_pid: int | None) -> None:
+    if owner_pid is None:
+        raise ClusterError("watchdog needs --owner-pid")
+    while cluster.state_dir.exists():
+        try:
+            os.kill(owner_pid, 0)
+        except ProcessLookupError:
+            cluster.down(quiet=True)
+            return
+        except PermissionError:
+            pass  # alive, owned by someone else
+        time.sleep(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/local-cluster",
         description="A local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, "
         "kube-scheduler, kwok fake nodes) on 127.0.0.1, built from source and cached.",
     )
-    parser.add_argument("command", choices=["build", "up", "env", "down", "status"])
+    parser.add_argument("command", choices=["build", "up", "env", "down", "status", "watchdog"])
     parser.add_argument("--dir", type=Path, default=None, help="state directory (default: $RUSTMQ_CLUSTER_DIR or $TMPDIR/rustmq-local-cluster)")
     parser.add_argument("--nodes", type=int, default=DEFAULT_NODES, help="number of kwok fake nodes (up)")
     parser.add_argument("--no-build", action="store_true", help="up: fail instead of building missing binaries")
+    parser.add_argument(
+        "--owner-pid", type=int, default=None,
+        help="up: tear the cluster down when this process dies (the test session passes its pid)",
+    )
     args = parser.parse_args(argv)
     cluster = Cluster((args.dir or default_state_dir()).resolve())
     try:
@@ -568,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
             print(bin_dir(build=True))
         elif args.command == "up":
             cluster.up(nodes=args.nodes, build=not args.no_build)
+            if args.owner_pid:
+                start_watchdog(cluster, args.owner_pid)
             print(cluster.kubeconfig)
         elif args.command == "env":
             print("\n".join(cluster.env_lines()))
@@ -575,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             cluster.down()
         elif args.command == "status":
             return 0 if cluster.status() else 1
+        elif args.command == "watchdog":
+            watchdog(cluster, args.owner_pid)
     except ClusterError as err:
         log(str(err))
         return 1
