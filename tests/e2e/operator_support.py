@@ -199,8 +199,9 @@ class Kubectl:
     def run(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.cluster.kubectl("-n", self.namespace, *args, input=input, check=check)
 
-    def get(self, kind: str, name: str) -> dict[str, Any] | None:
-        result = self.run("get", kind, name, "-o", "json", check=False)
+    def get(self, kind: str, name: str, managed_fields: bool = False) -> dict[str, Any] | None:
+        extra = ["--show-managed-fields"] if managed_fields else []
+        result = self.run("get", kind, name, "-o", "json", *extra, check=False)
         if result.returncode != 0:
             if "NotFound" in result.stderr or "not found" in result.stderr:
                 return None

@@ -47,7 +47,7 @@ def test_seed_minimal_cluster_gets_its_children_and_becomes_ready(
     kubectl = ops.Kubectl(cluster, namespace)
     kubectl.apply(ops.example("rustmq-minimal.yaml", namespace))
     children = {
-        (kind, name): ops.wait_for(f"{kind}/{name}", lambda k=kind, n=name: kubectl.get(k, n))
+        (kind, name): ops.wait_for(f"{kind}/{name}", lambda k=kind, n=name: kubectl.get(k, n, managed_fields=True))
         for kind, name in CHILDREN
     }
     cr = kubectl.get("rmq", "rustmq") or {}
