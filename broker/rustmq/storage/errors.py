@@ -1,0 +1,76 @@
+"""The storage engine's exceptions: one tree under `StorageError`, each with a readable message.
+
+The server maps these to wire error codes, so every class names one condition a client can act on.
+OS errors are translated at the edge by `from_os_error` so callers never have to inspect errno.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class StorageError(Exception):
+    """Base class of everything the storage engine raises on purpose."""
+
+
+class CorruptBatchError(StorageError):
+    """A record batch failed validation (framing, header sanity or CRC32C).
+
+    `position` is the byte position of the bad batch within the buffer or segment that was scanned.
+    """
+
+    def __init__(self, reason: str, position: int = 0) -> None:
+        super().__init__(f"corrupt record batch at byte {position}: {reason}")
+        self.reason = reason
+        self.position = position
+
+
+class BatchTooLargeError(StorageError):
+    """A single batch is larger than a whole segment (raise segment_bytes or send smaller batches)."""
+
+
+class OffsetOutOfRangeError(StorageError):
+    """A read asked for an offset before the log start or after the log end."""
+
+    def __init__(self, offset: int, start_offset: int, end_offset: int) -> None:
+        super().__init__(
+            f"offset {offset} is out of range: the log holds offsets [{start_offset}, {end_offset})"
+        )
+        self.offset = offset
+        self.start_offset = start_offset
+        self.end_offset = end_offset
+
+
+class StorageFullError(StorageError):
+    """The disk (or quota, or file size limit) is full: nothing was written; free space and retry."""
+
+
+class StorageIOError(StorageError):
+    """Any other operating-system I/O failure."""
+
+
+class UnknownTopicError(StorageError):
+    """No topic of that name exists."""
+
+
+class TopicExistsError(StorageError):
+    """A topic of that name already exists."""
+
+
+class InvalidConfigError(StorageError):
+    """A configuration value (or a topic name, or a partition count) is not acceptable."""
+
+
+class LogClosedError(StorageError):
+    """The partition or log was closed (or failed an fsync and stopped accepting writes)."""
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def from_os_error(error: OSError, action: str) -> StorageError:
+    """Translate an OSError raised while doing `action` into StorageFullError or StorageIOError."""
+    detail = f"{action}: {error.strerror or error} (errno {error.errno})"
+    if error.errno in _FULL_ERRNOS:
+        return StorageFullError(f"no space left: {detail}")
+    return StorageIOError(detail)

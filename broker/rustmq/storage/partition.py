@@ -1,0 +1,714 @@
+"""PartitionLog: one partition's ordered segments, its append/read paths, flushing and recovery.
+
+Directory layout (one directory per partition)::
+
+    00000000000000000000.log / .index / .timeindex   segments, named by base offset (see segment)
+    recovery-point      decimal offset R: every segment before the one holding R is sealed, fsynced
+                        and has fsynced index files; an unclean start scans from there
+    clean-shutdown      JSON {"end_offset", "active_base_offset", "active_size"} written by a clean
+                        close after everything was flushed; removed (and the removal fsynced) on open
+                        before anything can be appended, so it never vouches for newer data
+
+Threads. Everything except `flush` runs on ONE owner thread (the server's event loop): append,
+read, roll, retention, close. `flush` may run concurrently on a worker thread (GroupCommitter or
+the Log's background flusher); the ordering argument is spelled out at `append` and `flush`.
+The segment list is mutated only under `_segments_lock`, which `flush` holds just long enough to
+snapshot it and dup the fds it will sync, never across I/O.
+
+Appends take batches already validated by `batch.scan_batches` (the server does that per
+produce), re-walk their framing per batch (cheap, no CRC), copy them into the active segment with
+one memcpy and stamp base offsets in place. Reads return memoryview slices of the maps, one per
+segment touched, never copies.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+from rustmq.storage import batch, errors
+from rustmq.storage.config import MAX_SEGMENT_BYTES, LogConfig
+from rustmq.storage.segment import (
+    INDEX_SUFFIX,
+    LOG_SUFFIX,
+    MAX_RELATIVE_OFFSET,
+    TIME_INDEX_SUFFIX,
+    ScanResult,
+    Segment,
+    load_trusted,
+    parse_base_offset,
+    scan_file,
+)
+
+logger = logging.getLogger("rustmq.storage")
+
+CLEAN_SHUTDOWN_FILE: Final = "clean-shutdown"
+RECOVERY_POINT_FILE: Final = "recovery-point"
+MAX_OFFSET: Final = (1 << 63) - 1
+_HEADER = batch.HEADER_STRUCT
+
+
+class AppendResult(NamedTuple):
+    base_offset: int  # offset stamped into the first batch
+    last_offset: int  # offset of the last record appended
+    size_bytes: int
+
+
+class FetchSlice(NamedTuple):
+    views: list[memoryview]  # whole batches, zero copy; release them when sent
+    next_offset: int  # the offset to fetch next
+    size_bytes: int
+
+
+class RecoveryReport(NamedTuple):
+    """What `PartitionLog.open` did to get to a consistent log."""
+
+    clean_shutdown: bool  # a valid clean-shutdown marker let it skip the scan
+    recovery_point: int
+    scanned_segments: int
+    scanned_bytes: int
+    scanned_batches: int
+    truncated_segment: str | None  # the segment file cut at the first invalid batch
+    truncated_position: int | None  # byte position of that cut within the segment
+    truncated_at_offset: int | None  # end offset of the log after the cut, if anything was cut
+    removed_segments: tuple[str, ...]  # later segment files deleted because of the cut
+    reason: str | None  # why the scan stopped early
+    duration_s: float
+
+
+class PartitionLog:
+    """A partition's log. Create with `PartitionLog.open`; see the module docstring for threads."""
+
+    def __init__(self, directory: Path, config: LogConfig) -> None:
+        self.directory = directory
+        self.config = config
+        self.recovery: RecoveryReport | None = None
+        self._segments: list[Segment] = []
+        self._bases: list[int] = []
+        self._active: Segment = None  # type: ignore[assignment]
+        self._end_offset = 0
+        self._durable_offset = 0
+        self._recovery_point = 0
+        self._size_bytes = 0
+        self._appended_bytes = 0  # monotonic, for the "bytes" flush policy
+        self._flushed_appended_bytes = 0
+        self._seal_generation = 0
+        self._flushed_seal_generation = 0
+        self._last_flush_monotonic = time.monotonic()
+        self._retired: list[tuple[Segment, Any]] = []  # (sealed segment, its old writable map)
+        self._segments_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._failure: errors.StorageError | None = None
+        self._closed = False
+        self.flush_wakeup: Callable[[], None] | None = None  # set by a background flusher
+
+    # ----------------------------------------------------------------------------- open/recover
+
+    @classmethod
+    def open(cls, directory: Path, config: LogConfig) -> PartitionLog:
+        """Open (creating if needed) the partition in `directory`, recovering after an unclean stop.
+
+        Raises StorageFullError/StorageIOError if the directory or a segment cannot be set up.
+        """
+        log = cls(Path(directory), config)
+        try:
+            log._open()
+        except OSError as error:
+            log._close_segments()
+            raise errors.from_os_error(error, f"opening partition {directory}") from error
+        except BaseException:
+            log._close_segments()
+            raise
+        return log
+
+    def _open(self) -> None:
+        started = time.perf_counter()
+        directory = self.directory
+        directory.mkdir(parents=True, exist_ok=True)
+        bases: list[int] = []
+        for entry in os.scandir(directory):
+            if entry.name.endswith(".tmp"):
+                os.unlink(entry.path)
+            elif (base := parse_base_offset(entry.name)) is not None:
+                bases.append(base)
+        bases.sort()
+        for entry in os.scandir(directory):  # index files whose segment is gone
+            stem, _, suffix = entry.name.partition(".")
+            if "." + suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX) and stem.isdigit():
+                if int(stem) not in bases:
+                    os.unlink(entry.path)
+
+        marker = _read_json(directory / CLEAN_SHUTDOWN_FILE)
+        if marker is not None or (directory / CLEAN_SHUTDOWN_FILE).exists():
+            # Hazard: drop the marker durably BEFORE anything new is appended, or a later crash
+            # would be mistaken for a clean stop and skip the scan of unflushed data.
+            (directory / CLEAN_SHUTDOWN_FILE).unlink()
+            _fsync_directory(directory)
+        clean = (
+            marker is not None
+            and bool(bases)
+            and marker.get("active_base_offset") == bases[-1]
+            and isinstance(marker.get("end_offset"), int)
+        )
+        recovery_point = _read_recovery_point(directory / RECOVERY_POINT_FILE)
+        if clean:
+            first_scanned = len(bases)  # none; the active one is trusted too
+        else:
+            first_scanned = max((i for i, b in enumerate(bases) if b <= recovery_point), default=0)
+
+        scanned_segments = scanned_bytes = scanned_batches = 0
+        truncated_at: int | None = None
+        truncated_segment: str | None = None
+        truncated_position: int | None = None
+        reason: str | None = None
+        removed: list[str] = []
+        expected = bases[0] if bases else 0
+        kept: list[tuple[int, int, int, ScanResult, bool, bool]] = []  # base, fd, size, state...
+        try:
+            for i, base in enumerate(bases):
+                path = directory / f"{base:020d}{LOG_SUFFIX}"
+                if reason is not None or base != expected:
+                    if reason is None:
+                        reason = f"segment {path.name} does not continue offset {expected}"
+                        truncated_at = expected
+                    removed.append(path.name)
+                    _remove_segment_files(directory, base)
+                    continue
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                file_size = os.fstat(fd).st_size
+                state = None
+                trusted = i < first_scanned or (clean and i == len(bases) - 1)
+                if trusted:
+                    state = load_trusted(directory, base, fd, file_size)
+                    if state is not None and clean and i == len(bases) - 1:
+                        if state.next_offset != marker["end_offset"]:  # type: ignore[index]
+                            state = None
+                index_loaded = state is not None
+                if state is None:
+                    state = scan_file(fd, file_size, base, self.config.index_interval_bytes)
+                    scanned_segments += 1
+                    scanned_bytes += state.size
+                    scanned_batches += state.batch_count
+                    if state.stop_reason is not None:
+                        reason = state.stop_reason
+                        truncated_segment, truncated_position = path.name, state.size
+                        truncated_at = state.next_offset
+                        if trusted:
+                            logger.error("%s: data below the recovery point %d is damaged",
+                                         directory, recovery_point)
+                if state.size == 0 and i < len(bases) - 1 and reason is None:
+                    os.close(fd)  # an empty segment in the middle holds nothing: drop it
+                    removed.append(path.name)
+                    _remove_segment_files(directory, base)
+                    continue
+                kept.append((base, fd, file_size, state, trusted and index_loaded, trusted))
+                expected = state.next_offset
+            self._build(kept, clean, reason)
+        except BaseException:
+            for _, fd, *_ in kept:
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            raise
+        self._recovery_point = recovery_point if not clean else self._active.base_offset
+        self.recovery = RecoveryReport(
+            clean_shutdown=clean,
+            recovery_point=recovery_point,
+            scanned_segments=scanned_segments,
+            scanned_bytes=scanned_bytes,
+            scanned_batches=scanned_batches,
+            truncated_segment=truncated_segment,
+            truncated_position=truncated_position,
+            truncated_at_offset=truncated_at,
+            removed_segments=tuple(removed),
+            reason=reason,
+            duration_s=time.perf_counter() - started,
+        )
+        if reason is not None:
+            logger.warning(
+                "%s: recovery cut the log at offset %s: %s%s%s",
+                directory, truncated_at, reason,
+                f"; {truncated_segment} truncated at byte {truncated_position}"
+                if truncated_segment else "",
+                f"; segments removed: {', '.join(removed)}" if removed else "",
+            )
+        elif not clean and bases:
+            logger.info(
+                "%s: recovered after an unclean stop: scanned %d segment(s), %d batches, %d bytes "
+                "from recovery point %d in %.3f s; nothing cut",
+                directory, scanned_segments, scanned_batches, scanned_bytes, recovery_point,
+                self.recovery.duration_s,
+            )
+
+    def _build(self, kept: list[tuple[int, int, int, ScanResult, bool, bool]], clean: bool,
+               reason: str | None) -> None:
+        directory = self.directory
+        if not kept:  # a new partition
+            self._active = Segment.create(directory, 0, self.config.segment_bytes)
+            self._segments = [self._active]
+            self._bases = [self._active.base_offset]
+            self._end_offset = self._durable_offset = self._active.base_offset
+            return
+        segments: list[Segment] = []
+        last = len(kept) - 1
+        for i, (base, fd, file_size, state, index_loaded, trusted) in enumerate(kept):
+            if i < last:
+                if file_size > state.size:
+                    os.ftruncate(fd, state.size)  # not mapped yet: safe to trim
+                segment = Segment(directory, base, fd, state.size, state, writable=False,
+                                  dir_synced=True)
+                segment.index_persisted = index_loaded
+                if not index_loaded:
+                    segment.pending_index_files = segment.index_files() if state.size else ()
+            else:
+                capacity = max(self.config.segment_bytes, state.size)
+                if not clean:
+                    # Hazard: zero everything after the last valid batch BEFORE mapping, so no
+                    # stale or torn bytes can ever be read back as a batch after new appends.
+                    os.ftruncate(fd, state.size)
+                if os.fstat(fd).st_size < capacity:
+                    os.posix_fallocate(fd, 0, capacity)
+                if reason is not None:
+                    os.fsync(fd)  # make the cut itself durable before appending after it
+                segment = Segment(directory, base, fd, capacity, state, writable=True,
+                                  dir_synced=True)
+            kept[i] = (base, -1, file_size, state, index_loaded, trusted)  # fd now owned
+            segment.flushed_size = state.size if trusted else 0
+            segments.append(segment)
+        self._segments = segments
+        self._bases = [s.base_offset for s in segments]
+        self._active = segments[-1]
+        self._end_offset = self._active.next_offset
+        self._size_bytes = sum(s.size for s in segments)
+        self._durable_offset = self._durable_prefix(segments)
+        if any(s.sealed and not s.index_persisted for s in segments):
+            self._seal_generation += 1  # let a background flusher persist rebuilt indexes
+
+    def _durable_prefix(self, segments: list[Segment]) -> int:
+        for segment in segments:
+            if segment.flushed_size < segment.size:
+                return segment.base_offset
+        return self._end_offset
+
+    # ----------------------------------------------------------------------------- properties
+
+    @property
+    def start_offset(self) -> int:
+        return self._bases[0]
+
+    @property
+    def end_offset(self) -> int:
+        """The offset the next appended record will get."""
+        return self._end_offset
+
+    @property
+    def durable_offset(self) -> int:
+        """Every offset below this is on stable storage (fsync returned)."""
+        return self._durable_offset
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size_bytes
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ----------------------------------------------------------------------------- append
+
+    def append(self, batches: bytes | bytearray | memoryview) -> AppendResult:
+        """Append whole, already validated batches; stamp their offsets; roll if needed.
+
+        Raises CorruptBatchError on broken framing, BatchTooLargeError above MAX_SEGMENT_BYTES,
+        StorageFullError/StorageIOError if a new segment cannot be created (nothing is appended
+        then), LogClosedError after close or after a failed fsync.
+        """
+        if self._closed or self._failure is not None:
+            raise self._closed_error()
+        view = memoryview(batches)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        size = len(view)
+        headers, record_count = _frame(view)
+        if size > MAX_SEGMENT_BYTES:
+            raise errors.BatchTooLargeError(
+                f"append of {size} bytes exceeds the largest segment ({MAX_SEGMENT_BYTES} bytes)"
+            )
+        base_offset = self._end_offset
+        if base_offset + record_count > MAX_OFFSET:
+            raise errors.StorageError("the partition ran out of 63-bit offsets")
+        segment = self._active
+        if segment.size == 0:
+            if size > segment.capacity:
+                segment.grow(size)
+        elif (
+            segment.size + size > segment.capacity
+            or base_offset + record_count - 1 - segment.base_offset > MAX_RELATIVE_OFFSET
+            or self._segment_too_old(segment)
+        ):
+            segment = self._roll(size)
+        segment.append(view, headers, base_offset, self.config.index_interval_bytes)
+        # Hazard (flush ordering): publish the end offset only after the bytes and the stamps are
+        # in the map and segment.size moved; flush() reads _end_offset first, sizes second.
+        self._end_offset = base_offset + record_count
+        self._size_bytes += size
+        before = self._appended_bytes - self._flushed_appended_bytes
+        self._appended_bytes += size
+        if (
+            self.flush_wakeup is not None
+            and self.config.flush.mode == "bytes"
+            and before < self.config.flush.bytes <= before + size
+        ):
+            self.flush_wakeup()
+        return AppendResult(base_offset, base_offset + record_count - 1, size)
+
+    def _segment_too_old(self, segment: Segment) -> bool:
+        limit = self.config.segment_ms
+        if limit is None or segment.rolling_base_ms is None:
+            return False
+        return time.time_ns() // 1_000_000 - segment.rolling_base_ms >= limit
+
+    def _roll(self, needed: int) -> Segment:
+        old = self._active
+        new = Segment.create(self.directory, self._end_offset, max(self.config.segment_bytes, needed))
+        try:
+            retired = old.seal()
+        except (OSError, ValueError) as error:
+            new.delete()
+            raise errors.StorageIOError(f"sealing segment {old.path}: {error}") from error
+        with self._segments_lock:
+            self._segments.append(new)
+        self._bases.append(new.base_offset)
+        self._active = new
+        if retired is not None:
+            self._retired.append((old, retired))
+        self._reap()
+        self._seal_generation += 1
+        if self.flush_wakeup is not None:
+            self.flush_wakeup()
+        return new
+
+    def _reap(self) -> None:
+        """Unmap retired writable maps whose readers are gone, then trim their segments."""
+        still_exported = []
+        for segment, old_map in self._retired:
+            try:
+                old_map.close()
+            except BufferError:
+                still_exported.append((segment, old_map))
+                continue
+            segment.trim()
+        self._retired = still_exported
+
+    # ----------------------------------------------------------------------------- read
+
+    def read(self, offset: int, max_bytes: int) -> FetchSlice:
+        """Whole batches from the one holding `offset`, up to `max_bytes` (at least one batch).
+
+        Zero copy: one memoryview per segment touched. Views stay valid while held, even if the
+        segment is sealed or deleted meanwhile (see segment's module docstring). Raises
+        OffsetOutOfRangeError outside [start_offset, end_offset].
+        """
+        if self._closed:
+            raise self._closed_error()
+        end = self._end_offset
+        if offset < self._bases[0] or offset > end:
+            raise errors.OffsetOutOfRangeError(offset, self._bases[0], end)
+        if offset == end:
+            return FetchSlice([], offset, 0)
+        segments = self._segments
+        i = bisect.bisect_right(self._bases, offset) - 1
+        views: list[memoryview] = []
+        total = 0
+        next_offset = offset
+        while i < len(segments) and next_offset < end and total < max_bytes:
+            segment = segments[i]
+            if next_offset < segment.next_offset:
+                got = segment.read(next_offset, max_bytes - total, at_least_one=not views)
+                if got is None:
+                    break
+                view, next_offset = got
+                views.append(view)
+                total += len(view)
+            i += 1
+        return FetchSlice(views, next_offset, total)
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
+        """First offset of the first batch whose max_timestamp_ms >= `timestamp_ms`, or None."""
+        for segment in self._segments:
+            found = segment.offset_for_timestamp(timestamp_ms)
+            if found is not None:
+                return found
+        return None
+
+    # ----------------------------------------------------------------------------- flush
+
+    def flush(self) -> int:
+        """Block until everything appended so far is on stable storage; return durable_offset.
+
+        Safe on a worker thread concurrently with append() on the owner thread. Ordering: the
+        target is read from `_end_offset` BEFORE the segment sizes are snapshotted; append moves
+        each segment's size before it publishes `_end_offset`, so the synced byte ranges cover
+        every offset below the target. fdatasync on the segment fd is the msync-equivalent for a
+        shared mapping on Linux and releases the GIL (mmap.flush does not). After a failed fsync
+        the page cache state is unknown, so the partition refuses further writes (fsyncgate).
+        """
+        with self._flush_lock:
+            if self._failure is not None:
+                raise self._failure
+            if self._closed:
+                raise self._closed_error()
+            return self._flush_locked()
+
+    def _flush_locked(self) -> int:
+        target = self._end_offset  # Hazard: read before the sizes below (see the docstring).
+        appended_bytes = self._appended_bytes
+        seal_generation = self._seal_generation
+        with self._segments_lock:
+            segments = list(self._segments)
+            work = [
+                (segment, segment.size, os.dup(segment.fd))
+                for segment in segments
+                if segment.flushed_size < segment.size or not segment.dir_synced
+            ]
+        try:
+            try:
+                for _, _, fd in work:
+                    os.fdatasync(fd)
+            finally:
+                for _, _, fd in work:
+                    os.close(fd)
+            sync_directory = any(not segment.dir_synced for segment, _, _ in work)
+            for segment in segments:
+                if segment.sealed and not segment.index_persisted and not segment.deleted:
+                    for path, data in segment.pending_index_files:
+                        _write_durably(path, data, sync_directory=False)
+                    segment.index_persisted = True
+                    segment.pending_index_files = ()
+                    sync_directory = True
+            if sync_directory:
+                _fsync_directory(self.directory)
+        except OSError as error:
+            self._failure = errors.from_os_error(error, f"flushing partition {self.directory}")
+            logger.error("%s: %s; the partition refuses writes until restarted",
+                         self.directory, self._failure)
+            raise self._failure from error
+        for segment, size, _ in work:
+            segment.dir_synced = True
+            if size > segment.flushed_size:
+                segment.flushed_size = size
+        if target > self._durable_offset:
+            self._durable_offset = target
+        self._flushed_appended_bytes = appended_bytes
+        self._flushed_seal_generation = seal_generation
+        self._last_flush_monotonic = time.monotonic()
+        recovery_point = segments[-1].base_offset
+        for segment in segments:
+            if not (segment.sealed and segment.index_persisted and
+                    segment.flushed_size >= segment.size):
+                recovery_point = segment.base_offset
+                break
+        if recovery_point != self._recovery_point:
+            try:
+                _write_durably(self.directory / RECOVERY_POINT_FILE, b"%d\n" % recovery_point)
+                self._recovery_point = recovery_point
+            except OSError as error:  # only costs a longer scan after a crash
+                logger.warning("%s: could not write the recovery point: %s", self.directory, error)
+        return self._durable_offset
+
+    def flush_due(self, now_monotonic: float) -> bool:
+        """Whether the flush policy (or a freshly sealed segment) asks for a flush now."""
+        if self._closed or self._failure is not None:
+            return False
+        if self._seal_generation != self._flushed_seal_generation:
+            return True
+        policy = self.config.flush
+        unflushed = self._appended_bytes - self._flushed_appended_bytes
+        if policy.mode == "bytes":
+            return unflushed >= policy.bytes
+        if policy.mode == "interval":
+            return unflushed > 0 and (
+                now_monotonic - self._last_flush_monotonic >= policy.interval_ms / 1000
+            )
+        return False
+
+    # ----------------------------------------------------------------------------- retention
+
+    def enforce_retention(self, now_ms: int) -> int:
+        """Delete the oldest sealed segments beyond the time/size/count limits; return how many.
+
+        Whole segments only, never the active one. Readers' views of a deleted segment stay
+        valid (the unlinked file lives on until the last view is released).
+        """
+        if self._closed:
+            raise self._closed_error()
+        config = self.config
+        deleted = 0
+        while len(self._segments) > 1:
+            oldest, following = self._segments[0], self._segments[1]
+            expired = (
+                config.retention_ms is not None
+                and oldest.max_timestamp_ms < now_ms - config.retention_ms
+            )
+            too_big = (
+                config.retention_bytes is not None
+                and self._size_bytes - oldest.size >= config.retention_bytes
+            )
+            too_many = (
+                config.retention_messages is not None
+                and self._end_offset - following.base_offset >= config.retention_messages
+            )
+            if not (expired or too_big or too_many):
+                break
+            with self._segments_lock:
+                self._segments.pop(0)
+            self._bases.pop(0)
+            self._size_bytes -= oldest.size
+            oldest.delete()
+            deleted += 1
+        self._reap()
+        if deleted:
+            logger.info("%s: retention deleted %d segment(s); log now starts at offset %d",
+                        self.directory, deleted, self._bases[0])
+        return deleted
+
+    # ----------------------------------------------------------------------------- close
+
+    def close(self, clean: bool = True) -> None:
+        """Close the partition. `clean`: flush everything, persist indexes and write the marker.
+
+        With clean=False nothing is flushed (the next open recovers as after a crash).
+        """
+        if self._closed:
+            return
+        with self._flush_lock:
+            if clean and self._failure is None:
+                try:
+                    self._flush_locked()
+                    active = self._active
+                    if active.size:
+                        for path, data in active.index_files():
+                            _write_durably(path, data, sync_directory=False)
+                    _write_durably(self.directory / RECOVERY_POINT_FILE,
+                                   b"%d\n" % active.base_offset, sync_directory=False)
+                    marker = {
+                        "end_offset": self._end_offset,
+                        "active_base_offset": active.base_offset,
+                        "active_size": active.size,
+                    }
+                    _write_durably(self.directory / CLEAN_SHUTDOWN_FILE,
+                                   json.dumps(marker).encode(), sync_directory=False)
+                    _fsync_directory(self.directory)
+                except (OSError, errors.StorageError) as error:
+                    clean = False
+                    logger.error("%s: clean shutdown failed (%s); the next start will recover",
+                                 self.directory, error)
+            self._closed = True
+            active = self._active
+            unmapped = self._close_segments()
+            if clean and unmapped:
+                try:
+                    os.truncate(active.path, active.size)  # give back the preallocated tail
+                except OSError:
+                    pass
+
+    def _close_segments(self) -> bool:
+        with self._segments_lock:
+            segments, self._segments = self._segments, []
+        unmapped = True
+        for segment in segments:
+            unmapped = segment.close() and unmapped
+        self._reap()
+        return unmapped
+
+    def _closed_error(self) -> errors.StorageError:
+        if self._failure is not None:
+            return errors.LogClosedError(
+                f"partition {self.directory} stopped accepting writes after: {self._failure}"
+            )
+        return errors.LogClosedError(f"partition {self.directory} is closed")
+
+    def __repr__(self) -> str:
+        return (f"PartitionLog({str(self.directory)!r}, offsets [{self.start_offset}, "
+                f"{self._end_offset}), durable {self._durable_offset})")
+
+
+def _frame(view: memoryview) -> tuple[list[tuple[int, int, int, int]], int]:
+    """Per-batch (position, size, record_count, max_timestamp_ms) and the total record count."""
+    end = len(view)
+    if end == 0:
+        raise errors.CorruptBatchError("no batch in an empty append", 0)
+    headers = []
+    records = 0
+    position = 0
+    minimum = batch.HEADER_SIZE - batch.LENGTH_FIELDS_SIZE
+    while position < end:
+        if end - position < batch.HEADER_SIZE:
+            raise errors.CorruptBatchError("truncated header", position)
+        header = _HEADER.unpack_from(view, position)
+        length, count = header[1], header[6]
+        size = batch.LENGTH_FIELDS_SIZE + length
+        if length < minimum or size > end - position or count < 1 or header[3] != batch.MAGIC:
+            raise errors.CorruptBatchError("invalid framing (scan_batches first)", position)
+        headers.append((position, size, count, header[8]))
+        records += count
+        position += size
+    return headers, records
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _read_recovery_point(path: Path) -> int:
+    try:
+        return max(0, int(path.read_bytes().strip()))
+    except (OSError, ValueError):
+        return 0
+
+
+def _remove_segment_files(directory: Path, base: int) -> None:
+    for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+        (directory / f"{base:020d}{suffix}").unlink(missing_ok=True)
+
+
+def _write_durably(path: Path, data: bytes, sync_directory: bool = True) -> None:
+    """Replace `path` atomically: write a temp file, fsync it, rename (and fsync the directory)."""
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    if sync_directory:
+        _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,428 @@
+"""One segment: a preallocated, memory-mapped `.log` file of whole batches plus its two indexes.
+
+Files, named by the segment's base offset (the offset of its first batch), 20 digits::
+
+    00000000000000001000.log        batches back to back from position 0; the tail after the last
+                                    batch is preallocated zeros (a zero batch_length ends a scan)
+    00000000000000001000.index      sparse offset index  (see rustmq.storage.index)
+    00000000000000001000.timeindex  sparse time index
+
+Life cycle. `create` preallocates the file with posix_fallocate BEFORE mapping it: writing through
+a mapping into a sparse file on a full disk raises SIGBUS, which kills the process, whereas
+fallocate reports ENOSPC as an exception at roll time. The active segment is mapped read-write
+and only ever appended to. `seal` (on roll) swaps in a read-only map of exactly the used size and
+trims the file to it once the old writable map is unmapped. Files are never truncated while a map
+that covers the cut range is alive, so no reader can touch a page past end of file.
+
+View lifetime. `read` hands out memoryview slices of the map (zero copy). `mmap.close()` raises
+BufferError while any of them is alive, so closing is deferred: `close` releases our own view and
+tries to unmap; if readers still hold slices, the map object simply stays referenced by them and
+is unmapped by CPython when the last slice is released. The fd is ours alone and closes at once.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Final, NamedTuple
+
+from rustmq.storage import batch, errors
+from rustmq.storage.index import OffsetIndex, TimeIndex
+
+LOG_SUFFIX: Final = ".log"
+INDEX_SUFFIX: Final = ".index"
+TIME_INDEX_SUFFIX: Final = ".timeindex"
+MAX_RELATIVE_OFFSET: Final = 0xFFFF_FFFF
+
+_HEADER = batch.HEADER_STRUCT
+_LENGTH_AT_8: Final = struct.Struct(">i")
+_NO_TIMESTAMP: Final = -(1 << 63)
+_ZERO_PREFIX: Final = bytes(batch.LENGTH_FIELDS_SIZE)
+
+
+def file_name(base_offset: int, suffix: str) -> str:
+    return f"{base_offset:020d}{suffix}"
+
+
+def parse_base_offset(name: str) -> int | None:
+    """Base offset of a `<20 digits>.log` file name, None for any other name."""
+    stem, dot, suffix = name.partition(".")
+    if dot and "." + suffix == LOG_SUFFIX and len(stem) == 20 and stem.isdigit():
+        return int(stem)
+    return None
+
+
+class ScanResult(NamedTuple):
+    """What a walk over a segment file found: where the valid batches end and their indexes."""
+
+    size: int  # bytes of valid batches from position 0
+    next_offset: int
+    batch_count: int
+    record_count: int
+    max_timestamp_ms: int
+    max_timestamp_before_last: int
+    last_batch_position: int  # -1 when empty
+    first_batch_max_timestamp: int
+    offset_index: OffsetIndex
+    time_index: TimeIndex
+    stop_reason: str | None  # None: clean end (end of file or zero-filled tail); else why it stopped
+
+
+def scan_file(fd: int, file_size: int, base_offset: int, index_interval_bytes: int) -> ScanResult:
+    """Walk the batches of a segment file from position 0 and rebuild its indexes.
+
+    Every batch is fully validated (`batch.check_batch`: framing, header sanity, CRC32C) and must
+    continue the offset sequence. Stops at the end of file, at a zero-filled header (the
+    preallocated tail) or at the first invalid batch, whose reason is returned.
+    """
+    offset_index, time_index = OffsetIndex(), TimeIndex()
+    if file_size == 0:
+        return ScanResult(0, base_offset, 0, 0, _NO_TIMESTAMP, _NO_TIMESTAMP, -1, _NO_TIMESTAMP,
+                          offset_index, time_index, None)
+    mm = mmap.mmap(fd, file_size, access=mmap.ACCESS_READ)
+    try:
+        with memoryview(mm) as view:
+            return _scan(view, file_size, base_offset, index_interval_bytes, offset_index,
+                         time_index)
+    finally:
+        mm.close()
+
+
+def _scan(view: memoryview, end: int, base_offset: int, interval: int, offset_index: OffsetIndex, time_index: TimeIndex) -> ScanResult:
+    pos = 0
+    expected = base_offset
+    batch_count = record_count = 0
+    max_ts = max_ts_before_last = first_max_ts = _NO_TIMESTAMP
+    last_position = -1
+    bytes_since_entry = 0
+    stop_reason: str | None = None
+    while pos < end:
+        if end - pos >= batch.LENGTH_FIELDS_SIZE and view[pos : pos + 12] == _ZERO_PREFIX:
+            break  # the zero-filled, preallocated tail: a clean end
+        try:
+            header = batch.check_batch(view, pos, end)
+        except errors.CorruptBatchError as error:
+            stop_reason = error.reason
+            break
+        if header.base_offset != expected:
+            stop_reason = f"base_offset {header.base_offset} breaks the sequence (expected {expected})"
+            break
+        if header.base_offset + header.record_count - 1 - base_offset > MAX_RELATIVE_OFFSET:
+            stop_reason = "offsets overflow the segment's 32-bit relative offsets"
+            break
+        if bytes_since_entry > interval:
+            offset_index.append(expected - base_offset, pos)
+            time_index.append(max_ts, expected - base_offset)
+            bytes_since_entry = 0
+        size = batch.LENGTH_FIELDS_SIZE + header.batch_length
+        bytes_since_entry += size
+        if batch_count == 0:
+            first_max_ts = header.max_timestamp_ms
+        max_ts_before_last = max_ts
+        if header.max_timestamp_ms > max_ts:
+            max_ts = header.max_timestamp_ms
+        last_position = pos
+        batch_count += 1
+        record_count += header.record_count
+        expected += header.record_count
+        pos += size
+    return ScanResult(pos, expected, batch_count, record_count, max_ts, max_ts_before_last,
+                      last_position, first_max_ts, offset_index, time_index, stop_reason)
+
+
+def load_trusted(
+    directory: Path, base_offset: int, fd: int, file_size: int
+) -> ScanResult | None:
+    """Rebuild a segment's state from its index files alone (no scan), or None if they don't hold.
+
+    The terminal entry must point at a well-framed batch with the right base offset that ends
+    within the file; anything else (missing, torn, stale) returns None and the caller scans.
+    """
+    try:
+        offset_data = (directory / file_name(base_offset, INDEX_SUFFIX)).read_bytes()
+        time_data = (directory / file_name(base_offset, TIME_INDEX_SUFFIX)).read_bytes()
+        offset_index = OffsetIndex.decode(offset_data, file_size)
+        time_index = TimeIndex.decode(time_data)
+    except (OSError, ValueError):
+        return None
+    if not len(offset_index) or len(offset_index) != len(time_index):
+        return None
+    if time_index.relative_offsets != offset_index.relative_offsets:
+        return None
+    last_position = offset_index.positions[-1]
+    if file_size - last_position < batch.HEADER_SIZE:
+        return None
+    buf = os.pread(fd, batch.HEADER_SIZE, last_position)
+    first = os.pread(fd, batch.HEADER_SIZE, 0)
+    if len(buf) < batch.HEADER_SIZE or len(first) < batch.HEADER_SIZE:
+        return None
+    header = batch.BatchHeader._make(_HEADER.unpack_from(buf))
+    first_header = batch.BatchHeader._make(_HEADER.unpack_from(first))
+    size = last_position + header.size
+    if (
+        header.magic != batch.MAGIC
+        or first_header.base_offset != base_offset
+        or header.record_count < 1
+        or header.base_offset != base_offset + offset_index.relative_offsets[-1]
+        or header.batch_length < batch.HEADER_SIZE - batch.LENGTH_FIELDS_SIZE
+        or size > file_size
+    ):
+        return None
+    before_last = time_index.timestamps[-1]
+    return ScanResult(
+        size=size,
+        next_offset=header.base_offset + header.record_count,
+        batch_count=-1,
+        record_count=header.base_offset + header.record_count - base_offset,
+        max_timestamp_ms=max(before_last, header.max_timestamp_ms),
+        max_timestamp_before_last=before_last,
+        last_batch_position=last_position,
+        first_batch_max_timestamp=first_header.max_timestamp_ms,
+        offset_index=offset_index,
+        time_index=time_index,
+        stop_reason=None,
+    )
+
+
+class Segment:
+    """A segment's open file, its map and its in-memory indexes. Owned by one PartitionLog."""
+
+    __slots__ = (
+        "directory", "base_offset", "fd", "capacity", "size", "next_offset", "max_timestamp_ms",
+        "max_timestamp_before_last", "last_batch_position", "rolling_base_ms", "offset_index",
+        "time_index", "bytes_since_index_entry", "sealed", "flushed_size", "dir_synced",
+        "index_persisted", "pending_index_files", "deleted", "_mm", "_view",
+    )
+
+    def __init__(self, directory: Path, base_offset: int, fd: int, capacity: int,
+                 state: ScanResult, writable: bool, dir_synced: bool) -> None:
+        self.directory = directory
+        self.base_offset = base_offset
+        self.fd = fd
+        self.capacity = capacity
+        self.size = state.size
+        self.next_offset = state.next_offset
+        self.max_timestamp_ms = state.max_timestamp_ms
+        self.max_timestamp_before_last = state.max_timestamp_before_last
+        self.last_batch_position = state.last_batch_position
+        self.rolling_base_ms: int | None = None if state.size == 0 else _now_ms()
+        self.offset_index = state.offset_index
+        self.time_index = state.time_index
+        self.bytes_since_index_entry = 0
+        if state.size:
+            tail = state.offset_index.positions[-1] if len(state.offset_index) else 0
+            self.bytes_since_index_entry = state.size - tail
+        self.sealed = not writable
+        self.flushed_size = state.size  # what is on disk is assumed flushed only by the caller
+        self.dir_synced = dir_synced
+        self.index_persisted = not writable
+        self.pending_index_files: tuple[tuple[Path, bytes], ...] = ()
+        self.deleted = False
+        if writable:
+            self._mm = mmap.mmap(fd, capacity, access=mmap.ACCESS_WRITE)
+        else:
+            self._mm = mmap.mmap(fd, state.size, access=mmap.ACCESS_READ)
+        self._view = memoryview(self._mm)
+
+    @classmethod
+    def create(cls, directory: Path, base_offset: int, capacity: int) -> Segment:
+        """Create, preallocate and map a new empty segment; StorageFullError if there is no room."""
+        path = directory / file_name(base_offset, LOG_SUFFIX)
+        for stale in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+            (directory / file_name(base_offset, stale)).unlink(missing_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise errors.from_os_error(error, f"creating segment {path}") from error
+        try:
+            # Hazard: allocate every block before mapping (SIGBUS otherwise when the disk fills).
+            os.posix_fallocate(fd, 0, capacity)
+            empty = ScanResult(0, base_offset, 0, 0, _NO_TIMESTAMP, _NO_TIMESTAMP, -1,
+                               _NO_TIMESTAMP, OffsetIndex(), TimeIndex(), None)
+            return cls(directory, base_offset, fd, capacity, empty, writable=True, dir_synced=False)
+        except OSError as error:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise errors.from_os_error(error, f"preallocating {capacity} bytes for {path}") from error
+
+    @property
+    def path(self) -> Path:
+        return self.directory / file_name(self.base_offset, LOG_SUFFIX)
+
+    @property
+    def record_count(self) -> int:
+        return self.next_offset - self.base_offset
+
+    def append(self, data: memoryview, headers: list[tuple[int, int, int, int]], first_offset: int,
+               index_interval_bytes: int) -> None:
+        """Copy whole batches to the end of the map and stamp their base offsets in place.
+
+        `headers` holds (position in data, size, record_count, max_timestamp_ms) per batch, from
+        the caller's framing walk. The new bytes become visible to readers only when `size`
+        moves, after the copy and the stamps.
+        """
+        start = self.size
+        end = start + len(data)
+        mm = self._mm
+        mm[start:end] = data
+        offset = first_offset
+        base = self.base_offset
+        max_ts = self.max_timestamp_ms
+        since = self.bytes_since_index_entry
+        for position, size, record_count, batch_max_ts in headers:
+            batch.stamp_base_offset(mm, start + position, offset)
+            if since > index_interval_bytes:
+                self.offset_index.append(offset - base, start + position)
+                self.time_index.append(max_ts, offset - base)
+                since = 0
+            since += size
+            self.max_timestamp_before_last = max_ts
+            if batch_max_ts > max_ts:
+                max_ts = batch_max_ts
+            offset += record_count
+        self.last_batch_position = start + headers[-1][0]
+        self.bytes_since_index_entry = since
+        self.max_timestamp_ms = max_ts
+        if self.rolling_base_ms is None:
+            self.rolling_base_ms = _now_ms()
+        self.next_offset = offset
+        self.size = end
+
+    def batch_at(self, position: int) -> batch.BatchHeader:
+        return batch.BatchHeader._make(_HEADER.unpack_from(self._mm, position))
+
+    def position_of(self, offset: int) -> int:
+        """Position of the batch that contains `offset` (base_offset <= offset < next_offset)."""
+        _, position = self.offset_index.lookup(offset - self.base_offset)
+        mm = self._mm
+        while True:
+            header = _HEADER.unpack_from(mm, position)
+            if offset < header[0] + header[6]:  # base_offset + record_count
+                return position
+            position += batch.LENGTH_FIELDS_SIZE + header[1]  # batch_length
+
+    def read(self, offset: int, max_bytes: int, at_least_one: bool) -> tuple[memoryview, int] | None:
+        """Whole batches from the one holding `offset`, within `max_bytes` (or one if forced).
+
+        Returns (zero-copy view, next offset after the view) or None if nothing fits.
+        """
+        start = self.position_of(offset)
+        mm = self._mm
+        stop = start + batch.LENGTH_FIELDS_SIZE + _LENGTH_AT_8.unpack_from(mm, start + 8)[0]
+        limit = start + max_bytes
+        if stop > limit and not at_least_one:
+            return None
+        if stop < limit:
+            indexed = self.offset_index.last_position_at_or_before(min(limit, self.size))
+            if indexed > stop:
+                stop = indexed
+            while stop < self.size:
+                following = stop + batch.LENGTH_FIELDS_SIZE + _LENGTH_AT_8.unpack_from(mm, stop + 8)[0]
+                if following > limit:
+                    break
+                stop = following
+        next_offset = self.next_offset if stop >= self.size else _HEADER.unpack_from(mm, stop)[0]
+        return self._view[start:stop], next_offset
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
+        """Base offset of the first batch whose max_timestamp_ms >= `timestamp_ms`, if any."""
+        if self.size == 0 or self.max_timestamp_ms < timestamp_ms:
+            return None
+        i = self.time_index.last_entry_before(timestamp_ms)
+        position = self.offset_index.positions[i] if i >= 0 else 0
+        while position < self.size:
+            header = self.batch_at(position)
+            if header.max_timestamp_ms >= timestamp_ms:
+                return header.base_offset
+            position += header.size
+        return None
+
+    def seal(self) -> mmap.mmap | None:
+        """Make the segment read-only: swap in an exact-size read-only map, then trim the file.
+
+        Returns the old writable map if readers still hold views of it; the caller must call
+        `finish_seal` once it could be closed (the trim waits until then).
+        """
+        self.pending_index_files = self.index_files()
+        read_only = mmap.mmap(self.fd, self.size, access=mmap.ACCESS_READ)
+        old_view, old_map = self._view, self._mm
+        self._mm, self._view = read_only, memoryview(read_only)
+        self.sealed = True
+        old_view.release()
+        try:
+            old_map.close()
+        except BufferError:
+            return old_map  # Hazard: readers still slice the writable map; trim only after unmap.
+        self.trim()
+        return None
+
+    def trim(self) -> None:
+        """Give the preallocated tail of a sealed segment back to the file system."""
+        if self.deleted:
+            return
+        try:
+            if os.fstat(self.fd).st_size > self.size:
+                os.ftruncate(self.fd, self.size)
+        except OSError:
+            pass  # only wasted space; recovery and the next clean start trim again
+
+    def index_files(self) -> tuple[tuple[Path, bytes], tuple[Path, bytes]]:
+        """The two index files' paths and contents, each ending with the terminal entry."""
+        relative_last = self.next_offset - self.base_offset - self._last_record_count()
+        offset_terminal = (relative_last, self.last_batch_position)
+        time_terminal = (self.max_timestamp_before_last, relative_last)
+        return (
+            (self.directory / file_name(self.base_offset, INDEX_SUFFIX),
+             self.offset_index.encode(offset_terminal)),
+            (self.directory / file_name(self.base_offset, TIME_INDEX_SUFFIX),
+             self.time_index.encode(time_terminal)),
+        )
+
+    def _last_record_count(self) -> int:
+        return self.batch_at(self.last_batch_position).record_count
+
+    def grow(self, capacity: int) -> None:
+        """Enlarge an EMPTY active segment (for an append larger than segment_bytes)."""
+        assert self.size == 0 and not self.sealed
+        try:
+            os.posix_fallocate(self.fd, 0, capacity)
+        except OSError as error:
+            raise errors.from_os_error(error, f"preallocating {capacity} bytes for {self.path}") from error
+        # An empty segment never handed out a view, so its map closes without BufferError.
+        self._view.release()
+        self._mm.close()
+        self._mm = mmap.mmap(self.fd, capacity, access=mmap.ACCESS_WRITE)
+        self._view = memoryview(self._mm)
+        self.capacity = capacity
+
+    def close(self) -> bool:
+        """Close the fd and unmap; False if the unmap is deferred to the last reader's release."""
+        if self.fd < 0:
+            return True
+        self._view.release()
+        unmapped = True
+        try:
+            self._mm.close()
+        except BufferError:
+            unmapped = False  # Hazard: readers hold slices; CPython unmaps after the last one.
+        self._mm = None  # type: ignore[assignment]
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.fd = -1
+        return unmapped
+
+    def delete(self) -> None:
+        """Close, then unlink the segment's files (live views keep the unlinked inode alive)."""
+        self.deleted = True
+        self.close()
+        for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+            (self.directory / file_name(self.base_offset, suffix)).unlink(missing_ok=True)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
