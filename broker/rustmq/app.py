@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,9 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         state.broker = broker
         state.ready = True
         _report_ready(config, {**ports, "metrics": metrics_port})
+        retention = asyncio.get_running_loop().create_task(_enforce_retention(opened, config.retention_check_s))
         await stop.wait()
+        retention.cancel()
         log.info("shutting down")
         state.ready = False
         await listener.shutdown()
@@ -76,6 +79,19 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         await asyncio.to_thread(opened.close, True)
         await runner.cleanup()
         log.info("stopped cleanly")
+
+
+async def _enforce_retention(opened: Any, interval_s: float) -> None:
+    """Delete expired segments every interval_s, on the loop thread (the log's owner thread)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            deleted = opened.enforce_retention(int(time.time() * 1000))
+        except Exception:
+            log.exception("retention check failed")
+            continue
+        if deleted:
+            log.info("retention deleted %d segment(s)", deleted)
 
 
 def _ensure_default_topic(opened: Any, config: BrokerConfig) -> None:

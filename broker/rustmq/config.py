@@ -52,7 +52,8 @@ class BrokerConfig:
     frame_timeout_s: float = _SERVER_DEFAULTS.frame_timeout_s
     auto_create_topics: bool = True
     default_topic: str = "default"
-    group_commit_ms: float = 2.0
+    group_commit_ms: float = 0.5  # how long the group committer waits for more durable appends
+    retention_check_s: float = 30.0  # how often expired segments are deleted
     shutdown_timeout_s: float = _SERVER_DEFAULTS.shutdown_timeout_s
     ports_file: Path | None = None  # where to write the bound ports as JSON once listening
     log_level: str = "INFO"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 
 from rustmq.client import Admin, BrokerError, Consumer, ProduceError, Producer, SyncConsumer, SyncProducer
 from rustmq.protocol.api import ErrorCode, partition_for_key
+
+brokerproc = sys.modules["rustmq_test_brokerproc"]
 
 
 async def consume_n(bootstrap: str, topic: str, count: int, **options) -> list:
@@ -91,7 +94,7 @@ async def test_errors_surface_as_broker_errors(broker) -> None:
 async def test_a_failed_batch_is_raised_by_flush(broker) -> None:
     async with Admin(broker.bootstrap) as admin:
         await admin.create_topic("shrinking", 2)
-    producer = await Producer(broker.bootstrap).start()
+    producer = await Producer(broker.bootstrap, linger_ms=60_000).start()  # held until close()
     await producer.send("shrinking", b"x", partition=1)
     async with Admin(broker.bootstrap) as admin:
         await admin.delete_topic("shrinking")
@@ -120,3 +123,25 @@ def test_sync_wrapper(broker) -> None:
         messages = consumer.poll(timeout_s=5)
         assert [m.value for m in messages] == [b"hello", b"world"]
         assert consumer.positions == {0: 2}
+
+
+async def test_retention_runs_in_the_broker_and_consumers_skip_to_the_log_start(tmp_path) -> None:
+    process = brokerproc.BrokerProcess(tmp_path / "data", "--retention-check-s", "0.2").start()
+    try:
+        async with Admin(process.bootstrap) as admin:
+            await admin.create_topic("short", 1, {"segment_bytes": 4096, "retention_ms": 1})
+            async with Producer(process.bootstrap) as producer:
+                for index in range(40):
+                    await producer.send_and_wait("short", b"%03d" % index + b"." * 500, partition=0)
+            start, previous = -1, -2
+            for _ in range(50):  # until retention has deleted every sealed segment
+                previous, start = start, await admin.list_offset("short", 0, "earliest")
+                if start == previous and start > 0:
+                    break
+                await asyncio.sleep(0.5)
+        assert 0 < start < 40
+        async with Consumer(process.bootstrap, "short", start=0, max_wait_ms=100) as consumer:
+            got = await consumer.getmany(timeout_s=5)
+            assert got and got[0].offset == start
+    finally:
+        assert process.stop() == 0

@@ -55,6 +55,10 @@ def test_sigterm_finishes_in_flight_requests_and_keeps_acknowledged_data(tmp_pat
     log = broker.log()
     assert "shutting down" in log and "stopped cleanly" in log
     assert acknowledged > 0
+    from rustmq.storage.partition import CLEAN_SHUTDOWN_FILE
+
+    markers = sorted(path.relative_to(tmp_path / "data") for path in (tmp_path / "data").rglob(CLEAN_SHUTDOWN_FILE))
+    assert markers == [Path("topics/default/0", CLEAN_SHUTDOWN_FILE), Path("topics/durable/0", CLEAN_SHUTDOWN_FILE)]
 
     restarted = BrokerProcess(tmp_path / "data").start()
     try:

@@ -50,10 +50,11 @@ def decode_batches(topic: str, partition: int, data: bytes | memoryview, positio
             entries = records.decode_body(view[pos + storage_batch.HEADER_SIZE : pos + size], header.attributes & records.CODEC_MASK)
             base, first_ts = header.base_offset, header.first_timestamp_ms
             skip = max(0, position - base)
-            out.extend(
-                Message(topic, partition, base + index, first_ts + entry[0], entry[1], entry[2], entry[3])
-                for index, entry in enumerate(entries[skip:], skip)
-            )
+            make = tuple.__new__  # Message(...) without the Python-level __new__ frame per record
+            out += [
+                make(Message, (topic, partition, base + index, first_ts + entry[0], entry[1], entry[2], entry[3]))
+                for index, entry in enumerate(entries[skip:] if skip else entries, skip)
+            ]
             position = last + 1
         pos += size
     return out, position

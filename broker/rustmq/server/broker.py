@@ -196,19 +196,27 @@ class Broker:
         self._next_partition[topic.name] = chosen + 1
         return chosen
 
-    def produce(self, topic_name: str, partition: int | None, key: bytes | None, batches: memoryview) -> Produced:
-        """Validate and append one or more concatenated record batches to one partition."""
+    def produce(
+        self, topic_name: str, partition: int | None, key: bytes | None, batches: memoryview | bytes, *, built_here: int = 0
+    ) -> Produced:
+        """Validate and append one or more concatenated record batches to one partition.
+
+        built_here: the record count of a single batch the broker built itself (simple
+        produce), whose CRC scan is skipped.
+        """
         topic = self.topic_for_produce(topic_name)
         index = self.choose_partition(topic, partition, key)
         plog = self.partition_log(topic, index)
-        scan = storage_batch.scan_batches(batches)
-        if scan.batch_count == 0:
-            raise RequestError(ErrorCode.CORRUPT_BATCH, "produce payload holds no record batch")
+        if built_here:
+            record_count, batch_count = built_here, 1
+        else:
+            scan = storage_batch.scan_batches(batches)
+            record_count, batch_count = scan.record_count, scan.batch_count
         result = plog.append(batches)
         stats = self.stats.topic(topic.name)
-        stats.messages_in += scan.record_count
+        stats.messages_in += record_count
         stats.bytes_in += result.size_bytes
-        stats.batches_in += scan.batch_count
+        stats.batches_in += batch_count
         waiters = self._waiters.pop(plog, None)
         if waiters:
             for wake in waiters:

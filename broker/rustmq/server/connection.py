@@ -70,6 +70,8 @@ class Connection(asyncio.BufferedProtocol):
         self._closing = False
         self._draining = False  # shutdown: no new requests, finish the pending ones
         self._fetch_waits: set[_FetchWait] = set()
+        self._simple_groups: dict[tuple[str, int], tuple[list[list[Any]], list[int]]] = {}
+        self._simple_sticky: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._handlers = {
             ApiKey.PRODUCE: self._produce,
@@ -277,6 +279,8 @@ class Connection(asyncio.BufferedProtocol):
         self._listener.maybe_drained(self)
 
     def _flush_out(self) -> None:
+        if self._simple_groups:
+            self._append_simple_groups()
         out = self._out
         transport = self._transport
         if not out or transport is None or transport.is_closing():
@@ -387,27 +391,61 @@ class Connection(asyncio.BufferedProtocol):
         self._broker.when_durable(produced.log, produced.last_offset, durable)
 
     def _handle_simple(self, body: memoryview) -> None:
+        # Simple messages read in one pass are grouped per partition and appended as one batch
+        # per group when the pass ends; each reply keeps its place in the output through a
+        # placeholder, so replies still leave in request order.
         self._broker.stats.requests["SIMPLE_PRODUCE"] += 1
         try:
             message = simple.decode_message(body)
-            now = int(time.time() * 1000)
-            batch = storage_batch.build_batch(
-                records.encode_body([[0, message.key, message.value, message.headers]]),
-                record_count=1,
-                first_timestamp_ms=now,
-                max_timestamp_ms=now,
-            )
-            topic = message.topic or self._settings.default_topic
-            produced = self._broker.produce(topic, message.partition, message.key, memoryview(batch))
+            topic = self._broker.topic_for_produce(message.topic or self._settings.default_topic)
+            if message.partition is None and message.key is None:
+                partition = self._simple_sticky.get(topic.name)
+                if partition is None:
+                    partition = self._simple_sticky[topic.name] = self._broker.choose_partition(topic, None, None)
+            else:
+                partition = self._broker.choose_partition(topic, message.partition, message.key)
+                self._broker.partition_log(topic, partition)
         except Exception as exc:
-            code = error_code_for(exc)
-            if code is ErrorCode.INTERNAL_ERROR:
-                log.exception("simple produce from %s failed", self._peer)
-            self._broker.stats.request_errors[code.name] += 1
-            log.debug("simple produce error %s to %s: %s", code.name, self._peer, exc)
-            self._respond([simple.encode_error_reply(code)])
+            self._simple_error(exc)
             return
-        self._respond([simple.encode_offset_reply(produced.base_offset)])
+        group = self._simple_groups.get((topic.name, partition))
+        if group is None:
+            group = self._simple_groups[(topic.name, partition)] = ([], [])
+        group[0].append([0, message.key, message.value, message.headers])
+        group[1].append(len(self._out))
+        self._out.append(b"")  # placeholder for this message's reply
+
+    def _simple_error(self, exc: BaseException) -> None:
+        code = error_code_for(exc)
+        if code is ErrorCode.INTERNAL_ERROR:
+            log.error("simple produce from %s failed", self._peer, exc_info=exc)
+        self._broker.stats.request_errors[code.name] += 1
+        log.debug("simple produce error %s to %s: %s", code.name, self._peer, exc)
+        self._respond([simple.encode_error_reply(code)])
+
+    def _append_simple_groups(self) -> None:
+        groups, self._simple_groups = self._simple_groups, {}
+        self._simple_sticky.clear()
+        now = int(time.time() * 1000)
+        out = self._out
+        for (topic, partition), (entries, slots) in groups.items():
+            try:
+                batch = storage_batch.build_batch(
+                    records.encode_body(entries), record_count=len(entries), first_timestamp_ms=now, max_timestamp_ms=now
+                )
+                produced = self._broker.produce(topic, partition, None, batch, built_here=len(entries))
+            except Exception as exc:
+                code = error_code_for(exc)
+                if code is ErrorCode.INTERNAL_ERROR:
+                    log.error("simple produce from %s failed", self._peer, exc_info=exc)
+                self._broker.stats.request_errors[code.name] += len(entries)
+                reply = simple.encode_error_reply(code)
+                for slot in slots:
+                    out[slot] = reply
+                continue
+            pack = simple.REPLY.pack
+            for index, slot in enumerate(slots, produced.base_offset):
+                out[slot] = pack(index)
 
     def _fetch(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         request = api.parse_fetch(header, self._settings.max_fetch_bytes)
