@@ -184,6 +184,23 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
+    def replace_spec(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge-patch ``obj``'s spec (or data) onto the live object: lists are replaced whole.
+
+        Used when server-side apply fails because a hand edit left list entries owned by another
+        field manager that clash with ours (a Service port renumbered by ``kubectl edit`` keeps
+        its name, so applying the original port again duplicates the name). The Service API
+        keeps allocated values (clusterIP, nodePorts) that the patch leaves out.
+        """
+        metadata = obj["metadata"]
+        body = {key: obj[key] for key in ("spec", "data") if key in obj}
+        return self.request(
+            "PATCH",
+            path(obj["apiVersion"], obj["kind"], metadata.get("namespace"), metadata["name"]),
+            body=body,
+            content_type="application/merge-patch+json",
+        )
+
     def delete(
         self,
         api_version: str,

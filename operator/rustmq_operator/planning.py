@@ -104,6 +104,30 @@ def plan_scale(
     cluster: str, desired: int, observed: Observed, last_non_zero: int | None
 ) -> ScalePlan:
     current = current_replicas(observed, cluster)
+    drift: tuple[Event, ...] = ()
+    if (
+        observed.statefulset is not None
+        and last_non_zero
+        and current not in (0, last_non_zero)
+    ):
+        # Someone resized the StatefulSet itself (the seed's README told people to): the size
+        # the operator established is what counts, and the hand edit is reverted like any drift.
+        drift = (
+            Event(
+                "Warning",
+                "StatefulSetResized",
+                f"the StatefulSet was resized outside the operator to {current}; restoring "
+                f"{last_non_zero} (scale the RustMQCluster instead, e.g. kubectl scale rmq/{cluster})",
+            ),
+        )
+        current = last_non_zero
+    plan = _plan_scale(cluster, desired, current, last_non_zero)
+    return dataclasses.replace(plan, events=drift + plan.events) if drift else plan
+
+
+def _plan_scale(
+    cluster: str, desired: int, current: int | None, last_non_zero: int | None
+) -> ScalePlan:
     remembered = max(last_non_zero or 0, current or 0) or None
     if current is None:
         return ScalePlan(replicas=desired, last_non_zero=desired or last_non_zero)

@@ -177,7 +177,7 @@ def reconcile(
             if obj["kind"] == "StatefulSet" and storage.recreate_statefulset:
                 continue
             try:
-                result = kube.apply(obj)
+                result = _apply(kube, obj)
             except k8s.KubeError as error:
                 if error.status not in (400, 403, 409, 422):
                     raise
@@ -261,6 +261,23 @@ def reconcile(
             (str(found["type"]), found["status"] == "True") for found in new_status["conditions"]
         ),
     )
+
+
+def _apply(kube: k8s.Kube, obj: Mapping[str, Any]) -> dict[str, Any]:
+    """Server-side apply; if a hand edit left clashing list entries (422), reset the edited
+    spec with a merge patch and apply again. The StatefulSet is never reset this way: its
+    422s are immutable fields, which the caller reports as Stalled."""
+    try:
+        return kube.apply(obj)
+    except k8s.KubeError as error:
+        if error.status != 422 or obj["kind"] == "StatefulSet":
+            raise
+        logger.warning(
+            "%s %s/%s: apply refused (%s); resetting its spec",
+            obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"], error.message,
+        )
+        kube.replace_spec(obj)
+        return kube.apply(obj)
 
 
 def _prune(

@@ -80,6 +80,18 @@ def test_a_missing_statefulset_with_running_pods_counts_as_their_size() -> None:
     assert planning.plan_scale("rustmq", 1, observed, None).replicas == 3
 
 
+def test_a_statefulset_resized_by_hand_is_restored_to_the_operators_size() -> None:
+    observed = planning.Observed(statefulset=statefulset(4), pods=[pod(0), pod(1), pod(2), pod(3)])
+    plan = planning.plan_scale("rustmq", 1, observed, 1)
+    assert plan.replicas == 1 and plan.stalled is None
+    assert [e.reason for e in plan.events] == ["StatefulSetResized"]
+
+
+def test_a_statefulset_emptied_by_hand_comes_back() -> None:
+    plan = planning.plan_scale("rustmq", 3, planning.Observed(statefulset=statefulset(0)), 3)
+    assert plan.replicas == 3 and plan.stalled is None
+
+
 # -- storage -------------------------------------------------------------------------------
 
 
