@@ -9,6 +9,7 @@ import threading
 import time
 
 import msgpack
+import pytest
 
 from rustmq.protocol import records, simple
 from rustmq.protocol.api import EARLIEST, LATEST, ApiKey, ErrorCode, partition_for_key
@@ -185,3 +186,37 @@ def test_topic_administration_over_the_protocol(broker, raw) -> None:
 def test_broker_stats_reports_memory(broker, raw) -> None:
     stats, _ = raw(broker.producer_port).call({"api": ApiKey.BROKER_STATS})
     assert stats["rss_bytes"] > 10 << 20 and stats["pid"] == broker.pid
+
+
+def _anon_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_consumer_that_stops_reading_pins_bounded_memory(broker, raw) -> None:
+    producer = raw(broker.producer_port)
+    chunk = make_batch([b"x" * 1000] * 1000)
+    for _ in range(64):  # a 64 MiB backlog
+        producer.call({"api": ApiKey.PRODUCE, "topic": "stall", "partition": 0}, chunk)
+    baseline = _anon_rss(broker.pid)
+    stalled = raw(broker.consumer_port)
+    stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.send_raw(b"".join(
+        stalled.request_bytes({"api": ApiKey.FETCH, "corr": corr, "max_wait_ms": 0, "max_bytes": 8 << 20,
+                               "partitions": [{"topic": "stall", "partition": 0, "offset": 0}]})
+        for corr in range(1, 101)
+    ))  # 100 x 8 MiB requested, never read
+    for _ in range(32):
+        producer.call({"api": ApiKey.PRODUCE, "topic": "stall", "partition": 0}, chunk)
+    time.sleep(0.5)
+    growth = _anon_rss(broker.pid) - baseline
+    assert growth < 24 << 20, f"anonymous memory grew {growth >> 20} MiB"
+    other = raw(broker.consumer_port)
+    response, data = other.call({"api": ApiKey.FETCH, "max_wait_ms": 0, "max_bytes": 1 << 20,
+                                 "partitions": [{"topic": "stall", "partition": 0, "offset": 0}]})
+    assert response["error"] == 0 and len(data) == len(chunk)

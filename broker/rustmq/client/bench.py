@@ -117,7 +117,11 @@ def _batch(value: bytes, count: int, codec: int) -> bytes:
 
 async def _rss(admin: Admin) -> dict[str, float]:
     stats = await admin.broker_stats()
-    return {"broker_rss_mb": round(stats["rss_bytes"] / 2**20, 1), "broker_peak_rss_mb": round(stats["peak_rss_bytes"] / 2**20, 1)}
+    return {
+        "broker_rss_mb": round(stats["rss_bytes"] / 2**20, 1),
+        "broker_anon_rss_mb": round(stats.get("anon_rss_bytes", 0) / 2**20, 1),
+        "broker_peak_rss_mb": round(stats["peak_rss_bytes"] / 2**20, 1),
+    }
 
 
 def _result(kind: str, args: argparse.Namespace, messages: int, seconds: float, latencies_s: list[float], extra: dict[str, Any]) -> dict[str, Any]:
@@ -432,8 +436,13 @@ async def bench_stall(admin: Admin, args: argparse.Namespace) -> dict[str, Any]:
     metadata = await admin.metadata([args.topic])
     consumer_port = metadata["brokers"][0].get("consumer_port") or admin.port
     host, _ = parse_address(args.bootstrap)
-    # A consumer that asks for a lot and never reads: its socket receive buffer fills, then the
-    # broker's send buffer, then the broker must stop (pause) instead of buffering more.
+    fill = argparse.Namespace(**{**vars(args), "partitions": 1, "duration": None})
+    backlog = args.messages // 2
+    await _fill(admin, argparse.Namespace(**{**vars(fill), "messages": backlog}))
+    before = await admin.broker_stats()
+    # A consumer that asks for the whole backlog 200 times over and never reads: its socket
+    # receive buffer fills, then the broker's send buffer, then the broker must stop reading
+    # its requests (pause) instead of queueing 200 x 8 MiB of responses.
     reader, writer = await asyncio.open_connection(host, consumer_port)
     from rustmq.protocol import frames
 
@@ -444,21 +453,23 @@ async def bench_stall(admin: Admin, args: argparse.Namespace) -> dict[str, Any]:
     await writer.drain()
     samples = []
     started = time.perf_counter()
-    fill = argparse.Namespace(**{**vars(args), "partitions": 1, "duration": None})
-    step = max(1, args.messages // 10)
+    step = max(1, (args.messages - backlog) // 10)
     produced = 0
-    while produced < args.messages:
-        chunk = argparse.Namespace(**{**vars(fill), "messages": min(step, args.messages - produced)})
+    while produced < args.messages - backlog:
+        chunk = argparse.Namespace(**{**vars(fill), "messages": min(step, args.messages - backlog - produced)})
         await _fill(admin, chunk)
         produced += chunk.messages
         stats = await admin.broker_stats()
-        samples.append({"produced": produced, "rss_mb": round(stats["rss_bytes"] / 2**20, 1)})
+        samples.append({"produced": backlog + produced, "rss_mb": round(stats["rss_bytes"] / 2**20, 1),
+                        "anon_rss_mb": round(stats["anon_rss_bytes"] / 2**20, 1)})
     elapsed = time.perf_counter() - started
     writer.transport.abort()
     del reader
-    rss = [sample["rss_mb"] for sample in samples]
+    anon = [sample["anon_rss_mb"] for sample in samples]
     return _result("stall", args, produced, elapsed, [], {
-        "stalled_fetches_requested": 200, "rss_samples": samples,
-        "rss_growth_mb_first_to_last": round(rss[-1] - rss[0], 1) if rss else 0,
-        "produced_mb": round(produced * args.size / 2**20, 1),
+        "stalled_fetches_requested": 200, "stalled_bytes_requested_mb": 200 * 8,
+        "backlog_mb": round(backlog * args.size / 2**20, 1),
+        "anon_rss_mb_before_stall": round(before["anon_rss_bytes"] / 2**20, 1),
+        "anon_rss_mb_max_during_stall": max(anon) if anon else 0,
+        "rss_samples": samples,
     })
