@@ -12,8 +12,9 @@ Byte layout (version 1). All integers are big-endian; the header is HEADER_SIZE 
                                           (producers send 0); NOT covered by the CRC
      8     4    batch_length        i32   number of bytes AFTER this field: the batch occupies
                                           12 + batch_length bytes in total (>= HEADER_SIZE - 12)
-    12     4    leader_epoch        i32   stamped by the broker (-1 until replication exists);
-                                          NOT covered by the CRC
+    12     4    leader_epoch        i32   stamped by the broker on append; always -1 until
+                                          replication defines epochs (recovery rejects any other
+                                          value); NOT covered by the CRC
     16     1    magic               i8    format version, always 1
     17     4    crc                 u32   CRC32C (Castagnoli, package `crc32c`) of bytes
                                           [21, 12 + batch_length): attributes to the end of the body
@@ -32,7 +33,9 @@ Byte layout (version 1). All integers are big-endian; the header is HEADER_SIZE 
 Why this shape (after Kafka's record batch v2): the fields the broker writes sit before the CRC, so
 an append stamps them in place without recomputing a checksum, and the CRC still covers
 everything the producer wrote. A batch_length of zero never occurs in a valid batch, so the
-zero-filled, preallocated tail of a segment reads as "no more batches".
+zero-filled, preallocated tail of a segment reads as "no more batches". The uncovered fields
+are still checked on recovery: magic by value, batch_length by framing and by the CRC over the
+range it delimits, base_offset by the offset sequence, leader_epoch by value.
 """
 
 from __future__ import annotations
@@ -54,8 +57,10 @@ CRC_START: Final = 21  # the CRC covers [CRC_START, end of batch)
 MAGIC: Final = 1
 CODEC_MASK: Final = 0x07
 MAX_BATCH_SIZE: Final = LENGTH_FIELDS_SIZE + 0x7FFF_FFFF
+NO_LEADER_EPOCH: Final = -1
 
 _BASE_OFFSET_STRUCT: Final = struct.Struct(">q")
+_LEADER_EPOCH_STRUCT: Final = struct.Struct(">i")
 _CRC_PREFIX_STRUCT: Final = struct.Struct(">qiib")  # base_offset, batch_length, leader_epoch, magic
 _CRC_STRUCT: Final = struct.Struct(">I")
 _CRC_COVERED_STRUCT: Final = struct.Struct(">hiqqqhi")  # attributes .. base_sequence
@@ -222,3 +227,10 @@ def stamp_base_offset(buf: memoryview | bytearray, pos: int, base_offset: int) -
     """Write `base_offset` into the header at `pos` in place (the CRC stays valid)."""
     _BASE_OFFSET_STRUCT.pack_into(buf, pos, base_offset)
 
+
+
+def stamp_batch(buf: memoryview | bytearray, pos: int, base_offset: int,
+                leader_epoch: int = NO_LEADER_EPOCH) -> None:
+    """Write both broker-owned fields (base_offset, leader_epoch) of the batch at `pos` in place."""
+    _BASE_OFFSET_STRUCT.pack_into(buf, pos, base_offset)
+    _LEADER_EPOCH_STRUCT.pack_into(buf, pos + 12, leader_epoch)

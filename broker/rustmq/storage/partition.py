@@ -188,8 +188,16 @@ class PartitionLog:
                 if trusted:
                     state = load_trusted(directory, base, fd, file_size)
                     if state is not None and clean and i == len(bases) - 1:
-                        if state.next_offset != marker["end_offset"]:  # type: ignore[index]
+                        # The active segment must end exactly where the marker says, followed by
+                        # nothing but zeros; anything else and the scan decides.
+                        tail = os.pread(fd, batch.LENGTH_FIELDS_SIZE, state.size)
+                        if (
+                            state.next_offset != marker["end_offset"]  # type: ignore[index]
+                            or state.size != marker.get("active_size")  # type: ignore[union-attr]
+                            or tail.strip(b"\0")
+                        ):
                             state = None
+                            clean = trusted = False
                 index_loaded = state is not None
                 if state is None:
                     state = scan_file(fd, file_size, base, self.config.index_interval_bytes)

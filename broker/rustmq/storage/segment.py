@@ -110,6 +110,9 @@ def _scan(view: memoryview, end: int, base_offset: int, interval: int, offset_in
         if header.base_offset != expected:
             stop_reason = f"base_offset {header.base_offset} breaks the sequence (expected {expected})"
             break
+        if header.leader_epoch != batch.NO_LEADER_EPOCH:
+            stop_reason = f"leader_epoch {header.leader_epoch} was never stamped by this broker"
+            break
         if header.base_offset + header.record_count - 1 - base_offset > MAX_RELATIVE_OFFSET:
             stop_reason = "offsets overflow the segment's 32-bit relative offsets"
             break
@@ -273,7 +276,7 @@ class Segment:
         max_ts = self.max_timestamp_ms
         since = self.bytes_since_index_entry
         for position, size, record_count, batch_max_ts in headers:
-            batch.stamp_base_offset(mm, start + position, offset)
+            batch.stamp_batch(mm, start + position, offset)
             if since > index_interval_bytes:
                 self.offset_index.append(offset - base, start + position)
                 self.time_index.append(max_ts, offset - base)

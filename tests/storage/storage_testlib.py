@@ -1,0 +1,46 @@
+"""Helpers shared by the storage tests (loaded by conftest.py as module `storage_testlib`)."""
+
+from __future__ import annotations
+
+from rustmq.storage import batch, config
+
+
+def make_batch(index: int, records: int = 3, body_size: int = 100, timestamp_ms: int | None = None
+               ) -> bytes:
+    """A valid batch whose body encodes `index` and holds no zero byte (so zeroing always damages)."""
+    body = bytes((index + k) % 251 + 1 for k in range(body_size))
+    ts = 1_000 + index if timestamp_ms is None else timestamp_ms
+    return batch.build_batch(body[:body_size], record_count=records, first_timestamp_ms=ts,
+                             max_timestamp_ms=ts + 1)
+
+
+def stamped(raw: bytes, base_offset: int) -> bytes:
+    """`raw` as it must read back after being appended at `base_offset`."""
+    out = bytearray(raw)
+    batch.stamp_batch(out, 0, base_offset)
+    return bytes(out)
+
+
+def small_config(**changes: object) -> config.LogConfig:
+    values: dict[str, object] = {
+        "segment_bytes": 4096,
+        "index_interval_bytes": 256,
+        "retention_ms": None,
+        "segment_ms": None,
+        "flush": {"mode": "none"},
+    }
+    values.update(changes)
+    return config.LogConfig.from_dict(values)
+
+
+def read_all(partition, start: int | None = None) -> bytes:  # type: ignore[no-untyped-def]
+    """Every byte the partition serves from `start` on, following next_offset."""
+    offset = partition.start_offset if start is None else start
+    out = bytearray()
+    while offset < partition.end_offset:
+        fetched = partition.read(offset, 1 << 20)
+        assert fetched.views, "a read below end_offset must return at least one batch"
+        for view in fetched.views:
+            out += view
+        offset = fetched.next_offset
+    return bytes(out)
