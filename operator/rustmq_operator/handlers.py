@@ -41,6 +41,7 @@ Key = tuple[str, str]
 
 class _State:
     queue: workqueue.WorkQueue[Key]
+    known: set[Key]
     kube: k8s.Kube
     workers: list[asyncio.Task[None]]
     last_pass: float = 0.0
@@ -73,6 +74,7 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     if metrics_port:
         metrics.serve(metrics_port)
     STATE.queue = workqueue.WorkQueue()
+    STATE.known = set()
     STATE.workers = [asyncio.create_task(_work(n), name=f"reconcile-{n}") for n in range(WORKERS)]
 
 
@@ -94,9 +96,26 @@ def probe_workers(**_: Any) -> dict[str, Any]:
 @kopf.on.event(specs.GROUP, specs.VERSION, specs.PLURAL)
 def cluster_changed(type: str | None, name: str, namespace: str, **_: Any) -> None:
     if type == "DELETED":
+        STATE.known.discard((namespace, name))
         STATE.queue.forget((namespace, name))
     else:
+        STATE.known.add((namespace, name))
         STATE.queue.add((namespace, name))
+
+
+MONITORING_CRDS: Final = frozenset(
+    {"servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com"}
+)
+
+
+@kopf.on.event(
+    "apiextensions.k8s.io", "v1", "customresourcedefinitions",
+    when=lambda name, **_: name in MONITORING_CRDS,
+)
+def monitoring_crd_changed(**_: Any) -> None:
+    """The Prometheus Operator's CRDs came or went: every cluster re-checks its monitoring."""
+    for key in STATE.known:
+        STATE.queue.add(key)
 
 
 @kopf.on.event("apps", "v1", "statefulsets", labels={"app.kubernetes.io/managed-by": naming.MANAGED_BY})

@@ -111,9 +111,10 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60.0, in
 class OperatorProcess:
     """The real `rustmq-operator` console script, run against the test cluster."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, namespaces: tuple[str, ...] = ()) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
+        self.namespaces = namespaces
         self.process: subprocess.Popen[bytes] | None = None
         self.liveness_port = 0
         self.metrics_port = 0
@@ -126,7 +127,7 @@ class OperatorProcess:
         self.process = subprocess.Popen(
             [
                 str(OPERATOR),
-                "--all-namespaces",
+                *([f"--namespace={ns}" for ns in self.namespaces] or ["--all-namespaces"]),
                 f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz",
                 f"--metrics-port={self.metrics_port}",
                 "--verbose",
