@@ -118,9 +118,8 @@ class Connection:
         transport, _ = await asyncio.wait_for(
             loop.create_connection(lambda: _Protocol(connection), host, port), timeout
         )
-        assert isinstance(transport, asyncio.Transport)
         transport.set_write_buffer_limits(high=8 << 20)
-        connection._transport = transport
+        connection._transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
         return connection
 
     @property
