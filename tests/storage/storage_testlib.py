@@ -44,3 +44,11 @@ def read_all(partition, start: int | None = None) -> bytes:  # type: ignore[no-u
             out += view
         offset = fetched.next_offset
     return bytes(out)
+
+
+def crash_batch(index: int) -> bytes:
+    """The batch the crash-test writer appends as its `index`-th: 1..8 KiB, 1..64 records."""
+    size = 1024 * (1 + index % 8)
+    body = (index.to_bytes(4, "big") * (size // 4 + 1))[:size]
+    return batch.build_batch(body, record_count=1 + index % 64, first_timestamp_ms=index,
+                             max_timestamp_ms=index + 5)

@@ -502,8 +502,13 @@ class PartitionLog:
             sync_directory = any(not segment.dir_synced for segment, _, _ in work)
             for segment in segments:
                 if segment.sealed and not segment.index_persisted and not segment.deleted:
-                    for path, data in segment.pending_index_files:
-                        _write_durably(path, data, sync_directory=False)
+                    try:
+                        for path, data in segment.pending_index_files:
+                            _write_durably(path, data, sync_directory=False)
+                    except OSError as error:  # indexes are rebuildable: retry on the next flush
+                        logger.warning("%s: could not write the indexes of %s: %s",
+                                       self.directory, segment.path.name, error)
+                        continue
                     segment.index_persisted = True
                     segment.pending_index_files = ()
                     sync_directory = True
