@@ -119,6 +119,26 @@ def test_config_change_rolls_one_broker_at_a_time(cluster: Any, namespace: str, 
 
 
 @pytest.mark.timeout(240)
+def test_a_roll_waits_for_the_pod_disruption_budget(cluster: Any, namespace: str, operator: Any) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    kubectl.apply(ops.cluster_cr(namespace, replicas=2, podDisruptionBudget={"maxUnavailable": 0}))
+    kubectl.wait_condition("Ready", "True", "Reconciled", timeout=150)
+    before = uids(kubectl)
+    kubectl.patch("rmq", "rustmq", {"spec": {"image": "rustmq:0.1.1"}})
+    waiting = kubectl.wait_condition("Reconciling", "True", "RollingUpdate")
+    ops.wait_for(
+        "the operator to report the budget",
+        lambda: "PodDisruptionBudget" in kubectl.condition("Reconciling").get("message", ""),
+        timeout=30,
+    )
+    time.sleep(5)
+    assert uids(kubectl) == before, f"a broker was restarted against the budget: {waiting}"
+    kubectl.patch("rmq", "rustmq", {"spec": {"podDisruptionBudget": {"maxUnavailable": 1}}})
+    kubectl.wait_condition("Ready", "True", "Reconciled", timeout=150)
+    assert all(p["spec"]["containers"][0]["image"] == "rustmq:0.1.1" for p in kubectl.pods())
+
+
+@pytest.mark.timeout(240)
 def test_storage_growth_expands_claims_without_restarting_brokers(cluster: Any, namespace: str, operator: Any) -> None:
     kubectl = ops.Kubectl(cluster, namespace)
     storage_class = f"{namespace}-expandable"
