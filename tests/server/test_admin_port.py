@@ -44,6 +44,8 @@ def test_metrics_count_per_batch_and_compute_gauges_at_scrape_time(broker, raw) 
     assert 'rustmq_ready 1.0' in lines
     assert any(line.startswith("rustmq_produce_latency_seconds_bucket") for line in lines)
     assert any(line.startswith("rustmq_connections ") for line in lines)
+    assert any(line.startswith("rustmq_durable_ack_latency_seconds_count") for line in lines)
+    assert any(line.startswith("rustmq_group_commit_flushes_total") for line in lines)
     assert any(line.startswith("process_resident_memory_bytes") for line in lines)
 
 def test_topic_json_api(broker) -> None:

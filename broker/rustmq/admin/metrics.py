@@ -60,9 +60,16 @@ class BrokerCollector(Collector):
         if broker is None:
             return
         yield _gauge("rustmq_connections", "Open client connections", float(broker.connections))
-        fsync = getattr(broker.committer, "fsync_latency", None)
-        if isinstance(fsync, Histogram):
-            yield _histogram("rustmq_fsync_latency_seconds", "Group-commit flush duration", fsync)
+        committer = broker.committer
+        for name, attribute, help_text in (
+            ("rustmq_group_commit_flushes", "flush_count", "Flushes issued by the group committer"),
+            ("rustmq_group_commit_requests", "request_count", "Durable appends handed to the group committer"),
+        ):
+            value = getattr(committer, attribute, None)
+            if isinstance(value, int):
+                counter = CounterMetricFamily(name, help_text)
+                counter.add_metric([], value)
+                yield counter
         gauges = {
             "log_end_offset": ("Next offset to be assigned", "end_offset"),
             "log_start_offset": ("First offset still retained", "start_offset"),
