@@ -209,3 +209,19 @@ def test_a_flood_of_bad_frames_does_not_grow_memory(seeded, raw) -> None:
         assert big.recv()[0]["error"] == ErrorCode.FRAME_TOO_LARGE
         big.close()
     assert broker.rss_bytes() - baseline < 16 << 20
+
+
+def test_a_frame_left_incomplete_times_out(tmp_path, raw) -> None:
+    from rustmq_test_brokerproc import BrokerProcess
+
+    broker = BrokerProcess(tmp_path / "data", "--frame-timeout-s", "0.5").start()
+    try:
+        stuck = raw(broker.producer_port)
+        stuck.send_raw(struct.pack(">I", 100) + b"\0\0\0")
+        started = time.monotonic()
+        assert stuck.closed_by_peer(timeout=10)
+        assert 0.4 < time.monotonic() - started < 5
+        assert "frame incomplete after" in broker.log()
+        assert raw(broker.producer_port).call({"api": ApiKey.LIST_TOPICS})[0]["error"] == 0
+    finally:
+        assert broker.stop() == 0
