@@ -336,7 +336,7 @@ class Cluster:
         if any(running.values()) or self.stray_pids() or self.state_dir.exists():
             dead = [c for c, pid in running.items() if pid is None]
             log(f"found a stale or broken cluster in {self.state_dir} (not running: {', '.join(dead)}); replacing it")
-            self.down(quiet=True)
+            self.down(quiet=True, grace=2.0)  # being replaced: no need to wait for a clean exit
 
         started = time.monotonic()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -514,14 +514,14 @@ class Cluster:
             "--node-lease-duration-seconds=200",
         ]
 
-    def down(self, quiet: bool = False, keep_logs: bool = False) -> None:
+    def down(self, quiet: bool = False, keep_logs: bool = False, grace: float = 10.0) -> None:
         hostpath_dirs = self.provisioned_hostpath_dirs()
         # In reverse start order, one at a time: an apiserver whose etcd vanished first does not
         # exit on SIGTERM for tens of seconds, while in order the whole plane stops in ~2 s.
         targets = [pid for pid in (self.component_pid(c) for c in reversed(COMPONENTS)) if pid is not None]
         targets += [pid for pid in self.stray_pids() if pid not in targets]
         for pid in targets:
-            stop_process(pid, self.state_dir)
+            stop_process(pid, self.state_dir, grace)
         for directory in hostpath_dirs:
             shutil.rmtree(directory, ignore_errors=True)
         if keep_logs:
