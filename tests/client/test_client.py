@@ -35,7 +35,7 @@ async def test_producer_and_consumer_round_trip_with_every_codec(broker, codec) 
         index = int(message.value[6:])
         assert message.key == b"key-%d" % (index % 7)
         assert message.partition == partition_for_key(message.key, 3)
-        assert message.headers == [["n", b"%d" % index]]
+        assert message.headers == (("n", b"%d" % index),)
     per_partition: dict[int, list[int]] = {}
     for message in messages:
         per_partition.setdefault(message.partition, []).append(message.offset)

@@ -32,7 +32,7 @@ class Message(NamedTuple):
     timestamp_ms: int
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]] | None
+    headers: tuple[tuple[str, bytes], ...] | None
 
 
 def decode_batches(topic: str, partition: int, data: bytes | memoryview, position: int) -> tuple[list[Message], int]:

@@ -84,13 +84,16 @@ def encode_body(records: Sequence[Record], codec: int = CODEC_NONE) -> bytes:
     return compress(msgpack.packb(records, use_bin_type=True), codec)
 
 
-def decode_body(body: bytes | memoryview, codec: int) -> list[Any]:
-    """The list of [timestamp_delta, key, value, headers] entries of a batch body."""
+def decode_body(body: bytes | memoryview, codec: int) -> tuple[Any, ...]:
+    """The (timestamp_delta, key, value, headers) entries of a batch body, as tuples.
+
+    Tuples, not lists, all the way down (headers too): msgpack builds them markedly faster.
+    """
     raw = decompress(body, codec)
     try:
-        records = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
+        records = msgpack.unpackb(raw, raw=False, use_list=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise RecordDecodeError(f"batch body is not valid msgpack: {exc}") from None
-    if not isinstance(records, list):
+    if not isinstance(records, tuple):
         raise RecordDecodeError("batch body is not a msgpack array")
     return records
