@@ -1,0 +1,738 @@
+"""Queue subscriptions: per-message acknowledgement over one partition's log (a shared subscription).
+
+The log is never modified: a subscription keeps, per partition, which offsets are *done*
+(acknowledged, dead-lettered or expired) and hands out the others under leases. Sans-IO: the
+server offers records as it reads them from the log (`offer`), asks for deliveries
+(`acquire`), forwards acks/nacks/extensions, calls `expire_leases` from a timer, performs the
+effects returned (dead letters to write) and persists `drain_changes()` with `QueueStore`.
+
+State of one (subscription, topic, partition):
+
+* ``ack_floor``: every offset below it is done. ``done``: the sparse set of done offsets above it.
+  Persisted as floor + ranges, so a long acked prefix costs one integer.
+* ``next_offset``: the log position up to which records have been offered.
+* available records: one deque per priority lane of ``(start, end, expires_at_ms)`` ranges, so a
+  batch of new records costs one entry; redeliveries wait in a per-lane retry deque served first.
+* in flight: ``offset -> Lease`` (one Lease object per `acquire` call, shared by its offsets) and a
+  heap of lease deadlines (stale entries skipped lazily).
+* ``failures``: offset -> failed deliveries so far (only offsets that failed at least once).
+* delayed: a heap of ``(deliver_at_ms, offset, lane, expires_at_ms)``.
+
+Rules (docs/semantics.md repeats them for users):
+
+* Leases: `acquire` leases up to `max_messages` records for `ack_wait_ms`; `extend` renews the
+  deadline; an ack is honoured while the record is not done, even after its lease expired (the
+  work was done; NATS does the same), and is ignored afterwards (duplicate).
+* Failure = nack, lease expiry or the holder leaving. The record's failure count goes up; once
+  it reaches `max_deliveries` the record is done and a `DeadLetter` is returned for the server to
+  write (headers: origin topic, partition, offset, attempts, last reason); otherwise it becomes
+  available again at once or after the nack's delay.
+* Delays: a record with a deliver-at time in the future waits in the delayed heap. TTL: a record
+  whose expiry time has passed is marked done and counted (`expired`), never delivered. The
+  per-topic TTL counts from the batch's first_timestamp_ms, so a record may expire early by at
+  most its batch's timestamp spread (the producer's linger), never late.
+* Priorities: lanes 0 (highest) .. levels-1. Weighted rounds: each round a lane may deliver
+  weight * PRIORITY_QUANTUM records, higher lanes first; an empty lane's share goes to the
+  others, and credits refill when no lane with records has credit left. So a busy high lane
+  cannot starve a lower one: lane i gets at least weight_i / sum(weights) of the deliveries
+  while it has records.
+* Ordering: first deliveries within one lane of one partition are in offset order; redeliveries
+  go before new records of their lane, so a redelivered record can arrive after later ones.
+  Nothing is ordered across lanes or partitions.
+* Limits: at most `max_in_flight` leased records and `max_lookahead` offsets between the ack
+  floor and `next_offset` (a long-delayed or stuck record holds the floor; the server stops
+  offering until it moves), so memory per partition is bounded.
+
+Persistence granularity: done offsets and failure counts are persisted; leases are not. After
+a broker crash every leased record becomes available again (at-least-once), and a record's
+failure count loses at most the delivery that was in flight.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Final, NamedTuple
+
+import msgpack
+
+from rustmq.coordination.journal import DEFAULT_COMPACT_BYTES, Entry, Journal
+
+NEVER: Final = (1 << 63) - 1
+PRIORITY_QUANTUM: Final = 64
+
+# Record headers a producer sets (values: ASCII decimal) to control queue delivery.
+HEADER_DELIVER_AT: Final = "rustmq-deliver-at-ms"
+HEADER_DELAY: Final = "rustmq-delay-ms"
+HEADER_TTL: Final = "rustmq-ttl-ms"
+HEADER_PRIORITY: Final = "rustmq-priority"
+# Headers a dead letter carries (values: UTF-8 text).
+DLQ_TOPIC: Final = "rustmq-dlq-topic"
+DLQ_PARTITION: Final = "rustmq-dlq-partition"
+DLQ_OFFSET: Final = "rustmq-dlq-offset"
+DLQ_ATTEMPTS: Final = "rustmq-dlq-attempts"
+DLQ_REASON: Final = "rustmq-dlq-reason"
+DLQ_SUBSCRIPTION: Final = "rustmq-dlq-subscription"
+DLQ_HEADERS: Final = (DLQ_TOPIC, DLQ_PARTITION, DLQ_OFFSET, DLQ_ATTEMPTS, DLQ_REASON, DLQ_SUBSCRIPTION)
+
+
+class QueueError(ValueError):
+    code = "INVALID_QUEUE_REQUEST"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueSettings:
+    ack_wait_ms: int = 30_000
+    max_deliveries: int = 5
+    max_in_flight: int = 10_000
+    max_lookahead: int = 1_000_000
+    priority_weights: tuple[int, ...] = (8, 4, 1)
+    default_priority: int = 1
+    ttl_ms: int | None = None
+    max_delay_ms: int = 7 * 24 * 3600 * 1000
+
+    def __post_init__(self) -> None:
+        if self.ack_wait_ms < 1 or self.max_deliveries < 1 or self.max_in_flight < 1:
+            raise QueueError("ack_wait_ms, max_deliveries and max_in_flight must be >= 1")
+        if self.max_lookahead < self.max_in_flight:
+            raise QueueError("max_lookahead must be >= max_in_flight")
+        if not 1 <= len(self.priority_weights) <= 10 or min(self.priority_weights) < 1:
+            raise QueueError("priority_weights: 1 to 10 levels, each weight >= 1")
+        if not 0 <= self.default_priority < len(self.priority_weights):
+            raise QueueError("default_priority must name one of the levels")
+        if self.ttl_ms is not None and self.ttl_ms < 1:
+            raise QueueError("ttl_ms must be >= 1 or None")
+
+
+class RecordAttributes(NamedTuple):
+    """Delivery attributes of one record that differs from its batch's defaults."""
+
+    deliver_at_ms: int = 0
+    expires_at_ms: int = NEVER
+    priority: int | None = None
+
+
+class Lease:
+    __slots__ = ("lease_id", "consumer", "deadline_ms", "ranges")
+
+    def __init__(self, lease_id: int, consumer: str, deadline_ms: int,
+                 ranges: list[tuple[int, int, int, int]]) -> None:
+        self.lease_id = lease_id
+        self.consumer = consumer
+        self.deadline_ms = deadline_ms
+        self.ranges = ranges  # (start, end, lane, expires_at_ms), sorted by start
+
+    def info(self, offset: int) -> tuple[int, int]:
+        """(lane, expires_at_ms) of an offset of this lease."""
+        i = bisect.bisect_right(self.ranges, (offset, NEVER)) - 1
+        start, end, lane, expires = self.ranges[i]
+        assert start <= offset < end
+        return lane, expires
+
+
+class Delivery(NamedTuple):
+    lease_id: int
+    deadline_ms: int
+    ranges: list[tuple[int, int]]  # [start, end) offset ranges leased, ascending per lane
+    attempts: dict[int, int]  # delivery number of offsets delivered before (absent: first)
+
+    @property
+    def count(self) -> int:
+        return sum(end - start for start, end in self.ranges)
+
+
+class DeadLetter(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+    attempts: int
+    reason: str
+
+
+class AckResult(NamedTuple):
+    acked: int
+    duplicates: int  # already done (acked twice, or acked after dead-letter/expiry)
+
+
+class Counters:
+    __slots__ = ("delivered", "redelivered", "acked", "nacked", "lease_expired", "dead_lettered",
+                 "expired")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class QueueSubscription:
+    """One subscription's state on one partition (see the module docstring)."""
+
+    def __init__(self, subscription: str, topic: str, partition: int,
+                 settings: QueueSettings | None = None, *, start_offset: int = 0) -> None:
+        self.subscription = subscription
+        self.topic = topic
+        self.partition = partition
+        self.settings = settings or QueueSettings()
+        self.ack_floor = start_offset
+        self.next_offset = start_offset
+        self.done: set[int] = set()
+        self.failures: dict[int, int] = {}
+        self.reasons: dict[int, str] = {}
+        self.in_flight: dict[int, Lease] = {}
+        self.counters = Counters()
+        levels = len(self.settings.priority_weights)
+        self._fresh: list[deque[tuple[int, int, int]]] = [deque() for _ in range(levels)]
+        self._retry: list[deque[tuple[int, int, int]]] = [deque() for _ in range(levels)]
+        self._credits = [w * PRIORITY_QUANTUM for w in self.settings.priority_weights]
+        self._delayed: list[tuple[int, int, int, int]] = []
+        self._deadlines: list[tuple[int, int, Lease]] = []
+        self._lease_ids = itertools.count(1)
+        self._dirty_done: list[int] = []
+        self._dirty_failures: dict[int, int] = {}
+        self.needs_snapshot = True  # its start offset is not persisted yet
+
+    # ------------------------------------------------------------------------------- feeding
+
+    def offer_room(self) -> int:
+        """How many more offsets the server may offer now (lookahead limit)."""
+        return max(0, self.ack_floor + self.settings.max_lookahead - self.next_offset)
+
+    def offer(self, now_ms: int, base_offset: int, count: int, timestamp_ms: int,
+              special: Mapping[int, RecordAttributes] | None = None) -> None:
+        """Make records base_offset .. base_offset+count-1 of the log known (in log order).
+
+        `timestamp_ms` is the batch's first timestamp (the per-topic TTL counts from it);
+        `special` gives per-record attributes for the few records that carry delivery headers.
+        Offsets below `next_offset` (a re-read after restart) are skipped.
+        """
+        end = base_offset + count
+        if base_offset > self.next_offset:
+            raise QueueError(f"offer at {base_offset} leaves a gap after {self.next_offset}")
+        start = max(base_offset, self.next_offset)
+        if start >= end:
+            return
+        ttl = self.settings.ttl_ms
+        expires = NEVER if ttl is None else timestamp_ms + ttl
+        lane = self.settings.default_priority
+        fresh = self._fresh
+        if special:
+            cursor = start
+            for offset in sorted(o for o in special if start <= o < end):
+                if cursor < offset:
+                    fresh[lane].append((cursor, offset, expires))
+                self._offer_special(now_ms, offset, special[offset], expires)
+                cursor = offset + 1
+            if cursor < end:
+                fresh[lane].append((cursor, end, expires))
+        else:
+            fresh[lane].append((start, end, expires))
+        self.next_offset = end
+
+    def _offer_special(self, now_ms: int, offset: int, attrs: RecordAttributes,
+                       batch_expires: int) -> None:
+        levels = len(self._fresh)
+        lane = self.settings.default_priority if attrs.priority is None else min(
+            max(attrs.priority, 0), levels - 1)
+        expires = min(attrs.expires_at_ms, batch_expires)
+        deliver_at = min(attrs.deliver_at_ms, now_ms + self.settings.max_delay_ms)
+        if offset < self.ack_floor or offset in self.done:
+            return
+        if deliver_at > now_ms:
+            heapq.heappush(self._delayed, (deliver_at, offset, lane, expires))
+        else:
+            self._fresh[lane].append((offset, offset + 1, expires))
+
+    # ------------------------------------------------------------------------------- delivering
+
+    def acquire(self, now_ms: int, consumer: str, max_messages: int,
+                ack_wait_ms: int | None = None) -> Delivery | None:
+        """Lease up to `max_messages` available records to `consumer`; None if there are none."""
+        self._release_due(now_ms)
+        room = min(max_messages, self.settings.max_in_flight - len(self.in_flight))
+        if room <= 0:
+            return None
+        taken: list[tuple[int, int, int, int]] = []
+        credits = self._credits
+        levels = len(credits)
+        while room > 0:
+            progressed = False
+            for lane in range(levels):
+                if credits[lane] <= 0:
+                    continue
+                n = self._take(now_ms, lane, min(room, credits[lane]), taken)
+                if n:
+                    credits[lane] -= n
+                    room -= n
+                    progressed = True
+                    break
+            if not progressed:
+                if not self._has_available():
+                    break
+                self._credits = credits = [w * PRIORITY_QUANTUM
+                                           for w in self.settings.priority_weights]
+        if not taken:
+            return None
+        wait = self.settings.ack_wait_ms if ack_wait_ms is None else ack_wait_ms
+        deadline = now_ms + wait
+        taken.sort()
+        lease = Lease(next(self._lease_ids), consumer, deadline, taken)
+        in_flight = self.in_flight
+        failures = self.failures
+        attempts: dict[int, int] = {}
+        delivered = 0
+        for start, end, _, _ in taken:
+            in_flight.update(dict.fromkeys(range(start, end), lease))
+            delivered += end - start
+            if failures:
+                for offset in range(start, end):
+                    failed = failures.get(offset)
+                    if failed:
+                        attempts[offset] = failed + 1
+        heapq.heappush(self._deadlines, (deadline, lease.lease_id, lease))
+        self.counters.delivered += delivered
+        self.counters.redelivered += len(attempts)
+        return Delivery(lease.lease_id, deadline, [(s, e) for s, e, _, _ in taken], attempts)
+
+    def _has_available(self) -> bool:
+        return any(self._fresh) or any(self._retry)
+
+    def _take(self, now_ms: int, lane: int, limit: int,
+              taken: list[tuple[int, int, int, int]]) -> int:
+        """Move up to `limit` deliverable offsets of `lane` into `taken`; return how many."""
+        got = 0
+        done = self.done
+        for source in (self._retry[lane], self._fresh[lane]):
+            while got < limit and source:
+                start, end, expires = source.popleft()
+                if end <= self.ack_floor:  # settled meanwhile (late ack, restart)
+                    continue
+                start = max(start, self.ack_floor)
+                if expires <= now_ms:
+                    self._expire_range(start, end)
+                    continue
+                stop = min(end, start + (limit - got))
+                if stop < end:
+                    source.appendleft((stop, end, expires))
+                if done:
+                    run = start
+                    for offset in range(start, stop):
+                        if offset in done:
+                            if run < offset:
+                                taken.append((run, offset, lane, expires))
+                                got += offset - run
+                            run = offset + 1
+                    if run < stop:
+                        taken.append((run, stop, lane, expires))
+                        got += stop - run
+                else:
+                    taken.append((start, stop, lane, expires))
+                    got += stop - start
+        return got
+
+    def _expire_range(self, start: int, end: int) -> None:
+        count = 0
+        for offset in range(start, end):
+            if offset >= self.ack_floor and offset not in self.done:
+                self._mark_done(offset)
+                count += 1
+        self.counters.expired += count
+        self._advance_floor()
+
+    # ------------------------------------------------------------------------------- settling
+
+    def ack(self, offsets: Iterable[int]) -> AckResult:
+        """Acknowledge offsets (any order). Unknown offsets raise QueueError before any change."""
+        offsets = offsets if isinstance(offsets, (list, range, tuple)) else list(offsets)
+        next_offset = self.next_offset
+        if offsets and (max(offsets) >= next_offset or min(offsets) < 0):
+            raise QueueError(f"ack of an offset never delivered (known offsets end at {next_offset})")
+        floor = self.ack_floor
+        done = self.done
+        pop = self.in_flight.pop
+        dirty = self._dirty_done
+        failures = self.failures
+        acked = duplicates = 0
+        for offset in offsets:
+            if offset < floor or offset in done:
+                duplicates += 1
+                continue
+            pop(offset, None)
+            done.add(offset)
+            dirty.append(offset)
+            if failures:
+                failures.pop(offset, None)
+                self.reasons.pop(offset, None)
+            acked += 1
+        self.counters.acked += acked
+        self._advance_floor()
+        return AckResult(acked, duplicates)
+
+    def ack_range(self, start: int, end: int) -> AckResult:
+        """Acknowledge every offset in [start, end)."""
+        return self.ack(range(start, end))
+
+    def nack(self, now_ms: int, offsets: Iterable[int], delay_ms: int = 0,
+             reason: str = "nack") -> list[DeadLetter]:
+        """Give leased records back (after `delay_ms`); returns the dead letters this causes."""
+        if delay_ms < 0 or delay_ms > self.settings.max_delay_ms:
+            raise QueueError(f"nack delay must be between 0 and {self.settings.max_delay_ms} ms")
+        letters: list[DeadLetter] = []
+        for offset in offsets:
+            lease = self.in_flight.pop(offset, None)
+            if lease is not None:
+                self.counters.nacked += 1
+                self._fail(now_ms, offset, lease, reason, delay_ms, letters)
+        self._advance_floor()
+        return letters
+
+    def extend(self, now_ms: int, offsets: Iterable[int], ack_wait_ms: int | None = None) -> int:
+        """Renew the lease of in-flight offsets; returns how many were still leased."""
+        wait = self.settings.ack_wait_ms if ack_wait_ms is None else ack_wait_ms
+        ranges: list[tuple[int, int, int, int]] = []
+        held = [o for o in sorted(set(offsets)) if o in self.in_flight]
+        if not held:
+            return 0
+        first = self.in_flight[held[0]]
+        for offset in held:
+            lane, expires = self.in_flight[offset].info(offset)
+            ranges.append((offset, offset + 1, lane, expires))
+        lease = Lease(next(self._lease_ids), first.consumer, now_ms + wait, ranges)
+        for offset in held:
+            self.in_flight[offset] = lease
+        heapq.heappush(self._deadlines, (lease.deadline_ms, lease.lease_id, lease))
+        return len(held)
+
+    def release_consumer(self, now_ms: int, consumer: str, reason: str = "consumer left"
+                         ) -> list[DeadLetter]:
+        """Fail every record leased to `consumer` (it disconnected or was declared dead)."""
+        letters: list[DeadLetter] = []
+        for offset, lease in list(self.in_flight.items()):
+            if lease.consumer == consumer:
+                del self.in_flight[offset]
+                self._fail(now_ms, offset, lease, reason, 0, letters)
+        self._advance_floor()
+        return letters
+
+    def expire_leases(self, now_ms: int) -> list[DeadLetter]:
+        """Fail records whose lease deadline passed; also releases due delayed records."""
+        return self._release_due(now_ms)
+
+    def next_deadline_ms(self) -> int | None:
+        """The next time `expire_leases` has something to do (lease or delay due)."""
+        times = []
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        if self._delayed:
+            times.append(self._delayed[0][0])
+        return min(times, default=None)
+
+    def _release_due(self, now_ms: int) -> list[DeadLetter]:
+        letters: list[DeadLetter] = []
+        deadlines = self._deadlines
+        in_flight = self.in_flight
+        while deadlines and deadlines[0][0] <= now_ms:
+            _, _, lease = heapq.heappop(deadlines)
+            for start, end, _, _ in lease.ranges:
+                for offset in range(start, end):
+                    if in_flight.get(offset) is lease:
+                        del in_flight[offset]
+                        self.counters.lease_expired += 1
+                        self._fail(now_ms, offset, lease, "lease expired", 0, letters)
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now_ms:
+            _, offset, lane, expires = heapq.heappop(delayed)
+            if offset >= self.ack_floor and offset not in self.done:
+                self._retry[lane].append((offset, offset + 1, expires))
+        if letters:
+            self._advance_floor()
+        return letters
+
+    def _fail(self, now_ms: int, offset: int, lease: Lease, reason: str, delay_ms: int,
+              letters: list[DeadLetter]) -> None:
+        failed = self.failures.get(offset, 0) + 1
+        lane, expires = lease.info(offset)
+        if failed >= self.settings.max_deliveries:
+            self.failures.pop(offset, None)
+            self.reasons.pop(offset, None)
+            self._dirty_failures.pop(offset, None)
+            self._mark_done(offset)
+            self.counters.dead_lettered += 1
+            letters.append(DeadLetter(self.topic, self.partition, offset, failed, reason))
+            return
+        self.failures[offset] = failed
+        self.reasons[offset] = reason
+        self._dirty_failures[offset] = failed
+        if delay_ms > 0:
+            heapq.heappush(self._delayed, (now_ms + delay_ms, offset, lane, expires))
+        else:
+            self._retry[lane].append((offset, offset + 1, expires))
+
+    def _mark_done(self, offset: int) -> None:
+        self.done.add(offset)
+        self._dirty_done.append(offset)
+
+    def _advance_floor(self) -> None:
+        done = self.done
+        floor = self.ack_floor
+        if floor in done:
+            while floor in done:
+                done.discard(floor)
+                floor += 1
+            self.ack_floor = floor
+
+    # ------------------------------------------------------------------------------- persistence
+
+    def drain_changes(self) -> tuple[list[tuple[int, int]], dict[int, int]] | None:
+        """Done offsets (as ranges) and failure counts changed since the last call, or None."""
+        if not self._dirty_done and not self._dirty_failures:
+            return None
+        ranges = to_ranges(self._dirty_done)
+        failures = self._dirty_failures
+        self._dirty_done = []
+        self._dirty_failures = {}
+        return ranges, failures
+
+    def snapshot(self) -> tuple[int, list[tuple[int, int]], dict[int, int]]:
+        """(ack floor, done ranges above it, failure counts): everything that is persisted."""
+        return self.ack_floor, to_ranges(sorted(self.done)), dict(self.failures)
+
+    def restore(self, floor: int, done: Iterable[tuple[int, int]], failures: Mapping[int, int]
+                ) -> None:
+        """Apply persisted state (before any offer). Later calls add to earlier ones."""
+        if floor > self.ack_floor:
+            self.ack_floor = floor
+            self.done = {o for o in self.done if o >= floor}
+        for start, end in done:
+            self.done.update(range(max(start, self.ack_floor), end))
+        for offset, count in failures.items():
+            if offset >= self.ack_floor and offset not in self.done:
+                self.failures[offset] = count
+        self.failures = {o: c for o, c in self.failures.items()
+                         if o >= self.ack_floor and o not in self.done}
+        self._advance_floor()
+        self.next_offset = max(self.next_offset, self.ack_floor)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "subscription": self.subscription, "topic": self.topic, "partition": self.partition,
+            "ack_floor": self.ack_floor, "next_offset": self.next_offset,
+            "done_above_floor": len(self.done), "in_flight": len(self.in_flight),
+            "delayed": len(self._delayed), **self.counters.as_dict(),
+        }
+
+
+def to_ranges(sorted_or_not: Sequence[int]) -> list[tuple[int, int]]:
+    """Compress offsets into sorted, merged [start, end) ranges."""
+    offsets = sorted_or_not if _is_sorted(sorted_or_not) else sorted(sorted_or_not)
+    ranges: list[tuple[int, int]] = []
+    if not offsets:
+        return ranges
+    start = prev = offsets[0]
+    for offset in itertools.islice(offsets, 1, None):
+        if offset != prev + 1:
+            if offset == prev:
+                continue
+            ranges.append((start, prev + 1))
+            start = offset
+        prev = offset
+    ranges.append((start, prev + 1))
+    return ranges
+
+
+def _is_sorted(values: Sequence[int]) -> bool:
+    return all(a <= b for a, b in zip(values, itertools.islice(values, 1, None)))
+
+
+# ----------------------------------------------------------------------------- record headers
+
+def attributes_from_headers(headers: Sequence[Sequence[object]] | None, timestamp_ms: int,
+                            levels: int) -> RecordAttributes | None:
+    """The queue attributes a record's headers ask for, or None when it has none.
+
+    Unparsable values are ignored (the record is delivered normally) rather than rejected here:
+    the produce path is where bad headers get a clear error.
+    """
+    if not headers:
+        return None
+    deliver_at = 0
+    expires = NEVER
+    priority: int | None = None
+    found = False
+    for name, value in headers:
+        if name not in (HEADER_DELIVER_AT, HEADER_DELAY, HEADER_TTL, HEADER_PRIORITY):
+            continue
+        try:
+            number = int(bytes(value))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        found = True
+        if name == HEADER_DELIVER_AT:
+            deliver_at = max(deliver_at, number)
+        elif name == HEADER_DELAY:
+            deliver_at = max(deliver_at, timestamp_ms + number)
+        elif name == HEADER_TTL:
+            expires = min(expires, timestamp_ms + number)
+        else:
+            priority = min(max(number, 0), levels - 1)
+    return RecordAttributes(deliver_at, expires, priority) if found else None
+
+
+def special_records(base_offset: int, first_timestamp_ms: int, records: Sequence[Sequence[object]],
+                    levels: int) -> dict[int, RecordAttributes]:
+    """Attributes of the records of a decoded batch that carry delivery headers."""
+    special: dict[int, RecordAttributes] = {}
+    for index, record in enumerate(records):
+        headers = record[3]
+        if headers:
+            attrs = attributes_from_headers(headers, first_timestamp_ms + int(record[0]), levels)
+            if attrs is not None:
+                special[base_offset + index] = attrs
+    return special
+
+
+def dead_letter_topic(topic: str, subscription: str) -> str:
+    return f"{topic}.{subscription}.dlq"
+
+
+def dead_letter_record(letter: DeadLetter, subscription: str, record: Sequence[object]
+                       ) -> list[object]:
+    """The DLQ copy of `record` ([timestamp_delta, key, value, headers]) with origin headers."""
+    headers = [list(h) for h in (record[3] or []) if h[0] not in DLQ_HEADERS]  # type: ignore[index]
+    headers += [
+        [DLQ_TOPIC, letter.topic.encode()],
+        [DLQ_PARTITION, str(letter.partition).encode()],
+        [DLQ_OFFSET, str(letter.offset).encode()],
+        [DLQ_ATTEMPTS, str(letter.attempts).encode()],
+        [DLQ_REASON, letter.reason.encode()[:1024]],
+        [DLQ_SUBSCRIPTION, subscription.encode()],
+    ]
+    return [record[0], record[1], record[2], headers]
+
+
+def replay_record(dead: Sequence[object]) -> tuple[str, list[object]]:
+    """(origin topic, record without the DLQ headers) for replaying a dead letter."""
+    headers = dead[3] or []
+    origin = next((bytes(v).decode() for n, v in headers if n == DLQ_TOPIC), None)  # type: ignore[union-attr, misc]
+    if origin is None:
+        raise QueueError("not a dead letter: no origin topic header")
+    kept = [list(h) for h in headers if h[0] not in DLQ_HEADERS]  # type: ignore[union-attr, index]
+    return origin, [dead[0], dead[1], dead[2], kept or None]
+
+
+# ----------------------------------------------------------------------------- persistence
+
+STATE_KEY_VERSION: Final = 1
+
+
+class QueueStore:
+    """Persists every QueueSubscription of a broker in one Journal (``__queue_state``).
+
+    Record format (msgpack): key ``[1, subscription, topic, partition]``; value one of
+    ``["s", floor, [[start, end], ...], [[offset, failures], ...]]`` (a snapshot: replaces the
+    state) or ``["d", [[start, end], ...], [[offset, failures], ...]]`` (a delta: more done
+    ranges, new failure counts). Compaction writes one snapshot per subscription partition.
+    """
+
+    def __init__(self, journal: Journal, settings: QueueSettings) -> None:
+        self.journal = journal
+        self.settings = settings
+        self.subscriptions: dict[tuple[str, str, int], QueueSubscription] = {}
+
+    @classmethod
+    def open(cls, directory: Path, settings: QueueSettings | None = None, *,
+             compact_bytes: int = DEFAULT_COMPACT_BYTES) -> QueueStore:
+        store = cls(Journal.open(directory, compact_bytes=compact_bytes),
+                    settings or QueueSettings())
+        for key, value in store.journal.replay():
+            store._apply(key, value)
+        return store
+
+    def get(self, subscription: str, topic: str, partition: int, *, start_offset: int = 0,
+            settings: QueueSettings | None = None) -> QueueSubscription:
+        """The subscription's state on a partition (created at `start_offset` if new)."""
+        key = (subscription, topic, partition)
+        state = self.subscriptions.get(key)
+        if state is None:
+            state = QueueSubscription(subscription, topic, partition,
+                                      settings or self.settings, start_offset=start_offset)
+            self.subscriptions[key] = state
+        elif settings is not None:
+            state.settings = settings
+        return state
+
+    def persist(self, now_ms: int) -> int | None:
+        """Journal every subscription's changes as one batch; returns its offset (None: nothing).
+
+        The caller flushes (or group-commits) before acknowledging the acks it covers.
+        """
+        entries: list[Entry] = []
+        for (subscription, topic, partition), state in self.subscriptions.items():
+            if state.needs_snapshot:
+                state.drain_changes()
+                state.needs_snapshot = False
+                entries.append(_snapshot_entry(state))
+                continue
+            changes = state.drain_changes()
+            if changes is not None:
+                ranges, failures = changes
+                entries.append((_state_key(subscription, topic, partition), msgpack.packb(
+                    ["d", ranges, list(failures.items())])))
+        if not entries:
+            return None
+        last = self.journal.append(entries, now_ms)
+        if self.journal.wants_compaction():
+            self.journal.compact(self._live_entries(), now_ms)
+        return last
+
+    def flush(self) -> int:
+        return self.journal.flush()
+
+    def close(self, clean: bool = True) -> None:
+        self.journal.close(clean)
+
+    def _live_entries(self) -> list[Entry]:
+        return [_snapshot_entry(state) for state in self.subscriptions.values()]
+
+    def _apply(self, key: bytes, value: bytes | None) -> None:
+        version, subscription, topic, partition = msgpack.unpackb(key)
+        if version != STATE_KEY_VERSION:
+            raise ValueError(f"unknown queue state key version {version}")
+        if value is None:
+            self.subscriptions.pop((subscription, topic, partition), None)
+            return
+        kind, *rest = msgpack.unpackb(value)
+        if kind == "s":
+            floor, ranges, failures = rest
+            state = QueueSubscription(subscription, topic, partition, self.settings,
+                                      start_offset=floor)
+            self.subscriptions[(subscription, topic, partition)] = state
+            state.restore(floor, ranges, dict(failures))
+            state.needs_snapshot = False
+        elif kind == "d":
+            ranges, failures = rest
+            state = self.get(subscription, topic, partition)
+            state.restore(state.ack_floor, ranges, dict(failures))
+        else:
+            raise ValueError(f"unknown queue state record kind {kind!r}")
+
+
+def _snapshot_entry(state: QueueSubscription) -> Entry:
+    floor, ranges, failures = state.snapshot()
+    return (_state_key(state.subscription, state.topic, state.partition),
+            msgpack.packb(["s", floor, ranges, list(failures.items())]))
+
+
+def _state_key(subscription: str, topic: str, partition: int) -> bytes:
+    return msgpack.packb([STATE_KEY_VERSION, subscription, topic, partition])
+
+
+def iter_offsets(ranges: Iterable[tuple[int, int]]) -> Iterator[int]:
+    for start, end in ranges:
+        yield from range(start, end)

@@ -1,0 +1,106 @@
+"""Queue state persisted through the journal: real files, reopen, compaction and a SIGKILL'd writer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rustmq.coordination.queue import QueueSettings, QueueStore
+
+
+def offsets_of(delivery) -> list[int]:
+    return [] if delivery is None else [o for s, e in delivery.ranges for o in range(s, e)]
+
+
+def test_acks_and_failures_survive_reopen(tmp_path: Path) -> None:
+    settings = QueueSettings(max_deliveries=2)
+    store = QueueStore.open(tmp_path / "q", settings)
+    sub = store.get("workers", "jobs", 0, start_offset=100)
+    sub.offer(0, 100, 20, 0)
+    sub.acquire(0, "a", 20)
+    sub.ack([100, 101, 105, 110, 111, 112])
+    sub.nack(0, [102], reason="boom")  # failure count 1 of 2
+    assert store.persist(0) is not None
+    assert store.persist(0) is None  # nothing changed since
+    store.flush()
+    store.close()
+
+    store = QueueStore.open(tmp_path / "q", settings)
+    sub = store.get("workers", "jobs", 0, start_offset=0)  # the persisted start wins
+    assert sub.ack_floor == 102
+    sub.offer(0, sub.next_offset, 120 - sub.next_offset, 0)
+    got = offsets_of(sub.acquire(0, "b", 100))
+    assert got == [102, 103, 104, 106, 107, 108, 109] + list(range(113, 120))
+    assert sub.nack(0, [102], reason="again")[0].attempts == 2  # the earlier failure counted
+    store.close()
+
+
+def test_compaction_keeps_the_state_small(tmp_path: Path) -> None:
+    store = QueueStore.open(tmp_path / "q", compact_bytes=4096)
+    sub = store.get("s", "t", 0)
+    for i in range(0, 20_000, 100):
+        sub.offer(0, i, 100, 0)
+        got = offsets_of(sub.acquire(0, "c", 100))
+        sub.ack(got[1:])  # leave the first of every hundred unacked
+        store.persist(i)
+    assert store.journal.compactions > 0
+    assert store.journal.partition.size_bytes < 4 * 4096 + 8 * 200 * 4
+    store.flush()
+    store.close()
+    store = QueueStore.open(tmp_path / "q", compact_bytes=4096)
+    sub = store.get("s", "t", 0)
+    assert sub.ack_floor == 0 and len(sub.done) == 20_000 - 200 - 0
+    sub.offer(0, sub.next_offset, 20_000 - sub.next_offset, 0)
+    assert offsets_of(sub.acquire(0, "c", 1000)) == list(range(0, 20_000, 100))
+    store.close()
+
+
+WRITER = r"""
+import sys
+from rustmq.coordination.queue import QueueStore
+store = QueueStore.open(sys.argv[1], compact_bytes=8192)
+sub = store.get("s", "t", 0)
+now = 0
+while True:
+    now += 1
+    sub.offer(now, sub.next_offset, 64, 0)
+    got = [o for s, e in sub.acquire(now, "c", 64).ranges for o in range(s, e)]
+    acked = got[::2] + got[1::4]  # out of order, leaving gaps
+    sub.ack(acked)
+    store.persist(now)
+    store.flush()
+    sys.stdout.write(" ".join(map(str, acked)) + "\n")
+    sys.stdout.flush()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_acknowledged_acks_survive_sigkill(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "q")],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    confirmed: set[int] = set()
+    for _ in range(300):
+        line = proc.stdout.readline()
+        assert line, "writer died"
+        confirmed.update(int(x) for x in line.split())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    store = QueueStore.open(tmp_path / "q", compact_bytes=8192)
+    assert store.journal.generation > 1
+    sub = store.get("s", "t", 0)
+    end = max(confirmed) + 1000
+    sub.offer(0, sub.next_offset, end - sub.next_offset, 0)
+    delivered: set[int] = set()
+    while (got := sub.acquire(0, "c", 5000)) is not None:
+        delivered.update(offsets_of(got))
+    assert not delivered & confirmed  # an acknowledged ack is never undone
+    assert delivered | confirmed >= set(range(end - 1000))  # and nothing else was lost
+    store.close()
