@@ -9,6 +9,7 @@ Recreate strategy, so kopf's peering objects would add RBAC and nothing else.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     from rustmq_operator import handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(verbose=args.verbose, debug=args.debug)
+    if not (args.verbose or args.debug):
+        # kopf reports every handled watch event at INFO; the reconciler logs what it changes.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     namespaces = [ns for ns in args.namespace if ns]
     liveness = None if args.liveness.lower() == "none" else args.liveness
     kopf.run(
