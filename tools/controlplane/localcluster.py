@@ -352,6 +352,7 @@ class Cluster:
             self.wait("etcd", procs, self.etcd_healthy)
             procs["kube-apiserver"] = self.start("kube-apiserver", self.apiserver_argv(bins, ports))
             self.wait("kube-apiserver", procs, self.api_ready)
+            api_ready_after = time.monotonic() - started
             procs["kube-controller-manager"] = self.start("kube-controller-manager", self.kcm_argv(bins))
             procs["kube-scheduler"] = self.start("kube-scheduler", self.scheduler_argv(bins))
             procs["kwok"] = self.start("kwok", self.kwok_argv(bins))
@@ -361,7 +362,10 @@ class Cluster:
         except BaseException:
             self.down(quiet=True, keep_logs=True)
             raise
-        log(f"up in {time.monotonic() - started:.1f} s; kubeconfig: {self.kubeconfig}")
+        log(
+            f"up in {time.monotonic() - started:.1f} s (API ready after {api_ready_after:.1f} s); "
+            f"kubeconfig: {self.kubeconfig}"
+        )
 
     def wait(self, component: str, procs: dict[str, subprocess.Popen], ready, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
