@@ -118,6 +118,38 @@ def test_config_change_rolls_one_broker_at_a_time(cluster: Any, namespace: str, 
     assert reasons.count("RestartingBroker") == 3
 
 
+@pytest.mark.timeout(300)
+def test_a_broker_stuck_on_a_bad_revision_is_replaced_once_the_spec_is_fixed(cluster: Any, namespace: str, operator: Any) -> None:
+    """A node selector no node matches leaves the first restarted broker Pending (the kwok
+    nodes stand in for a bad image): the roll stops there with the others serving; fixing the
+    spec replaces the stuck pod without anyone deleting it, and the roll completes."""
+    kubectl = ops.Kubectl(cluster, namespace)
+    kubectl.apply(ops.cluster_cr(namespace, replicas=3))
+    kubectl.wait_condition("Ready", "True", "Reconciled", timeout=150)
+    before = uids(kubectl)
+    kubectl.patch("rmq", "rustmq", {"spec": {"podTemplate": {"nodeSelector": {"rustmq.io/e2e-no-such-node": "true"}}}})
+
+    def stuck() -> dict[str, Any] | None:
+        pods = {p["metadata"]["name"]: p for p in kubectl.pods()}
+        broken = pods.get("rustmq-2")
+        if broken and broken["metadata"]["uid"] != before["rustmq-2"] and broken["status"].get("phase") == "Pending":
+            return broken
+        return None
+
+    ops.wait_for("rustmq-2 to be stuck Pending on the bad revision", stuck, timeout=60)
+    time.sleep(6)
+    now = uids(kubectl)
+    assert (now["rustmq-0"], now["rustmq-1"]) == (before["rustmq-0"], before["rustmq-1"]), "the roll went on past a broken broker"
+    assert kubectl.condition("Available")["status"] == "True"
+    assert kubectl.condition("Ready")["reason"] in ("RollingUpdate", "WaitingForBrokers")
+
+    kubectl.run("patch", "rmq", "rustmq", "--type=json", "-p", '[{"op": "remove", "path": "/spec/podTemplate/nodeSelector"}]')
+    kubectl.wait_condition("Ready", "True", "Reconciled", timeout=150)
+    assert kubectl.cluster_status()["updatedReplicas"] == 3
+    reasons = [e["reason"] for e in kubectl.list("events")]
+    assert "ReplacingBroker" in reasons
+
+
 @pytest.mark.timeout(240)
 def test_a_roll_waits_for_the_pod_disruption_budget(cluster: Any, namespace: str, operator: Any) -> None:
     kubectl = ops.Kubectl(cluster, namespace)
