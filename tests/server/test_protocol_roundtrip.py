@@ -97,10 +97,12 @@ def test_long_poll_fetch_answers_as_soon_as_data_arrives(broker, raw) -> None:
     started = time.monotonic()
     consumer.send({"api": ApiKey.FETCH, "max_wait_ms": 10_000, "min_bytes": 1,
                    "partitions": [{"topic": "poll", "partition": 0, "offset": 0}]})
-    threading.Timer(0.3, lambda: producer.call({"api": ApiKey.PRODUCE, "topic": "poll", "partition": 0},
-                                               make_batch([b"wake"]))).start()
+    timer = threading.Timer(0.3, lambda: producer.call({"api": ApiKey.PRODUCE, "topic": "poll", "partition": 0},
+                                                       make_batch([b"wake"])))
+    timer.start()
     response, data = consumer.recv()
     waited = time.monotonic() - started
+    timer.join(10)  # the producer's own response, before the fixture closes its socket
     assert 0.25 < waited < 5, waited
     assert values_of(data) == [(0, b"wake")]
 
@@ -220,3 +222,13 @@ def test_a_consumer_that_stops_reading_pins_bounded_memory(broker, raw) -> None:
     response, data = other.call({"api": ApiKey.FETCH, "max_wait_ms": 0, "max_bytes": 1 << 20,
                                  "partitions": [{"topic": "stall", "partition": 0, "offset": 0}]})
     assert response["error"] == 0 and len(data) == len(chunk)
+
+
+def test_a_half_closed_client_still_gets_its_durable_acks(broker, raw) -> None:
+    client = raw(broker.producer_port)
+    for index in range(20):
+        client.send({"api": ApiKey.PRODUCE, "topic": "half", "partition": 0, "acks": 2}, make_batch([b"%d" % index]))
+    client.sock.shutdown(socket.SHUT_WR)
+    offsets = [client.recv()[0]["base_offset"] for _ in range(20)]
+    assert offsets == list(range(20))
+    assert client.closed_by_peer()

@@ -69,6 +69,7 @@ class Connection(asyncio.BufferedProtocol):
         self._reading = True
         self._closing = False
         self._draining = False  # shutdown: no new requests, finish the pending ones
+        self._half_closed = False  # the client sent EOF while responses were still pending
         self._fetch_waits: set[_FetchWait] = set()
         self._simple_groups: dict[tuple[str, int], tuple[list[list[Any]], list[int]]] = {}
         self._simple_sticky: dict[str, int] = {}
@@ -130,6 +131,11 @@ class Connection(asyncio.BufferedProtocol):
             self._broker.stats.request_errors["TRUNCATED_FRAME"] += 1
         self._closing = True
         self._flush_out()
+        if self._pending:
+            # Half-closed with responses still owed (durable acks, long polls): keep the write
+            # side open until they are sent, then close (see _complete).
+            self._half_closed = True
+            return True
         return False  # close our side once the output is flushed
 
     def pause_writing(self) -> None:
@@ -267,13 +273,16 @@ class Connection(asyncio.BufferedProtocol):
         return slot
 
     def _complete(self, slot: _Slot, buffers: list[bytes | memoryview]) -> None:
-        if self._closing and not self._draining:
+        if self._closing and not (self._draining or self._half_closed):
             return
         slot.buffers = buffers
         pending = self._pending
         while pending and pending[0].buffers is not None:
             self._out.extend(pending.popleft().buffers)  # type: ignore[arg-type]
         self._flush_out()
+        if self._half_closed and not pending and self._transport is not None:
+            self._transport.close()
+            return
         self._update_reading()
         self._listener.maybe_drained(self)
 
