@@ -1,0 +1,216 @@
+"""Idempotent producers: producer ids, and per-partition sequence checks that drop retried batches.
+
+A producer asks once for a producer id (`ProducerIds.allocate`) and numbers its records per
+partition from 0 (the batch header's base_sequence is the number of its first record, see
+`rustmq.storage.batch`). For every produced batch with producer_id >= 0 the server asks the
+partition's `ProducerStateTable`:
+
+* same epoch, same (base_sequence, record_count) as one of the producer's last
+  RECENT_BATCHES batches -> DUPLICATE: not appended again; the answer repeats the original
+  offsets (a retry after a lost response, even across a broker restart);
+* same epoch, base_sequence == last sequence + 1 (wrapping at 2**31) -> APPEND;
+* any other sequence of a known producer -> OutOfOrderSequenceError (a gap, or a duplicate
+  older than the remembered window): nothing is written, the producer must not skip ahead;
+* an older epoch -> ProducerFencedError (a zombie of a re-initialised producer);
+* a newer epoch must start at sequence 0; an unknown producer id is accepted at any sequence
+  (its state may have left with retention), which is what Kafka does too.
+
+Persistence: the state is a function of the log (producer_id, producer_epoch, base_sequence
+and record_count are in every batch header), so `rebuild` reconstructs it at partition open by
+walking batch headers (no body decoding) and nothing extra is written per produce. Producer
+ids come from `ProducerIds`, which reserves blocks of ids in a journal so an id is never handed
+out twice, even across restarts.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Final, NamedTuple
+
+import msgpack
+
+from rustmq.coordination.journal import Journal
+from rustmq.storage import batch
+from rustmq.storage.partition import PartitionLog
+
+RECENT_BATCHES: Final = 5
+SEQUENCE_MODULUS: Final = 1 << 31
+ID_BLOCK: Final = 1000
+NO_PRODUCER: Final = -1
+_ID_KEY: Final = b"producer-id-block"
+_READ_CHUNK: Final = 4 << 20
+
+
+class ProducerError(Exception):
+    code = "PRODUCER_ERROR"
+
+
+class OutOfOrderSequenceError(ProducerError):
+    code = "OUT_OF_ORDER_SEQUENCE"
+
+
+class ProducerFencedError(ProducerError):
+    code = "PRODUCER_FENCED"
+
+
+class Verdict(enum.Enum):
+    APPEND = "append"
+    DUPLICATE = "duplicate"
+
+
+class BatchMeta(NamedTuple):
+    first_sequence: int
+    last_sequence: int
+    base_offset: int
+    last_offset: int
+
+
+class Decision(NamedTuple):
+    verdict: Verdict
+    original: BatchMeta | None  # for DUPLICATE: where the first copy was written
+
+
+class _Producer:
+    __slots__ = ("epoch", "recent")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.recent: deque[BatchMeta] = deque(maxlen=RECENT_BATCHES)
+
+
+class ProducerStateTable:
+    """Producer state of one partition."""
+
+    def __init__(self) -> None:
+        self.producers: dict[int, _Producer] = {}
+
+    def check(self, producer_id: int, epoch: int, base_sequence: int, record_count: int
+              ) -> Decision:
+        """Decide about one batch (raises on a sequence or epoch error). Changes nothing."""
+        if producer_id < 0:
+            return Decision(Verdict.APPEND, None)
+        if base_sequence < 0:
+            raise OutOfOrderSequenceError(
+                f"producer {producer_id}: an idempotent batch needs base_sequence >= 0")
+        state = self.producers.get(producer_id)
+        if state is None:
+            return Decision(Verdict.APPEND, None)
+        if epoch < state.epoch:
+            raise ProducerFencedError(
+                f"producer {producer_id} epoch {epoch} is fenced by epoch {state.epoch}")
+        if epoch > state.epoch:
+            if base_sequence != 0:
+                raise OutOfOrderSequenceError(
+                    f"producer {producer_id}: a new epoch {epoch} must start at sequence 0")
+            return Decision(Verdict.APPEND, None)
+        last_sequence = (base_sequence + record_count - 1) % SEQUENCE_MODULUS
+        for meta in state.recent:
+            if meta.first_sequence == base_sequence and meta.last_sequence == last_sequence:
+                return Decision(Verdict.DUPLICATE, meta)
+        if not state.recent:
+            return Decision(Verdict.APPEND, None)
+        expected = (state.recent[-1].last_sequence + 1) % SEQUENCE_MODULUS
+        if base_sequence != expected:
+            raise OutOfOrderSequenceError(
+                f"producer {producer_id}: sequence {base_sequence}, expected {expected}")
+        return Decision(Verdict.APPEND, None)
+
+    def record(self, producer_id: int, epoch: int, base_sequence: int, record_count: int,
+               base_offset: int) -> None:
+        """Remember a batch that was appended at `base_offset`."""
+        if producer_id < 0:
+            return
+        state = self.producers.get(producer_id)
+        if state is None or epoch > state.epoch:
+            state = self.producers[producer_id] = _Producer(epoch)
+        state.recent.append(BatchMeta(
+            base_sequence, (base_sequence + record_count - 1) % SEQUENCE_MODULUS,
+            base_offset, base_offset + record_count - 1))
+
+    def plan(self, batches: Sequence[tuple[int, int, int, int]]) -> list[Decision]:
+        """Decide about the batches of one produce request in order, each seeing the previous.
+
+        `batches`: (producer_id, epoch, base_sequence, record_count). Raises at the first bad
+        one (the whole request is refused then: nothing written). Duplicate batches are to be
+        left out of the append; APPEND ones are to be recorded after the append.
+        """
+        scratch = ProducerStateTable()
+        for producer_id in {b[0] for b in batches if b[0] >= 0}:
+            state = self.producers.get(producer_id)
+            if state is not None:
+                copy = scratch.producers[producer_id] = _Producer(state.epoch)
+                copy.recent.extend(state.recent)
+        decisions = []
+        for producer_id, epoch, sequence, count in batches:
+            decision = scratch.check(producer_id, epoch, sequence, count)
+            if decision.verdict is Verdict.APPEND:
+                scratch.record(producer_id, epoch, sequence, count, -1)
+            decisions.append(decision)
+        return decisions
+
+    def record_headers(self, headers: Iterable[batch.BatchHeader]) -> None:
+        for header in headers:
+            if header.producer_id >= 0:
+                self.record(header.producer_id, header.producer_epoch, header.base_sequence,
+                            header.record_count, header.base_offset)
+
+    @classmethod
+    def rebuild(cls, partition: PartitionLog) -> ProducerStateTable:
+        """The state implied by every batch header in the partition (no body is decoded)."""
+        table = cls()
+        offset = partition.start_offset
+        while offset < partition.end_offset:
+            fetched = partition.read(offset, _READ_CHUNK)
+            for view in fetched.views:
+                try:
+                    table.record_headers(_headers(view))
+                finally:
+                    view.release()
+            offset = fetched.next_offset
+        return table
+
+
+def _headers(view: memoryview) -> Iterable[batch.BatchHeader]:
+    pos = 0
+    end = len(view)
+    while pos < end:
+        header = batch.read_header(view, pos)
+        yield header
+        pos += header.size
+
+
+class ProducerIds:
+    """Hands out producer ids, never the same twice (blocks reserved durably in a journal)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self._next = 0
+        self._reserved_end = 0
+
+    @classmethod
+    def open(cls, directory: Path) -> ProducerIds:
+        ids = cls(Journal.open(directory))
+        for key, value in ids.journal.replay():
+            if key == _ID_KEY and value is not None:
+                ids._reserved_end = max(ids._reserved_end, msgpack.unpackb(value))
+        ids._next = ids._reserved_end  # ids of a block reserved before a restart are skipped
+        return ids
+
+    def allocate(self, now_ms: int) -> int:
+        """A fresh producer id. Blocks (fsync) when a new block has to be reserved."""
+        if self._next >= self._reserved_end:
+            end = self._next + ID_BLOCK
+            self.journal.append([(_ID_KEY, msgpack.packb(end))], now_ms)
+            self.journal.flush()
+            self._reserved_end = end
+            if self.journal.wants_compaction():
+                self.journal.compact([(_ID_KEY, msgpack.packb(end))], now_ms)
+        producer_id = self._next
+        self._next += 1
+        return producer_id
+
+    def close(self, clean: bool = True) -> None:
+        self.journal.close(clean)
