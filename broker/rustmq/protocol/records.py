@@ -17,6 +17,7 @@ decoding a consumer does.
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections.abc import Sequence
 from typing import Any, Final
@@ -81,7 +82,21 @@ def decompress(data: bytes | memoryview, codec: int) -> bytes | memoryview:
 
 def encode_body(records: Sequence[Record], codec: int = CODEC_NONE) -> bytes:
     """The (compressed) body for records given as [timestamp_delta, key, value, headers] lists."""
-    return compress(msgpack.packb(records, use_bin_type=True), codec)
+    return compress(_packer().pack(records), codec)
+
+
+# msgpack.packb starts from a small buffer and grows it by reallocation, which made encoding a
+# 1 MiB batch several times slower than packing into a buffer that is already large; so each
+# thread keeps one Packer whose buffer survives between batches.
+_PACK_BUFFER_BYTES: Final = 2 << 20
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True, buf_size=_PACK_BUFFER_BYTES)
+    return packer
 
 
 def decode_body(body: bytes | memoryview, codec: int) -> tuple[Any, ...]:
