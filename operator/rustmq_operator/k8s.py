@@ -141,15 +141,15 @@ class Kube:
         )
         return list(found.get("items", []))
 
-    def serves(self, group_version: str, plural: str) -> bool:
-        """Whether the API server serves ``plural`` in ``group_version`` (is the CRD installed?)."""
+    def served(self, group_version: str) -> frozenset[str]:
+        """Resource names the API server serves in ``group_version`` (empty if none: CRD absent)."""
         try:
             found = self.request("GET", f"/apis/{group_version}")
         except KubeError as error:
             if error.status in (404, 503):
-                return False
+                return frozenset()
             raise
-        return any(resource.get("name") == plural for resource in found.get("resources", []))
+        return frozenset(str(resource.get("name")) for resource in found.get("resources", []))
 
     def storage_class_expandable(self, name: str | None) -> tuple[str | None, bool | None]:
         """(class name, allowVolumeExpansion) for ``name`` or the default class; None if unknown."""

@@ -59,7 +59,7 @@ class Observed:
     external_service: Mapping[str, Any] | None = None
     storage_expandable: bool | None = None  # None: unknown (no claims yet, or class not found)
     storage_class: str | None = None
-    service_monitor_crd: bool = False
+    service_monitor_crd: bool = False  # the API serves ServiceMonitors
     prometheus_rule_crd: bool = False
 
 

@@ -84,7 +84,7 @@ def observe(kube: k8s.Kube, namespace: str, name: str, spec: Mapping[str, Any]) 
             spec["storage"].get("storageClassName"),
         )
         storage_class, expandable = kube.storage_class_expandable(class_name)
-    monitoring = spec["monitoring"]
+    monitoring_api = kube.served("monitoring.coreos.com/v1")
     return planning.Observed(
         statefulset=statefulset,
         pods=pods,
@@ -92,14 +92,8 @@ def observe(kube: k8s.Kube, namespace: str, name: str, spec: Mapping[str, Any]) 
         external_service=external,
         storage_expandable=expandable,
         storage_class=storage_class,
-        service_monitor_crd=bool(
-            monitoring["serviceMonitor"]["enabled"]
-            and kube.serves("monitoring.coreos.com/v1", "servicemonitors")
-        ),
-        prometheus_rule_crd=bool(
-            monitoring["prometheusRule"]["enabled"]
-            and kube.serves("monitoring.coreos.com/v1", "prometheusrules")
-        ),
+        service_monitor_crd="servicemonitors" in monitoring_api,
+        prometheus_rule_crd="prometheusrules" in monitoring_api,
     )
 
 
@@ -150,8 +144,8 @@ def reconcile(
         spec=spec,
         replicas=scale.replicas,
         claim_size=storage.claim_size,
-        service_monitor=observed.service_monitor_crd,
-        prometheus_rule=observed.prometheus_rule_crd,
+        service_monitor=spec["monitoring"]["serviceMonitor"]["enabled"] and observed.service_monitor_crd,
+        prometheus_rule=spec["monitoring"]["prometheusRule"]["enabled"] and observed.prometheus_rule_crd,
     )
     rendered: rendering.Rendered | None = None
     if not invalid:
@@ -291,8 +285,9 @@ def _prune(
     wanted = {(obj["kind"], obj["metadata"]["name"]) for obj in rendered.objects}
     selector = {naming.CLUSTER_LABEL: name, "app.kubernetes.io/managed-by": naming.MANAGED_BY}
     kinds = list(_PRUNABLE)
+    served = {"servicemonitors": observed.service_monitor_crd, "prometheusrules": observed.prometheus_rule_crd}
     for api_version, kind, plural in _MONITORING:
-        if kube.serves(api_version, plural):
+        if served[plural]:
             kinds.append((api_version, kind))
     removed: list[str] = []
     for api_version, kind in kinds:
