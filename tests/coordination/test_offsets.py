@@ -153,3 +153,13 @@ def test_acknowledged_commits_survive_sigkill(tmp_path: Path, after: int) -> Non
         assert got <= acked + 4  # and never invent one
     assert len(list(directory.iterdir())) == 1
     store.close()
+
+
+def test_min_committed_for_retention(tmp_path: Path) -> None:
+    store = OffsetStore.open(tmp_path / "o")
+    store.commit(0, "a", {("t", 0): 50})
+    store.commit(0, "b", {("t", 0): 30})
+    assert store.min_committed(["a", "b"], ("t", 0)) == 30
+    assert store.min_committed(["a", "c"], ("t", 0)) == 0
+    assert store.min_committed([], ("t", 0)) is None
+    store.close()

@@ -104,3 +104,17 @@ def test_acknowledged_acks_survive_sigkill(tmp_path: Path) -> None:
     assert not delivered & confirmed  # an acknowledged ack is never undone
     assert delivered | confirmed >= set(range(end - 1000))  # and nothing else was lost
     store.close()
+
+
+def test_min_floor_over_subscriptions(tmp_path: Path) -> None:
+    store = QueueStore.open(tmp_path / "q")
+    assert store.min_floor("t", 0) is None
+    a = store.get("a", "t", 0)
+    b = store.get("b", "t", 0)
+    for sub in (a, b):
+        sub.offer(0, 0, 10, 0)
+        sub.acquire(0, "c", 10)
+    a.ack(range(8))
+    b.ack(range(3))
+    assert store.min_floor("t", 0) == 3
+    store.close()

@@ -83,6 +83,17 @@ class OffsetStore:
             result[tp] = max(0, end - position)
         return result
 
+    def min_committed(self, groups: Iterable[str], tp: TopicPartition) -> int | None:
+        """The smallest committed offset of `groups` on `tp`: what "keep the log until these
+        groups consumed it" may delete below. 0 if one of them never committed there; None if
+        `groups` is empty."""
+        result: int | None = None
+        for group in groups:
+            done = self._groups.get(group, {}).get(tp)
+            offset = 0 if done is None else done.offset
+            result = offset if result is None else min(result, offset)
+        return result
+
     # ------------------------------------------------------------------------------- commands
 
     def commit(self, now_ms: int, group: str, offsets: Mapping[TopicPartition, int],

@@ -197,6 +197,7 @@ class QueueSubscription:
         self._dirty_done: list[int] = []
         self._dirty_failures: dict[int, int] = {}
         self.needs_snapshot = True  # its start offset is not persisted yet
+        self.changed: set[QueueSubscription] | None = None  # the store's set of dirty states
 
     # ------------------------------------------------------------------------------- feeding
 
@@ -371,6 +372,8 @@ class QueueSubscription:
                 self.reasons.pop(offset, None)
             acked += 1
         self.counters.acked += acked
+        if acked and self.changed is not None:
+            self.changed.add(self)
         self._advance_floor()
         return AckResult(acked, duplicates)
 
@@ -469,6 +472,8 @@ class QueueSubscription:
         self.failures[offset] = failed
         self.reasons[offset] = reason
         self._dirty_failures[offset] = failed
+        if self.changed is not None:
+            self.changed.add(self)
         if delay_ms > 0:
             heapq.heappush(self._delayed, (now_ms + delay_ms, offset, lane, expires))
         else:
@@ -477,6 +482,8 @@ class QueueSubscription:
     def _mark_done(self, offset: int) -> None:
         self.done.add(offset)
         self._dirty_done.append(offset)
+        if self.changed is not None:
+            self.changed.add(self)
 
     def _advance_floor(self) -> None:
         done = self.done
@@ -644,6 +651,7 @@ class QueueStore:
         self.journal = journal
         self.settings = settings
         self.subscriptions: dict[tuple[str, str, int], QueueSubscription] = {}
+        self._changed: set[QueueSubscription] = set()
 
     @classmethod
     def open(cls, directory: Path, settings: QueueSettings | None = None, *,
@@ -663,9 +671,18 @@ class QueueStore:
             state = QueueSubscription(subscription, topic, partition,
                                       settings or self.settings, start_offset=start_offset)
             self.subscriptions[key] = state
+            state.changed = self._changed
+            self._changed.add(state)
         elif settings is not None:
             state.settings = settings
         return state
+
+    def min_floor(self, topic: str, partition: int) -> int | None:
+        """The lowest ack floor of the queue subscriptions on a partition (None: there are none):
+        everything below it is settled for every subscription (acked-only retention)."""
+        floors = [s.ack_floor for (_, t, p), s in self.subscriptions.items()
+                  if t == topic and p == partition]
+        return min(floors, default=None)
 
     def persist(self, now_ms: int) -> int | None:
         """Journal every subscription's changes as one batch; returns its offset (None: nothing).
@@ -673,7 +690,9 @@ class QueueStore:
         The caller flushes (or group-commits) before acknowledging the acks it covers.
         """
         entries: list[Entry] = []
-        for (subscription, topic, partition), state in self.subscriptions.items():
+        changed = self._changed
+        while changed:
+            state = changed.pop()
             if state.needs_snapshot:
                 state.drain_changes()
                 state.needs_snapshot = False
@@ -682,7 +701,8 @@ class QueueStore:
             changes = state.drain_changes()
             if changes is not None:
                 ranges, failures = changes
-                entries.append((_state_key(subscription, topic, partition), msgpack.packb(
+                entries.append((_state_key(state.subscription, state.topic, state.partition),
+                                msgpack.packb(
                     ["d", ranges, list(failures.items())])))
         if not entries:
             return None
@@ -715,6 +735,7 @@ class QueueStore:
             self.subscriptions[(subscription, topic, partition)] = state
             state.restore(floor, ranges, dict(failures))
             state.needs_snapshot = False
+            state.changed = self._changed
         elif kind == "d":
             ranges, failures = rest
             state = self.get(subscription, topic, partition)
