@@ -1,0 +1,113 @@
+"""The contract between the operator and the broker, checked with a real broker process: the
+environment the operator renders (ConfigMap data plus the container's own variables) starts
+`rustmq broker` (the broker image's entrypoint), and the probe paths the StatefulSet uses answer.
+
+Only the ports (free ones instead of 9092-9094), the data directory (a tmp dir instead of the
+volume) and the bind address (127.0.0.1) are changed, since the test runs outside a pod."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rustmq_operator import rendering
+
+ROOT = Path(__file__).resolve().parents[2]
+RUSTMQ = Path(sys.executable).with_name("rustmq")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pod_environment(rendered: rendering.Rendered, ordinal: int, namespace: str) -> dict[str, str]:
+    """What the kubelet would give the broker container of pod <name>-<ordinal>."""
+    (configmap,) = rendered.by_kind("ConfigMap")
+    env = dict(configmap["data"])
+    pod_name = f"rustmq-{ordinal}"
+    downward = {
+        "metadata.name": pod_name,
+        "metadata.namespace": namespace,
+        "metadata.labels['apps.kubernetes.io/pod-index']": str(ordinal),
+    }
+    (container,) = rendered.statefulset()["spec"]["template"]["spec"]["containers"]
+    for item in container["env"]:
+        if "valueFrom" in item:
+            env[item["name"]] = downward[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            value = item["value"]
+            for name in ("POD_NAME", "POD_NAMESPACE"):
+                value = value.replace(f"$({name})", env[name])
+            env[item["name"]] = value
+    return env
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["seed-minimal", "production"])
+def test_rendered_environment_starts_a_ready_broker(
+    case: str, render_cr: Callable[..., rendering.Rendered], tmp_path: Path
+) -> None:
+    import yaml
+
+    source = {"seed-minimal": "rustmq-minimal.yaml", "production": "rustmq-production.yaml"}[case]
+    cr: dict[str, Any] = yaml.safe_load((ROOT / "examples" / source).read_text())
+    rendered = render_cr(copy.deepcopy(cr))
+    env = pod_environment(rendered, ordinal=2, namespace="data-pipeline")
+    assert env["RUSTMQ_BROKER_ID"] == "2"
+    assert env["RUSTMQ_ADVERTISED_HOST"] == "rustmq-2.rustmq-headless.data-pipeline.svc"
+    metrics_port = free_port()
+    env.update(
+        RUSTMQ_PRODUCER_PORT=str(free_port()),
+        RUSTMQ_CONSUMER_PORT=str(free_port()),
+        RUSTMQ_METRICS_PORT=str(metrics_port),
+        RUSTMQ_DATA_DIR=str(tmp_path / "data"),
+        RUSTMQ_HOST="127.0.0.1",
+    )
+    (container,) = rendered.statefulset()["spec"]["template"]["spec"]["containers"]
+    readiness = container["readinessProbe"]["httpGet"]["path"]
+    liveness = container["livenessProbe"]["httpGet"]["path"]
+    log = (tmp_path / "broker.log").open("wb")
+    broker = subprocess.Popen(
+        [str(RUSTMQ), "broker"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while http_status(f"http://127.0.0.1:{metrics_port}{readiness}") != 200:
+            assert broker.poll() is None, (tmp_path / "broker.log").read_text()
+            assert time.monotonic() < deadline, "broker never became ready:\n" + (tmp_path / "broker.log").read_text()
+            time.sleep(0.1)
+        assert http_status(f"http://127.0.0.1:{metrics_port}{liveness}") == 200
+        assert http_status(f"http://127.0.0.1:{metrics_port}/metrics") == 200
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        try:
+            assert broker.wait(timeout=20) == 0, (tmp_path / "broker.log").read_text()
+        finally:
+            if broker.poll() is None:
+                broker.kill()
+                broker.wait()
+            log.close()
