@@ -40,6 +40,7 @@ from rustmq.storage.segment import (
     LOG_SUFFIX,
     MAX_RELATIVE_OFFSET,
     TIME_INDEX_SUFFIX,
+    PreparedFile,
     ScanResult,
     Segment,
     load_trusted,
@@ -52,6 +53,9 @@ logger = logging.getLogger("rustmq.storage")
 CLEAN_SHUTDOWN_FILE: Final = "clean-shutdown"
 RECOVERY_POINT_FILE: Final = "recovery-point"
 MAX_OFFSET: Final = (1 << 63) - 1
+# Prepare the next segment ahead once the active one is half full, if it got there this fast:
+# slower partitions roll rarely enough to pay the page faults inline, and need no standby file.
+PREPARE_WHEN_HALF_FULL_WITHIN_MS: Final = 10_000
 _HEADER = batch.HEADER_STRUCT
 
 
@@ -103,6 +107,7 @@ class PartitionLog:
         self._flushed_seal_generation = 0
         self._last_flush_monotonic = time.monotonic()
         self._retired: list[tuple[Segment, Any]] = []  # (sealed segment, its old writable map)
+        self._standby: PreparedFile | None = None
         self._segments_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._failure: errors.StorageError | None = None
@@ -369,6 +374,14 @@ class PartitionLog:
         ):
             segment = self._roll(size)
         segment.append(view, headers, base_offset, self.config.index_interval_bytes)
+        if (
+            self._standby is None
+            and segment.size * 2 >= segment.capacity
+            and segment.rolling_base_ms is not None
+            and time.time_ns() // 1_000_000 - segment.rolling_base_ms
+            <= PREPARE_WHEN_HALF_FULL_WITHIN_MS
+        ):
+            self._standby = PreparedFile(self.directory, self.config.segment_bytes)
         # Hazard (flush ordering): publish the end offset only after the bytes and the stamps are
         # in the map and segment.size moved; flush() reads _end_offset first, sizes second.
         self._end_offset = base_offset + record_count
@@ -391,7 +404,19 @@ class PartitionLog:
 
     def _roll(self, needed: int) -> Segment:
         old = self._active
-        new = Segment.create(self.directory, self._end_offset, max(self.config.segment_bytes, needed))
+        capacity = max(self.config.segment_bytes, needed)
+        prepared = self._standby.take() if self._standby is not None else None
+        self._standby = None
+        if prepared is not None and prepared.capacity >= capacity:
+            try:
+                new = Segment.adopt(self.directory, self._end_offset, prepared)
+            except OSError as error:
+                prepared.discard()
+                raise errors.from_os_error(error, f"activating {prepared.path}") from error
+        else:
+            if prepared is not None:
+                prepared.discard()
+            new = Segment.create(self.directory, self._end_offset, capacity)
         try:
             retired = old.seal()
         except (OSError, ValueError) as error:
@@ -639,6 +664,9 @@ class PartitionLog:
                     pass
 
     def _close_segments(self) -> bool:
+        if self._standby is not None:
+            self._standby.discard()
+            self._standby = None
         with self._segments_lock:
             segments, self._segments = self._segments, []
         unmapped = True
