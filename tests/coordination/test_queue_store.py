@@ -118,3 +118,55 @@ def test_min_floor_over_subscriptions(tmp_path: Path) -> None:
     b.ack(range(3))
     assert store.min_floor("t", 0) == 3
     store.close()
+
+
+def test_reset_is_persisted(tmp_path: Path) -> None:
+    store = QueueStore.open(tmp_path / "q")
+    sub = store.get("s", "t", 0)
+    sub.offer(0, 0, 10, 0)
+    sub.ack(offsets_of(sub.acquire(0, "c", 10)))
+    store.persist(0)
+    sub.reset(4)
+    assert sub.ack_floor == 4 and sub.next_offset == 4 and not sub.in_flight
+    store.persist(1)
+    store.flush()
+    store.close()
+    store = QueueStore.open(tmp_path / "q")
+    sub = store.get("s", "t", 0)
+    assert sub.ack_floor == 4
+    sub.offer(0, 4, 6, 0)
+    assert offsets_of(sub.acquire(0, "c", 10)) == list(range(4, 10))
+    store.close()
+
+
+def test_a_failed_compaction_keeps_the_old_generation(tmp_path: Path, monkeypatch) -> None:
+    """Disk-full during compaction is simulated (monkeypatch): a real ENOSPC needs a small
+    filesystem this test environment cannot mount."""
+    from rustmq.coordination import journal as journal_mod
+    from rustmq.storage import errors
+
+    store = QueueStore.open(tmp_path / "q", compact_bytes=2048)
+
+    def full(*args, **kwargs):
+        raise errors.StorageFullError("no space left on device (simulated)")
+
+    monkeypatch.setattr(journal_mod.Journal, "_create_generation", full)
+    sub = store.get("s", "t", 0)
+    for i in range(0, 3000, 10):
+        sub.offer(0, i, 10, 0)
+        got = offsets_of(sub.acquire(0, "c", 10))
+        sub.ack(got[::2])
+        store.persist(i)
+    assert store.journal.compaction_failures >= 1 and store.journal.generation == 1
+    monkeypatch.undo()
+    for i in range(3000, 6000, 10):
+        sub.offer(0, i, 10, 0)
+        sub.ack(offsets_of(sub.acquire(0, "c", 10))[::2])
+        store.persist(i)
+    assert store.journal.generation > 1
+    expected = set(sub.done)
+    store.flush()
+    store.close()
+    store = QueueStore.open(tmp_path / "q", compact_bytes=2048)
+    assert store.get("s", "t", 0).done == expected
+    store.close()

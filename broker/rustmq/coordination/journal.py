@@ -33,14 +33,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
 import msgpack
 
 from rustmq.protocol import records
-from rustmq.storage import batch
+from rustmq.storage import batch, errors
 from rustmq.storage.config import FlushPolicy, LogConfig
 from rustmq.storage.partition import PartitionLog
 
@@ -74,7 +74,9 @@ class Journal:
         self.generation = 0
         self.partition: PartitionLog = None  # type: ignore[assignment]
         self._snapshot_bytes = 0  # size of the generation's first batch
+        self._retry_at_tail = 0  # after a failed compaction, wait for this much more tail
         self.compactions = 0
+        self.compaction_failures = 0
 
     @classmethod
     def open(cls, directory: Path, *, config: LogConfig = JOURNAL_CONFIG,
@@ -149,7 +151,24 @@ class Journal:
         return self.partition.size_bytes - self._snapshot_bytes
 
     def wants_compaction(self) -> bool:
-        return self.tail_bytes > max(self.compact_bytes, self._snapshot_bytes)
+        tail = self.tail_bytes
+        return tail > max(self.compact_bytes, self._snapshot_bytes, self._retry_at_tail)
+
+    def maybe_compact(self, live: Callable[[], Sequence[Entry]], now_ms: int) -> bool:
+        """Compact if due. A failure (disk full...) is logged and retried after another
+        `compact_bytes` of tail: the current generation stays valid, so nothing is lost."""
+        if not self.wants_compaction():
+            return False
+        try:
+            self.compact(live(), now_ms)
+        except (OSError, errors.StorageError) as error:
+            self.compaction_failures += 1
+            self._retry_at_tail = self.tail_bytes + self.compact_bytes
+            logger.error("%s: compaction failed (%s); keeping generation %d",
+                         self.directory, error, self.generation)
+            return False
+        self._retry_at_tail = 0
+        return True
 
     def compact(self, live: Sequence[Entry], now_ms: int) -> None:
         """Start a new generation holding exactly `live`, then delete the old one.

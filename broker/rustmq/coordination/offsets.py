@@ -150,8 +150,7 @@ class OffsetStore:
         ]
 
     def _maybe_compact(self, now_ms: int) -> None:
-        if self.journal.wants_compaction():
-            self.journal.compact(self.live_entries(), now_ms)
+        self.journal.maybe_compact(self.live_entries, now_ms)
 
     def _apply(self, key: bytes, value: bytes | None) -> None:
         version, group, topic, partition = msgpack.unpackb(key)

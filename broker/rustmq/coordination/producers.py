@@ -206,8 +206,7 @@ class ProducerIds:
             self.journal.append([(_ID_KEY, msgpack.packb(end))], now_ms)
             self.journal.flush()
             self._reserved_end = end
-            if self.journal.wants_compaction():
-                self.journal.compact([(_ID_KEY, msgpack.packb(end))], now_ms)
+            self.journal.maybe_compact(lambda: [(_ID_KEY, msgpack.packb(end))], now_ms)
         producer_id = self._next
         self._next += 1
         return producer_id

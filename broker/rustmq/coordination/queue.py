@@ -196,6 +196,7 @@ class QueueSubscription:
         self._lease_ids = itertools.count(1)
         self._dirty_done: list[int] = []
         self._dirty_failures: dict[int, int] = {}
+        self._outbox: list[DeadLetter] = []  # dead letters produced inside acquire()
         self.needs_snapshot = True  # its start offset is not persisted yet
         self.changed: set[QueueSubscription] | None = None  # the store's set of dirty states
 
@@ -254,8 +255,11 @@ class QueueSubscription:
 
     def acquire(self, now_ms: int, consumer: str, max_messages: int,
                 ack_wait_ms: int | None = None) -> Delivery | None:
-        """Lease up to `max_messages` available records to `consumer`; None if there are none."""
-        self._release_due(now_ms)
+        """Lease up to `max_messages` available records to `consumer`; None if there are none.
+
+        Expired leases it processes first may dead-letter records: `take_dead_letters()` after.
+        """
+        self._outbox.extend(self._release_due(now_ms))
         room = min(max_messages, self.settings.max_in_flight - len(self.in_flight))
         if room <= 0:
             return None
@@ -424,8 +428,17 @@ class QueueSubscription:
         return letters
 
     def expire_leases(self, now_ms: int) -> list[DeadLetter]:
-        """Fail records whose lease deadline passed; also releases due delayed records."""
-        return self._release_due(now_ms)
+        """Fail records whose lease deadline passed; also releases due delayed records.
+
+        Returns the dead letters this causes, and any left by an earlier `acquire`.
+        """
+        letters = self._release_due(now_ms)
+        return self.take_dead_letters() + letters if self._outbox else letters
+
+    def take_dead_letters(self) -> list[DeadLetter]:
+        """Dead letters produced by `acquire` (lease expiries it processed) not yet returned."""
+        letters, self._outbox = self._outbox, []
+        return letters
 
     def next_deadline_ms(self) -> int | None:
         """The next time `expire_leases` has something to do (lease or delay due)."""
@@ -525,6 +538,19 @@ class QueueSubscription:
                          if o >= self.ack_floor and o not in self.done}
         self._advance_floor()
         self.next_offset = max(self.next_offset, self.ack_floor)
+
+    def reset(self, start_offset: int) -> None:
+        """Forget all progress and start over at `start_offset` (an admin "reset subscription to
+        an offset or time", resolved to an offset by the caller). Leases in flight are dropped:
+        acks for them are then rejected or counted as duplicates."""
+        if start_offset < 0:
+            raise QueueError("start offset must be >= 0")
+        changed, counters = self.changed, self.counters
+        self.__init__(self.subscription, self.topic, self.partition, self.settings,  # type: ignore[misc]
+                      start_offset=start_offset)
+        self.changed, self.counters = changed, counters
+        if changed is not None:
+            changed.add(self)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -707,8 +733,7 @@ class QueueStore:
         if not entries:
             return None
         last = self.journal.append(entries, now_ms)
-        if self.journal.wants_compaction():
-            self.journal.compact(self._live_entries(), now_ms)
+        self.journal.maybe_compact(self._live_entries, now_ms)
         return last
 
     def flush(self) -> int:
