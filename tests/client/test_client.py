@@ -145,3 +145,25 @@ async def test_retention_runs_in_the_broker_and_consumers_skip_to_the_log_start(
             assert got and got[0].offset == start
     finally:
         assert process.stop() == 0
+
+
+async def test_raw_fetch_views_stay_intact_while_later_fetches_arrive(broker) -> None:
+    async with Producer(broker.bootstrap, batch_bytes=512 << 10) as producer:
+        for index in range(6000):
+            await producer.send("views", b"%06d" % index * 170, partition=0)
+    async with Consumer(broker.bootstrap, "views", partitions=[0], max_bytes=1 << 20) as consumer:
+        held = []
+        for _ in range(4):  # every response is a large frame (> 256 KiB)
+            for _partition, data, _fetched_from in await consumer.fetch_raw():
+                held.append((data, bytes(data)))
+        assert len(held) >= 3
+        for view, snapshot in held:
+            assert view == snapshot  # no buffer was reused under a live view
+        del view, held
+        messages = []
+        async with asyncio.timeout(20):
+            async for batch in consumer.batches():
+                messages += batch
+                if consumer.positions[0] >= 6000:
+                    break
+    assert messages[-1].value == b"005999" * 170

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 from typing import Any, NamedTuple
 
 from rustmq.client.errors import BrokerError, ConnectionClosedError
@@ -44,10 +45,12 @@ class _Protocol(asyncio.BufferedProtocol):
         self._frame_need = 0
         self._big: bytearray | None = None  # a large frame is received into its own buffer
         self._big_filled = 0
+        self._big_length = 0
+        self._spares: list[bytearray] = []  # large-frame buffers, reused once nothing views them
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._big is not None:
-            return memoryview(self._big)[self._big_filled :]
+            return memoryview(self._big)[self._big_filled : self._big_length]
         if len(self._buf) - self._wpos < _MIN_READ:
             unread = self._wpos - self._rpos
             if unread + _MIN_READ > len(self._buf):
@@ -62,9 +65,9 @@ class _Protocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self._big is not None:
             self._big_filled += nbytes
-            if self._big_filled == len(self._big):
+            if self._big_filled == self._big_length:
                 body, self._big = self._big, None
-                self._connection._on_frame(memoryview(body), owned=True)
+                self._connection._on_frame(memoryview(body)[: self._big_length], owned=True)
             return
         self._wpos += nbytes
         buf = self._buf
@@ -78,16 +81,27 @@ class _Protocol(asyncio.BufferedProtocol):
             if end > self._wpos:
                 if length > _MIN_READ:
                     # Receive the rest straight into a buffer the response can keep (no copy).
-                    big = bytearray(length)
+                    big = self._large_buffer(length)
                     have = self._wpos - start
                     big[:have] = memoryview(buf)[start : self._wpos]
-                    self._big, self._big_filled = big, have
+                    self._big, self._big_filled, self._big_length = big, have, length
                     self._rpos = self._wpos = 0
                 break
             self._rpos = end
             self._connection._on_frame(memoryview(buf)[start:end], owned=False)
         if self._rpos == self._wpos:
             self._rpos = self._wpos = 0
+
+    def _large_buffer(self, length: int) -> bytearray:
+        # Hazard: a response payload is a view of its buffer. A spare is reused only when no
+        # view of it is alive: its references are then exactly the list, the loop variable and
+        # getrefcount's argument. Reuse spares the page faults of a fresh multi-MiB buffer.
+        for spare in self._spares:
+            if len(spare) >= length and sys.getrefcount(spare) == 3:
+                return spare
+        fresh = bytearray(length)
+        self._spares = [*self._spares[-2:], fresh]
+        return fresh
 
     def pause_writing(self) -> None:
         self._connection._write_paused()
