@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
 from rustmq.client.admin import Admin
-from rustmq.client.connection import Connection, Response, check, parse_address
+from rustmq.client.connection import Connection, Response, check
 from rustmq.client.errors import BrokerError
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey, ErrorCode
