@@ -94,8 +94,8 @@ def probe_workers(**_: Any) -> dict[str, Any]:
 
 
 @kopf.on.event(specs.GROUP, specs.VERSION, specs.PLURAL)
-def cluster_changed(type: str | None, name: str, namespace: str, **_: Any) -> None:
-    if type == "DELETED":
+def cluster_changed(event: kopf.RawEvent, name: str, namespace: str, **_: Any) -> None:
+    if event["type"] == "DELETED":
         STATE.known.discard((namespace, name))
         STATE.queue.forget((namespace, name))
     else:
