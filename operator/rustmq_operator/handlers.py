@@ -90,7 +90,8 @@ def probe_workers(**_: Any) -> dict[str, Any]:
     dead = [task.get_name() for task in STATE.workers if task.done()]
     if dead:
         raise kopf.PermanentError(f"reconcile workers stopped: {', '.join(dead)}")
-    return {"queued": len(STATE.queue), "seconds_since_last_pass": round(time.monotonic() - STATE.last_pass, 1)}
+    since = round(time.monotonic() - STATE.last_pass, 1) if STATE.last_pass else None
+    return {"queued": len(STATE.queue), "seconds_since_last_pass": since}
 
 
 @kopf.on.event(specs.GROUP, specs.VERSION, specs.PLURAL)

@@ -26,6 +26,7 @@ def _support() -> Any:
 
 
 ops = _support()
+pytestmark = pytest.mark.slow
 crd_installed = ops.crd_installed
 import yaml  # noqa: E402
 

@@ -24,6 +24,7 @@ def _support() -> Any:
 
 
 ops = _support()
+pytestmark = pytest.mark.slow
 crd_installed = ops.crd_installed
 operator = ops.operator
 
