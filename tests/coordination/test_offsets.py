@@ -143,14 +143,15 @@ def test_acknowledged_commits_survive_sigkill(tmp_path: Path, after: int) -> Non
         acked = int(line)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    acked = max([acked] + [int(line) for line in proc.stdout.read().split()])  # still in the pipe
     proc.stdout.close()
     store = OffsetStore.open(directory, compact_bytes=4096)
     committed = store.fetch("g")
     for partition in range(4):
-        last_acked = max(i for i in range(1, acked + 1) if i % 4 == partition) if acked >= 4 else 0
+        last_acked = max(i for i in range(1, acked + 1) if i % 4 == partition)
         got = committed[("t", partition)].offset
         assert got >= last_acked  # never lose an acknowledged commit
-        assert got <= acked + 4  # and never invent one
+        assert got <= acked + 1  # and never invent one (the commit in progress may be there)
     assert len(list(directory.iterdir())) == 1
     store.close()
 

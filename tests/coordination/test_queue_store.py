@@ -92,6 +92,9 @@ def test_acknowledged_acks_survive_sigkill(tmp_path: Path) -> None:
         confirmed.update(int(x) for x in line.split())
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    for line in proc.stdout.read().splitlines():  # confirmed lines still in the pipe
+        if line.strip():
+            confirmed.update(int(x) for x in line.split())
     proc.stdout.close()
     store = QueueStore.open(tmp_path / "q", compact_bytes=8192)
     assert store.journal.generation > 1

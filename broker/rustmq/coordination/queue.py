@@ -138,7 +138,7 @@ class Lease:
 class Delivery(NamedTuple):
     lease_id: int
     deadline_ms: int
-    ranges: list[tuple[int, int]]  # [start, end) offset ranges leased, ascending per lane
+    ranges: list[tuple[int, int]]  # [start, end) offset ranges leased, in service order
     attempts: dict[int, int]  # delivery number of offsets delivered before (absent: first)
 
     @property
@@ -161,7 +161,7 @@ class AckResult(NamedTuple):
 
 class Counters:
     __slots__ = ("delivered", "redelivered", "acked", "nacked", "lease_expired", "dead_lettered",
-                 "expired")
+                 "expired", "skipped")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -286,8 +286,7 @@ class QueueSubscription:
             return None
         wait = self.settings.ack_wait_ms if ack_wait_ms is None else ack_wait_ms
         deadline = now_ms + wait
-        taken.sort()
-        lease = Lease(next(self._lease_ids), consumer, deadline, taken)
+        lease = Lease(next(self._lease_ids), consumer, deadline, sorted(taken))
         in_flight = self.in_flight
         failures = self.failures
         attempts: dict[int, int] = {}
@@ -538,6 +537,25 @@ class QueueSubscription:
                          if o >= self.ack_floor and o not in self.done}
         self._advance_floor()
         self.next_offset = max(self.next_offset, self.ack_floor)
+
+    def skip_to(self, offset: int) -> None:
+        """Treat every offset below `offset` as gone (retention deleted it before this
+        subscription settled it): counted as `skipped`, persisted as a new floor."""
+        if offset <= self.ack_floor:
+            return
+        below = sum(1 for o in self.done if o < offset)
+        self.counters.skipped += offset - self.ack_floor - below
+        self.ack_floor = offset
+        self.done = {o for o in self.done if o >= offset}
+        for o in [o for o in self.in_flight if o < offset]:
+            del self.in_flight[o]
+        self.failures = {o: n for o, n in self.failures.items() if o >= offset}
+        self.reasons = {o: r for o, r in self.reasons.items() if o >= offset}
+        self.next_offset = max(self.next_offset, offset)
+        self._advance_floor()
+        self.needs_snapshot = True
+        if self.changed is not None:
+            self.changed.add(self)
 
     def reset(self, start_offset: int) -> None:
         """Forget all progress and start over at `start_offset` (an admin "reset subscription to
