@@ -12,6 +12,9 @@ Figures:
 * queue_batched_durable_msg_per_s: the same plus an fsync per batch (QueueStore.flush).
 * queue_individual_ack_per_s: ack([offset]) one call per message (acquire in batches).
 * queue_individual_persisted_ack_per_s: the same with a journal append after every ack.
+* queue_from_log_msg_per_s: a real PartitionLog holding --messages 100-byte records in batches of
+  --batch: queue_log.fill + acquire + read_delivery + ack + QueueStore.persist per batch (no
+  fsync); everything a QUEUE_FETCH/QUEUE_ACK pair costs except the network.
 * offsets_commit_per_s: OffsetStore.commit of one partition per call, no fsync.
 * rebalance_12_partitions_ms: Group.leave of one of 4 members of a 12-partition group.
 """
@@ -30,6 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "broker"))
 
 from rustmq.coordination import group as group_mod  # noqa: E402
+from rustmq.coordination import queue_log  # noqa: E402
+from rustmq.protocol import records  # noqa: E402
+from rustmq.storage import batch as storage_batch  # noqa: E402
+from rustmq.storage.config import LogConfig  # noqa: E402
+from rustmq.storage.partition import PartitionLog  # noqa: E402
 from rustmq.coordination.offsets import OffsetStore  # noqa: E402
 from rustmq.coordination.queue import QueueSettings, QueueStore, QueueSubscription  # noqa: E402
 
@@ -77,6 +85,34 @@ def queue_individual(messages: int, batch: int, store: QueueStore | None) -> flo
         acked += len(offsets)
     assert sub.ack_floor == messages
     return acked / elapsed
+
+
+def queue_from_log(messages: int, batch: int, directory: Path) -> float:
+    log = PartitionLog.open(directory / "log", LogConfig(segment_bytes=64 << 20, retention_ms=None))
+    body = records.encode_body([[0, None, b"v" * 100, None]] * batch)
+    built = storage_batch.build_batch(body, record_count=batch, first_timestamp_ms=1,
+                                      max_timestamp_ms=1)
+    for _ in range(messages // batch):
+        log.append(built)
+    store = QueueStore.open(directory / "state")
+    sub = store.get("s", "t", 0)
+    sub.settings = QueueSettings(max_in_flight=batch * 2, max_lookahead=batch * 4)
+    start = time.perf_counter()
+    now = 0
+    while sub.ack_floor < log.end_offset:
+        now += 1
+        queue_log.fill(sub, log, now)
+        delivery = sub.acquire(now, "c", batch)
+        assert delivery is not None
+        for view in queue_log.read_delivery(log, delivery):
+            view.release()
+        sub.ack([o for s, e in delivery.ranges for o in range(s, e)])
+        store.persist(now)
+    elapsed = time.perf_counter() - start
+    consumed = log.end_offset
+    store.close()
+    log.close()
+    return consumed / elapsed
 
 
 def offsets_commit(count: int, directory: Path) -> float:
@@ -136,6 +172,8 @@ def main() -> None:
         best("queue_individual_ack_per_s", lambda: queue_individual(n, b, None))
         best("queue_individual_persisted_ack_per_s",
              with_store(lambda s: queue_individual(n // 4, b, s)))
+        best("queue_from_log_msg_per_s",
+             lambda: queue_from_log(n, b, Path(tempfile.mkdtemp(dir=root))))
         best("offsets_commit_per_s", lambda: offsets_commit(20_000, root / f"o{next(counter)}"))
         best("rebalance_12_partitions_ms", rebalance_ms, higher_is_better=False)
     results.update({
