@@ -176,6 +176,7 @@ class PartitionLog:
         removed: list[str] = []
         expected = bases[0] if bases else 0
         kept: list[tuple[int, int, int, ScanResult, bool, bool]] = []  # base, fd, size, state...
+        pending_fd = -1  # opened, not yet in `kept`
         try:
             for i, base in enumerate(bases):
                 path = directory / f"{base:020d}{LOG_SUFFIX}"
@@ -186,7 +187,7 @@ class PartitionLog:
                     removed.append(path.name)
                     _remove_segment_files(directory, base)
                     continue
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                fd = pending_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
                 file_size = os.fstat(fd).st_size
                 state = None
                 trusted = i < first_scanned or (clean and i == len(bases) - 1)
@@ -218,13 +219,17 @@ class PartitionLog:
                                          directory, recovery_point)
                 if state.size == 0 and i < len(bases) - 1 and reason is None:
                     os.close(fd)  # an empty segment in the middle holds nothing: drop it
+                    pending_fd = -1
                     removed.append(path.name)
                     _remove_segment_files(directory, base)
                     continue
                 kept.append((base, fd, file_size, state, trusted and index_loaded, trusted))
+                pending_fd = -1
                 expected = state.next_offset
             self._build(kept, clean, reason)
         except BaseException:
+            if pending_fd >= 0:
+                os.close(pending_fd)
             for _, fd, *_ in kept:
                 if fd >= 0:
                     try:
@@ -271,7 +276,7 @@ class PartitionLog:
             self._bases = [self._active.base_offset]
             self._end_offset = self._durable_offset = self._active.base_offset
             return
-        segments: list[Segment] = []
+        segments = self._segments  # filled as we go, so a failure half way closes what was built
         last = len(kept) - 1
         for i, (base, fd, file_size, state, index_loaded, trusted) in enumerate(kept):
             if i < last:
@@ -297,7 +302,6 @@ class PartitionLog:
             kept[i] = (base, -1, file_size, state, index_loaded, trusted)  # fd now owned
             segment.flushed_size = state.size if trusted else 0
             segments.append(segment)
-        self._segments = segments
         self._bases = [s.base_offset for s in segments]
         self._active = segments[-1]
         self._end_offset = self._active.next_offset
