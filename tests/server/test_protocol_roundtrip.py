@@ -232,3 +232,13 @@ def test_a_half_closed_client_still_gets_its_durable_acks(broker, raw) -> None:
     offsets = [client.recv()[0]["base_offset"] for _ in range(20)]
     assert offsets == list(range(20))
     assert client.closed_by_peer()
+
+
+def test_simple_messages_behind_a_durable_request_keep_their_order(broker, raw) -> None:
+    client = raw(broker.producer_port)
+    client.send({"api": ApiKey.PRODUCE, "topic": "mixed", "partition": 0, "acks": 2}, make_batch([b"durable"] * 5))
+    client.send_raw(simple.encode_message(b"simple", topic="mixed") * 3)
+    header, _ = client.recv()
+    assert (header["error"], header["base_offset"]) == (0, 0)
+    replies = [struct.unpack(">Q", client.recv_exact(8))[0] for _ in range(3)]
+    assert all(reply < 1 << 63 for reply in replies)

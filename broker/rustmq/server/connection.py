@@ -71,7 +71,8 @@ class Connection(asyncio.BufferedProtocol):
         self._draining = False  # shutdown: no new requests, finish the pending ones
         self._half_closed = False  # the client sent EOF while responses were still pending
         self._fetch_waits: set[_FetchWait] = set()
-        self._simple_groups: dict[tuple[str, int], tuple[list[list[Any]], list[int]]] = {}
+        # (topic, partition) -> (records, where each reply goes: (list, index) of a placeholder)
+        self._simple_groups: dict[tuple[str, int], tuple[list[list[Any]], list[tuple[list[Any], int]]]] = {}
         self._simple_sticky: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._handlers = {
@@ -420,8 +421,14 @@ class Connection(asyncio.BufferedProtocol):
         if group is None:
             group = self._simple_groups[(topic.name, partition)] = ([], [])
         group[0].append([0, message.key, message.value, message.headers])
-        group[1].append(len(self._out))
-        self._out.append(b"")  # placeholder for this message's reply
+        if self._pending:  # behind a response still being prepared: wait in a slot too
+            slot = _Slot()
+            slot.buffers = [b""]
+            self._pending.append(slot)
+            group[1].append((slot.buffers, 0))
+        else:
+            group[1].append((self._out, len(self._out)))
+            self._out.append(b"")  # placeholder for this message's reply
 
     def _simple_error(self, exc: BaseException) -> None:
         code = error_code_for(exc)
@@ -435,7 +442,6 @@ class Connection(asyncio.BufferedProtocol):
         groups, self._simple_groups = self._simple_groups, {}
         self._simple_sticky.clear()
         now = int(time.time() * 1000)
-        out = self._out
         for (topic, partition), (entries, slots) in groups.items():
             try:
                 batch = storage_batch.build_batch(
@@ -448,12 +454,12 @@ class Connection(asyncio.BufferedProtocol):
                     log.error("simple produce from %s failed", self._peer, exc_info=exc)
                 self._broker.stats.request_errors[code.name] += len(entries)
                 reply = simple.encode_error_reply(code)
-                for slot in slots:
-                    out[slot] = reply
+                for container, position in slots:
+                    container[position] = reply
                 continue
             pack = simple.REPLY.pack
-            for index, slot in enumerate(slots, produced.base_offset):
-                out[slot] = pack(index)
+            for offset, (container, position) in enumerate(slots, produced.base_offset):
+                container[position] = pack(offset)
 
     def _fetch(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         request = api.parse_fetch(header, self._settings.max_fetch_bytes)
