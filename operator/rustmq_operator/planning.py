@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from rustmq_operator import naming, spec as specs
 
@@ -329,3 +329,36 @@ def plan_roll(
         progressing=Verdict("RollingUpdate", message),
         events=(Event("Normal", "RestartingBroker", message),),
     )
+
+
+# Container states that do not fix themselves: a person has to change the spec (image, config).
+FAILING_REASONS: Final = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CrashLoopBackOff",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
+)
+
+
+def failing_brokers(
+    pods: Sequence[Mapping[str, Any]], cluster: str, replicas: int
+) -> Verdict | None:
+    """Stalled/BrokerFailing when a broker's container is stuck in a state only a spec change
+    fixes (the image cannot be pulled, the broker crash-loops). The roll stops there by itself,
+    since it waits for every broker to be Ready; this says why, for kstatus and ArgoCD."""
+    found = []
+    for pod in live_pods(pods, cluster, replicas):
+        for container in pod.get("status", {}).get("containerStatuses", []) or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in FAILING_REASONS:
+                detail = f"{pod['metadata']['name']}: {waiting['reason']}"
+                if waiting.get("message"):
+                    detail += f" ({str(waiting['message'])[:200]})"
+                found.append(detail)
+    if not found:
+        return None
+    return Verdict("BrokerFailing", "; ".join(found) + "; fix the spec (image, config) to recover")

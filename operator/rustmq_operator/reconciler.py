@@ -133,7 +133,11 @@ def reconcile(
     storage = planning.plan_storage(spec["storage"]["size"], observed)
     monitoring = monitoring_verdict(spec, observed)
     stalled = (
-        planning.Verdict("InvalidSpec", "; ".join(invalid)) if invalid else scale.stalled or storage.stalled
+        planning.Verdict("InvalidSpec", "; ".join(invalid))
+        if invalid
+        else scale.stalled
+        or storage.stalled
+        or planning.failing_brokers(observed.pods, name, scale.replicas)
     )
     progressing = storage.progressing or scale.progressing
 

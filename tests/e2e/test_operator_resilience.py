@@ -5,6 +5,7 @@ finishes it without restarting any broker twice, and the pause annotation stops 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -122,3 +123,38 @@ def test_pause_annotation_stops_changes_until_removed(cluster: Any, namespace: s
     ops.wait_for("the metrics Service to be restored", lambda: kubectl.get("service", "rustmq-metrics"), timeout=30)
     kubectl.wait_condition("Ready", "True", "Reconciled", timeout=120)
     assert (kubectl.get("configmap", "rustmq-config") or {})["data"]["RUSTMQ_LOG_LEVEL"] == "DEBUG"
+
+
+@pytest.mark.timeout(240)
+def test_a_failing_broker_stalls_the_cluster_until_the_spec_is_fixed(cluster: Any, namespace: str, operator: Any) -> None:
+    """kwok runs no containers, so the test writes the status a kubelet would report for a
+    crash-looping broker; the operator must say Stalled/BrokerFailing (ArgoCD: Degraded), keep
+    the other brokers, and replace the broken one as soon as a spec change gives it a new
+    configuration."""
+    kubectl = ops.Kubectl(cluster, namespace)
+    kubectl.apply(ops.cluster_cr(namespace, replicas=3))
+    kubectl.wait_condition("Ready", "True", "Reconciled", timeout=150)
+    before = {p["metadata"]["name"]: p["metadata"]["uid"] for p in kubectl.pods()}
+    crash = {
+        "status": {
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{
+                "name": "broker", "image": "rustmq:0.1.0", "imageID": "", "ready": False, "restartCount": 5,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m0s restarting failed container"}},
+            }],
+        }
+    }
+    kubectl.run("patch", "pod", "rustmq-1", "--subresource=status", "--type=merge", "-p", json.dumps(crash))
+    stalled = kubectl.wait_condition("Stalled", "True", "BrokerFailing", timeout=60)
+    assert "rustmq-1: CrashLoopBackOff" in stalled["message"]
+    assert kubectl.condition("Available")["status"] == "True"
+    assert kubectl.condition("Ready")["reason"] == "BrokerFailing"
+    time.sleep(4)
+    assert {p["metadata"]["name"]: p["metadata"]["uid"] for p in kubectl.pods()} == before
+
+    kubectl.patch("rmq", "rustmq", {"spec": {"image": "rustmq:0.1.1"}})
+    kubectl.wait_condition("Ready", "True", "Reconciled", timeout=150)
+    assert kubectl.condition("Stalled")["status"] == "False"
+    reasons = [e["reason"] for e in kubectl.list("events")]
+    assert "ReplacingBroker" in reasons and "BrokerFailing" in reasons
+    assert all(p["spec"]["containers"][0]["image"] == "rustmq:0.1.1" for p in kubectl.pods())

@@ -179,3 +179,19 @@ def test_a_broken_broker_on_an_old_revision_is_replaced_at_once() -> None:
 
 def test_a_hibernated_cluster_never_rolls() -> None:
     assert planning.plan_roll("rustmq", 0, "h2", planning.Observed(statefulset=statefulset(0)), True) == planning.RollPlan()
+
+
+def test_a_broker_that_cannot_pull_its_image_stalls_the_cluster() -> None:
+    broken = pod(2, ready=False, config_hash="h2")
+    broken["status"]["containerStatuses"] = [
+        {"name": "broker", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "rustmq:nope not found"}}}
+    ]
+    verdict = planning.failing_brokers([pod(0), pod(1), broken], "rustmq", 3)
+    assert verdict is not None and verdict.reason == "BrokerFailing"
+    assert "rustmq-2: ImagePullBackOff (rustmq:nope not found)" in verdict.message
+
+
+def test_a_starting_broker_is_not_failing() -> None:
+    starting = pod(0, ready=False)
+    starting["status"]["containerStatuses"] = [{"name": "broker", "state": {"waiting": {"reason": "ContainerCreating"}}}]
+    assert planning.failing_brokers([starting], "rustmq", 1) is None
