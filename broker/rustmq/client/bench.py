@@ -59,7 +59,9 @@ def add_arguments(commands: Any, client_flags: Callable[[argparse.ArgumentParser
         if name == "consume":
             parser.add_argument("--no-fill", action="store_true")
             parser.add_argument("--max-bytes", type=int, default=8 << 20)
-            parser.add_argument("--message-objects", action="store_true", help="also build a Message per record")
+            parser.add_argument("--decode", choices=["messages", "bodies", "none"], default="bodies",
+                                help="messages: build a Message per record; bodies: unpack batch bodies "
+                                     "(default); none: count from batch headers only")
         if name == "latency":
             parser.add_argument("--rate", type=int, default=10_000, help="records per second")
             parser.add_argument("--warmup", type=float, default=2.0, help="seconds excluded from the figures")
@@ -307,16 +309,19 @@ async def bench_consume(admin: Admin, args: argparse.Namespace) -> dict[str, Any
     deadline = started + args.duration if args.duration else None
     while seen < target and (deadline is None or time.perf_counter() < deadline):
         for partition, data, fetched_from in await consumer.fetch_raw():
-            if args.message_objects:
+            if args.decode == "messages":
                 messages, _ = decode_batches(args.topic, partition, data, fetched_from)
                 seen += len(messages)
-            else:
+            elif args.decode == "bodies":
                 seen += _decode_count(data, fetched_from)
+            else:
+                seen += consumer.positions[partition] - fetched_from
         progress.update(seen)
     elapsed = time.perf_counter() - started
     progress.done()
     await consumer.close()
-    return _result("consume", args, seen, elapsed, [], {"max_bytes": args.max_bytes, "decoded": "Message objects" if args.message_objects else "batch bodies unpacked (msgpack), no Message objects"})
+    return _result("consume", args, seen, elapsed, [], {"max_bytes": args.max_bytes, "decoded": {"messages": "a Message per record", "bodies": "batch bodies unpacked (msgpack), no Message objects",
+                "none": "nothing: records counted from batch headers (the broker's fetch rate)"}[args.decode]})
 
 
 def _decode_count(data: memoryview, position: int) -> int:
