@@ -12,4 +12,6 @@ are testable with real files and no sockets, and the server wires them to its re
 * `queue`       per-message-ack subscriptions: leases, redelivery, dead letters, delays, TTL,
                 priorities, with the acked set persisted as ack floor + sparse ranges
 * `producers`   idempotent producer ids and per-partition sequence checks
+* `queue_log`   queue delivery against PartitionLogs: fill, read leased batches, dead letters
+* `service`     `Coordinator`: all of the above for one broker, behind typed calls
 """

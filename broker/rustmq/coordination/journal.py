@@ -1,6 +1,6 @@
 """A compacting key/value journal on a PartitionLog: the persistence of every coordination store.
 
-Layout (one directory per store, e.g. ``<data_dir>/__consumer_offsets``)::
+Layout (one directory per store, e.g. ``<data_dir>/coordination/consumer_offsets``)::
 
     gen-00000000000000000007/   a PartitionLog (rustmq.storage) holding the current generation
     gen-00000000000000000008/   a newer generation being written by `compact` (or a leftover)

@@ -1,6 +1,6 @@
 """Committed offsets of stream consumer groups, kept durably in the broker's own journal.
 
-One `Journal` (``<data_dir>/__consumer_offsets``) holds one record per committed
+One `Journal` (``<data_dir>/coordination/consumer_offsets``) holds one record per committed
 (group, topic, partition). Record format (msgpack, inside the journal's record batches)::
 
     key   = [1, group:str, topic:str, partition:int]          (1 = key format version)

@@ -683,7 +683,7 @@ STATE_KEY_VERSION: Final = 1
 
 
 class QueueStore:
-    """Persists every QueueSubscription of a broker in one Journal (``__queue_state``).
+    """Persists every QueueSubscription of a broker in one Journal (``coordination/queue_state``).
 
     Record format (msgpack): key ``[1, subscription, topic, partition]``; value one of
     ``["s", floor, [[start, end], ...], [[offset, failures], ...]]`` (a snapshot: replaces the

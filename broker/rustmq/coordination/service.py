@@ -1,0 +1,269 @@
+"""One object per broker that holds all coordination state and speaks in typed calls, so the
+server only maps requests to methods and waits for durability.
+
+Data layout (next to the storage engine's ``topics/`` under the broker's data dir)::
+
+    coordination/consumer_offsets/   OffsetStore journal
+    coordination/queue_state/        QueueStore journal
+    coordination/producer_ids/       ProducerIds journal
+
+Threading: every method runs on the thread that owns the `rustmq.storage.Log` (the event loop).
+Durability: methods that write return `Durable(partition, offset)` values; the server answers
+the request only once `partition.durable_offset > offset` (`Broker.when_durable`).
+
+Dead letters are written to ``<topic>.<subscription>.dlq`` (created on first use with as many
+partitions as the origin topic; a dead letter keeps its partition number) and flushed
+synchronously before the subscription state that marks them done can be journaled: a rare
+event (a poison message), so the blocking fsync is acceptable, and no crash, power loss
+included, can lose a dead letter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from rustmq.coordination import group as group_mod
+from rustmq.coordination import queue, queue_log
+from rustmq.coordination.offsets import OffsetStore
+from rustmq.coordination.producers import Decision, ProducerIds, ProducerStateTable
+from rustmq.storage import batch, errors
+from rustmq.storage.log import Log
+from rustmq.storage.partition import PartitionLog
+
+TopicPartition = tuple[str, int]
+
+
+class Durable(NamedTuple):
+    """Answer the request once `partition.durable_offset > offset`."""
+
+    partition: PartitionLog
+    offset: int
+
+
+class QueueFetch(NamedTuple):
+    delivery: queue.Delivery
+    views: list[memoryview]  # whole batches holding the leased offsets; release once sent
+
+
+class Coordinator:
+    def __init__(self, log: Log, offsets: OffsetStore, queues: queue.QueueStore,
+                 producer_ids: ProducerIds, incarnation: str) -> None:
+        self.log = log
+        self.offsets = offsets
+        self.queues = queues
+        self.producer_ids = producer_ids
+        self.groups = group_mod.GroupCoordinator(self._partition_count, incarnation)
+        self._producer_states: dict[TopicPartition, tuple[PartitionLog, ProducerStateTable]] = {}
+
+    @classmethod
+    def open(cls, data_dir: Path, log: Log, *, incarnation: str,
+             queue_settings: queue.QueueSettings | None = None) -> Coordinator:
+        root = Path(data_dir) / "coordination"
+        offsets = OffsetStore.open(root / "consumer_offsets")
+        try:
+            queues = queue.QueueStore.open(root / "queue_state", queue_settings)
+            try:
+                producer_ids = ProducerIds.open(root / "producer_ids")
+            except BaseException:
+                queues.close()
+                raise
+        except BaseException:
+            offsets.close()
+            raise
+        return cls(log, offsets, queues, producer_ids, incarnation)
+
+    def close(self, clean: bool = True) -> None:
+        self.offsets.close(clean)
+        self.queues.close(clean)
+        self.producer_ids.close(clean)
+
+    def _partition_count(self, topic: str) -> int:
+        try:
+            return len(self.log.topic(topic).partitions)
+        except errors.UnknownTopicError:
+            return 0
+
+    def _partition(self, topic: str, partition: int) -> PartitionLog:
+        partitions = self.log.topic(topic).partitions  # UnknownTopicError
+        if not 0 <= partition < len(partitions):
+            raise errors.OffsetOutOfRangeError(partition, 0, len(partitions))
+        return partitions[partition]
+
+    # ------------------------------------------------------------------------------- groups
+
+    def join_group(self, now_ms: int, group: str, topics: Sequence[str], **member: object
+                   ) -> group_mod.MemberView:
+        """Join (see `Group.join` for member_id, client_id, instance_id, session_timeout_ms)."""
+        return self.groups.group(group).join(now_ms, topics, **member)  # type: ignore[arg-type]
+
+    def heartbeat(self, now_ms: int, group: str, member_id: str, generation: int
+                  ) -> group_mod.MemberView:
+        return self.groups.group(group).heartbeat(now_ms, member_id, generation)
+
+    def leave_group(self, group: str, member_id: str) -> None:
+        self.groups.group(group).leave(member_id)
+
+    def commit_offsets(self, now_ms: int, group: str, member_id: str | None, generation: int,
+                       offsets: Mapping[TopicPartition, int], metadata: str = "") -> Durable:
+        """Fenced commit (GroupError subclasses, InvalidCommitError); answer once durable."""
+        self.groups.group(group).check_commit(member_id, generation, offsets)
+        last = self.offsets.commit(now_ms, group, offsets, metadata)
+        return Durable(self.offsets.journal.partition, last)
+
+    def fetch_offsets(self, group: str, partitions: Iterable[TopicPartition] | None = None
+                      ) -> dict[TopicPartition, int]:
+        return {tp: c.offset for tp, c in self.offsets.fetch(group, partitions).items()}
+
+    def group_lag(self, group: str) -> dict[TopicPartition, int]:
+        """Lag of every partition of every topic the group has members for or committed on."""
+        topics = set(self.groups.groups[group].topics()) if group in self.groups.groups else set()
+        topics.update(t for t, _ in self.offsets.fetch(group))
+        ends: dict[TopicPartition, int] = {}
+        starts: dict[TopicPartition, int] = {}
+        for topic in sorted(topics):
+            try:
+                partitions = self.log.topic(topic).partitions
+            except errors.UnknownTopicError:
+                continue
+            for index, plog in enumerate(partitions):
+                ends[(topic, index)] = plog.end_offset
+                starts[(topic, index)] = plog.start_offset
+        return self.offsets.lag(group, ends, starts)
+
+    def describe_group(self, group: str) -> dict[str, object]:
+        described = (self.groups.groups[group].describe() if group in self.groups.groups
+                     else {"group": group, "state": "empty", "generation": 0, "members": []})
+        described["lag"] = [[t, p, lag] for (t, p), lag in sorted(self.group_lag(group).items())]
+        return described
+
+    def list_groups(self) -> list[str]:
+        return sorted(set(self.groups.groups) | set(self.offsets.groups()))
+
+    # ------------------------------------------------------------------------------- queues
+
+    def subscription(self, subscription: str, topic: str, partition: int
+                     ) -> queue.QueueSubscription:
+        plog = self._partition(topic, partition)
+        return self.queues.get(subscription, topic, partition, start_offset=plog.start_offset)
+
+    def queue_fetch(self, now_ms: int, subscription: str, topic: str, partition: int,
+                    consumer: str, max_messages: int, ack_wait_ms: int | None = None
+                    ) -> QueueFetch | None:
+        plog = self._partition(topic, partition)
+        sub = self.subscription(subscription, topic, partition)
+        queue_log.fill(sub, plog, now_ms)
+        delivery = sub.acquire(now_ms, consumer, max_messages, ack_wait_ms)
+        self._dead_letter(now_ms, sub, sub.take_dead_letters())
+        if delivery is None:
+            return None
+        return QueueFetch(delivery, queue_log.read_delivery(plog, delivery))
+
+    def queue_ack(self, now_ms: int, subscription: str, topic: str, partition: int,
+                  offsets: Sequence[int]) -> tuple[queue.AckResult, Durable | None]:
+        result = self.subscription(subscription, topic, partition).ack(offsets)
+        return result, self.persist(now_ms)
+
+    def queue_nack(self, now_ms: int, subscription: str, topic: str, partition: int,
+                   offsets: Sequence[int], delay_ms: int = 0, reason: str = "nack"
+                   ) -> Durable | None:
+        sub = self.subscription(subscription, topic, partition)
+        self._dead_letter(now_ms, sub, sub.nack(now_ms, offsets, delay_ms, reason))
+        return self.persist(now_ms)
+
+    def queue_extend(self, now_ms: int, subscription: str, topic: str, partition: int,
+                     offsets: Sequence[int], ack_wait_ms: int | None = None) -> int:
+        return self.subscription(subscription, topic, partition).extend(now_ms, offsets,
+                                                                        ack_wait_ms)
+
+    def consumer_gone(self, now_ms: int, consumer: str) -> Durable | None:
+        """A queue consumer disconnected: its leases fail (count towards max deliveries)."""
+        for sub in list(self.queues.subscriptions.values()):
+            self._dead_letter(now_ms, sub, sub.release_consumer(now_ms, consumer))
+        return self.persist(now_ms)
+
+    def persist(self, now_ms: int) -> Durable | None:
+        last = self.queues.persist(now_ms)
+        return None if last is None else Durable(self.queues.journal.partition, last)
+
+    def _dead_letter(self, now_ms: int, sub: queue.QueueSubscription,
+                     letters: list[queue.DeadLetter]) -> None:
+        if not letters:
+            return
+        name = queue.dead_letter_topic(sub.topic, sub.subscription)
+        try:
+            dlq_topic = self.log.topic(name)
+        except errors.UnknownTopicError:
+            dlq_topic = self.log.create_topic(name, self._partition_count(sub.topic) or 1)
+        dlq = dlq_topic.partitions[sub.partition % len(dlq_topic.partitions)]
+        queue_log.write_dead_letters(letters, sub.subscription,
+                                     self._partition(sub.topic, sub.partition), dlq, now_ms)
+        dlq.flush()  # Hazard: durable before the done marks can be journaled (module docstring)
+
+    # ------------------------------------------------------------------------------- timers
+
+    def tick(self, now_ms: int) -> Durable | None:
+        """Expire group sessions and queue leases; handle dead letters; persist."""
+        self.groups.expire(now_ms)
+        for sub in list(self.queues.subscriptions.values()):
+            self._dead_letter(now_ms, sub, sub.expire_leases(now_ms))
+        return self.persist(now_ms)
+
+    def next_deadline_ms(self) -> int | None:
+        times = [t for t in (self.groups.next_deadline_ms(),
+                             *(s.next_deadline_ms() for s in self.queues.subscriptions.values()))
+                 if t is not None]
+        return min(times, default=None)
+
+    # ------------------------------------------------------------------------------- producers
+
+    def init_producer(self, now_ms: int) -> int:
+        return self.producer_ids.allocate(now_ms)
+
+    def producer_state(self, topic: str, partition: int) -> ProducerStateTable:
+        """The partition's producer table, rebuilt from its batch headers on first use (and
+        again if the partition object changed, e.g. the topic was deleted and re-created)."""
+        plog = self._partition(topic, partition)
+        cached = self._producer_states.get((topic, partition))
+        if cached is None or cached[0] is not plog:
+            cached = (plog, ProducerStateTable.rebuild(plog))
+            self._producer_states[(topic, partition)] = cached
+        return cached[1]
+
+    def plan_produce(self, topic: str, partition: int, batches: bytes | memoryview
+                     ) -> list[Decision]:
+        """Idempotence decisions for the (already validated) batches of one produce request."""
+        headers = _headers(batches)
+        return self.producer_state(topic, partition).plan(
+            [(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count) for h in headers])
+
+    def record_produce(self, topic: str, partition: int, appended: bytes | memoryview,
+                       base_offset: int) -> None:
+        """After appending `appended` (the non-duplicate batches) at `base_offset`."""
+        state = self.producer_state(topic, partition)
+        offset = base_offset
+        for h in _headers(appended):
+            state.record(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count, offset)
+            offset += h.record_count
+
+    # ------------------------------------------------------------------------------- metrics
+
+    def metrics(self) -> dict[str, object]:
+        """Scrape-time snapshot: lag per group and partition, queue counters and in-flight."""
+        return {
+            "group_lag": {g: {f"{t}/{p}": lag for (t, p), lag in self.group_lag(g).items()}
+                          for g in self.list_groups()},
+            "queues": [s.describe() for s in self.queues.subscriptions.values()],
+        }
+
+
+def _headers(batches: bytes | memoryview) -> list[batch.BatchHeader]:
+    view = memoryview(batches)
+    headers = []
+    pos = 0
+    while pos < len(view):
+        header = batch.read_header(view, pos)
+        headers.append(header)
+        pos += header.size
+    return headers
