@@ -268,3 +268,12 @@ def test_dead_letters_from_expiries_processed_by_acquire_are_kept() -> None:
     assert sub.take_dead_letters() == []
     sub.acquire(20, "b", 5)
     assert sub.expire_leases(20) == [q.DeadLetter("jobs", 0, 1, 1, "lease expired")]
+
+
+def test_lease_heap_stays_bounded_under_fast_acks() -> None:
+    sub = new_sub(max_in_flight=100, ack_wait_ms=60_000)
+    for i in range(0, 100_000, 10):
+        sub.offer(0, i, 10, 0)
+        sub.ack(offsets_of(sub.acquire(i, "c", 10)))
+    assert len(sub._deadlines) <= 2 * 100 + 64 + 1
+    assert sub.ack_floor == 100_000

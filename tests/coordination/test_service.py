@@ -120,3 +120,16 @@ def test_idempotent_produce_survives_restart(tmp_path: Path) -> None:
     assert decisions[0].verdict is Verdict.DUPLICATE and decisions[0].original.base_offset == 0
     assert coord.init_producer(0) != pid
     close_all(log, coord)
+
+
+def test_unknown_topic_and_partition_are_clear_errors(tmp_path: Path) -> None:
+    from rustmq.coordination.service import UnknownPartitionError
+    from rustmq.storage import errors
+
+    log, coord = open_all(tmp_path)
+    log.create_topic("t", 1)
+    with pytest.raises(UnknownPartitionError, match="no partition 3"):
+        coord.queue_fetch(0, "s", "t", 3, "c", 1)
+    with pytest.raises(errors.UnknownTopicError):
+        coord.queue_fetch(0, "s", "nope", 0, "c", 1)
+    close_all(log, coord)

@@ -300,9 +300,21 @@ class QueueSubscription:
                     if failed:
                         attempts[offset] = failed + 1
         heapq.heappush(self._deadlines, (deadline, lease.lease_id, lease))
+        if len(self._deadlines) > 2 * self.settings.max_in_flight + 64:
+            self._prune_deadlines()
         self.counters.delivered += delivered
         self.counters.redelivered += len(attempts)
         return Delivery(lease.lease_id, deadline, [(s, e) for s, e, _, _ in taken], attempts)
+
+    def _prune_deadlines(self) -> None:
+        """Drop heap entries of leases with nothing left in flight (all acked or re-leased), so
+        the heap stays within about 2 x max_in_flight entries however fast acks come."""
+        live = {id(lease) for lease in self.in_flight.values()}
+        self._deadlines = [entry for entry in self._deadlines
+                           if id(entry[2]) in live and any(
+                               self.in_flight.get(o) is entry[2]
+                               for s, e, _, _ in entry[2].ranges for o in range(s, e))]
+        heapq.heapify(self._deadlines)
 
     def _has_available(self) -> bool:
         return any(self._fresh) or any(self._retry)

@@ -35,6 +35,10 @@ from rustmq.storage.partition import PartitionLog
 TopicPartition = tuple[str, int]
 
 
+class UnknownPartitionError(LookupError):
+    code = "UNKNOWN_PARTITION"
+
+
 class Durable(NamedTuple):
     """Answer the request once `partition.durable_offset > offset`."""
 
@@ -88,7 +92,8 @@ class Coordinator:
     def _partition(self, topic: str, partition: int) -> PartitionLog:
         partitions = self.log.topic(topic).partitions  # UnknownTopicError
         if not 0 <= partition < len(partitions):
-            raise errors.OffsetOutOfRangeError(partition, 0, len(partitions))
+            raise UnknownPartitionError(
+                f"topic {topic!r} has {len(partitions)} partitions; there is no partition {partition}")
         return partitions[partition]
 
     # ------------------------------------------------------------------------------- groups
