@@ -309,11 +309,8 @@ class QueueSubscription:
     def _prune_deadlines(self) -> None:
         """Drop heap entries of leases with nothing left in flight (all acked or re-leased), so
         the heap stays within about 2 x max_in_flight entries however fast acks come."""
-        live = {id(lease) for lease in self.in_flight.values()}
-        self._deadlines = [entry for entry in self._deadlines
-                           if id(entry[2]) in live and any(
-                               self.in_flight.get(o) is entry[2]
-                               for s, e, _, _ in entry[2].ranges for o in range(s, e))]
+        live = {id(lease) for lease in self.in_flight.values()}  # heap entries keep ids unique
+        self._deadlines = [entry for entry in self._deadlines if id(entry[2]) in live]
         heapq.heapify(self._deadlines)
 
     def _has_available(self) -> bool:
