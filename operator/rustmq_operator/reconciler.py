@@ -164,13 +164,15 @@ def reconcile(
     events: list[planning.Event] = []
     config_hash = rendered.config_hash if rendered else str(previous.get("configHash", ""))
 
-    if rendered is not None and not paused and not invalid:
+    acting = rendered is not None and not paused and not invalid
+    applied_statefulset: dict[str, Any] | None = None
+    if acting:
+        assert rendered is not None
         events.extend(scale.events)
         events.extend(storage.events)
         for claim in storage.expand_claims:
             kube.resize_claim(namespace, claim, storage.claim_size)
             actions.append(f"expand {claim}")
-        applied_statefulset: dict[str, Any] | None = None
         for obj in rendered.objects:
             if obj["kind"] == "StatefulSet" and storage.recreate_statefulset:
                 continue
@@ -222,10 +224,17 @@ def reconcile(
         namespace=namespace,
         generation=generation,
         spec=spec,
-        replicas=scale.replicas if not invalid else (planning.current_replicas(observed, name) or 0),
+        # What the StatefulSet was told this pass; while paused or refused, what it already runs.
+        replicas=scale.replicas
+        if applied_statefulset is not None
+        else (planning.current_replicas(observed, name) or 0),
         config_hash=config_hash,
         claim_size=storage.claim_size,
-        last_non_zero=scale.last_non_zero,
+        # Remembered only once the StatefulSet carries it, so that a refused or failed apply
+        # never makes the StatefulSet's real size look like a hand edit on the next pass.
+        last_non_zero=scale.last_non_zero
+        if applied_statefulset is not None
+        else previous.get("lastNonZeroReplicas"),
         observed=observed,
         paused=paused,
         stalled=stalled,
