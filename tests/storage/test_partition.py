@@ -264,3 +264,26 @@ def test_the_next_segment_is_prepared_ahead_and_adopted_on_roll(tmp_path) -> Non
     reopened = PartitionLog.open(tmp_path, small_config(segment_bytes=64 * 1024))
     assert not standby.exists() and read_all(reopened) == b"".join(expected)
     reopened.close()
+
+
+def test_a_failed_write_refuses_further_writes_and_a_restart_recovers(tmp_path, small, monkeypatch
+                                                                       ) -> None:
+    """The write failure is simulated (EIO cannot be provoked on this machine's disk)."""
+    partition = PartitionLog.open(tmp_path, small)
+    expected = fill(partition, 3)
+
+    def failing(fd, buffers, position):  # type: ignore[no-untyped-def]
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "pwritev", failing)
+    with pytest.raises(errors.StorageIOError, match="Input/output error"):
+        partition.append(make_batch(9))
+    monkeypatch.undo()
+    assert partition.end_offset == 9 and read_all(partition) == b"".join(expected)
+    with pytest.raises(errors.LogClosedError, match="after"):
+        partition.append(make_batch(10))
+    partition.close(clean=False)
+    reopened = PartitionLog.open(tmp_path, small)
+    assert read_all(reopened) == b"".join(expected)
+    reopened.append(make_batch(11))
+    reopened.close()

@@ -16,9 +16,11 @@ The segment list is mutated only under `_segments_lock`, which `flush` holds jus
 snapshot it and dup the fds it will sync, never across I/O.
 
 Appends take batches already validated by `batch.scan_batches` (the server does that per
-produce), re-walk their framing per batch (cheap, no CRC), copy them into the active segment with
-one memcpy and stamp base offsets in place. Reads return memoryview slices of the maps, one per
-segment touched, never copies.
+produce), re-walk their framing per batch (cheap, no CRC) and write them into the active segment
+with one pwritev, each batch's broker-owned prefix (base_offset, length, leader_epoch) freshly
+stamped and the rest taken from the caller's buffer; nothing is re-encoded and the CRC'd bytes
+are copied once, by the kernel. Reads return memoryview slices of the maps, one per segment
+touched, never copies.
 """
 
 from __future__ import annotations
@@ -377,7 +379,15 @@ class PartitionLog:
             or self._segment_too_old(segment)
         ):
             segment = self._roll(size)
-        segment.append(view, headers, base_offset, self.config.index_interval_bytes)
+        try:
+            segment.append(view, headers, base_offset, self.config.index_interval_bytes)
+        except OSError as error:
+            # A failed write may have left part of the batches past the end: refuse further
+            # writes until a restart, whose recovery scan decides what is valid.
+            self._failure = errors.from_os_error(error, f"writing to {segment.path}")
+            logger.error("%s: %s; the partition refuses writes until restarted",
+                         self.directory, self._failure)
+            raise self._failure from error
         if (
             self._standby is None
             and segment.size * 2 >= segment.capacity
