@@ -76,6 +76,47 @@ spec:
                       scrapeTimeout: {type: string, pattern: "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
 """
 
+PROMETHEUS_RULE_CRD = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: prometheusrules.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {kind: PrometheusRule, listKind: PrometheusRuleList, plural: prometheusrules, singular: prometheusrule, shortNames: [promrule]}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            spec:
+              type: object
+              properties:
+                groups:
+                  type: array
+                  items:
+                    type: object
+                    required: [name, rules]
+                    properties:
+                      name: {type: string, minLength: 1}
+                      rules:
+                        type: array
+                        items:
+                          type: object
+                          required: [expr]
+                          properties:
+                            alert: {type: string}
+                            record: {type: string}
+                            expr: {x-kubernetes-int-or-string: true, anyOf: [{type: integer}, {type: string}]}
+                            for: {type: string, pattern: "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+                            labels: {type: object, additionalProperties: {type: string}}
+                            annotations: {type: object, additionalProperties: {type: string}}
+"""
+
 
 def load() -> Any:
     """This module, imported once under a stable name (test modules share its state)."""
@@ -272,10 +313,16 @@ def pod_ready(pod: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def service_monitor_crd(cluster: Any) -> Iterator[None]:
-    cluster.kubectl("apply", "-f", "-", input=SERVICE_MONITOR_CRD)
-    cluster.kubectl("wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com", "--timeout=60s")
+def installed_crd(cluster: Any, manifest: str) -> Iterator[None]:
+    """A CRD installed for the duration of the block (cluster-scoped: removed afterwards)."""
+    name = yaml.safe_load(manifest)["metadata"]["name"]
+    cluster.kubectl("apply", "-f", "-", input=manifest)
+    cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     try:
         yield
     finally:
-        cluster.kubectl("delete", "crd", "servicemonitors.monitoring.coreos.com", "--wait=true", "--timeout=60s", check=False)
+        cluster.kubectl("delete", "crd", name, "--wait=true", "--timeout=60s", check=False)
+
+
+def service_monitor_crd(cluster: Any) -> contextlib.AbstractContextManager[None]:
+    return installed_crd(cluster, SERVICE_MONITOR_CRD)

@@ -139,6 +139,22 @@ def test_servicemonitor_appears_with_its_crd(cluster: Any, namespace: str, opera
 
 
 @pytest.mark.timeout(180)
+def test_prometheus_rule_is_optional_and_follows_its_crd(cluster: Any, namespace: str, operator: Any) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    kubectl.apply(ops.cluster_cr(namespace, replicas=2, monitoring={"prometheusRule": {"enabled": True, "labels": {"release": "kps"}}}))
+    kubectl.wait_condition("Ready", "True", timeout=150)
+    with ops.installed_crd(cluster, ops.PROMETHEUS_RULE_CRD):
+        rule = ops.wait_for("the PrometheusRule", lambda: kubectl.get("prometheusrule", "rustmq"), timeout=60)
+        alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+        assert set(alerts) == {"RustMQBrokerDown", "RustMQBrokersMissing", "RustMQVolumeFillingUp"}
+        assert f'namespace="{namespace}"' in alerts["RustMQBrokerDown"]["expr"]
+        assert alerts["RustMQBrokersMissing"]["expr"].endswith("< 2")
+        assert rule["metadata"]["labels"]["release"] == "kps"
+        kubectl.patch("rmq", "rustmq", {"spec": {"monitoring": {"prometheusRule": {"enabled": False}}}})
+        ops.wait_for("the PrometheusRule to be pruned", lambda: kubectl.get("prometheusrule", "rustmq") is None, timeout=30)
+
+
+@pytest.mark.timeout(180)
 def test_deleting_the_cluster_collects_children_and_keeps_claims(cluster: Any, namespace: str, operator: Any) -> None:
     kubectl = ops.Kubectl(cluster, namespace)
     kubectl.apply(ops.cluster_cr(namespace))
