@@ -397,7 +397,12 @@ class Connection(asyncio.BufferedProtocol):
                 log.error("flush for produce to %s/%d failed: %s", request.topic, produced.partition, error)
                 self._complete(slot, [frames.encode_frame(api.error_header(corr, code, f"flush failed: {error}"))])
 
-        self._broker.when_durable(produced.log, produced.last_offset, durable)
+        try:
+            self._broker.when_durable(produced.log, produced.last_offset, durable)
+        except Exception as exc:  # the committer is closed (shutdown): the slot must not hang
+            code = error_code_for(exc)
+            self._broker.stats.request_errors[code.name] += 1
+            self._complete(slot, [frames.encode_frame(api.error_header(corr, code, str(exc)))])
 
     def _handle_simple(self, body: memoryview) -> None:
         # Simple messages read in one pass are grouped per partition and appended as one batch
