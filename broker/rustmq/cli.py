@@ -125,9 +125,15 @@ def main(argv: list[str] | None = None) -> int:
 def run_broker(args: argparse.Namespace) -> int:
     from rustmq import app
 
+    from rustmq.storage.errors import StorageError
+
     flags = {name: getattr(args, name) for name in config.FIELDS}
     settings = config.load(flags, os.environ, args.config)
-    app.run(settings)
+    try:
+        app.run(settings)
+    except StorageError as exc:
+        print(f"rustmq: cannot open the log in {settings.data_dir}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

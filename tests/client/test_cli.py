@@ -68,3 +68,11 @@ def test_unreachable_broker_is_a_clear_error() -> None:
 def test_bad_broker_configuration_is_reported(tmp_path) -> None:
     result = rustmq("broker", "--data-dir", str(tmp_path), "--producer-port", "99999")
     assert result.returncode == 2 and "producer_port must be between 0 and 65535" in result.stderr
+
+
+def test_an_unusable_data_directory_is_a_clear_error(tmp_path) -> None:
+    (tmp_path / "topics").write_text("a file where the topics directory belongs")
+    result = rustmq("broker", "--data-dir", str(tmp_path), "--host", "127.0.0.1",
+                    "--producer-port", "0", "--consumer-port", "0", "--metrics-port", "0")
+    assert result.returncode == 1
+    assert f"rustmq: cannot open the log in {tmp_path}" in result.stderr and "Traceback" not in result.stderr
