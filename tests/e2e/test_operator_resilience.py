@@ -158,3 +158,22 @@ def test_a_failing_broker_stalls_the_cluster_until_the_spec_is_fixed(cluster: An
     reasons = [e["reason"] for e in kubectl.list("events")]
     assert "ReplacingBroker" in reasons and "BrokerFailing" in reasons
     assert all(p["spec"]["containers"][0]["image"] == "rustmq:0.1.1" for p in kubectl.pods())
+
+
+@pytest.mark.timeout(200)
+def test_a_namespace_is_deleted_even_with_the_operator_gone(cluster: Any, namespace: str, operator: Any) -> None:
+    """No finalizer on the CR: with the operator stopped, deleting the whole namespace completes."""
+    doomed = f"{namespace[:50]}-gone"
+    cluster.kubectl("create", "namespace", doomed)
+    kubectl = ops.Kubectl(cluster, doomed)
+    ops.wait_for("the default ServiceAccount", lambda: kubectl.get("serviceaccount", "default"), timeout=30)
+    kubectl.apply(ops.cluster_cr(doomed))
+    kubectl.wait_condition("Ready", "True", timeout=150)
+    operator.stop()
+    try:
+        started = time.monotonic()
+        cluster.kubectl("delete", "namespace", doomed, "--wait=true", "--timeout=90s")
+        assert time.monotonic() - started < 90
+        assert cluster.kubectl("get", "namespace", doomed, check=False).returncode != 0
+    finally:
+        operator.start()
