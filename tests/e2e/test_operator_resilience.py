@@ -42,7 +42,7 @@ def test_children_edited_or_deleted_by_hand_are_restored(cluster: Any, namespace
         restored = ops.wait_for(
             f"{kind}/{name} to be re-created",
             lambda k=kind, n=name, u=uid: (obj := kubectl.get(k, n)) and obj["metadata"]["uid"] != u and obj,
-            timeout=15,
+            timeout=30,
         )
         assert restored["metadata"]["ownerReferences"][0]["name"] == "rustmq"
 
@@ -65,7 +65,7 @@ def test_children_edited_or_deleted_by_hand_are_restored(cluster: Any, namespace
         timeout=15,
     )
     kubectl.run("delete", "statefulset", "rustmq", "--cascade=orphan")
-    ops.wait_for("the StatefulSet to be re-created", lambda: kubectl.get("statefulset", "rustmq"), timeout=15)
+    ops.wait_for("the StatefulSet to be re-created", lambda: kubectl.get("statefulset", "rustmq"), timeout=30)
     kubectl.wait_condition("Ready", "True", "Reconciled", timeout=120)
 
 
