@@ -50,19 +50,19 @@ def test_children_edited_or_deleted_by_hand_are_restored(cluster: Any, namespace
     ops.wait_for(
         "the external Service's bgp label to be restored",
         lambda: (kubectl.get("service", "rustmq-external") or {})["metadata"]["labels"].get("bgp") == "blue",
-        timeout=15,
+        timeout=30,
     )
     kubectl.patch("service", "rustmq", {"spec": {"ports": [{"name": "producer", "port": 1234, "targetPort": "producer"}]}})
     ops.wait_for(
         "the client Service's ports to be restored",
         lambda: [p["port"] for p in (kubectl.get("service", "rustmq") or {})["spec"]["ports"]] == [9092, 9093],
-        timeout=15,
+        timeout=30,
     )
     kubectl.run("scale", "statefulset", "rustmq", "--replicas=4")
     ops.wait_for(
         "the StatefulSet's size to be restored",
         lambda: (kubectl.get("statefulset", "rustmq") or {})["spec"]["replicas"] == 1,
-        timeout=15,
+        timeout=30,
     )
     kubectl.run("delete", "statefulset", "rustmq", "--cascade=orphan")
     ops.wait_for("the StatefulSet to be re-created", lambda: kubectl.get("statefulset", "rustmq"), timeout=30)
