@@ -14,6 +14,8 @@ into preallocated, memory-mapped segments (default 64 MiB, flush policy "none").
   per-produce CRC32C validation the server runs first).
 * read_gb_s: PartitionLog.read(offset, 1 MiB) over the whole log, every returned view consumed
   by copying it into one reusable bytearray (a memoryview copy, so the pages are really touched).
+* durable_append_gb_s / flush_p50_ms: append then flush() (fdatasync) after every 1 MiB batch,
+  the "always" policy without any grouping; median flush latency.
 * recovery_s: PartitionLog.open of a partition holding 1,000,000 records of 1 KiB (~1 GiB) left
   without a clean-shutdown marker and without a recovery point, so every segment is scanned and
   every batch CRC-checked; the page cache is warm (the data was just written), as after a broker
@@ -100,6 +102,24 @@ def bench_raw_copy(directory: Path, payload: bytes, total_bytes: int, segment_by
     return count * size / elapsed / 1e9
 
 
+def bench_durable(directory: Path, payload: bytes, total_bytes: int, segment_bytes: int
+                  ) -> tuple[float, float]:
+    """append + flush (fdatasync) per batch: throughput and median flush latency in ms."""
+    partition = PartitionLog.open(directory, log_config(segment_bytes))
+    count = total_bytes // len(payload)
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(count):
+        partition.append(payload)
+        flush_started = time.perf_counter()
+        partition.flush()
+        latencies.append(time.perf_counter() - flush_started)
+    elapsed = time.perf_counter() - started
+    partition.close(clean=False)
+    latencies.sort()
+    return count * len(payload) / elapsed / 1e9, latencies[len(latencies) // 2] * 1000
+
+
 def bench_read(directory: Path, segment_bytes: int) -> tuple[float, int]:
     partition = PartitionLog.open(directory, log_config(segment_bytes))
     sink = bytearray(2 * RECORD * BATCH_RECORDS)
@@ -143,6 +163,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--total-mib", type=int, default=2048, help="bytes appended per run")
     parser.add_argument("--segment-mib", type=int, default=64)
+    parser.add_argument("--durable-mib", type=int, default=256, help="bytes appended+flushed")
     parser.add_argument("--recovery-records", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a tmp dir)")
@@ -151,7 +172,8 @@ def main() -> None:
     payload = make_batch()
     root = Path(tempfile.mkdtemp(prefix="rustmq-bench-", dir=args.dir))
     results: dict[str, list[float]] = {"raw_copy": [], "raw_pwrite": [], "append": [],
-                                       "produce": [], "read": [], "recovery": []}
+                                       "produce": [], "read": [], "recovery": [], "durable": [],
+                                       "flush_ms": []}
     extra: dict[str, float | int] = {}
     try:
         for run in range(args.repeat):
@@ -169,6 +191,11 @@ def main() -> None:
             results["produce"].append(
                 bench_append(directory, payload, args.total_mib << 20, segment_bytes, True))
             shutil.rmtree(directory)
+            durable_gb_s, flush_ms = bench_durable(root / f"durable-{run}", payload,
+                                                   args.durable_mib << 20, segment_bytes)
+            results["durable"].append(durable_gb_s)
+            results["flush_ms"].append(flush_ms)
+            shutil.rmtree(root / f"durable-{run}")
             directory = root / f"recovery-{run}"
             recovery = bench_recovery(directory, payload, args.recovery_records, segment_bytes)
             results["recovery"].append(float(recovery["recovery_s"]))
@@ -182,6 +209,8 @@ def main() -> None:
         "raw_pwrite_gb_s": round(max(results["raw_pwrite"]), 3),
         "produce_gb_s": round(max(results["produce"]), 3),
         "read_gb_s": round(max(results["read"]), 3),
+        "durable_append_gb_s": round(max(results["durable"]), 3),
+        "flush_p50_ms": round(min(results["flush_ms"]), 2),
         "recovery_s": round(min(results["recovery"]), 4),
         "runs": {k: [round(v, 4) for v in values] for k, values in results.items()},
         "read_bytes": read_bytes,
