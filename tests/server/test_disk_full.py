@@ -1,5 +1,5 @@
 """A broker whose data directory fills up: produce gets STORAGE_FULL, nothing stored is lost,
-reads keep working and the broker keeps serving. The data directory is a real 6 MiB tmpfs
+reads keep working and the broker keeps serving. The data directory is a real 40 MiB tmpfs
 (mounting needs root, which the project's machines give; elsewhere the test is skipped with
 the reason)."""
 
@@ -21,7 +21,7 @@ from rustmq.storage import batch as storage_batch
 def tiny_dir(tmp_path: Path) -> Iterator[Path]:
     mount_point = tmp_path / "tiny"
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount_point)],
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount_point)],
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
@@ -44,7 +44,7 @@ def test_a_full_disk_answers_storage_full_and_keeps_what_was_stored(tiny_dir, ra
     try:
         client = raw(broker.producer_port)
         stored = 0
-        for index in range(100):
+        for index in range(400):
             response, _ = client.call({"api": ApiKey.PRODUCE, "topic": "default", "partition": 0, "acks": 2}, make_batch(index))
             if response["error"]:
                 assert response["error"] == ErrorCode.STORAGE_FULL, response
@@ -53,7 +53,7 @@ def test_a_full_disk_answers_storage_full_and_keeps_what_was_stored(tiny_dir, ra
             assert response["base_offset"] == stored
             stored += 1
         else:
-            pytest.fail("the 6 MiB disk never filled up")
+            pytest.fail("the 40 MiB disk never filled up")
         assert stored >= 3
         # Still serving: metadata, and every acknowledged record reads back intact.
         assert client.call({"api": ApiKey.LIST_TOPICS})[0]["error"] == 0
