@@ -45,7 +45,7 @@ BUILD = REPO / "tools" / "controlplane" / "build"
 HOW_TO_GET_IT = (
     "The e2e suite needs the local control plane binaries (kube-apiserver, kube-controller-manager, "
     "kube-scheduler, kubectl, etcd, kwok, helm). Build them once with `scripts/local-cluster build` "
-    "(Go 1.26+ and the Go module proxy; about half an hour cold on 2 cores, cached afterwards in "
+    "(Go 1.26+ and the Go module proxy; 13 to 34 min cold on 2 cores, depending on load, cached afterwards in "
     "~/.cache/rustmq/controlplane), or run `scripts/test`, which builds them first. To use another "
     "cluster instead, point KUBECONFIG at it (see docs/testing.md)."
 )

@@ -84,7 +84,7 @@ def bin_dir(build: bool) -> Path:
             )
         raise ClusterError(
             f"the control-plane binaries are not built yet (expected in {path}). "
-            "Run `scripts/local-cluster build` (a cold build takes about half an hour on 2 cores)."
+            "Run `scripts/local-cluster build` (a cold build takes 13 to 34 min on 2 cores)."
         )
     return path
 
