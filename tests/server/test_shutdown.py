@@ -57,8 +57,9 @@ def test_sigterm_finishes_in_flight_requests_and_keeps_acknowledged_data(tmp_pat
     assert acknowledged > 0
     from rustmq.storage.partition import CLEAN_SHUTDOWN_FILE
 
-    markers = sorted(path.relative_to(tmp_path / "data") for path in (tmp_path / "data").rglob(CLEAN_SHUTDOWN_FILE))
-    assert markers == [Path("topics/default/0", CLEAN_SHUTDOWN_FILE), Path("topics/durable/0", CLEAN_SHUTDOWN_FILE)]
+    topics = tmp_path / "data" / "topics"
+    markers = sorted(path.relative_to(topics) for path in topics.rglob(CLEAN_SHUTDOWN_FILE))
+    assert markers == [Path("default/0", CLEAN_SHUTDOWN_FILE), Path("durable/0", CLEAN_SHUTDOWN_FILE)]
 
     restarted = BrokerProcess(tmp_path / "data").start()
     try:
