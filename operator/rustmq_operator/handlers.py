@@ -119,11 +119,14 @@ def monitoring_crd_changed(**_: Any) -> None:
         STATE.queue.add(key)
 
 
-@kopf.on.event("apps", "v1", "statefulsets", labels={"app.kubernetes.io/managed-by": naming.MANAGED_BY})
-@kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": naming.MANAGED_BY})
-@kopf.on.event("", "v1", "services", labels={"app.kubernetes.io/managed-by": naming.MANAGED_BY})
-@kopf.on.event("", "v1", "configmaps", labels={"app.kubernetes.io/managed-by": naming.MANAGED_BY})
-@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels={"app.kubernetes.io/managed-by": naming.MANAGED_BY})
+_OURS: Final = {"app.kubernetes.io/managed-by": naming.MANAGED_BY}
+
+
+@kopf.on.event("apps", "v1", "statefulsets", labels=_OURS)
+@kopf.on.event("", "v1", "pods", labels=_OURS)
+@kopf.on.event("", "v1", "services", labels=_OURS)
+@kopf.on.event("", "v1", "configmaps", labels=_OURS)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=_OURS)
 def child_changed(labels: kopf.Labels, namespace: str, **_: Any) -> None:
     cluster = labels.get(naming.CLUSTER_LABEL)
     if cluster:

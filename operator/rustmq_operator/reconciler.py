@@ -298,7 +298,10 @@ def _prune(
     wanted = {(obj["kind"], obj["metadata"]["name"]) for obj in rendered.objects}
     selector = {naming.CLUSTER_LABEL: name, "app.kubernetes.io/managed-by": naming.MANAGED_BY}
     kinds = list(_PRUNABLE)
-    served = {"servicemonitors": observed.service_monitor_crd, "prometheusrules": observed.prometheus_rule_crd}
+    served = {
+        "servicemonitors": observed.service_monitor_crd,
+        "prometheusrules": observed.prometheus_rule_crd,
+    }
     for api_version, kind, plural in _MONITORING:
         if served[plural]:
             kinds.append((api_version, kind))
