@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -27,6 +28,8 @@ from aiohttp import web
 
 from rustmq.admin.app import AdminState, make_admin_app
 from rustmq.config import BrokerConfig
+from rustmq.coordination.service import Coordinator
+from rustmq.server import coordination_handlers
 from rustmq.server.broker import Broker
 from rustmq.server.listener import Listener
 from rustmq.server.stats import BrokerStats
@@ -57,9 +60,15 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
     opened = await asyncio.to_thread(storage_log.Log.open, config.data_dir, config.log_config())
     committer = durability.GroupCommitter(max_wait_ms=config.group_commit_ms)
     listener: Listener | None = None
+    coordinator: Coordinator | None = None
+    coordination: coordination_handlers.CoordinationService | None = None
     try:
         settings = config.server_settings()
         broker = Broker(opened, committer, settings, stats)
+        # Groups, offsets, queues, producer ids (issue 4): journals under <data_dir>/coordination.
+        coordinator = Coordinator.open(config.data_dir, opened, incarnation=secrets.token_hex(4))
+        coordination = broker.coordination = coordination_handlers.CoordinationService(broker, coordinator)
+        coordination.reschedule()
         _ensure_default_topic(opened, config)
         listener = Listener(broker)
         ports = await listener.start()
@@ -72,10 +81,16 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         retention.cancel()
         log.info("shutting down")
         state.ready = False
+        if coordination is not None:
+            coordination.begin_drain()
         await listener.shutdown()
     finally:
         state.ready = False
+        if coordination is not None:
+            coordination.close()
         committer.close()
+        if coordinator is not None:
+            coordinator.close(True)
         await asyncio.to_thread(opened.close, True)
         await runner.cleanup()
         log.info("stopped cleanly")

@@ -29,6 +29,21 @@ class ApiKey(IntEnum):
     LIST_TOPICS = 7
     BROKER_STATS = 8
     ADD_PARTITIONS = 9
+    # Consumer coordination (issue 4; rustmq.server.coordination_handlers, docs/protocol.md)
+    INIT_PRODUCER = 20
+    JOIN_GROUP = 21
+    HEARTBEAT = 22
+    LEAVE_GROUP = 23
+    COMMIT_OFFSETS = 24
+    FETCH_OFFSETS = 25
+    DESCRIBE_GROUP = 26
+    LIST_GROUPS = 27
+    QUEUE_FETCH = 30
+    QUEUE_ACK = 31
+    QUEUE_NACK = 32
+    QUEUE_EXTEND = 33
+    DLQ_REPLAY = 34
+    PRODUCE_IDEMPOTENT = 35
 
 
 class ErrorCode(IntEnum):
@@ -51,6 +66,17 @@ class ErrorCode(IntEnum):
     REQUEST_TIMEOUT = 14
     TOO_MANY_CONNECTIONS = 15  # sent once, then the connection is closed
     BATCH_TOO_LARGE = 16  # one batch is larger than a whole segment of the topic
+    # Consumer coordination (docs/semantics.md)
+    UNKNOWN_MEMBER = 20  # session expired or left: join again
+    ILLEGAL_GENERATION = 21  # a rebalance happened: heartbeat, adopt the assignment, retry
+    PARTITION_NOT_ASSIGNED = 22
+    INVALID_SESSION_TIMEOUT = 23
+    GROUP_FULL = 24
+    INVALID_COMMIT = 25
+    INVALID_QUEUE_REQUEST = 26
+    OUT_OF_ORDER_SEQUENCE = 27
+    PRODUCER_FENCED = 28
+    GROUP_ERROR = 29  # any other refused group request (e.g. a join without topics)
     INTERNAL_ERROR = 99
 
 

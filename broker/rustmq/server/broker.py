@@ -81,6 +81,8 @@ class Broker:
         self._next_partition: dict[str, int] = {}
         self._waiters: dict[Any, list[Callable[[], None]]] = {}
         self._loop = asyncio.get_running_loop()
+        # rustmq.server.coordination_handlers.CoordinationService, attached by the app (issue 4)
+        self.coordination: Any = None
 
     # -- topics ---------------------------------------------------------------------------
 

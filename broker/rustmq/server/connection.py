@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from rustmq.protocol import api, frames, records, simple
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
+from rustmq.server import coordination_handlers
 from rustmq.server.broker import Broker, error_code_for
 from rustmq.storage import batch as storage_batch
 
@@ -87,6 +88,7 @@ class Connection(asyncio.BufferedProtocol):
             ApiKey.BROKER_STATS: self._broker_stats,
             ApiKey.ADD_PARTITIONS: self._add_partitions,
         }
+        self._handlers.update(coordination_handlers.handlers(self))
 
     # -- transport callbacks ------------------------------------------------------------------
 
@@ -109,6 +111,7 @@ class Connection(asyncio.BufferedProtocol):
         self._closing = True
         for wait in list(self._fetch_waits):
             wait.cancel()
+        coordination_handlers.connection_lost(self)
         self._pending.clear()
         self._out.clear()
         if self._timer is not None:

@@ -1,0 +1,275 @@
+"""Queues with per-message acknowledgement: ``Queue.publish``, ``QueueConsumer.receive``,
+``msg.ack()`` / ``msg.nack(delay_ms=...)`` / ``msg.extend()``.
+
+A queue is a topic plus a named subscription kept by the broker (docs/semantics.md): every
+consumer of one subscription competes for the topic's records, each record is leased to one
+consumer at a time and is delivered again when its lease expires, it is nacked or its consumer
+disconnects. ``Queue.publish`` is an ordinary produce that sets the delivery headers (delay,
+deliver-at, TTL, priority)::
+
+    async with Queue("localhost:9092", "orders") as queue:
+        await queue.publish(b"order-123", key=b"user-1", delay_ms=5_000)
+        async with queue.subscribe("workers") as consumer:
+            while (msg := await consumer.receive()) is not None:
+                process(msg.value)
+                await msg.ack()
+
+One QUEUE_FETCH brings up to ``max_messages`` leased records (whole batches on the wire; the
+client keeps the leased offsets only). ``ack_many``/``nack_many`` settle many messages with one
+request per partition (ranges), which is how throughput-minded code should acknowledge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from rustmq.client.connection import Connection, check, parse_address
+from rustmq.client.consumer import decode_batches
+from rustmq.client.producer import Producer, RecordMetadata
+from rustmq.protocol.api import ApiKey
+
+DELAY_HEADER = "rustmq-delay-ms"
+DELIVER_AT_HEADER = "rustmq-deliver-at-ms"
+TTL_HEADER = "rustmq-ttl-ms"
+PRIORITY_HEADER = "rustmq-priority"
+
+
+def delivery_headers(*, delay_ms: int | None = None, deliver_at_ms: int | None = None, ttl_ms: int | None = None,
+                     priority: int | None = None) -> list[tuple[str, bytes]]:
+    """The record headers a queue reads (ASCII decimal values, docs/semantics.md)."""
+    headers = []
+    for name, value in ((DELAY_HEADER, delay_ms), (DELIVER_AT_HEADER, deliver_at_ms), (TTL_HEADER, ttl_ms),
+                        (PRIORITY_HEADER, priority)):
+        if value is not None:
+            headers.append((name, str(int(value)).encode()))
+    return headers
+
+
+class QueueMessage:
+    """A leased record; settle it with ack(), nack() or keep it with extend()."""
+
+    __slots__ = ("topic", "partition", "offset", "timestamp_ms", "key", "value", "headers", "attempt",
+                 "deadline_ms", "_consumer")
+
+    def __init__(self, consumer: QueueConsumer, topic: str, partition: int, offset: int, timestamp_ms: int,
+                 key: bytes | None, value: bytes | None, headers: Any, attempt: int, deadline_ms: int) -> None:
+        self._consumer = consumer
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.timestamp_ms = timestamp_ms
+        self.key = key
+        self.value = value
+        self.headers = headers
+        self.attempt = attempt  # 1 on the first delivery
+        self.deadline_ms = deadline_ms  # the lease ends then (epoch ms)
+
+    async def ack(self) -> None:
+        await self._consumer.ack_many([self])
+
+    async def nack(self, delay_ms: int = 0, reason: str = "nack") -> None:
+        await self._consumer.nack_many([self], delay_ms=delay_ms, reason=reason)
+
+    async def extend(self, ack_wait_ms: int | None = None) -> bool:
+        return await self._consumer.extend_many([self], ack_wait_ms=ack_wait_ms) == 1
+
+    def header(self, name: str) -> bytes | None:
+        for key, value in self.headers or ():
+            if key == name:
+                return bytes(value)
+        return None
+
+    def __repr__(self) -> str:
+        return f"QueueMessage({self.topic}/{self.partition}@{self.offset}, attempt={self.attempt})"
+
+
+class QueueConsumer:
+    """A competing consumer of one subscription; use ``async with`` or start()/close()."""
+
+    def __init__(self, bootstrap: str = "localhost:9092", topic: str = "default", subscription: str = "default", *,
+                 partition: int | None = None, max_messages: int = 500, ack_wait_ms: int | None = None,
+                 max_wait_ms: int = 500, timeout_s: float = 30.0) -> None:
+        self.host, self.port = parse_address(bootstrap)
+        self.topic = topic
+        self.subscription = subscription
+        self.partition = partition
+        self.max_messages = max_messages
+        self.ack_wait_ms = ack_wait_ms
+        self.max_wait_ms = max_wait_ms
+        self.timeout_s = timeout_s
+        self._connection: Connection | None = None
+        self._buffer: deque[QueueMessage] = deque()
+
+    async def start(self) -> QueueConsumer:
+        self._connection = await Connection.open(self.host, self.port)
+        return self
+
+    async def close(self) -> None:
+        """Close the connection: records still leased to it are delivered again (to others)."""
+        if self._connection is not None:
+            self._connection.close()
+        self._buffer.clear()
+
+    async def __aenter__(self) -> QueueConsumer:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    async def receive_batch(self, max_messages: int | None = None, max_wait_ms: int | None = None) -> list[QueueMessage]:
+        """One QUEUE_FETCH: the leased messages in service order ([] when none came in max_wait_ms)."""
+        if self._buffer:
+            out = list(self._buffer)
+            self._buffer.clear()
+            return out
+        assert self._connection is not None, "call start() first"
+        wait = self.max_wait_ms if max_wait_ms is None else max_wait_ms
+        header: dict[str, Any] = {
+            "api": int(ApiKey.QUEUE_FETCH), "subscription": self.subscription, "topic": self.topic,
+            "max_messages": max_messages or self.max_messages, "max_wait_ms": wait,
+        }
+        if self.partition is not None:
+            header["partition"] = self.partition
+        if self.ack_wait_ms is not None:
+            header["ack_wait_ms"] = self.ack_wait_ms
+        response = await self._connection.request(header, timeout=self.timeout_s + wait / 1000)
+        return self._decode(response.header["deliveries"], memoryview(response.payload))
+
+    def _decode(self, deliveries: list[dict[str, Any]], payload: memoryview) -> list[QueueMessage]:
+        out: list[QueueMessage] = []
+        pos = 0
+        for entry in deliveries:
+            partition, size = entry["partition"], entry["size"]
+            data = payload[pos : pos + size]
+            pos += size
+            messages, _ = decode_batches(self.topic, partition, data, 0)
+            by_offset = {m.offset: m for m in messages}
+            attempts = {offset: n for offset, n in entry["attempts"]}
+            deadline = entry["deadline_ms"]
+            for start, end in entry["ranges"]:
+                for offset in range(start, end):
+                    m = by_offset[offset]
+                    out.append(QueueMessage(self, self.topic, partition, offset, m.timestamp_ms, m.key, m.value,
+                                            m.headers, attempts.get(offset, 1), deadline))
+        return out
+
+    async def receive(self, timeout_s: float | None = None) -> QueueMessage | None:
+        """The next leased message, or None when nothing arrived within timeout_s (None: wait
+        indefinitely)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while not self._buffer:
+            left_ms = self.max_wait_ms if deadline is None else int(max(0.0, deadline - loop.time()) * 1000)
+            self._buffer.extend(await self.receive_batch(max_wait_ms=min(left_ms, self.max_wait_ms)))
+            if not self._buffer and deadline is not None and loop.time() >= deadline:
+                return None
+        return self._buffer.popleft()
+
+    async def __aiter__(self) -> AsyncIterator[QueueMessage]:
+        while True:
+            message = await self.receive()
+            if message is not None:
+                yield message
+
+    # -- settling -------------------------------------------------------------------------------
+
+    async def ack_many(self, messages: Iterable[QueueMessage]) -> int:
+        """Acknowledge messages (one request per partition); returns how many were newly acked."""
+        results = await self._settle(ApiKey.QUEUE_ACK, messages, {})
+        return sum(r.get("acked", 0) for r in results)
+
+    async def nack_many(self, messages: Iterable[QueueMessage], *, delay_ms: int = 0, reason: str = "nack") -> None:
+        await self._settle(ApiKey.QUEUE_NACK, messages, {"delay_ms": delay_ms, "reason": reason})
+
+    async def extend_many(self, messages: Iterable[QueueMessage], *, ack_wait_ms: int | None = None) -> int:
+        extra = {} if ack_wait_ms is None else {"ack_wait_ms": ack_wait_ms}
+        results = await self._settle(ApiKey.QUEUE_EXTEND, messages, extra)
+        return sum(r.get("extended", 0) for r in results)
+
+    async def _settle(self, api: ApiKey, messages: Iterable[QueueMessage], extra: dict[str, Any]) -> list[dict[str, Any]]:
+        assert self._connection is not None, "call start() first"
+        by_partition: dict[int, list[int]] = {}
+        for message in messages:
+            by_partition.setdefault(message.partition, []).append(message.offset)
+        futures = []
+        for partition, offsets in by_partition.items():
+            header = {"api": int(api), "subscription": self.subscription, "topic": self.topic, "partition": partition,
+                      "ranges": _ranges(offsets), **extra}
+            future = self._connection.send(header)
+            assert future is not None
+            futures.append(future)
+        responses = [check(await asyncio.wait_for(f, self.timeout_s)) for f in futures]
+        return [r.header for r in responses]
+
+
+def _ranges(offsets: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for offset in sorted(offsets):
+        if out and out[-1][1] == offset:
+            out[-1][1] = offset + 1
+        elif not out or out[-1][1] < offset:
+            out.append([offset, offset + 1])
+    return out
+
+
+class Queue:
+    """Producer side of a queue topic, and a factory of its consumers."""
+
+    def __init__(self, bootstrap: str = "localhost:9092", topic: str = "default", *, acks: str = "leader",
+                 **producer_options: Any) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self._producer = Producer(bootstrap, acks=acks, **producer_options)
+
+    async def start(self) -> Queue:
+        await self._producer.start()
+        return self
+
+    async def close(self) -> None:
+        await self._producer.close()
+
+    async def __aenter__(self) -> Queue:
+        return await self.start()
+
+    async def __aexit__(self, exc_type: object, *rest: object) -> None:
+        await self._producer.__aexit__(exc_type, *rest)
+
+    async def publish(self, value: bytes | None, key: bytes | None = None, *, delay_ms: int | None = None,
+                      deliver_at_ms: int | None = None, ttl_ms: int | None = None, priority: int | None = None,
+                      headers: list[tuple[str, bytes]] | None = None, wait: bool = True) -> RecordMetadata | None:
+        """Produce one message; with wait (default) return once the broker acknowledged it."""
+        all_headers = [*(headers or []), *delivery_headers(delay_ms=delay_ms, deliver_at_ms=deliver_at_ms,
+                                                            ttl_ms=ttl_ms, priority=priority)] or None
+        if wait:
+            return await self._producer.send_and_wait(self.topic, value, key, headers=all_headers)
+        await self._producer.send(self.topic, value, key, headers=all_headers)
+        return None
+
+    async def flush(self) -> None:
+        await self._producer.flush()
+
+    def subscribe(self, subscription: str = "default", **options: Any) -> QueueConsumer:
+        """A consumer of `subscription` (not started: use ``async with`` or ``await .start()``)."""
+        return QueueConsumer(self.bootstrap, self.topic, subscription, **options)
+
+
+async def replay_dead_letters(bootstrap: str, dlq_topic: str, partition: int, offsets: list[int], *,
+                              timeout_s: float = 30.0) -> dict[str, Any]:
+    """Produce the dead letters at `offsets` of a DLQ partition back to their origin topic and
+    partition, without the DLQ headers (DLQ_REPLAY). Returns {replayed, to: [[topic, partition,
+    base_offset, last_offset]]}."""
+    host, port = parse_address(bootstrap)
+    connection = await Connection.open(host, port)
+    try:
+        response = await connection.request(
+            {"api": int(ApiKey.DLQ_REPLAY), "topic": dlq_topic, "partition": partition, "offsets": offsets},
+            timeout=timeout_s,
+        )
+        return {k: v for k, v in response.header.items() if k not in ("corr", "error")}
+    finally:
+        connection.close()

@@ -1,0 +1,695 @@
+"""The coordination APIs on the wire: consumer groups, queue subscriptions, idempotent produce.
+
+The state machines live in ``rustmq.coordination`` (sans-IO, time passed in); this module maps
+requests to `Coordinator` calls and does the I/O around them, on the event loop thread:
+
+* answers that change persisted state (commits, acks, nacks) wait for their journal to be
+  fsynced through the broker's GroupCommitter (`Broker.when_durable`);
+* acks are applied at once but their journal append is shared: every ack of one event-loop pass
+  (any connection) is persisted by one `QueueStore.persist` and one fsync request, so individual
+  acks do not cost one journal append each (docs/semantics.md, Figures);
+* one timer follows `Coordinator.next_deadline_ms()` and calls `tick` (session expiry, lease
+  expiry, delayed records becoming due), then wakes long-polls;
+* QUEUE_FETCH and HEARTBEAT long-poll: a queue fetch waits for an append to its partitions, a
+  nack, a tick or its max wait; a heartbeat with ``max_wait_ms`` returns as soon as its group
+  rebalances, so a rebalance reaches members in one round trip instead of one heartbeat period.
+
+A queue consumer is its connection: leases are held by ``conn-<n>``, and a closed connection
+fails its leases at once (they count towards max deliveries).
+
+Responses use the same framing and ordering as every other API (the connection's slots); wire
+fields and error codes are listed in docs/protocol.md, "Coordination APIs".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from rustmq.coordination import queue as queue_mod
+from rustmq.coordination import queue_log
+from rustmq.coordination.producers import Verdict
+from rustmq.coordination.service import Coordinator, Durable
+from rustmq.protocol import api, frames, records
+from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
+from rustmq.server.broker import error_code_for
+from rustmq.storage import batch as storage_batch
+
+if TYPE_CHECKING:
+    from rustmq.server.broker import Broker
+    from rustmq.server.connection import Connection
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUE_MESSAGES = 10_000  # per QUEUE_FETCH
+MAX_WAIT_MS = 60_000
+Handler = Callable[[int, dict[str, Any], memoryview], None]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class CoordinationService:
+    """The Coordinator of one broker plus its timer, long-poll waiters and shared ack persists."""
+
+    def __init__(self, broker: Broker, coordinator: Coordinator) -> None:
+        self.broker = broker
+        self.coordinator = coordinator
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due_ms: int | None = None
+        self._persist_waiters: list[Callable[[BaseException | None], None]] = []
+        self._queue_waits: set[_QueueWait] = set()
+        self._heartbeat_waits: set[_HeartbeatWait] = set()
+        self._consumer_ids: dict[Connection, str] = {}
+        self._consumer_seq = itertools.count(1)
+        self._rotation: dict[tuple[str, str], int] = {}
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Shutdown: answer every long-poll now (empty fetch, heartbeat 'ok')."""
+        for wait in list(self._queue_waits):
+            wait.finish()
+        for hb in list(self._heartbeat_waits):
+            hb.finish()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._persist_waiters:
+            self._persist_now()
+
+    def connection_lost(self, conn: Connection) -> None:
+        for wait in [w for w in self._queue_waits if w.conn is conn]:
+            wait.cancel()
+        for hb in [h for h in self._heartbeat_waits if h.conn is conn]:
+            hb.cancel()
+        consumer = self._consumer_ids.pop(conn, None)
+        if consumer is None or self._closed:
+            return
+        durable = self.coordinator.consumer_gone(_now_ms(), consumer)
+        self._request_fsync(durable)
+        self.wake_queues()
+        self.reschedule()
+
+    def consumer_id(self, conn: Connection) -> str:
+        consumer = self._consumer_ids.get(conn)
+        if consumer is None:
+            consumer = self._consumer_ids[conn] = f"conn-{next(self._consumer_seq)}"
+        return consumer
+
+    # -- timer ---------------------------------------------------------------------------------
+
+    def reschedule(self) -> None:
+        if self._closed:
+            return
+        due = self.coordinator.next_deadline_ms()
+        if due is None or (self._timer is not None and self._timer_due_ms is not None and self._timer_due_ms <= due):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due_ms = due
+        self._timer = self._loop.call_later(max(0.0, (due - _now_ms()) / 1000) + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_due_ms = None
+        if self._closed:
+            return
+        try:
+            durable = self.coordinator.tick(_now_ms())
+            self._request_fsync(durable)
+        except Exception:
+            log.exception("coordination tick failed")
+        self.wake_queues()
+        self.wake_heartbeats(None)
+        self.reschedule()
+
+    # -- durability ----------------------------------------------------------------------------
+
+    def _request_fsync(self, durable: Durable | None) -> None:
+        if durable is not None:
+            try:
+                self.broker.when_durable(durable.partition, durable.offset, _ignore)
+            except Exception:  # the committer is closed (shutdown): close() flushes the journals
+                pass
+
+    def when_durable(self, durable: Durable | None, done: Callable[[BaseException | None], None]) -> None:
+        if durable is None:
+            done(None)
+            return
+        try:
+            self.broker.when_durable(durable.partition, durable.offset, done)
+        except Exception as exc:
+            done(exc)
+
+    def after_persist(self, done: Callable[[BaseException | None], None]) -> None:
+        """Persist the queue state at the end of this loop pass (shared), then done(error)."""
+        self._persist_waiters.append(done)
+        if len(self._persist_waiters) == 1:
+            self._loop.call_soon(self._persist_now)
+
+    def _persist_now(self) -> None:
+        waiters, self._persist_waiters = self._persist_waiters, []
+        if not waiters:
+            return
+        try:
+            durable = self.coordinator.persist(_now_ms())
+        except Exception as exc:
+            log.exception("persisting queue state failed")
+            for done in waiters:
+                done(exc)
+            return
+
+        def all_done(error: BaseException | None) -> None:
+            for done in waiters:
+                done(error)
+
+        self.when_durable(durable, all_done)
+
+    # -- wake-ups ------------------------------------------------------------------------------
+
+    def wake_queues(self) -> None:
+        for wait in list(self._queue_waits):
+            self._loop.call_soon(wait.recheck)
+
+    def wake_heartbeats(self, group: str | None) -> None:
+        for hb in list(self._heartbeat_waits):
+            if group is None or hb.group == group:
+                self._loop.call_soon(hb.recheck)
+
+    # -- queue fetch ---------------------------------------------------------------------------
+
+    def queue_fetch(self, consumer: str, request: QueueFetchRequest) -> tuple[list[dict[str, Any]], list[memoryview], int]:
+        topic = self.broker.topic(request.topic)
+        count = len(topic.partitions)
+        if request.partition is not None:
+            self.broker.partition_log(topic, request.partition)
+            order = [request.partition]
+        else:
+            key = (request.subscription, request.topic)
+            first = self._rotation.get(key, 0) % count
+            self._rotation[key] = first + 1
+            order = [(first + i) % count for i in range(count)]
+        now = _now_ms()
+        remaining = request.max_messages
+        entries: list[dict[str, Any]] = []
+        views: list[memoryview] = []
+        total = 0
+        for partition in order:
+            if remaining <= 0:
+                break
+            fetched = self.coordinator.queue_fetch(
+                now, request.subscription, request.topic, partition, consumer, remaining, request.ack_wait_ms
+            )
+            if fetched is None:
+                continue
+            delivery = fetched.delivery
+            size = sum(len(view) for view in fetched.views)
+            entries.append({
+                "partition": partition,
+                "lease_id": delivery.lease_id,
+                "deadline_ms": delivery.deadline_ms,
+                "ranges": [list(r) for r in delivery.ranges],
+                "attempts": [[offset, n] for offset, n in sorted(delivery.attempts.items())],
+                "size": size,
+            })
+            views.extend(fetched.views)
+            total += size
+            remaining -= delivery.count
+        if entries:
+            stats = self.broker.stats.topic(request.topic)
+            stats.bytes_out += total
+            stats.messages_out += request.max_messages - remaining
+            self.reschedule()
+        return entries, views, total
+
+
+def _ignore(error: BaseException | None) -> None:
+    if error is not None:
+        log.error("journal flush failed: %s", error)
+
+
+# -------------------------------------------------------------------------------- requests
+
+
+class QueueFetchRequest:
+    __slots__ = ("subscription", "topic", "partition", "max_messages", "ack_wait_ms", "max_wait_ms")
+
+    def __init__(self, header: dict[str, Any]) -> None:
+        self.subscription = _name(header, "subscription")
+        self.topic = api._field(header, "topic", str)
+        self.partition = api._int(header, "partition", 0, api.MAX_PARTITIONS_PER_TOPIC - 1, None)
+        self.max_messages = api._int(header, "max_messages", 1, MAX_QUEUE_MESSAGES, 100)
+        self.ack_wait_ms = api._int(header, "ack_wait_ms", 1, 12 * 3600 * 1000, None)
+        self.max_wait_ms = api._int(header, "max_wait_ms", 0, MAX_WAIT_MS, 500)
+
+
+def _name(header: dict[str, Any], field: str) -> str:
+    value = api._field(header, field, str)
+    if not value or len(value) > 255:
+        raise RequestError(ErrorCode.INVALID_REQUEST, f"field {field!r} must be 1 to 255 characters")
+    return value
+
+
+def _offsets(header: dict[str, Any]) -> list[int]:
+    """`offsets` (a list of ints) and/or `ranges` ([start, end) pairs), as one list."""
+    offsets = api._field(header, "offsets", list, None) or []
+    ranges = api._field(header, "ranges", list, None) or []
+    if not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets):
+        raise RequestError(ErrorCode.INVALID_REQUEST, "field 'offsets' must be a list of offsets >= 0")
+    out = list(offsets)
+    for item in ranges:
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in item)
+                and 0 <= item[0] <= item[1] and item[1] - item[0] <= 1_000_000):
+            raise RequestError(ErrorCode.INVALID_REQUEST, "field 'ranges' must be a list of [start, end) pairs")
+        out.extend(range(item[0], item[1]))
+    if not out:
+        raise RequestError(ErrorCode.INVALID_REQUEST, "give 'offsets' or 'ranges'")
+    if len(out) > 1_000_000:
+        raise RequestError(ErrorCode.INVALID_REQUEST, "at most 1,000,000 offsets per request")
+    return out
+
+
+def _topic_partitions(header: dict[str, Any], field: str, with_offset: bool) -> list[list[Any]] | None:
+    raw = api._field(header, field, list, None)
+    if raw is None:
+        return None
+    width = 3 if with_offset else 2
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == width and isinstance(item[0], str)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in item[1:])):
+            shape = "[topic, partition, offset]" if with_offset else "[topic, partition]"
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"each entry of {field!r} must be {shape}")
+    return raw
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """Coordination exceptions carry a `code` name; map it to the wire code."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code in ErrorCode.__members__:
+        return RequestError(ErrorCode[code], str(exc))
+    return exc
+
+
+def handlers(conn: Connection) -> dict[ApiKey, Handler]:
+    """The coordination handlers for one connection ({} when the broker runs without them)."""
+    service: CoordinationService | None = getattr(conn._broker, "coordination", None)
+    if service is None:
+        return {}
+    table: dict[ApiKey, Callable[[Connection, CoordinationService, int, dict[str, Any], memoryview], None]] = {
+        ApiKey.INIT_PRODUCER: _init_producer,
+        ApiKey.PRODUCE_IDEMPOTENT: _produce_idempotent,
+        ApiKey.JOIN_GROUP: _join_group,
+        ApiKey.HEARTBEAT: _heartbeat,
+        ApiKey.LEAVE_GROUP: _leave_group,
+        ApiKey.COMMIT_OFFSETS: _commit_offsets,
+        ApiKey.FETCH_OFFSETS: _fetch_offsets,
+        ApiKey.DESCRIBE_GROUP: _describe_group,
+        ApiKey.LIST_GROUPS: _list_groups,
+        ApiKey.QUEUE_FETCH: _queue_fetch,
+        ApiKey.QUEUE_ACK: _queue_ack,
+        ApiKey.QUEUE_NACK: _queue_nack,
+        ApiKey.QUEUE_EXTEND: _queue_extend,
+        ApiKey.DLQ_REPLAY: _dlq_replay,
+    }
+
+    def bind(function: Callable[..., None]) -> Handler:
+        def handle(corr: int, header: dict[str, Any], payload: memoryview) -> None:
+            try:
+                function(conn, service, corr, header, payload)
+            except Exception as exc:
+                raise _translate(exc) from None
+
+        return handle
+
+    return {key: bind(function) for key, function in table.items()}
+
+
+def connection_lost(conn: Connection) -> None:
+    service: CoordinationService | None = getattr(conn._broker, "coordination", None)
+    if service is not None:
+        service.connection_lost(conn)
+
+
+def _answer_durable(conn: Connection, service: CoordinationService, corr: int, durable: Durable | None,
+                    fields: dict[str, Any]) -> None:
+    if durable is None:
+        conn._ok(corr, fields)
+        return
+    slot = conn._reserve()
+
+    def done(error: BaseException | None) -> None:
+        conn._complete(slot, [_result_frame(corr, fields, error)])
+
+    service.when_durable(durable, done)
+
+
+def _result_frame(corr: int, fields: dict[str, Any], error: BaseException | None) -> bytes:
+    if error is None:
+        return frames.encode_frame({"corr": corr, "error": 0, **fields})
+    return frames.encode_frame(api.error_header(corr, error_code_for(error), f"flush failed: {error}"))
+
+
+# -- idempotent produce ------------------------------------------------------------------------
+
+
+def _init_producer(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    # ProducerIds.allocate fsyncs its block reservation itself (once per 1,000 ids).
+    producer_id = service.coordinator.init_producer(_now_ms())
+    conn._ok(corr, {"producer_id": producer_id, "producer_epoch": 0})
+
+
+def _produce_idempotent(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    request = api.parse_produce(header)
+    broker = service.broker
+    if request.partition is None and request.key is None:
+        raise RequestError(ErrorCode.INVALID_REQUEST, "an idempotent produce needs 'partition' or 'key'")
+    topic = broker.topic_for_produce(request.topic)
+    index = broker.choose_partition(topic, request.partition, request.key)
+    plog = broker.partition_log(topic, index)
+    scan = storage_batch.scan_batches(payload)
+    decisions = service.coordinator.plan_produce(topic.name, index, payload)
+    bounds = [*scan.positions, scan.size_bytes]
+    fresh = [i for i, d in enumerate(decisions) if d.verdict is Verdict.APPEND]
+    if len(fresh) == len(decisions):
+        appended: bytes | memoryview = payload
+    elif fresh:
+        appended = b"".join(payload[bounds[i] : bounds[i + 1]] for i in fresh)  # rare: a partly retried request
+    else:
+        appended = b""
+    offsets: list[tuple[int, int]] = []
+    produced = None
+    if appended:
+        count = sum(storage_batch.read_header(payload, bounds[i]).record_count for i in fresh)
+        produced = broker.produce(topic.name, index, None, appended, built_here=count)  # CRCs checked above
+        service.coordinator.record_produce(topic.name, index, appended, produced.base_offset)
+    next_offset = produced.base_offset if produced is not None else 0
+    for i, decision in enumerate(decisions):
+        if decision.verdict is Verdict.APPEND:
+            n = storage_batch.read_header(payload, bounds[i]).record_count
+            offsets.append((next_offset, next_offset + n - 1))
+            next_offset += n
+        else:
+            assert decision.original is not None
+            offsets.append((decision.original.base_offset, decision.original.last_offset))
+    if request.acks is api.Acks.NONE:
+        return
+    fields = {
+        "partition": index,
+        "base_offset": offsets[0][0],
+        "last_offset": offsets[-1][1],
+        "duplicate_batches": len(decisions) - len(fresh),
+    }
+    last = max(end for _, end in offsets)
+    always = topic.config.flush.mode == "always"
+    if request.acks is api.Acks.LEADER and not always:
+        conn._ok(corr, fields)
+        return
+    _answer_durable(conn, service, corr, Durable(plog, last), fields)
+
+
+# -- groups ------------------------------------------------------------------------------------
+
+
+def _join_group(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    group = _name(header, "group")
+    topics = api.parse_topic_names(header) or []
+    view = service.coordinator.join_group(
+        _now_ms(), group, topics,
+        member_id=api._field(header, "member_id", str, None),
+        instance_id=api._field(header, "instance_id", str, None),
+        client_id=api._field(header, "client_id", str, "consumer"),
+        session_timeout_ms=api._int(header, "session_timeout_ms", 0, 2**31 - 1, 10_000),
+    )
+    service.wake_heartbeats(group)
+    service.reschedule()
+    conn._ok(corr, _member_fields(view))
+
+
+def _member_fields(view: Any) -> dict[str, Any]:
+    return {
+        "member_id": view.member_id,
+        "generation": view.generation,
+        "status": view.status.value,
+        "assignment": [list(tp) for tp in view.assignment],
+    }
+
+
+def _heartbeat(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    group = _name(header, "group")
+    member_id = api._field(header, "member_id", str)
+    generation = api._int(header, "generation", -1, 2**31 - 1)
+    max_wait_ms = api._int(header, "max_wait_ms", 0, MAX_WAIT_MS, 0)
+    view = service.coordinator.heartbeat(_now_ms(), group, member_id, generation)
+    service.reschedule()
+    if view.status.value != "ok" or max_wait_ms == 0:
+        conn._ok(corr, _member_fields(view))
+        return
+    member = service.coordinator.groups.group(group).members.get(member_id)
+    if member is not None:  # the wait must end well within the session, which it refreshes
+        max_wait_ms = min(max_wait_ms, member.session_timeout_ms // 2)
+    hb = _HeartbeatWait(conn, service, corr, group, member_id, generation, max_wait_ms)
+    hb.start()
+
+
+def _leave_group(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    group = _name(header, "group")
+    service.coordinator.leave_group(group, api._field(header, "member_id", str))
+    service.wake_heartbeats(group)
+    conn._ok(corr, {"group": group})
+
+
+def _commit_offsets(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    group = _name(header, "group")
+    raw = _topic_partitions(header, "offsets", True)
+    if not raw:
+        raise RequestError(ErrorCode.INVALID_REQUEST, "field 'offsets' must list [topic, partition, offset]")
+    offsets = {(t, p): o for t, p, o in raw}
+    durable = service.coordinator.commit_offsets(
+        _now_ms(), group,
+        api._field(header, "member_id", str, None),
+        api._int(header, "generation", -1, 2**31 - 1, -1),
+        offsets,
+        api._field(header, "metadata", str, ""),
+    )
+    _answer_durable(conn, service, corr, durable, {"group": group, "committed": len(offsets)})
+
+
+def _fetch_offsets(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    group = _name(header, "group")
+    wanted = _topic_partitions(header, "partitions", False)
+    found = service.coordinator.fetch_offsets(group, None if wanted is None else [(t, p) for t, p in wanted])
+    conn._ok(corr, {"group": group, "offsets": [[t, p, o] for (t, p), o in sorted(found.items())]})
+
+
+def _describe_group(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    conn._ok(corr, service.coordinator.describe_group(_name(header, "group")))
+
+
+def _list_groups(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    conn._ok(corr, {"groups": service.coordinator.list_groups()})
+
+
+class _HeartbeatWait:
+    """A heartbeat held until its group rebalances or max_wait_ms passes."""
+
+    def __init__(self, conn: Connection, service: CoordinationService, corr: int, group: str, member_id: str,
+                 generation: int, max_wait_ms: int) -> None:
+        self.conn = conn
+        self.service = service
+        self.corr = corr
+        self.group = group
+        self.member_id = member_id
+        self.generation = generation
+        self.deadline = time.monotonic() + max_wait_ms / 1000
+        self.slot = conn._reserve()
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = False
+
+    def start(self) -> None:
+        self.service._heartbeat_waits.add(self)
+        self.timer = asyncio.get_running_loop().call_later(max(0.0, self.deadline - time.monotonic()), self.finish)
+
+    def recheck(self, final: bool = False) -> None:
+        if self.done:
+            return
+        try:
+            view = self.service.coordinator.heartbeat(_now_ms(), self.group, self.member_id, self.generation)
+        except Exception as exc:
+            translated = _translate(exc)
+            code = error_code_for(translated)
+            self._answer(frames.encode_frame(api.error_header(self.corr, code, str(exc))))
+            return
+        if final or view.status.value != "ok" or time.monotonic() >= self.deadline:
+            self._answer(frames.encode_frame({"corr": self.corr, "error": 0, **_member_fields(view)}))
+
+    def finish(self) -> None:
+        self.recheck(final=True)
+
+    def _answer(self, frame: bytes) -> None:
+        self.cancel()
+        self.conn._complete(self.slot, [frame])
+
+    def cancel(self) -> None:
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.service._heartbeat_waits.discard(self)
+
+
+# -- queues ------------------------------------------------------------------------------------
+
+
+def _queue_fetch(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    request = QueueFetchRequest(header)
+    consumer = service.consumer_id(conn)
+    entries, views, total = service.queue_fetch(consumer, request)
+    if entries or request.max_wait_ms == 0 or conn._draining:
+        conn._respond(_queue_response(corr, entries, views, total))
+        return
+    wait = _QueueWait(conn, service, corr, request, consumer)
+    wait.start()
+
+
+def _queue_response(corr: int, entries: list[dict[str, Any]], views: list[memoryview], total: int) -> list[bytes | memoryview]:
+    header = {"corr": corr, "error": 0, "deliveries": entries}
+    return [frames.encode_prefix(header, total), *views]
+
+
+class _QueueWait:
+    """A QUEUE_FETCH that found nothing: retried on appends, nacks and ticks until max_wait_ms."""
+
+    def __init__(self, conn: Connection, service: CoordinationService, corr: int, request: QueueFetchRequest,
+                 consumer: str) -> None:
+        self.conn = conn
+        self.service = service
+        self.corr = corr
+        self.request = request
+        self.consumer = consumer
+        self.deadline = time.monotonic() + request.max_wait_ms / 1000
+        self.slot = conn._reserve()
+        topic = service.broker.topic(request.topic)
+        self.plogs = (list(topic.partitions) if request.partition is None
+                      else [service.broker.partition_log(topic, request.partition)])
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = False
+
+    def start(self) -> None:
+        self.service._queue_waits.add(self)
+        self.timer = asyncio.get_running_loop().call_later(max(0.0, self.deadline - time.monotonic()), self.finish)
+        self.service.broker.wait_for_data(self.plogs, self._on_append)
+
+    def _on_append(self) -> None:
+        if not self.done:
+            asyncio.get_running_loop().call_soon(self.recheck)
+
+    def recheck(self, final: bool = False) -> None:
+        if self.done:
+            return
+        try:
+            entries, views, total = self.service.queue_fetch(self.consumer, self.request)
+        except Exception as exc:
+            translated = _translate(exc)
+            self._answer([frames.encode_frame(api.error_header(self.corr, error_code_for(translated), str(exc)))])
+            return
+        if entries or final or time.monotonic() >= self.deadline:
+            self._answer(_queue_response(self.corr, entries, views, total))
+        else:
+            self.service.broker.stop_waiting(self.plogs, self._on_append)
+            self.service.broker.wait_for_data(self.plogs, self._on_append)
+
+    def finish(self) -> None:
+        self.recheck(final=True)
+
+    def _answer(self, buffers: list[bytes | memoryview]) -> None:
+        self.cancel()
+        self.conn._complete(self.slot, buffers)
+
+    def cancel(self) -> None:
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.service.broker.stop_waiting(self.plogs, self._on_append)
+        self.service._queue_waits.discard(self)
+
+
+def _queue_target(header: dict[str, Any]) -> tuple[str, str, int]:
+    return (_name(header, "subscription"), api._field(header, "topic", str),
+            api._int(header, "partition", 0, api.MAX_PARTITIONS_PER_TOPIC - 1))
+
+
+def _queue_ack(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    subscription, topic, partition = _queue_target(header)
+    offsets = _offsets(header)
+    service.broker.topic(topic)
+    result = service.coordinator.subscription(subscription, topic, partition).ack(offsets)
+    fields = {"acked": result.acked, "duplicates": result.duplicates}
+    slot = conn._reserve()
+    service.after_persist(lambda error: conn._complete(slot, [_result_frame(corr, fields, error)]))
+
+
+def _queue_nack(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    subscription, topic, partition = _queue_target(header)
+    offsets = _offsets(header)
+    delay_ms = api._int(header, "delay_ms", 0, 7 * 24 * 3600 * 1000, 0)
+    reason = api._field(header, "reason", str, "nack")[:1024]
+    service.broker.topic(topic)
+    durable = service.coordinator.queue_nack(_now_ms(), subscription, topic, partition, offsets, delay_ms, reason)
+    service.wake_queues()
+    service.reschedule()
+    _answer_durable(conn, service, corr, durable, {"nacked": len(offsets)})
+
+
+def _queue_extend(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    subscription, topic, partition = _queue_target(header)
+    offsets = _offsets(header)
+    ack_wait_ms = api._int(header, "ack_wait_ms", 1, 12 * 3600 * 1000, None)
+    service.broker.topic(topic)
+    extended = service.coordinator.queue_extend(_now_ms(), subscription, topic, partition, offsets, ack_wait_ms)
+    service.reschedule()
+    conn._ok(corr, {"extended": extended})
+
+
+def _dlq_replay(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    """Re-produce dead letters (by DLQ offset) to their origin topic and partition, without the
+    DLQ headers. Replaying the same offset twice produces it twice (the DLQ is not changed)."""
+    topic_name = api._field(header, "topic", str)
+    partition = api._int(header, "partition", 0, api.MAX_PARTITIONS_PER_TOPIC - 1)
+    offsets = _offsets(header)
+    if len(offsets) > MAX_QUEUE_MESSAGES:
+        raise RequestError(ErrorCode.INVALID_REQUEST, f"at most {MAX_QUEUE_MESSAGES} dead letters per replay")
+    broker = service.broker
+    plog = broker.partition_log(broker.topic(topic_name), partition)
+    now = _now_ms()
+    groups: dict[tuple[str, int], list[list[object]]] = {}
+    for offset in offsets:
+        if not plog.start_offset <= offset < plog.end_offset:
+            raise RequestError(ErrorCode.OFFSET_OUT_OF_RANGE, f"no dead letter at offset {offset} of {topic_name}/{partition}")
+        dead = queue_log.read_record(plog, offset)
+        headers = dead[3] or []
+        origin_partition = next((int(bytes(v)) for n, v in headers if n == queue_mod.DLQ_PARTITION), 0)  # type: ignore[misc, union-attr]
+        try:
+            origin, clean = queue_mod.replay_record(dead)
+        except queue_mod.QueueError as exc:
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"offset {offset}: {exc}") from None
+        clean[0] = 0
+        groups.setdefault((origin, origin_partition), []).append(clean)
+    replayed = []
+    for (origin, origin_partition), recs in groups.items():
+        built = storage_batch.build_batch(records.encode_body(recs), record_count=len(recs),
+                                          first_timestamp_ms=now, max_timestamp_ms=now)
+        target = broker.topic(origin)
+        index = origin_partition if origin_partition < len(target.partitions) else 0
+        produced = broker.produce(origin, index, None, built, built_here=len(recs))
+        replayed.append([origin, index, produced.base_offset, produced.last_offset])
+    conn._ok(corr, {"replayed": len(offsets), "to": replayed})
