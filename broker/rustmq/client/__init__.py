@@ -17,17 +17,25 @@ See docs/client.md.
 from rustmq.client.admin import Admin
 from rustmq.client.consumer import Consumer, Message
 from rustmq.client.errors import BrokerError, ProduceError
+from rustmq.client.groups import GroupConsumer, SyncGroupConsumer
 from rustmq.client.producer import Producer, RecordMetadata
+from rustmq.client.queues import Queue, QueueConsumer, QueueMessage, SyncQueue
 from rustmq.client.sync import SyncConsumer, SyncProducer
 
 __all__ = [
     "Admin",
     "BrokerError",
     "Consumer",
+    "GroupConsumer",
     "Message",
     "ProduceError",
     "Producer",
+    "Queue",
+    "QueueConsumer",
+    "QueueMessage",
     "RecordMetadata",
+    "SyncGroupConsumer",
+    "SyncQueue",
     "SyncConsumer",
     "SyncProducer",
 ]

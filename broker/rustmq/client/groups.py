@@ -240,3 +240,36 @@ class GroupConsumer:
         while True:
             for message in await self.getmany():
                 yield message
+
+
+class SyncGroupConsumer:
+    """Blocking GroupConsumer for scripts. Membership heartbeats run only while a call is in
+    progress (the private event loop is idle otherwise), so call poll() at least every
+    session_timeout_ms / 2."""
+
+    def __init__(self, bootstrap: str = "localhost:9092", topic: str | list[str] = "default", **options: Any) -> None:
+        self._runner = asyncio.Runner()
+        self._consumer = GroupConsumer(bootstrap, topic, **options)
+        self._runner.run(self._consumer.start())
+
+    @property
+    def assignment(self) -> list[tuple[str, int]]:
+        return self._consumer.assignment
+
+    def poll(self, timeout_s: float | None = None) -> list[Message]:
+        return self._runner.run(self._consumer.getmany(timeout_s))
+
+    def commit(self) -> None:
+        self._runner.run(self._consumer.commit())
+
+    def close(self) -> None:
+        try:
+            self._runner.run(self._consumer.close())
+        finally:
+            self._runner.close()
+
+    def __enter__(self) -> SyncGroupConsumer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

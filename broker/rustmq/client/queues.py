@@ -273,3 +273,82 @@ async def replay_dead_letters(bootstrap: str, dlq_topic: str, partition: int, of
         return {k: v for k, v in response.header.items() if k not in ("corr", "error")}
     finally:
         connection.close()
+
+
+# -- synchronous wrappers (scripts; not for use inside a running event loop) ---------------------
+
+
+class SyncQueueMessage:
+    """A QueueMessage whose ack()/nack()/extend() block."""
+
+    def __init__(self, runner: asyncio.Runner, message: QueueMessage) -> None:
+        self._runner = runner
+        self.message = message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.message, name)
+
+    def ack(self) -> None:
+        self._runner.run(self.message.ack())
+
+    def nack(self, delay_ms: int = 0, reason: str = "nack") -> None:
+        self._runner.run(self.message.nack(delay_ms, reason))
+
+    def extend(self, ack_wait_ms: int | None = None) -> bool:
+        return self._runner.run(self.message.extend(ack_wait_ms))
+
+
+class SyncQueueConsumer:
+    def __init__(self, runner: asyncio.Runner, consumer: QueueConsumer, owns_runner: bool) -> None:
+        self._runner = runner
+        self._consumer = consumer
+        self._owns_runner = owns_runner
+        runner.run(consumer.start())
+
+    def receive(self, timeout_s: float | None = None) -> SyncQueueMessage | None:
+        message = self._runner.run(self._consumer.receive(timeout_s))
+        return None if message is None else SyncQueueMessage(self._runner, message)
+
+    def receive_batch(self, max_messages: int | None = None) -> list[SyncQueueMessage]:
+        return [SyncQueueMessage(self._runner, m) for m in self._runner.run(self._consumer.receive_batch(max_messages))]
+
+    def ack_many(self, messages: Iterable[SyncQueueMessage]) -> int:
+        return self._runner.run(self._consumer.ack_many([m.message for m in messages]))
+
+    def close(self) -> None:
+        self._runner.run(self._consumer.close())
+        if self._owns_runner:
+            self._runner.close()
+
+    def __enter__(self) -> SyncQueueConsumer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SyncQueue:
+    """Blocking Queue: ``SyncQueue(bootstrap, topic).publish(b"...")``, ``.subscribe(name)``."""
+
+    def __init__(self, bootstrap: str = "localhost:9092", topic: str = "default", **options: Any) -> None:
+        self._runner = asyncio.Runner()
+        self._queue = Queue(bootstrap, topic, **options)
+        self._runner.run(self._queue.start())
+
+    def publish(self, value: bytes | None, key: bytes | None = None, **options: Any) -> RecordMetadata | None:
+        return self._runner.run(self._queue.publish(value, key, **options))
+
+    def subscribe(self, subscription: str = "default", **options: Any) -> SyncQueueConsumer:
+        return SyncQueueConsumer(self._runner, self._queue.subscribe(subscription, **options), owns_runner=False)
+
+    def close(self) -> None:
+        try:
+            self._runner.run(self._queue.close())
+        finally:
+            self._runner.close()
+
+    def __enter__(self) -> SyncQueue:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
