@@ -245,27 +245,6 @@ def test_directory_path_is_accepted_as_str(tmp_path, small) -> None:
     partition.close()
 
 
-def test_the_next_segment_is_prepared_ahead_and_adopted_on_roll(tmp_path) -> None:
-    partition = PartitionLog.open(tmp_path, small_config(segment_bytes=64 * 1024))
-    standby = tmp_path / "next-segment.log.tmp"
-    expected = fill(partition, 250)  # ~40 KB: past half of the first segment, not yet rolled
-    assert partition.segment_count == 1
-    deadline = time.monotonic() + 10  # prepared on its own thread
-    while not (standby.exists() and standby.stat().st_size == 64 * 1024):
-        assert time.monotonic() < deadline, "no segment was prepared ahead"
-        time.sleep(0.01)
-    expected += fill(partition, 300)
-    assert partition.segment_count == 2
-    assert not standby.exists() or standby.stat().st_size == 64 * 1024
-    assert read_all(partition) == b"".join(expected)
-    partition.close()
-    assert not standby.exists()  # discarded on close
-    standby.write_bytes(b"left over by a crash")
-    reopened = PartitionLog.open(tmp_path, small_config(segment_bytes=64 * 1024))
-    assert not standby.exists() and read_all(reopened) == b"".join(expected)
-    reopened.close()
-
-
 def test_a_failed_write_refuses_further_writes_and_a_restart_recovers(tmp_path, small, monkeypatch
                                                                        ) -> None:
     """The write failure is simulated (EIO cannot be provoked on this machine's disk)."""

@@ -42,7 +42,6 @@ from rustmq.storage.segment import (
     LOG_SUFFIX,
     MAX_RELATIVE_OFFSET,
     TIME_INDEX_SUFFIX,
-    PreparedFile,
     ScanResult,
     Segment,
     load_trusted,
@@ -55,9 +54,6 @@ logger = logging.getLogger("rustmq.storage")
 CLEAN_SHUTDOWN_FILE: Final = "clean-shutdown"
 RECOVERY_POINT_FILE: Final = "recovery-point"
 MAX_OFFSET: Final = (1 << 63) - 1
-# Prepare the next segment ahead once the active one is half full, if it got there this fast:
-# slower partitions roll rarely enough to pay the page faults inline, and need no standby file.
-PREPARE_WHEN_HALF_FULL_WITHIN_MS: Final = 10_000
 _HEADER = batch.HEADER_STRUCT
 
 
@@ -108,8 +104,7 @@ class PartitionLog:
         self._seal_generation = 0
         self._flushed_seal_generation = 0
         self._last_flush_monotonic = time.monotonic()
-        self._retired: list[tuple[Segment, Any]] = []  # (sealed segment, its old writable map)
-        self._standby: PreparedFile | None = None
+        self._retired: list[tuple[Segment, Any]] = []  # (sealed segment, its old full-size map)
         self._segments_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._failure: errors.StorageError | None = None
@@ -388,14 +383,6 @@ class PartitionLog:
             logger.error("%s: %s; the partition refuses writes until restarted",
                          self.directory, self._failure)
             raise self._failure from error
-        if (
-            self._standby is None
-            and segment.size * 2 >= segment.capacity
-            and segment.rolling_base_ms is not None
-            and time.time_ns() // 1_000_000 - segment.rolling_base_ms
-            <= PREPARE_WHEN_HALF_FULL_WITHIN_MS
-        ):
-            self._standby = PreparedFile(self.directory, self.config.segment_bytes)
         # Hazard (flush ordering): publish the end offset only after the bytes and the stamps are
         # in the map and segment.size moved; flush() reads _end_offset first, sizes second.
         self._end_offset = base_offset + record_count
@@ -418,19 +405,7 @@ class PartitionLog:
 
     def _roll(self, needed: int) -> Segment:
         old = self._active
-        capacity = max(self.config.segment_bytes, needed)
-        prepared = self._standby.take() if self._standby is not None else None
-        self._standby = None
-        if prepared is not None and prepared.capacity >= capacity:
-            try:
-                new = Segment.adopt(self.directory, self._end_offset, prepared)
-            except OSError as error:
-                prepared.discard()
-                raise errors.from_os_error(error, f"activating {prepared.path}") from error
-        else:
-            if prepared is not None:
-                prepared.discard()
-            new = Segment.create(self.directory, self._end_offset, capacity)
+        new = Segment.create(self.directory, self._end_offset, max(self.config.segment_bytes, needed))
         try:
             retired = old.seal()
         except (OSError, ValueError) as error:
@@ -449,7 +424,7 @@ class PartitionLog:
         return new
 
     def _reap(self) -> None:
-        """Unmap retired writable maps whose readers are gone, then trim their segments."""
+        """Unmap retired full-size maps whose readers are gone, then trim their segments."""
         still_exported = []
         for segment, old_map in self._retired:
             try:
@@ -678,9 +653,6 @@ class PartitionLog:
                     pass
 
     def _close_segments(self) -> bool:
-        if self._standby is not None:
-            self._standby.discard()
-            self._standby = None
         with self._segments_lock:
             segments, self._segments = self._segments, []
         unmapped = True

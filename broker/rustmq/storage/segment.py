@@ -7,12 +7,12 @@ Files, named by the segment's base offset (the offset of its first batch), 20 di
     00000000000000001000.index      sparse offset index  (see rustmq.storage.index)
     00000000000000001000.timeindex  sparse time index
 
-Life cycle. `create` preallocates the file with posix_fallocate BEFORE mapping it: touching a
-mapped page of a sparse file that cannot be allocated on a full disk raises SIGBUS, which kills
-the process, whereas fallocate reports ENOSPC as an exception at roll time. The active segment is
-appended to with pwritev on its fd (same page cache as the map, so readers' views see the bytes)
-and mapped for reading. `seal` (on roll) swaps in a read-only map of exactly the used size and
-trims the file to it once the old writable map is unmapped. Files are never truncated while a map
+Life cycle. `create` preallocates the whole file with posix_fallocate BEFORE mapping it, so a full
+disk is reported (ENOSPC -> StorageFullError) at roll time, before anything of an append is
+written, and never as SIGBUS from a mapped page that cannot be allocated. The active segment is
+appended to with pwritev on its fd and mapped read-only: the map shares the page cache the writes
+fill, so readers' views see the bytes, and no store through a map can ever corrupt a segment. `seal` (on roll) swaps in a read-only map of exactly the used size and
+trims the file to it once the old full-size map is unmapped. Files are never truncated while a map
 that covers the cut range is alive, so no reader can touch a page past end of file.
 
 View lifetime. `read` hands out memoryview slices of the map (zero copy). `mmap.close()` raises
@@ -23,13 +23,10 @@ is unmapped by CPython when the last slice is released. The fd is ours alone and
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
 import struct
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Final, NamedTuple
@@ -41,8 +38,6 @@ LOG_SUFFIX: Final = ".log"
 INDEX_SUFFIX: Final = ".index"
 TIME_INDEX_SUFFIX: Final = ".timeindex"
 MAX_RELATIVE_OFFSET: Final = 0xFFFF_FFFF
-STANDBY_NAME: Final = "next-segment.log.tmp"
-MADV_POPULATE_WRITE: Final = 23  # Linux >= 5.14; not exported by Python 3.11's mmap module
 
 _HEADER = batch.HEADER_STRUCT
 _LENGTH_AT_8: Final = struct.Struct(">i")
@@ -228,89 +223,6 @@ def load_trusted(
     )
 
 
-class PreparedFile:
-    """The next segment's file, made ready ahead of the roll on a short-lived thread.
-
-    First-touch page faults into freshly allocated page cache cost more than the copy itself
-    (see docs/storage.md, Performance), so once the active segment fills up quickly the next
-    file is created, preallocated, mapped and pre-faulted with MADV_POPULATE_WRITE off the
-    owner thread. madvise is called through ctypes because ctypes drops the GIL during the call
-    (mmap.madvise keeps it, which would stall the appending thread). The file carries a `.tmp`
-    name until the roll renames it, so a crash leaves nothing an open would mistake for data.
-    """
-
-    def __init__(self, directory: Path, capacity: int) -> None:
-        self.path = directory / STANDBY_NAME
-        self.capacity = capacity
-        self.fd = -1
-        self.mapped: mmap.mmap | None = None
-        self.error: OSError | None = None
-        self._ready = threading.Event()  # set once the file is mapped (or failed)
-        self._thread = threading.Thread(target=self._prepare, name="rustmq-segment-prepare",
-                                        daemon=True)
-        self._thread.start()
-
-    def _prepare(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                os.posix_fallocate(fd, 0, self.capacity)
-                mapped = mmap.mmap(fd, self.capacity, access=mmap.ACCESS_WRITE)
-            except OSError:
-                os.close(fd)
-                raise
-        except OSError as error:
-            self.error = error
-            self.path.unlink(missing_ok=True)
-            self._ready.set()
-            return
-        self.fd, self.mapped = fd, mapped
-        self._ready.set()
-        # The segment may already be in use while this runs: populating never changes content,
-        # and the segment joins this thread before it ever unmaps (see Segment.close/seal).
-        _populate_for_writing(mapped, self.capacity)
-
-    def take(self) -> PreparedFile | None:
-        """Wait until the file is mapped (not for the pre-faulting, which may go on meanwhile);
-        self if usable, None if preparing failed (then there is nothing to clean up)."""
-        self._ready.wait()
-        return self if self.error is None else None
-
-    def join(self) -> None:
-        self._thread.join()
-
-    def discard(self) -> None:
-        self._thread.join()
-        if self.mapped is not None:
-            self.mapped.close()  # never exported: nobody saw this map
-            os.close(self.fd)
-            self.mapped, self.fd = None, -1
-        self.path.unlink(missing_ok=True)
-
-
-def _populate_for_writing(mapped: mmap.mmap, length: int) -> None:
-    if _madvise is None:
-        return
-    anchor = ctypes.c_char.from_buffer(mapped)
-    address = ctypes.addressof(anchor)
-    del anchor  # Hazard: release the buffer export at once, or the map could never be closed.
-    _madvise(address, length, MADV_POPULATE_WRITE)  # best effort: EINVAL before Linux 5.14
-
-
-def _load_madvise():  # type: ignore[no-untyped-def]
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
-
-
-_madvise = _load_madvise() if sys.platform.startswith("linux") else None
-
-
 class Segment:
     """A segment's open file, its map and its in-memory indexes. Owned by one PartitionLog."""
 
@@ -318,12 +230,11 @@ class Segment:
         "directory", "base_offset", "fd", "capacity", "size", "next_offset", "max_timestamp_ms",
         "max_timestamp_before_last", "last_batch_position", "rolling_base_ms", "offset_index",
         "time_index", "bytes_since_index_entry", "sealed", "flushed_size", "dir_synced",
-        "index_persisted", "pending_index_files", "deleted", "_mm", "_view", "_prepared",
+        "index_persisted", "pending_index_files", "deleted", "_mm", "_view",
     )
 
     def __init__(self, directory: Path, base_offset: int, fd: int, capacity: int,
-                 state: ScanResult, writable: bool, dir_synced: bool,
-                 mapped: mmap.mmap | None = None) -> None:
+                 state: ScanResult, writable: bool, dir_synced: bool) -> None:
         self.directory = directory
         self.base_offset = base_offset
         self.fd = fd
@@ -346,14 +257,11 @@ class Segment:
         self.index_persisted = not writable
         self.pending_index_files: tuple[tuple[Path, bytes], ...] = ()
         self.deleted = False
-        if mapped is not None:
-            self._mm = mapped
-        elif writable:
-            self._mm = mmap.mmap(fd, capacity, access=mmap.ACCESS_WRITE)
+        if writable:
+            self._mm = mmap.mmap(fd, capacity, access=mmap.ACCESS_READ)
         else:
             self._mm = mmap.mmap(fd, state.size, access=mmap.ACCESS_READ)
         self._view = memoryview(self._mm)
-        self._prepared: PreparedFile | None = None
 
     @classmethod
     def create(cls, directory: Path, base_offset: int, capacity: int) -> Segment:
@@ -366,7 +274,7 @@ class Segment:
         except OSError as error:
             raise errors.from_os_error(error, f"creating segment {path}") from error
         try:
-            # Hazard: allocate every block before mapping (SIGBUS otherwise when the disk fills).
+            # Hazard: allocate every block before mapping: ENOSPC here, never mid-append or SIGBUS.
             os.posix_fallocate(fd, 0, capacity)
             empty = ScanResult(0, base_offset, 0, 0, _NO_TIMESTAMP, _NO_TIMESTAMP, -1,
                                _NO_TIMESTAMP, OffsetIndex(), TimeIndex(), None)
@@ -375,26 +283,6 @@ class Segment:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise errors.from_os_error(error, f"preallocating {capacity} bytes for {path}") from error
-
-    @classmethod
-    def adopt(cls, directory: Path, base_offset: int, prepared: PreparedFile) -> Segment:
-        """Turn a prepared (preallocated, pre-faulted) file into the new empty active segment."""
-        path = directory / file_name(base_offset, LOG_SUFFIX)
-        for stale in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
-            (directory / file_name(base_offset, stale)).unlink(missing_ok=True)
-        os.rename(prepared.path, path)
-        empty = ScanResult(0, base_offset, 0, 0, _NO_TIMESTAMP, _NO_TIMESTAMP, -1,
-                           _NO_TIMESTAMP, OffsetIndex(), TimeIndex(), None)
-        segment = cls(directory, base_offset, prepared.fd, prepared.capacity, empty,
-                      writable=True, dir_synced=False, mapped=prepared.mapped)
-        segment._prepared = prepared
-        return segment
-
-    def _join_prefault(self) -> None:
-        # Hazard: never unmap while the pre-fault thread may still be inside madvise on the map.
-        if self._prepared is not None:
-            self._prepared.join()
-            self._prepared = None
 
     @property
     def path(self) -> Path:
@@ -500,13 +388,12 @@ class Segment:
         return None
 
     def seal(self) -> mmap.mmap | None:
-        """Make the segment read-only: swap in an exact-size read-only map, then trim the file.
+        """Seal the segment: swap in a map of exactly the used size, then trim the file to it.
 
-        Returns the old writable map if readers still hold views of it; the caller must call
-        `finish_seal` once it could be closed (the trim waits until then).
+        Returns the old full-size map if readers still hold views of it; the caller retries
+        closing it later and calls `trim` once it could (PartitionLog._reap).
         """
         self.pending_index_files = self.index_files()
-        self._join_prefault()
         read_only = mmap.mmap(self.fd, self.size, access=mmap.ACCESS_READ)
         old_view, old_map = self._view, self._mm
         self._mm, self._view = read_only, memoryview(read_only)
@@ -515,7 +402,7 @@ class Segment:
         try:
             old_map.close()
         except BufferError:
-            return old_map  # Hazard: readers still slice the writable map; trim only after unmap.
+            return old_map  # Hazard: readers still slice the full-size map; trim only after unmap.
         self.trim()
         return None
 
@@ -547,7 +434,6 @@ class Segment:
     def grow(self, capacity: int) -> None:
         """Enlarge an EMPTY active segment (for an append larger than segment_bytes)."""
         assert self.size == 0 and not self.sealed
-        self._join_prefault()
         try:
             os.posix_fallocate(self.fd, 0, capacity)
         except OSError as error:
@@ -555,7 +441,7 @@ class Segment:
         # An empty segment never handed out a view, so its map closes without BufferError.
         self._view.release()
         self._mm.close()
-        self._mm = mmap.mmap(self.fd, capacity, access=mmap.ACCESS_WRITE)
+        self._mm = mmap.mmap(self.fd, capacity, access=mmap.ACCESS_READ)
         self._view = memoryview(self._mm)
         self.capacity = capacity
 
@@ -563,7 +449,6 @@ class Segment:
         """Close the fd and unmap; False if the unmap is deferred to the last reader's release."""
         if self.fd < 0:
             return True
-        self._join_prefault()
         self._view.release()
         unmapped = True
         try:
