@@ -5,6 +5,8 @@
     rustmq produce TOPIC [VALUE ...]      (values from stdin lines when none are given)
     rustmq consume TOPIC [--from earliest|latest|OFFSET|@TIMESTAMP_MS] [--max-messages N] [--timeout S]
     rustmq bench produce|consume|latency [...]
+    rustmq group list|describe, rustmq consume TOPIC --group G, rustmq queue receive, rustmq dlq list|show|replay
+        (rustmq.cli_coordination)
 
 Every client command takes ``--bootstrap host:port`` (default localhost:9092) and ``--json``.
 Broker settings follow rustmq.config: flags override RUSTMQ_* variables, which override the
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rustmq import __version__, config
+from rustmq import __version__, cli_coordination, config
 from rustmq.client import Admin, Consumer, Producer
 from rustmq.client.errors import ClientError
 
@@ -86,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--partition", type=int, action="append", help="only these partitions (repeatable)")
     consume.add_argument("--max-messages", type=int)
     consume.add_argument("--timeout", type=float, help="stop after this many seconds without a message")
+    cli_coordination.add_consume_arguments(consume)
     _client_flags(consume)
+    cli_coordination.add_arguments(commands, _client_flags)
 
     bench = commands.add_parser("bench", help="benchmarks in the spirit of kafka-*-perf-test")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
@@ -106,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "produce":
             return asyncio.run(run_produce(args))
         if args.command == "consume":
-            return asyncio.run(run_consume(args))
+            return asyncio.run(cli_coordination.run_group_consume(args) if args.group else run_consume(args))
+        if args.command in cli_coordination.COMMANDS:
+            return asyncio.run(cli_coordination.run(args))
         if args.command == "bench":
             from rustmq.client import bench as bench_module
 
