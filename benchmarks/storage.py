@@ -10,8 +10,8 @@ into preallocated, memory-mapped segments (default 64 MiB, flush policy "none").
   same batches memcpy'd into (or pwrite'd to) fresh posix_fallocate'd, mmapped files of the
   segment size, nothing else. On this VM both are bounded by the cost of fresh page cache.
 * append_gb_s: PartitionLog.append alone (framing walk, one pwritev with stamped prefixes,
-  sparse indexes, segment rolls with posix_fallocate and the next segment prepared ahead); produce_gb_s adds batch.scan_batches (the
-  per-produce CRC32C validation the server runs first).
+  sparse indexes, segment rolls with posix_fallocate); produce_gb_s adds batch.scan_batches
+  (the per-produce CRC32C validation the server runs first).
 * read_gb_s: PartitionLog.read(offset, 1 MiB) over the whole log, every returned view consumed
   by copying it into one reusable bytearray (a memoryview copy, so the pages are really touched).
 * append_resident_gb_s: append into one large segment whose page cache was made resident
@@ -77,8 +77,8 @@ def bench_append(directory: Path, payload: bytes, total_bytes: int, segment_byte
 
 def bench_raw_copy(directory: Path, payload: bytes, total_bytes: int, segment_bytes: int,
                    use_write: bool) -> float:
-    """Physical references: the same bytes memcpy'd into (or pwrite'd to) fresh fallocated,
-    mapped files of the segment size, with nothing else done."""
+    """Physical references: the same bytes memcpy'd into fresh fallocated files mapped
+    read-write, or pwrite'd to them mapped read-only (as the engine does), nothing else."""
     directory.mkdir(parents=True)
     count = total_bytes // len(payload)
     size = len(payload)
@@ -89,7 +89,7 @@ def bench_raw_copy(directory: Path, payload: bytes, total_bytes: int, segment_by
     while written < count:
         fd = os.open(directory / f"{file_number}.raw", os.O_RDWR | os.O_CREAT, 0o644)
         os.posix_fallocate(fd, 0, segment_bytes)
-        mm = mmap.mmap(fd, segment_bytes)
+        mm = mmap.mmap(fd, segment_bytes, access=mmap.ACCESS_READ if use_write else mmap.ACCESS_WRITE)
         for position in range(0, min(per_file, count - written) * size, size):
             if use_write:
                 os.pwrite(fd, payload, position)
