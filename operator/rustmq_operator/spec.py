@@ -30,7 +30,7 @@ PAUSE_ANNOTATION: Final = "rustmq.io/pause-reconciliation"
 
 DEFAULTS: Final[dict[str, Any]] = {
     "replicas": 1,
-    "image": "rustmq:0.1.0",
+    "image": "rustmq/broker:0.1.0",
     "imagePullPolicy": "IfNotPresent",
     "partitions": 12,
     "ports": {"producer": 9092, "consumer": 9093, "metrics": 9094},

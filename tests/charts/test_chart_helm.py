@@ -67,7 +67,7 @@ def test_default_install_is_cluster_wide_with_the_crd(helm: str) -> None:
     assert container["command"] == ["rustmq-operator"]
     assert "--all-namespaces" in container["args"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["image"] == "rustmq-operator:0.1.0"
+    assert container["image"] == "rustmq/operator:0.1.0"
 
 
 def test_talos_cilium_values_scope_the_operator_to_its_namespace(helm: str) -> None:

@@ -139,7 +139,7 @@ def test_a_failing_broker_stalls_the_cluster_until_the_spec_is_fixed(cluster: An
         "status": {
             "conditions": [{"type": "Ready", "status": "False"}],
             "containerStatuses": [{
-                "name": "broker", "image": "rustmq:0.1.0", "imageID": "", "ready": False, "restartCount": 5,
+                "name": "broker", "image": "rustmq/broker:0.1.0", "imageID": "", "ready": False, "restartCount": 5,
                 "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m0s restarting failed container"}},
             }],
         }
