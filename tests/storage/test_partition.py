@@ -175,8 +175,8 @@ def test_retention_by_count_size_and_time_deletes_whole_sealed_segments(tmp_path
 def test_views_stay_valid_across_roll_retention_and_close(tmp_path) -> None:
     partition = PartitionLog.open(tmp_path, small_config(retention_messages=1))
     expected = fill(partition, 2)
-    held = partition.read(0, 1 << 20)  # views into the active segment's writable map
-    fill(partition, 200)  # rolls: the held segment is sealed, its writable map retired
+    held = partition.read(0, 1 << 20)  # views into the active segment's full-size map
+    fill(partition, 200)  # rolls: the held segment is sealed, its full-size map retired
     assert partition.enforce_retention(0) > 0  # ... and deleted
     assert not (tmp_path / "00000000000000000000.log").exists()
     partition.close()  # no BufferError although views are exported
