@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -265,4 +266,48 @@ def test_a_failed_write_refuses_further_writes_and_a_restart_recovers(tmp_path, 
     reopened = PartitionLog.open(tmp_path, small)
     assert read_all(reopened) == b"".join(expected)
     reopened.append(make_batch(11))
+    reopened.close()
+
+
+def test_time_and_offset_lookups_agree_after_clean_and_unclean_reopen(tmp_path, small) -> None:
+    partition = PartitionLog.open(tmp_path, small)
+    timestamps = [(i * 37) % 100 for i in range(120)]
+    for i, ts in enumerate(timestamps):
+        partition.append(make_batch(i, records=2, timestamp_ms=ts))
+    answers = [partition.offset_for_timestamp(t) for t in range(0, 105, 3)]
+    reads = [bytes(partition.read(o, 1).views[0]) for o in range(0, 240, 7)]
+    for clean in (True, False):
+        partition.close(clean=clean)
+        partition = PartitionLog.open(tmp_path, small)
+        assert partition.recovery.clean_shutdown is clean
+        assert [partition.offset_for_timestamp(t) for t in range(0, 105, 3)] == answers
+        assert [bytes(partition.read(o, 1).views[0]) for o in range(0, 240, 7)] == reads
+    partition.close()
+
+
+def test_flush_on_another_thread_while_appending(tmp_path, small) -> None:
+    partition = PartitionLog.open(tmp_path, small)
+    stop = threading.Event()
+    seen: list[int] = []
+    failures: list[BaseException] = []
+
+    def flusher() -> None:
+        try:
+            while not stop.is_set():
+                seen.append(partition.flush())
+        except BaseException as error:  # reported below
+            failures.append(error)
+
+    thread = threading.Thread(target=flusher)
+    thread.start()
+    expected = fill(partition, 300)  # many rolls while flushes run
+    stop.set()
+    thread.join()
+    assert not failures
+    assert seen == sorted(seen) and seen[-1] <= partition.end_offset
+    assert partition.flush() == partition.end_offset
+    partition.close(clean=False)
+    reopened = PartitionLog.open(tmp_path, small)
+    assert read_all(reopened) == b"".join(expected)
+    assert reopened.recovery.scanned_segments <= 2  # the recovery point kept up with the rolls
     reopened.close()
