@@ -11,8 +11,9 @@ Life cycle. `create` preallocates the whole file with posix_fallocate BEFORE map
 disk is reported (ENOSPC -> StorageFullError) at roll time, before anything of an append is
 written, and never as SIGBUS from a mapped page that cannot be allocated. The active segment is
 appended to with pwritev on its fd and mapped read-only: the map shares the page cache the writes
-fill, so readers' views see the bytes, and no store through a map can ever corrupt a segment. `seal` (on roll) swaps in a read-only map of exactly the used size and
-trims the file to it once the old full-size map is unmapped. Files are never truncated while a map
+fill, so readers' views see the bytes, and no store through a map can ever corrupt a segment.
+`seal` (on roll) swaps in a map of exactly the used size and trims the file to it once the old
+full-size map is unmapped. Files are never truncated while a map
 that covers the cut range is alive, so no reader can touch a page past end of file.
 
 View lifetime. `read` hands out memoryview slices of the map (zero copy). `mmap.close()` raises
@@ -124,7 +125,8 @@ def scan_file(fd: int, file_size: int, base_offset: int, index_interval_bytes: i
         mm.close()
 
 
-def _scan(view: memoryview, end: int, base_offset: int, interval: int, offset_index: OffsetIndex, time_index: TimeIndex) -> ScanResult:
+def _scan(view: memoryview, end: int, base_offset: int, interval: int,
+          offset_index: OffsetIndex, time_index: TimeIndex) -> ScanResult:
     pos = 0
     expected = base_offset
     batch_count = record_count = 0
