@@ -23,7 +23,7 @@ MAX_SEGMENT_BYTES: Final = 0x7FFF_FFFF  # index positions are 32-bit
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FlushPolicy:
-    """When appended data is forced to stable storage (msync/fsync).
+    """When appended data is forced to stable storage (fdatasync).
 
     * ``none``: only when a segment is sealed (rolled) and at clean shutdown; the OS writes back
       the rest at its own pace. Survives a broker crash, not a power loss.

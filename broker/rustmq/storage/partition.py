@@ -484,9 +484,9 @@ class PartitionLog:
         Safe on a worker thread concurrently with append() on the owner thread. Ordering: the
         target is read from `_end_offset` BEFORE the segment sizes are snapshotted; append moves
         each segment's size before it publishes `_end_offset`, so the synced byte ranges cover
-        every offset below the target. fdatasync on the segment fd is the msync-equivalent for a
-        shared mapping on Linux and releases the GIL (mmap.flush does not). After a failed fsync
-        the page cache state is unknown, so the partition refuses further writes (fsyncgate).
+        every offset below the target. Appends are pwritev'd, so fdatasync on the segment fd is
+        the whole story (and it releases the GIL while it waits). After a failed fsync the page
+        cache state is unknown, so the partition refuses further writes (fsyncgate).
         """
         with self._flush_lock:
             if self._failure is not None:
