@@ -1,6 +1,7 @@
 """SIGTERM on a real broker process: listeners close, in-flight requests finish, the log is
 flushed and closed cleanly, and everything acknowledged is there after a restart. Also the
-README's first command in its non-interactive form (scripts/run --once)."""
+README's first command in its non-interactive form, broker half only (scripts/run --once
+--broker-only; tests/e2e/test_readme_run.py runs both halves)."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def test_scripts_run_once_does_a_round_trip_and_stops_cleanly(tmp_path) -> None:
     env = {**os.environ, "RUSTMQ_DATA_DIR": str(tmp_path / "data")}
     for name in ("RUSTMQ_PRODUCER_PORT", "RUSTMQ_CONSUMER_PORT", "RUSTMQ_METRICS_PORT"):
         env.pop(name, None)
-    result = subprocess.run([str(ROOT / "scripts" / "run"), "--once"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    result = subprocess.run([str(ROOT / "scripts" / "run"), "--once", "--broker-only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "== round trip OK" in result.stdout
     assert "/metrics" in result.stdout
