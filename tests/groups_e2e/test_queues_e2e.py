@@ -193,3 +193,19 @@ async def test_bad_queue_requests_get_clear_errors(broker) -> None:
         assert await consumer.ack_many(batch) == len(batch)  # the connection still serves
     async with Admin(broker.bootstrap) as admin:
         assert "bad" in await admin.list_topics()
+
+
+async def test_more_pipelined_acks_than_max_inflight_requests_are_all_answered(broker) -> None:
+    """1,000 QUEUE_ACKs sent at once on one connection (max_inflight_requests is 256, and acks
+    are answered after an fsync): the broker must resume reading buffered frames as slots free."""
+    await _publish(broker.bootstrap, "pipelined", 1000)
+    async with QueueConsumer(broker.bootstrap, "pipelined", "s", max_messages=1000, max_wait_ms=1000) as consumer:
+        leased: list = []
+        while len(leased) < 1000:
+            leased.extend(await consumer.receive_batch())
+        conn = consumer._connection
+        assert conn is not None
+        futures = [conn.send({"api": 31, "subscription": "s", "topic": "pipelined", "partition": m.partition,
+                              "offsets": [m.offset]}) for m in leased]
+        responses = await asyncio.wait_for(asyncio.gather(*futures), 30)  # type: ignore[arg-type]
+        assert sum(r.header["acked"] for r in responses) == 1000

@@ -193,6 +193,11 @@ class Connection(asyncio.BufferedProtocol):
             self._rpos = self._wpos = 0
             if len(self._buf) > SHRINK_ABOVE_BYTES and not self._closing:
                 self._buf = bytearray(INITIAL_BUFFER_BYTES)
+        elif self._blocked():
+            # Hazard: frames already buffered wait for a free slot; pausing here makes the
+            # completing response resume reading and re-run _process (else they would wait for
+            # more bytes from a client that may have sent everything: a pipelining deadlock).
+            self._update_reading()
         self._flush_out()
 
     def _arm_frame_timer(self) -> None:
