@@ -125,11 +125,14 @@ class GroupConsumer:
 
     async def _heartbeat_loop(self) -> None:
         assert self._membership is not None
+        # Heartbeats carry the newest generation seen (adopted or pending), so a pending
+        # rebalance is answered once and the next heartbeat is held again instead of spinning.
+        seen_generation, member_id = self.generation, self.member_id
         while True:
             try:
                 response = await self._membership.request(
-                    {"api": int(ApiKey.HEARTBEAT), "group": self.group, "member_id": self.member_id,
-                     "generation": self.generation, "max_wait_ms": self.heartbeat_wait_ms},
+                    {"api": int(ApiKey.HEARTBEAT), "group": self.group, "member_id": member_id,
+                     "generation": seen_generation, "max_wait_ms": self.heartbeat_wait_ms},
                     timeout=self.timeout_s + self.heartbeat_wait_ms / 1000,
                 )
                 view = response.header
@@ -141,9 +144,9 @@ class GroupConsumer:
             except (ConnectionClosedError, asyncio.TimeoutError) as exc:
                 self._failure = exc
                 return
-            if view["status"] != "ok" or view["generation"] != self.generation:
+            if view["status"] != "ok" or view["generation"] != seen_generation:
                 self._pending_view = view
-                await asyncio.sleep(0)
+                seen_generation, member_id = view["generation"], view["member_id"]
 
     async def _adopt(self, view: dict[str, Any]) -> None:
         """Take a new generation and assignment: kept partitions keep their positions."""
