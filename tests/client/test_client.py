@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import pytest
 
 from rustmq.client import Admin, BrokerError, Consumer, ProduceError, Producer, SyncConsumer, SyncProducer
 from rustmq.protocol.api import ErrorCode, partition_for_key
 
-brokerproc = sys.modules["rustmq_test_brokerproc"]
+import brokerproc
 
 
 async def consume_n(bootstrap: str, topic: str, count: int, **options) -> list:

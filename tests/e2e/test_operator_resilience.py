@@ -4,27 +4,14 @@ finishes it without restarting any broker twice, and the pause annotation stops 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 
-def _support() -> Any:
-    name = "rustmq_operator_e2e_support"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("operator_support.py"))
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-ops = _support()
+import operator_e2e as ops
 pytestmark = pytest.mark.slow
 crd_installed = ops.crd_installed
 operator = ops.operator

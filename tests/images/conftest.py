@@ -7,24 +7,14 @@ wheels, base image) are unchanged, so a later session pays only for the wheelhou
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-if "rustmq_test_images" in sys.modules:
-    imagesupport = sys.modules["rustmq_test_images"]
-else:
-    _spec = importlib.util.spec_from_file_location("rustmq_test_images", Path(__file__).with_name("imagesupport.py"))
-    assert _spec is not None and _spec.loader is not None
-    imagesupport = importlib.util.module_from_spec(_spec)
-    sys.modules["rustmq_test_images"] = imagesupport
-    _spec.loader.exec_module(imagesupport)
+import imagesupport
 
 REPO = imagesupport.REPO
 IMAGE_TAG = imagesupport.IMAGE_TAG

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rustmq_test_images import REPO, BrokerProcess, assert_clean_shutdown, loopback_broker_env, round_trip
+from imagesupport import REPO, BrokerProcess, assert_clean_shutdown, loopback_broker_env, round_trip
 
 pytestmark = pytest.mark.images
 

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from rustmq_test_images import (
+from imagesupport import (
     IMAGE_UID,
     BrokerProcess,
     BuiltImages,

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-if "rustmq_test_brokerproc" in sys.modules:
-    brokerproc = sys.modules["rustmq_test_brokerproc"]
-else:
-    _spec = importlib.util.spec_from_file_location("rustmq_test_brokerproc", Path(__file__).with_name("brokerproc.py"))
-    assert _spec is not None and _spec.loader is not None
-    brokerproc = importlib.util.module_from_spec(_spec)
-    sys.modules["rustmq_test_brokerproc"] = brokerproc
-    _spec.loader.exec_module(brokerproc)
+import brokerproc
 
 
 @pytest.fixture

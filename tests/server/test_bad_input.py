@@ -115,7 +115,7 @@ def test_unknown_topic_and_partition(seeded, raw) -> None:
 
 
 def test_produce_to_an_unknown_topic_fails_when_auto_creation_is_off(tmp_path, raw) -> None:
-    from rustmq_test_brokerproc import BrokerProcess
+    from brokerproc import BrokerProcess
 
     broker = BrokerProcess(tmp_path / "data", "--no-auto-create-topics").start()
     try:
@@ -170,7 +170,7 @@ def test_a_batch_with_a_bad_crc_is_rejected_and_nothing_is_appended(seeded, raw)
 
 
 def test_too_many_connections_are_refused_with_an_error(tmp_path, raw) -> None:
-    from rustmq_test_brokerproc import BrokerProcess
+    from brokerproc import BrokerProcess
 
     broker = BrokerProcess(tmp_path / "data", "--max-connections", "2").start()
     try:
@@ -212,7 +212,7 @@ def test_a_flood_of_bad_frames_does_not_grow_memory(seeded, raw) -> None:
 
 
 def test_a_frame_left_incomplete_times_out(tmp_path, raw) -> None:
-    from rustmq_test_brokerproc import BrokerProcess
+    from brokerproc import BrokerProcess
 
     broker = BrokerProcess(tmp_path / "data", "--frame-timeout-s", "0.5").start()
     try:

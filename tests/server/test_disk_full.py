@@ -38,7 +38,7 @@ def make_batch(index: int) -> bytes:
 
 @pytest.mark.timeout(120)
 def test_a_full_disk_answers_storage_full_and_keeps_what_was_stored(tiny_dir, raw) -> None:
-    from rustmq_test_brokerproc import BrokerProcess
+    from brokerproc import BrokerProcess
 
     broker = BrokerProcess(tiny_dir / "data", "--partitions", "1", "--log", json.dumps({"segment_bytes": 1 << 20})).start()
     try:

@@ -26,7 +26,7 @@ def make_batch(values: list[bytes]) -> bytes:
 
 @pytest.mark.timeout(120)
 def test_sigterm_finishes_in_flight_requests_and_keeps_acknowledged_data(tmp_path, raw) -> None:
-    from rustmq_test_brokerproc import BrokerProcess
+    from brokerproc import BrokerProcess
 
     broker = BrokerProcess(tmp_path / "data", "--partitions", "1").start()
     client = raw(broker.producer_port)

@@ -6,17 +6,10 @@ path here, before the test modules of this directory are collected.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("storage_testlib", Path(__file__).with_name("storage_testlib.py"))
-assert _spec and _spec.loader
-storage_testlib = importlib.util.module_from_spec(_spec)
-sys.modules["storage_testlib"] = storage_testlib
-_spec.loader.exec_module(storage_testlib)
+import storage_testlib
 
 
 @pytest.fixture

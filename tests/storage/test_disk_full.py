@@ -7,10 +7,10 @@ posix_fallocate fail with EFBIG in a subprocess, which the engine reports the sa
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -72,7 +72,7 @@ def test_creating_a_topic_on_a_full_disk_leaves_no_half_topic(tiny_filesystem) -
 def test_file_size_limit_is_reported_as_storage_full(tmp_path) -> None:
     script = textwrap.dedent(f"""
         import resource, signal, sys
-        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+        sys.path.insert(0, {str(Path(__file__).parents[1] / 'support')!r})
         from storage_testlib import make_batch
         from rustmq.storage import config, errors
         from rustmq.storage.partition import PartitionLog

@@ -1,4 +1,4 @@
-"""Helpers of the image tests (conftest.py loads this as ``rustmq_test_images``): run commands in
+"""Helpers of the image tests (importable as ``imagesupport`` through pytest's pythonpath): run commands in
 the built images, and drive a broker, in an image or on the host, through a produce/consume
 round trip and a SIGTERM.
 

@@ -11,7 +11,6 @@ fixtures they use, since --import-mode=importlib keeps tests/e2e off sys.path.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -116,18 +115,6 @@ spec:
                             labels: {type: object, additionalProperties: {type: string}}
                             annotations: {type: object, additionalProperties: {type: string}}
 """
-
-
-def load() -> Any:
-    """This module, imported once under a stable name (test modules share its state)."""
-    name = "rustmq_operator_e2e_support"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def free_port() -> int:
