@@ -167,9 +167,7 @@ class Connection:
         """Send a request and wait for its response; BrokerError if the broker reports an error."""
         future = self.send(header, payload)
         assert future is not None
-        response = await asyncio.wait_for(future, timeout)
-        check(response)
-        return response
+        return check(await response_within(future, timeout))
 
     async def drain(self) -> None:
         """Wait while the socket write buffer is above its high-water mark."""
@@ -224,6 +222,18 @@ class Connection:
             self._drain_waiter.set_result(None)  # drain() re-checks _closed after waking
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
+
+
+async def response_within(future: asyncio.Future[Response], timeout: float | None) -> Response:
+    """Await a response future, raising TimeoutError after `timeout` seconds (None: no limit).
+
+    Not asyncio.wait_for: on Python 3.11 a task cancelled in the same loop pass in which the
+    awaited future completes gets the result and loses the cancellation, so a loop such as the
+    group heartbeat (whose held response is released by the rebalance that close() starts) would
+    never stop. asyncio.timeout() keeps the cancellation.
+    """
+    async with asyncio.timeout(timeout):
+        return await future
 
 
 def check(response: Response) -> Response:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
 from rustmq.client.admin import Admin
-from rustmq.client.connection import Connection, Response, check
+from rustmq.client.connection import Connection, Response, check, response_within
 from rustmq.client.errors import BrokerError
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey, ErrorCode
@@ -169,7 +169,7 @@ class Consumer:
         """
         future = self._next or self._send_fetch()
         self._next = None
-        response = check(await asyncio.wait_for(future, self.timeout_s + self.max_wait_ms / 1000))
+        response = check(await response_within(future, self.timeout_s + self.max_wait_ms / 1000))
         payload = memoryview(response.payload)
         out = []
         pos = 0

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from rustmq.client.admin import Admin
-from rustmq.client.connection import Connection, check
+from rustmq.client.connection import Connection, check, response_within
 from rustmq.client.consumer import Message, decode_batches
 from rustmq.client.errors import BrokerError, ConnectionClosedError
 from rustmq.protocol.api import ApiKey, ErrorCode
@@ -217,10 +217,10 @@ class GroupConsumer:
             await asyncio.sleep(self.max_wait_ms / 1000)
             return []
         wait = self.max_wait_ms if timeout_s is None else int(timeout_s * 1000)
-        response = check(await asyncio.wait_for(self._data.send({
+        response = check(await response_within(self._data.send({  # type: ignore[arg-type]
             "api": int(ApiKey.FETCH), "max_wait_ms": wait, "min_bytes": 1, "max_bytes": self.max_bytes,
             "partitions": [{"topic": t, "partition": p, "offset": o} for (t, p), o in self.positions.items()],
-        }), self.timeout_s + wait / 1000))  # type: ignore[arg-type]
+        }), self.timeout_s + wait / 1000))
         payload = memoryview(response.payload)
         out: list[Message] = []
         pos = 0

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterable, Iterable
 from typing import Any, NamedTuple
 
-from rustmq.client.connection import Connection, check, parse_address
+from rustmq.client.connection import Connection, check, parse_address, response_within
 from rustmq.client.errors import BrokerError, ProduceError
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey, ErrorCode, partition_for_key
@@ -268,7 +268,7 @@ class Producer:
                 else:
                     future = self._connection.send(header, payload)
                     assert future is not None
-                    response = check(await asyncio.wait_for(future, self.request_timeout_s))
+                    response = check(await response_within(future, self.request_timeout_s))
                     base = int(response.header["base_offset"])
             if batch.waiters:
                 for index, waiter in batch.waiters:

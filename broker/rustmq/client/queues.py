@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from rustmq.client.connection import Connection, check, parse_address
+from rustmq.client.connection import Connection, check, parse_address, response_within
 from rustmq.client.consumer import decode_batches
 from rustmq.client.producer import Producer, RecordMetadata
 from rustmq.protocol.api import ApiKey
@@ -203,7 +203,7 @@ class QueueConsumer:
             future = self._connection.send(header)
             assert future is not None
             futures.append(future)
-        responses = [check(await asyncio.wait_for(f, self.timeout_s)) for f in futures]
+        responses = [check(await response_within(f, self.timeout_s)) for f in futures]
         return [r.header for r in responses]
 
 
