@@ -1,4 +1,5 @@
-"""Fixtures: real broker processes (port 0, tmp data dirs) for the issue-4 network tests."""
+"""Fixtures of the issue-4 network tests: several real broker processes (the single `broker` is in
+tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,6 @@ from pathlib import Path
 import pytest
 
 import brokerproc
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator["brokerproc.BrokerProcess"]:
-    process = brokerproc.BrokerProcess(tmp_path / "data", "--partitions", "3").start()
-    try:
-        yield process
-    finally:
-        code = process.stop()
-        assert code == 0, process.log()
 
 
 @pytest.fixture

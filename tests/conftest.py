@@ -1,4 +1,5 @@
-"""Fixtures: a real broker process per test (port 0, tmp data dir), stopped with SIGTERM."""
+"""Fixtures shared by every test directory: a real broker process per test (port 0, tmp data dir,
+3 partitions), stopped with SIGTERM and required to exit cleanly."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import brokerproc
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator["brokerproc.BrokerProcess"]:
+def broker(tmp_path: Path) -> Iterator[brokerproc.BrokerProcess]:
     process = brokerproc.BrokerProcess(tmp_path / "data", "--partitions", "3").start()
     try:
         yield process
