@@ -109,3 +109,33 @@ def test_fill_respects_the_lookahead(tmp_path: Path) -> None:
     assert queue_log.fill(sub, log, 0) == 10
     assert sub.next_offset == 22
     log.close()
+
+
+def test_delivery_reads_only_the_batches_it_leases(tmp_path: Path) -> None:
+    """A lease of a few records must not drag the rest of the read chunk along: the client would
+    decode every record of it (a 200k backlog made each 1,000-record fetch carry ~9,000)."""
+    log = PartitionLog.open(tmp_path / "jobs-0", LogConfig(segment_bytes=1 << 20, retention_ms=None))
+    for n in range(20):
+        produce(log, [b"v%d" % (n * 10 + i) for i in range(10)], 1000 + n)
+    ranges = [(25, 37), (80, 81), (120, 130)]
+    got = queue.Delivery(1, 0, ranges, {})
+    delivered = [o for o, _ in decode(queue_log.read_delivery(log, got))]
+    assert delivered == list(range(20, 40)) + list(range(80, 90)) + list(range(120, 130))
+    everything = queue.Delivery(2, 0, [(0, 200)], {})
+    assert [o for o, _ in decode(queue_log.read_delivery(log, everything))] == list(range(200))
+    log.close()
+
+
+def test_fill_finds_delivery_headers_in_plain_and_compressed_batches(tmp_path: Path) -> None:
+    """The raw-bytes scan that skips decoding plain batches must still see every header."""
+    log = PartitionLog.open(tmp_path / "jobs-0", CONFIG)
+    produce(log, [b"a", b"b"], 1000, {1: [[queue.HEADER_DELAY, b"5000"]]})
+    recs = [[0, None, b"c", [[queue.HEADER_DELAY, b"5000"]]], [1, None, b"d", None]]
+    built = batch.build_batch(records.encode_body(recs, records.CODEC_ZSTD), record_count=2,
+                              first_timestamp_ms=1002, max_timestamp_ms=1003, codec=batch.Codec.ZSTD)
+    log.append(built)
+    sub = QueueSubscription("w", "jobs", 0)
+    assert queue_log.fill(sub, log, now_ms=2000) == 4
+    assert offsets_of(sub.acquire(2000, "c", 10)) == [0, 3]
+    assert offsets_of(sub.acquire(6003, "c", 10)) == [1, 2]
+    log.close()

@@ -13,6 +13,7 @@ writes the dead letter twice at worst; the reverse order could lose it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Final
 
@@ -23,13 +24,21 @@ from rustmq.storage.partition import AppendResult, PartitionLog
 
 READ_CHUNK_BYTES: Final = 1 << 20
 
+# Every delivery header name starts with this; an uncompressed batch body without these bytes
+# (a C-speed scan) has no record to look at, which spares decoding plain batches record by record.
+_DELIVERY_HEADER_PREFIX: Final = b"rustmq-"
+assert all(name.encode().startswith(_DELIVERY_HEADER_PREFIX) for name in
+           (queue.HEADER_DELIVER_AT, queue.HEADER_DELAY, queue.HEADER_TTL, queue.HEADER_PRIORITY))
+_DELIVERY_HEADER_MARK: Final = re.compile(re.escape(_DELIVERY_HEADER_PREFIX))
+
 
 def fill(sub: queue.QueueSubscription, partition: PartitionLog, now_ms: int,
          max_bytes: int = READ_CHUNK_BYTES) -> int:
     """Offer the subscription the records after `sub.next_offset`, up to its lookahead room and
     about `max_bytes` of batches; returns how many records were offered.
 
-    Batch bodies are decoded (one msgpack call per batch) only to find delivery headers.
+    Batch bodies are decoded (one msgpack call per batch) only to find delivery headers, and
+    only when they may hold one (compressed, or the header prefix occurs in the raw bytes).
     Records that retention deleted before the subscription reached them are skipped
     (`skip_to`), so a slow subscription never blocks on a gone offset.
     """
@@ -50,7 +59,10 @@ def fill(sub: queue.QueueSubscription, partition: PartitionLog, now_ms: int,
                     if end > sub.next_offset:
                         body = view[pos + batch.HEADER_SIZE : pos + header.size]
                         try:
-                            decoded = records.decode_body(body, header.codec)
+                            if header.codec == records.CODEC_NONE and _DELIVERY_HEADER_MARK.search(body) is None:
+                                decoded = []  # no record can carry a delivery header
+                            else:
+                                decoded = records.decode_body(body, header.codec)
                         except records.RecordDecodeError:
                             decoded = []  # undecodable: delivered as is, the consumer reports it
                         finally:
@@ -72,8 +84,8 @@ def fill(sub: queue.QueueSubscription, partition: PartitionLog, now_ms: int,
 
 def read_delivery(partition: PartitionLog, delivery: queue.Delivery,
                   max_bytes: int = READ_CHUNK_BYTES) -> list[memoryview]:
-    """Zero-copy views of the batches holding a delivery's ranges (whole batches: the client
-    keeps only the leased offsets). Release the views once sent."""
+    """Zero-copy views of the batches holding a delivery's ranges, and no others (whole batches:
+    the client keeps only the leased offsets). Release the views once sent."""
     views: list[memoryview] = []
     covered = -1  # offsets below this are already in `views`
     for start, end in sorted(delivery.ranges):
@@ -82,9 +94,32 @@ def read_delivery(partition: PartitionLog, delivery: queue.Delivery,
             fetched = partition.read(offset, max_bytes)
             if not fetched.views:
                 break
-            views.extend(fetched.views)
             offset = covered = fetched.next_offset
+            for index, view in enumerate(fetched.views):
+                kept, next_base = _batches_before(view, end)
+                if kept is not None:
+                    views.append(kept)
+                if next_base is not None:  # the rest lies beyond this range
+                    offset = covered = next_base
+                    for rest in fetched.views[index + 1:]:
+                        rest.release()
+                    break
     return views
+
+
+def _batches_before(view: memoryview, end: int) -> tuple[memoryview | None, int | None]:
+    """Cut `view` before its first batch that starts at or after offset `end`: (the leading
+    part or None, that batch's base offset), or (view, None) when no batch does. A cut view is
+    released (the returned slice keeps the mapping alive on its own)."""
+    pos = 0
+    while pos < len(view):
+        header = batch.read_header(view, pos)
+        if header.base_offset >= end:
+            kept = view[:pos] if pos else None
+            view.release()
+            return kept, header.base_offset
+        pos += header.size
+    return view, None
 
 
 def read_record(partition: PartitionLog, offset: int) -> list[object]:

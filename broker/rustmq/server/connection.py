@@ -12,8 +12,10 @@ so the kernel copies from the mmap (on Python 3.11 ``writelines`` would join the
 
 Flow control, both ways: reading from the socket pauses while the transport's write buffer is
 above its high-water mark (a consumer or producer not reading its responses) or while
-``max_inflight_requests`` responses are outstanding, and resumes when both clear. So one slow
-client pins at most about write_buffer_high_bytes + max_fetch_bytes of broker memory.
+``max_inflight_requests`` responses are outstanding, and resumes when the write buffer has
+drained and at most half that many are outstanding (hysteresis: no pause/resume per response).
+Responses completed later are written once per event-loop pass, not one send per response.
+So one slow client pins at most about write_buffer_high_bytes + max_fetch_bytes of broker memory.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class Connection(asyncio.BufferedProtocol):
         self._simple_groups: dict[tuple[str, int], tuple[list[list[Any]], list[tuple[list[Any], int]]]] = {}
         self._simple_sticky: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._completions_scheduled = False
         self._handlers = {
             ApiKey.PRODUCE: self._produce,
             ApiKey.FETCH: self._fetch,
@@ -288,8 +291,18 @@ class Connection(asyncio.BufferedProtocol):
         pending = self._pending
         while pending and pending[0].buffers is not None:
             self._out.extend(pending.popleft().buffers)  # type: ignore[arg-type]
+        if not self._completions_scheduled:
+            # One write and one flow-control decision per loop pass, however many responses
+            # completed in it (a group commit completes hundreds at once).
+            self._completions_scheduled = True
+            asyncio.get_running_loop().call_soon(self._after_completions)
+
+    def _after_completions(self) -> None:
+        self._completions_scheduled = False
+        if self._closing and not (self._draining or self._half_closed):
+            return
         self._flush_out()
-        if self._half_closed and not pending and self._transport is not None:
+        if self._half_closed and not self._pending and self._transport is not None:
             self._transport.close()
             return
         self._update_reading()
@@ -327,7 +340,9 @@ class Connection(asyncio.BufferedProtocol):
             if self._reading:
                 self._reading = False
                 transport.pause_reading()
-        elif not self._reading:
+        elif not self._reading and len(self._pending) <= self._settings.max_inflight_requests // 2:
+            # Hysteresis: resuming at every freed slot would pause and resume the socket (two
+            # epoll syscalls) per response while a client pipelines more than the limit.
             self._reading = True
             transport.resume_reading()
             if self._wpos > self._rpos:
