@@ -7,8 +7,12 @@ temporary data dir) unless ``--bootstrap`` is given. Each figure is the best of 
     .venv/bin/python benchmarks/queue_network.py [--messages 200000] [--batch 1000] [--repeat 3]
 
 Figures (100-byte records, one topic of 3 partitions, one consumer connection, loopback):
-* queue_individual_ack_msg_per_s: QUEUE_FETCH of --batch leased records, then one QUEUE_ACK
-  request per record (pipelined on the connection, each answered after its journal append is
+* queue_individual_ack_msg_per_s: ``message = await consumer.receive(); message.ack()`` per
+  record (QueueConsumer fetches --batch leased records at a time; each ack() is for its record
+  only, and the client sends the acks of one event-loop pass as one QUEUE_ACK per partition;
+  the consumer's close() waits until every ack is confirmed durable, inside the timing).
+* queue_ack_request_per_message_msg_per_s: the same without client grouping: one QUEUE_ACK
+  request per record on the wire (pipelined; each answered after its journal append is
   fsynced; the broker shares appends and fsyncs among the acks of one event-loop pass).
 * queue_batched_ack_msg_per_s: QUEUE_FETCH of --batch records, then ``ack_many`` (one QUEUE_ACK
   per partition carrying offset ranges); the next fetch is sent while the acks are in flight.
@@ -61,7 +65,24 @@ async def fill(bootstrap: str, topic: str, messages: int) -> None:
 
 
 async def individual_acks(bootstrap: str, topic: str, messages: int, batch: int) -> float:
+    """The seed course's loop: receive one message, ack it (not awaited one by one)."""
     async with QueueConsumer(bootstrap, topic, "individual", max_messages=batch, max_wait_ms=1000) as consumer:
+        done = 0
+        started = time.perf_counter()
+        while done < messages:
+            message = await consumer.receive(timeout_s=5)
+            if message is None:
+                break
+            message.ack()
+            done += 1
+        await consumer.close()  # waits for the acks still in flight
+        assert consumer.ack_failures == 0
+        return done / (time.perf_counter() - started)
+
+
+async def ack_request_per_message(bootstrap: str, topic: str, messages: int, batch: int) -> float:
+    """One QUEUE_ACK request per record on the wire (pipelined), no client-side grouping."""
+    async with QueueConsumer(bootstrap, topic, "per-request", max_messages=batch, max_wait_ms=1000) as consumer:
         connection = consumer._connection
         assert connection is not None
         done = 0
@@ -70,7 +91,7 @@ async def individual_acks(bootstrap: str, topic: str, messages: int, batch: int)
             leased = await consumer.receive_batch()
             if not leased:
                 break
-            futures = [connection.send({"api": int(ApiKey.QUEUE_ACK), "subscription": "individual", "topic": topic,
+            futures = [connection.send({"api": int(ApiKey.QUEUE_ACK), "subscription": "per-request", "topic": topic,
                                         "partition": m.partition, "offsets": [m.offset]}) for m in leased]
             for future in futures:
                 response = await future  # type: ignore[misc]
@@ -127,7 +148,7 @@ async def rebalance(bootstrap: str, topic: str) -> float:
 
 async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, object]:
     results: dict[str, list[float]] = {"queue_individual_ack_msg_per_s": [], "queue_batched_ack_msg_per_s": [],
-                                       "rebalance_after_leave_ms": []}
+                                       "queue_ack_request_per_message_msg_per_s": [], "rebalance_after_leave_ms": []}
     async with Admin(bootstrap) as admin:
         await admin.create_topic("bench-rebalance", 12)
     for run_index in range(args.repeat):
@@ -136,10 +157,13 @@ async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, object]:
         results["queue_individual_ack_msg_per_s"].append(
             await individual_acks(bootstrap, topic, min(args.messages, args.individual_messages), args.batch))
         results["queue_batched_ack_msg_per_s"].append(await batched_acks(bootstrap, topic, args.messages, args.batch))
+        results["queue_ack_request_per_message_msg_per_s"].append(
+            await ack_request_per_message(bootstrap, topic, min(args.messages, args.individual_messages), args.batch))
         results["rebalance_after_leave_ms"].append(await rebalance(bootstrap, "bench-rebalance"))
     best = {
         "queue_individual_ack_msg_per_s": round(max(results["queue_individual_ack_msg_per_s"])),
         "queue_batched_ack_msg_per_s": round(max(results["queue_batched_ack_msg_per_s"])),
+        "queue_ack_request_per_message_msg_per_s": round(max(results["queue_ack_request_per_message_msg_per_s"])),
         "rebalance_after_leave_ms": round(min(results["rebalance_after_leave_ms"]), 2),
     }
     return {

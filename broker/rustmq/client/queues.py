@@ -15,21 +15,30 @@ deliver-at, TTL, priority)::
                 await msg.ack()
 
 One QUEUE_FETCH brings up to ``max_messages`` leased records (whole batches on the wire; the
-client keeps the leased offsets only). ``ack_many``/``nack_many`` settle many messages with one
-request per partition (ranges), which is how throughput-minded code should acknowledge.
+client keeps the leased offsets only). ``msg.ack()`` is individual (that record only, never
+cumulative) but not one request each: it returns a future at once, and the acks issued in one
+event-loop pass leave together as one QUEUE_ACK per partition (offset ranges), the way Pulsar
+clients group acknowledgements. ``await msg.ack()`` waits until the broker made it durable;
+a loop that awaits every ack therefore pays one round trip and one journal fsync per message.
+``ack_many``/``nack_many`` settle a given set with one request per partition and report counts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
-from rustmq.client.connection import Connection, check, parse_address, response_within
-from rustmq.client.consumer import decode_batches
+from rustmq.client.connection import Connection, Response, check, parse_address, response_within
 from rustmq.client.producer import Producer, RecordMetadata
+from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey
+from rustmq.storage import batch as storage_batch
+
+log = logging.getLogger(__name__)
 
 DELAY_HEADER = "rustmq-delay-ms"
 DELIVER_AT_HEADER = "rustmq-deliver-at-ms"
@@ -48,33 +57,33 @@ def delivery_headers(*, delay_ms: int | None = None, deliver_at_ms: int | None =
     return headers
 
 
-class QueueMessage:
-    """A leased record; settle it with ack(), nack() or keep it with extend()."""
+class QueueMessage(NamedTuple):
+    """A leased record; settle it with ack(), nack() or keep it with extend().
 
-    __slots__ = ("topic", "partition", "offset", "timestamp_ms", "key", "value", "headers", "attempt",
-                 "deadline_ms", "_consumer")
+    A tuple (built without a Python-level constructor call per record, like ``Message``)."""
 
-    def __init__(self, consumer: QueueConsumer, topic: str, partition: int, offset: int, timestamp_ms: int,
-                 key: bytes | None, value: bytes | None, headers: Any, attempt: int, deadline_ms: int) -> None:
-        self._consumer = consumer
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.timestamp_ms = timestamp_ms
-        self.key = key
-        self.value = value
-        self.headers = headers
-        self.attempt = attempt  # 1 on the first delivery
-        self.deadline_ms = deadline_ms  # the lease ends then (epoch ms)
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: Any
+    attempt: int  # 1 on the first delivery
+    deadline_ms: int  # the lease ends then (epoch ms)
+    consumer: QueueConsumer
 
-    async def ack(self) -> None:
-        await self._consumer.ack_many([self])
+    def ack(self) -> asyncio.Future[None]:
+        """Acknowledge this message. Returns at once with a future that resolves when the broker
+        has made the ack durable; acks issued in the same event-loop pass travel together
+        (one request per partition). Await it to know, or leave it: close() waits for it."""
+        return self.consumer._ack_later(self)
 
     async def nack(self, delay_ms: int = 0, reason: str = "nack") -> None:
-        await self._consumer.nack_many([self], delay_ms=delay_ms, reason=reason)
+        await self.consumer.nack_many([self], delay_ms=delay_ms, reason=reason)
 
     async def extend(self, ack_wait_ms: int | None = None) -> bool:
-        return await self._consumer.extend_many([self], ack_wait_ms=ack_wait_ms) == 1
+        return await self.consumer.extend_many([self], ack_wait_ms=ack_wait_ms) == 1
 
     def header(self, name: str) -> bytes | None:
         for key, value in self.headers or ():
@@ -102,14 +111,22 @@ class QueueConsumer:
         self.timeout_s = timeout_s
         self._connection: Connection | None = None
         self._buffer: deque[QueueMessage] = deque()
+        self._ack_group: dict[int, list[int]] = {}  # partition -> offsets acked this loop pass
+        self._ack_group_done: asyncio.Future[None] | None = None
+        self._acks_in_flight: set[asyncio.Future[None]] = set()
+        self.ack_failures = 0  # grouped acks the broker did not confirm (the records come again)
 
     async def start(self) -> QueueConsumer:
         self._connection = await Connection.open(self.host, self.port)
         return self
 
     async def close(self) -> None:
-        """Close the connection: records still leased to it are delivered again (to others)."""
+        """Send the acks still grouped, wait for the ones in flight (up to timeout_s), then close
+        the connection: records still leased to it are delivered again (to others)."""
         if self._connection is not None:
+            self._flush_acks()
+            if self._acks_in_flight:
+                await asyncio.wait(self._acks_in_flight, timeout=self.timeout_s)
             self._connection.close()
         self._buffer.clear()
 
@@ -142,20 +159,30 @@ class QueueConsumer:
 
     def _decode(self, deliveries: list[dict[str, Any]], payload: memoryview) -> list[QueueMessage]:
         out: list[QueueMessage] = []
+        topic, make = self.topic, tuple.__new__
         pos = 0
         for entry in deliveries:
             partition, size = entry["partition"], entry["size"]
-            data = payload[pos : pos + size]
+            batches = _decode_batches(payload[pos : pos + size])
             pos += size
-            messages, _ = decode_batches(self.topic, partition, data, 0)
-            by_offset = {m.offset: m for m in messages}
-            attempts = {offset: n for offset, n in entry["attempts"]}
+            bases = [base for base, _, _ in batches]
+            attempts = dict(entry["attempts"])
             deadline = entry["deadline_ms"]
             for start, end in entry["ranges"]:
-                for offset in range(start, end):
-                    m = by_offset[offset]
-                    out.append(QueueMessage(self, self.topic, partition, offset, m.timestamp_ms, m.key, m.value,
-                                            m.headers, attempts.get(offset, 1), deadline))
+                index = max(0, bisect.bisect_right(bases, start) - 1)
+                offset = start
+                while offset < end and index < len(batches):
+                    base, first_ts, entries = batches[index]
+                    offset = max(offset, base)
+                    stop = min(end, base + len(entries))
+                    if offset < stop:
+                        out += [
+                            make(QueueMessage, (topic, partition, at, first_ts + e[0], e[1], e[2], e[3],
+                                                attempts.get(at, 1) if attempts else 1, deadline, self))
+                            for at, e in zip(range(offset, stop), entries[offset - base : stop - base])
+                        ]
+                        offset = stop
+                    index += 1
         return out
 
     async def receive(self, timeout_s: float | None = None) -> QueueMessage | None:
@@ -191,6 +218,41 @@ class QueueConsumer:
         results = await self._settle(ApiKey.QUEUE_EXTEND, messages, extra)
         return sum(r.get("extended", 0) for r in results)
 
+    def _ack_later(self, message: QueueMessage) -> asyncio.Future[None]:
+        group = self._ack_group_done
+        if group is None:
+            loop = asyncio.get_running_loop()
+            group = self._ack_group_done = loop.create_future()
+            loop.call_soon(self._flush_acks)
+        self._ack_group.setdefault(message.partition, []).append(message.offset)
+        return group
+
+    def _flush_acks(self) -> None:
+        group, self._ack_group_done = self._ack_group_done, None
+        by_partition, self._ack_group = self._ack_group, {}
+        if group is None:
+            return
+        self._acks_in_flight.add(group)
+        group.add_done_callback(self._ack_group_settled)
+        try:
+            assert self._connection is not None, "call start() first"
+            futures = []
+            for partition, offsets in by_partition.items():
+                future = self._connection.send({"api": int(ApiKey.QUEUE_ACK), "subscription": self.subscription,
+                                                "topic": self.topic, "partition": partition, "ranges": _ranges(offsets)})
+                assert future is not None
+                futures.append(future)
+        except Exception as exc:
+            group.set_exception(exc)
+            return
+        asyncio.gather(*futures).add_done_callback(lambda done: _settle_group(group, done))
+
+    def _ack_group_settled(self, group: asyncio.Future[None]) -> None:
+        self._acks_in_flight.discard(group)
+        if not group.cancelled() and group.exception() is not None:  # retrieved here: nobody may await it
+            self.ack_failures += 1
+            log.warning("acks on %s/%s not confirmed: %s", self.topic, self.subscription, group.exception())
+
     async def _settle(self, api: ApiKey, messages: Iterable[QueueMessage], extra: dict[str, Any]) -> list[dict[str, Any]]:
         assert self._connection is not None, "call start() first"
         by_partition: dict[int, list[int]] = {}
@@ -205,6 +267,40 @@ class QueueConsumer:
             futures.append(future)
         responses = [check(await response_within(f, self.timeout_s)) for f in futures]
         return [r.header for r in responses]
+
+
+def _settle_group(group: asyncio.Future[None], responses: asyncio.Future[list[Response]]) -> None:
+    if group.done():
+        return
+    if responses.cancelled():
+        group.cancel()
+        return
+    error = responses.exception()
+    if error is None:
+        try:
+            for response in responses.result():
+                check(response)
+        except Exception as exc:
+            error = exc
+    if error is None:
+        group.set_result(None)
+    else:
+        group.set_exception(error)
+
+
+def _decode_batches(data: memoryview) -> list[tuple[int, int, tuple[Any, ...]]]:
+    """(base_offset, first_timestamp_ms, decoded records) of each whole batch in `data`."""
+    out = []
+    pos, end = 0, len(data)
+    while end - pos >= storage_batch.HEADER_SIZE:
+        header = storage_batch.read_header(data, pos)
+        if pos + header.size > end:
+            break
+        body = data[pos + storage_batch.HEADER_SIZE : pos + header.size]
+        out.append((header.base_offset, header.first_timestamp_ms,
+                    records.decode_body(body, header.attributes & records.CODEC_MASK)))
+        pos += header.size
+    return out
 
 
 def _ranges(offsets: list[int]) -> list[list[int]]:
@@ -278,6 +374,10 @@ async def replay_dead_letters(bootstrap: str, dlq_topic: str, partition: int, of
 # -- synchronous wrappers (scripts; not for use inside a running event loop) ---------------------
 
 
+async def _ack_and_wait(message: QueueMessage) -> None:
+    await message.ack()
+
+
 class SyncQueueMessage:
     """A QueueMessage whose ack()/nack()/extend() block."""
 
@@ -289,7 +389,7 @@ class SyncQueueMessage:
         return getattr(self.message, name)
 
     def ack(self) -> None:
-        self._runner.run(self.message.ack())
+        self._runner.run(_ack_and_wait(self.message))
 
     def nack(self, delay_ms: int = 0, reason: str = "nack") -> None:
         self._runner.run(self.message.nack(delay_ms, reason))
