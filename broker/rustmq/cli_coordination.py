@@ -4,6 +4,8 @@
     rustmq group describe GROUP                  members, assignments, lag per partition
     rustmq consume TOPIC --group GROUP           join the group, print, commit
     rustmq queue receive TOPIC --subscription S  lease, print, then ack (or --nack / --no-ack)
+    rustmq queue configure TOPIC (SUBSCRIPTION | --topic-wide) --max-deliveries N --ttl-ms N ...
+    rustmq queue describe TOPIC [SUBSCRIPTION]   effective settings, overrides, partition state
     rustmq dlq list                              dead-letter topics and their sizes
     rustmq dlq show DLQ_TOPIC                    dead letters with origin, attempts, last reason
     rustmq dlq replay DLQ_TOPIC (--all | --partition P --offset O ...)
@@ -54,6 +56,23 @@ def add_arguments(commands: Any, client_flags: Callable[[argparse.ArgumentParser
     receive.add_argument("--max-messages", type=int)
     receive.add_argument("--timeout", type=float, default=5.0, help="stop after this many seconds without a message")
     client_flags(receive)
+    configure = queue_commands.add_parser(
+        "configure", help="override queue settings of one subscription, or of every subscription of a topic")
+    configure.add_argument("topic")
+    configure.add_argument("subscription", nargs="?", help="the subscription (or --topic-wide)")
+    configure.add_argument("--topic-wide", action="store_true",
+                           help="set the topic layer every subscription of the topic inherits")
+    for flag, help_text in _SETTING_FLAGS.items():
+        configure.add_argument(f"--{flag}", type=int, help=help_text)
+    configure.add_argument("--priority-weights", help="comma-separated weights, one per level (e.g. 8,4,1)")
+    configure.add_argument("--no-ttl", action="store_true", help="no TTL here, even if the topic layer sets one")
+    configure.add_argument("--reset", action="append", default=[], metavar="SETTING",
+                           help="drop an override back to the inherited value (repeatable; e.g. ttl_ms)")
+    client_flags(configure)
+    queue_describe = queue_commands.add_parser("describe", help="settings and state of a queue subscription")
+    queue_describe.add_argument("topic")
+    queue_describe.add_argument("subscription", nargs="?", help="omit for the topic layer and subscription names")
+    client_flags(queue_describe)
 
     dlq = commands.add_parser("dlq", help="list, show and replay dead letters")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
@@ -71,6 +90,17 @@ def add_arguments(commands: Any, client_flags: Callable[[argparse.ArgumentParser
     client_flags(replay)
 
 
+_SETTING_FLAGS = {
+    "ack-wait-ms": "lease length when a consumer does not ask for one",
+    "max-deliveries": "failures (nack, lease expiry, disconnect) before a record is dead-lettered",
+    "max-in-flight": "leased records per partition at once",
+    "max-lookahead": "offsets read ahead of the ack floor per partition",
+    "default-priority": "lane of records without a priority header (0 = highest)",
+    "ttl-ms": "records older than this (from their batch timestamp) expire undelivered",
+    "max-delay-ms": "cap on delays from headers",
+}
+
+
 def add_consume_arguments(consume: argparse.ArgumentParser) -> None:
     consume.add_argument("--group", help="consume as a member of this consumer group (commits its progress)")
 
@@ -79,6 +109,10 @@ async def run(args: argparse.Namespace) -> int:
     if args.command == "group":
         return await (run_group_list(args) if args.group_command == "list" else run_group_describe(args))
     if args.command == "queue":
+        if args.queue_command == "configure":
+            return await run_queue_configure(args)
+        if args.queue_command == "describe":
+            return await run_queue_describe(args)
         return await run_queue_receive(args)
     if args.dlq_command == "list":
         return await run_dlq_list(args)
@@ -175,6 +209,57 @@ async def run_queue_receive(args: argparse.Namespace) -> int:
                 await consumer.ack_many(batch)
             seen += len(batch)
     return 0
+
+
+async def run_queue_configure(args: argparse.Namespace) -> int:
+    if (args.subscription is None) == (not args.topic_wide):
+        raise SystemExit("rustmq: queue configure wants a SUBSCRIPTION or --topic-wide (not both)")
+    settings: dict[str, Any] = {}
+    for flag in _SETTING_FLAGS:
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            settings[flag.replace("-", "_")] = value
+    if args.no_ttl:
+        if "ttl_ms" in settings:
+            raise SystemExit("rustmq: --ttl-ms and --no-ttl exclude each other")
+        settings["ttl_ms"] = None
+    if args.priority_weights is not None:
+        try:
+            settings["priority_weights"] = [int(w) for w in args.priority_weights.split(",")]
+        except ValueError:
+            raise SystemExit("rustmq: --priority-weights wants integers separated by commas") from None
+    if not settings and not args.reset:
+        raise SystemExit("rustmq: nothing to configure (give a setting flag or --reset)")
+    async with Admin(args.bootstrap) as admin:
+        described = await admin.configure_queue(args.topic, args.subscription, reset=args.reset, **settings)
+    _print_queue(args, described)
+    return 0
+
+
+async def run_queue_describe(args: argparse.Namespace) -> int:
+    async with Admin(args.bootstrap) as admin:
+        described = await admin.describe_queue(args.topic, args.subscription)
+    _print_queue(args, described)
+    return 0
+
+
+def _print_queue(args: argparse.Namespace, described: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(described))
+        return
+    who = described["subscription"] or "(topic-wide)"
+    print(f"queue {described['topic']} subscription {who}")
+    print("SETTING	EFFECTIVE	SOURCE")
+    for name, value in described["effective"].items():
+        source = ("subscription" if name in described["overrides"]
+                  else "topic" if name in described["topic_overrides"] else "broker")
+        shown = ",".join(map(str, value)) if isinstance(value, list) else "none" if value is None else value
+        print(f"{name}	{shown}	{source}")
+    if "subscriptions" in described:
+        print("subscriptions: " + (", ".join(described["subscriptions"]) or "-"))
+    for p in described.get("partitions", []):
+        print(f"partition {p['partition']}	ack_floor {p['ack_floor']}	in_flight {p['in_flight']}"
+              f"	acked {p['acked']}	dead_lettered {p['dead_lettered']}	expired {p['expired']}")
 
 
 async def run_dlq_list(args: argparse.Namespace) -> int:

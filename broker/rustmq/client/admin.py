@@ -60,6 +60,24 @@ class Admin:
     async def broker_stats(self) -> dict[str, Any]:
         return await self._call(ApiKey.BROKER_STATS)
 
+    async def configure_queue(self, topic: str, subscription: str | None = None, *,
+                              reset: list[str] | tuple[str, ...] = (), **settings: Any) -> dict[str, Any]:
+        """Override queue settings for one subscription of `topic`, or with subscription=None
+        for every subscription of the topic (the topic layer, e.g. a per-topic ``ttl_ms``).
+
+        Settings: ack_wait_ms, max_deliveries, max_in_flight, max_lookahead, priority_weights,
+        default_priority, ttl_ms (None: no TTL), max_delay_ms; `reset` names settings to drop
+        back to the inherited value. Durable once this returns; returns what describe_queue does.
+        """
+        return await self._call(ApiKey.QUEUE_CONFIGURE, topic=topic, subscription=subscription,
+                                set=settings, reset=list(reset))
+
+    async def describe_queue(self, topic: str, subscription: str | None = None) -> dict[str, Any]:
+        """Broker defaults, topic and subscription overrides, effective settings; with a
+        subscription also per-partition state (ack floor, in flight, counters), without one the
+        topic's subscription names."""
+        return await self._call(ApiKey.QUEUE_DESCRIBE, topic=topic, subscription=subscription)
+
     async def list_offset(self, topic: str, partition: int, at: int | str) -> int:
         """Offset at 'earliest', 'latest' or a timestamp in ms (first offset at or after it)."""
         where = {"earliest": EARLIEST, "latest": LATEST}.get(at, at) if isinstance(at, str) else at

@@ -9,14 +9,18 @@ there)::
     with SyncConsumer("localhost:9092", "orders") as consumer:
         for message in consumer.poll(timeout_s=1.0):
             print(message.offset, message.value)
+    with SyncAdmin("localhost:9092") as admin:
+        admin.configure_queue("orders", "billing", max_deliveries=3)
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
+from rustmq.client.admin import Admin
 from rustmq.client.consumer import Consumer, Message
 from rustmq.client.producer import Producer, RecordMetadata
 
@@ -73,6 +77,39 @@ class SyncConsumer:
             self._runner.close()
 
     def __enter__(self) -> SyncConsumer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SyncAdmin:
+    """Blocking `Admin`: the same methods, each run to completion (``admin.configure_queue(...)``)."""
+
+    def __init__(self, bootstrap: str = "localhost:9092", **options: Any) -> None:
+        self._runner = asyncio.Runner()
+        self._admin = Admin(bootstrap, **options)
+        self._runner.run(self._admin.start())
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        method = getattr(self._admin, name)
+        if not inspect.iscoroutinefunction(method):
+            raise AttributeError(name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._runner.run(method(*args, **kwargs))
+
+        return call
+
+    def close(self) -> None:
+        try:
+            self._runner.run(self._admin.close())
+        finally:
+            self._runner.close()
+
+    def __enter__(self) -> SyncAdmin:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -54,6 +54,7 @@ import bisect
 import dataclasses
 import heapq
 import itertools
+import logging
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -62,6 +63,8 @@ from typing import Final, NamedTuple
 import msgpack
 
 from rustmq.coordination.journal import DEFAULT_COMPACT_BYTES, Entry, Journal
+
+logger = logging.getLogger("rustmq.coordination")
 
 NEVER: Final = (1 << 63) - 1
 PRIORITY_QUANTUM: Final = 64
@@ -686,9 +689,102 @@ def replay_record(dead: Sequence[object]) -> tuple[str, list[object]]:
     return origin, [dead[0], dead[1], dead[2], kept or None]
 
 
+# ----------------------------------------------------------------------------- settings overrides
+
+class QueueConfigError(ValueError):
+    """An unknown setting name, or settings that are inconsistent once merged."""
+
+    code = "INVALID_CONFIG"
+
+
+class QueueSettingValueError(ValueError):
+    """One setting of the wrong type or outside its range."""
+
+    code = "INVALID_REQUEST"
+
+
+_DAY_MS: Final = 24 * 3600 * 1000
+# The integer settings a subscription (or a topic) may override, with their inclusive limits.
+SETTING_LIMITS: Final[Mapping[str, tuple[int, int]]] = {
+    "ack_wait_ms": (1, 12 * 3600 * 1000),
+    "max_deliveries": (1, 10_000),
+    "max_in_flight": (1, 100_000),
+    "max_lookahead": (1, 10_000_000),
+    "default_priority": (0, 9),
+    "ttl_ms": (1, 3650 * _DAY_MS),  # or None: no TTL
+    "max_delay_ms": (0, 365 * _DAY_MS),
+}
+MAX_PRIORITY_WEIGHT: Final = 1000
+OVERRIDABLE: Final = (*SETTING_LIMITS, "priority_weights")
+
+
+def check_overrides(values: Mapping[str, object]) -> dict[str, object]:
+    """Check each override on its own (name, type, range); return a normalised copy.
+
+    Unknown names raise QueueConfigError; a wrong type or range QueueSettingValueError.
+    ``ttl_ms`` may be None (no TTL, even if the topic layer sets one); ``priority_weights`` is a
+    list of 1 to 10 weights in 1..MAX_PRIORITY_WEIGHT and comes back as a tuple.
+    """
+    checked: dict[str, object] = {}
+    for name, value in values.items():
+        if name not in OVERRIDABLE:
+            raise QueueConfigError(f"unknown queue setting {name!r}; known: {', '.join(OVERRIDABLE)}")
+        if name == "priority_weights":
+            if (not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 10
+                    or not all(_is_int(w) and 1 <= w <= MAX_PRIORITY_WEIGHT for w in value)):
+                raise QueueSettingValueError(
+                    f"setting 'priority_weights' must be a list of 1 to 10 weights in "
+                    f"[1, {MAX_PRIORITY_WEIGHT}], got {value!r}")
+            checked[name] = tuple(value)
+            continue
+        if name == "ttl_ms" and value is None:
+            checked[name] = None
+            continue
+        low, high = SETTING_LIMITS[name]
+        if not _is_int(value) or not low <= value <= high:  # type: ignore[operator]
+            raise QueueSettingValueError(f"setting {name!r} must be an integer in [{low}, {high}]"
+                                         f"{' or nil' if name == 'ttl_ms' else ''}, got {value!r}")
+        checked[name] = value
+    return checked
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def merge_settings(base: QueueSettings, *layers: Mapping[str, object]) -> QueueSettings:
+    """`base` with the checked overrides of each layer applied in order (later layers win).
+
+    QueueConfigError if the result is inconsistent (e.g. max_lookahead < max_in_flight) or
+    changes the number of priority levels: a subscription's lanes are fixed for its lifetime,
+    so only the weights may differ from the broker's.
+    """
+    fields: dict[str, object] = {}
+    for layer in layers:
+        fields.update(layer)
+    if not fields:
+        return base
+    weights = fields.get("priority_weights")
+    if weights is not None and len(weights) != len(base.priority_weights):  # type: ignore[arg-type]
+        raise QueueConfigError(f"priority_weights must keep the broker's {len(base.priority_weights)} "
+                               f"levels, got {len(weights)}")  # type: ignore[arg-type]
+    try:
+        return dataclasses.replace(base, **fields)  # type: ignore[arg-type]
+    except QueueError as error:
+        raise QueueConfigError(str(error)) from None
+
+
+def settings_dict(settings: QueueSettings) -> dict[str, object]:
+    """The settings as a plain map (the wire shape of QUEUE_DESCRIBE)."""
+    values = dataclasses.asdict(settings)
+    values["priority_weights"] = list(settings.priority_weights)
+    return values
+
+
 # ----------------------------------------------------------------------------- persistence
 
 STATE_KEY_VERSION: Final = 1
+OVERRIDES_KEY_KIND: Final = 2
 
 
 class QueueStore:
@@ -698,12 +794,19 @@ class QueueStore:
     ``["s", floor, [[start, end], ...], [[offset, failures], ...]]`` (a snapshot: replaces the
     state) or ``["d", [[start, end], ...], [[offset, failures], ...]]`` (a delta: more done
     ranges, new failure counts). Compaction writes one snapshot per subscription partition.
+
+    Settings overrides: key ``[2, subscription, topic]`` (subscription nil: the topic layer every
+    subscription of the topic inherits), value a map ``{setting: value}`` replacing the previous
+    one (nil: no overrides left). The settings of a subscription are the store's defaults
+    (the broker's configuration) merged with the topic layer, then the subscription's own.
+    Compaction writes every override map again.
     """
 
     def __init__(self, journal: Journal, settings: QueueSettings) -> None:
         self.journal = journal
         self.settings = settings
         self.subscriptions: dict[tuple[str, str, int], QueueSubscription] = {}
+        self.overrides: dict[tuple[str | None, str], dict[str, object]] = {}
         self._changed: set[QueueSubscription] = set()
 
     @classmethod
@@ -713,6 +816,8 @@ class QueueStore:
                     settings or QueueSettings())
         for key, value in store.journal.replay():
             store._apply(key, value)
+        for (subscription, topic, _), state in store.subscriptions.items():
+            state.settings = store.settings_for(subscription, topic)
         return store
 
     def get(self, subscription: str, topic: str, partition: int, *, start_offset: int = 0,
@@ -722,13 +827,94 @@ class QueueStore:
         state = self.subscriptions.get(key)
         if state is None:
             state = QueueSubscription(subscription, topic, partition,
-                                      settings or self.settings, start_offset=start_offset)
+                                      settings or self.settings_for(subscription, topic),
+                                      start_offset=start_offset)
             self.subscriptions[key] = state
             state.changed = self._changed
             self._changed.add(state)
         elif settings is not None:
             state.settings = settings
         return state
+
+    def settings_for(self, subscription: str | None, topic: str) -> QueueSettings:
+        """Effective settings: defaults, then the topic layer, then the subscription's own.
+
+        Overrides were valid when set; if the broker's defaults changed since (a restart with
+        another configuration) and a merge no longer holds, the offending layer is ignored
+        with a warning rather than failing the subscription.
+        """
+        topic_layer = self.overrides.get((None, topic), {})
+        own = {} if subscription is None else self.overrides.get((subscription, topic), {})
+        try:
+            return merge_settings(self.settings, topic_layer, own)
+        except QueueConfigError as error:
+            logger.warning("queue %s/%s: ignoring its settings overrides (%s)", topic, subscription, error)
+        try:
+            return merge_settings(self.settings, topic_layer)
+        except QueueConfigError as error:
+            logger.warning("queue topic %s: ignoring its settings overrides (%s)", topic, error)
+            return self.settings
+
+    def configure(self, now_ms: int, topic: str, subscription: str | None,
+                  values: Mapping[str, object], reset: Iterable[str] = ()) -> int:
+        """Set overrides of a subscription (None: the topic layer) and drop those named in
+        `reset` (back to inherited). Every affected subscription's merged settings are checked
+        before anything changes (QueueConfigError / QueueSettingValueError). The new map is
+        journaled (the caller makes it durable before answering; returns the journal offset) and
+        applied at once to the subscription's partitions known to the store; partitions first
+        used later get it when created."""
+        checked = check_overrides(values)
+        reset = list(reset)
+        for name in reset:
+            if name not in OVERRIDABLE:
+                raise QueueConfigError(f"unknown queue setting {name!r} to reset")
+        key = (subscription, topic)
+        updated = {n: v for n, v in self.overrides.get(key, {}).items() if n not in reset}
+        updated.update(checked)
+        if subscription is None:
+            merge_settings(self.settings, updated)
+            for name in self._subscription_names(topic):
+                try:
+                    merge_settings(self.settings, updated, self.overrides.get((name, topic), {}))
+                except QueueConfigError as error:
+                    raise QueueConfigError(f"subscription {name!r} of topic {topic!r}: {error}") from None
+        else:
+            merge_settings(self.settings, self.overrides.get((None, topic), {}), updated)
+        if updated:
+            self.overrides[key] = updated
+        else:
+            self.overrides.pop(key, None)
+        last = self.journal.append([_overrides_entry(subscription, topic, updated)], now_ms)
+        for (name, t, _), state in self.subscriptions.items():
+            if t == topic and (subscription is None or name == subscription):
+                state.settings = self.settings_for(name, topic)
+        self.journal.maybe_compact(self._live_entries, now_ms)
+        return last
+
+    def describe(self, topic: str, subscription: str | None) -> dict[str, object]:
+        """Defaults, both override layers and the effective settings; with a subscription also
+        its partitions' state, without one the names of the topic's subscriptions."""
+        described: dict[str, object] = {
+            "topic": topic,
+            "subscription": subscription,
+            "defaults": settings_dict(self.settings),
+            "topic_overrides": _plain(self.overrides.get((None, topic), {})),
+            "overrides": {} if subscription is None else _plain(self.overrides.get((subscription, topic), {})),
+            "effective": settings_dict(self.settings_for(subscription, topic)),
+        }
+        if subscription is None:
+            described["subscriptions"] = sorted(self._subscription_names(topic))
+        else:
+            described["partitions"] = [
+                state.describe() for (name, t, _), state in sorted(self.subscriptions.items(), key=lambda i: i[0][2])
+                if t == topic and name == subscription
+            ]
+        return described
+
+    def _subscription_names(self, topic: str) -> set[str]:
+        names = {name for (name, t, _) in self.subscriptions if t == topic}
+        names.update(name for (name, t) in self.overrides if t == topic and name is not None)
+        return names
 
     def min_floor(self, topic: str, partition: int) -> int | None:
         """The lowest ack floor of the queue subscriptions on a partition (None: there are none):
@@ -770,10 +956,22 @@ class QueueStore:
         self.journal.close(clean)
 
     def _live_entries(self) -> list[Entry]:
-        return [_snapshot_entry(state) for state in self.subscriptions.values()]
+        entries = [_overrides_entry(subscription, topic, values)
+                   for (subscription, topic), values in self.overrides.items()]
+        entries.extend(_snapshot_entry(state) for state in self.subscriptions.values())
+        return entries
 
     def _apply(self, key: bytes, value: bytes | None) -> None:
-        version, subscription, topic, partition = msgpack.unpackb(key)
+        fields = msgpack.unpackb(key)
+        if fields[0] == OVERRIDES_KEY_KIND:
+            _, subscription, topic = fields
+            loaded = {} if value is None else _load_overrides(subscription, topic, msgpack.unpackb(value))
+            if loaded:
+                self.overrides[(subscription, topic)] = loaded
+            else:
+                self.overrides.pop((subscription, topic), None)
+            return
+        version, subscription, topic, partition = fields
         if version != STATE_KEY_VERSION:
             raise ValueError(f"unknown queue state key version {version}")
         if value is None:
@@ -800,6 +998,28 @@ def _snapshot_entry(state: QueueSubscription) -> Entry:
     floor, ranges, failures = state.snapshot()
     return (_state_key(state.subscription, state.topic, state.partition),
             msgpack.packb(["s", floor, ranges, list(failures.items())]))
+
+
+def _overrides_entry(subscription: str | None, topic: str, values: Mapping[str, object]) -> Entry:
+    return (msgpack.packb([OVERRIDES_KEY_KIND, subscription, topic]),
+            msgpack.packb(_plain(values)) if values else None)
+
+
+def _plain(values: Mapping[str, object]) -> dict[str, object]:
+    return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()}
+
+
+def _load_overrides(subscription: str | None, topic: str, stored: Mapping[str, object]
+                    ) -> dict[str, object]:
+    """Journaled overrides, each re-checked: one a newer limit refuses is dropped with a
+    warning (the others still apply) instead of failing the broker's start."""
+    loaded: dict[str, object] = {}
+    for name, value in stored.items():
+        try:
+            loaded.update(check_overrides({name: value}))
+        except (QueueConfigError, QueueSettingValueError) as error:
+            logger.warning("queue %s/%s: dropping stored setting (%s)", topic, subscription, error)
+    return loaded
 
 
 def _state_key(subscription: str, topic: str, partition: int) -> bytes:

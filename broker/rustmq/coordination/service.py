@@ -182,6 +182,19 @@ class Coordinator:
         return self.subscription(subscription, topic, partition).extend(now_ms, offsets,
                                                                         ack_wait_ms)
 
+    def configure_queue(self, now_ms: int, topic: str, subscription: str | None,
+                        values: Mapping[str, object], reset: Sequence[str] = ()
+                        ) -> tuple[dict[str, object], Durable]:
+        """Set or reset settings overrides (subscription None: for every subscription of the
+        topic); returns the new description and the journal position to wait for."""
+        self.log.topic(topic)  # UnknownTopicError: overrides of a topic that does not exist
+        last = self.queues.configure(now_ms, topic, subscription, values, reset)
+        return self.queues.describe(topic, subscription), Durable(self.queues.journal.partition, last)
+
+    def describe_queue(self, topic: str, subscription: str | None) -> dict[str, object]:
+        self.log.topic(topic)
+        return self.queues.describe(topic, subscription)
+
     def consumer_gone(self, now_ms: int, consumer: str) -> Durable | None:
         """A queue consumer disconnected: its leases fail (count towards max deliveries)."""
         for sub in list(self.queues.subscriptions.values()):

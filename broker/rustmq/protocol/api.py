@@ -44,6 +44,8 @@ class ApiKey(IntEnum):
     QUEUE_EXTEND = 33
     DLQ_REPLAY = 34
     PRODUCE_IDEMPOTENT = 35
+    QUEUE_CONFIGURE = 36
+    QUEUE_DESCRIBE = 37
 
 
 class ErrorCode(IntEnum):
@@ -234,6 +236,36 @@ def parse_topic(header: dict[str, Any]) -> str:
 
 def parse_add_partitions(header: dict[str, Any]) -> tuple[str, int]:
     return _field(header, "topic", str), _int(header, "partitions", 1, MAX_PARTITIONS_PER_TOPIC)
+
+
+class QueueConfigureRequest(NamedTuple):
+    topic: str
+    subscription: str | None  # None: the topic layer, inherited by every subscription
+    values: dict[str, Any]  # setting -> value (checked by rustmq.coordination.queue)
+    reset: list[str]  # settings to drop back to the inherited value
+
+
+def _subscription(header: dict[str, Any]) -> str | None:
+    name = _field(header, "subscription", str, None)
+    if name is not None and not 1 <= len(name) <= 255:
+        raise RequestError(ErrorCode.INVALID_REQUEST, "field 'subscription' must be 1 to 255 characters or nil")
+    return name
+
+
+def parse_queue_configure(header: dict[str, Any]) -> QueueConfigureRequest:
+    values = _field(header, "set", dict, None) or {}
+    reset = _field(header, "reset", list, None) or []
+    if not all(isinstance(name, str) for name in values):
+        raise RequestError(ErrorCode.INVALID_REQUEST, "field 'set' must map setting names (str) to values")
+    if not all(isinstance(name, str) for name in reset):
+        raise RequestError(ErrorCode.INVALID_REQUEST, "field 'reset' must be a list of setting names")
+    if not values and not reset:
+        raise RequestError(ErrorCode.INVALID_REQUEST, "give 'set' and/or 'reset'")
+    return QueueConfigureRequest(_field(header, "topic", str), _subscription(header), values, reset)
+
+
+def parse_queue_describe(header: dict[str, Any]) -> tuple[str, str | None]:
+    return _field(header, "topic", str), _subscription(header)
 
 
 def partition_for_key(key: bytes, partition_count: int) -> int:

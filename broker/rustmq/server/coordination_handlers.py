@@ -321,6 +321,8 @@ def handlers(conn: Connection) -> dict[ApiKey, Handler]:
         ApiKey.QUEUE_NACK: _queue_nack,
         ApiKey.QUEUE_EXTEND: _queue_extend,
         ApiKey.DLQ_REPLAY: _dlq_replay,
+        ApiKey.QUEUE_CONFIGURE: _queue_configure,
+        ApiKey.QUEUE_DESCRIBE: _queue_describe,
     }
 
     def bind(function: Callable[..., None]) -> Handler:
@@ -658,6 +660,23 @@ def _queue_extend(conn: Connection, service: CoordinationService, corr: int, hea
     extended = service.coordinator.queue_extend(_now_ms(), subscription, topic, partition, offsets, ack_wait_ms)
     service.reschedule()
     conn._ok(corr, {"extended": extended})
+
+
+def _queue_configure(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    """Per-subscription (or topic-wide) settings overrides, answered once journaled durably."""
+    request = api.parse_queue_configure(header)
+    service.broker.topic(request.topic)
+    described, durable = service.coordinator.configure_queue(
+        _now_ms(), request.topic, request.subscription, request.values, request.reset)
+    service.wake_queues()  # a larger max_in_flight or lookahead may make records available
+    service.reschedule()
+    _answer_durable(conn, service, corr, durable, described)
+
+
+def _queue_describe(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    topic, subscription = api.parse_queue_describe(header)
+    service.broker.topic(topic)
+    conn._ok(corr, service.coordinator.describe_queue(topic, subscription))
 
 
 def _dlq_replay(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
