@@ -1,8 +1,6 @@
 """One client connection: pipelined requests matched to responses by correlation id.
 
-Requests are written at the end of the event-loop pass that sent them, together (one send
-system call for a pipeline of small requests; a large one, or 64 KiB of small ones, is written
-at once); many may be in flight; the broker answers in order, and
+Requests are written immediately (many may be in flight); the broker answers in order, and
 each response resolves the future of its correlation id. ``drain()`` waits while the socket's
 write buffer is above its high-water mark, so a producer that outruns the broker slows down
 instead of buffering without bound. Closing (or losing) the connection fails every pending
@@ -21,7 +19,6 @@ from rustmq.protocol import frames
 from rustmq.protocol.api import MAX_CORRELATION_ID, ErrorCode
 
 MAX_RESPONSE_BYTES = 1 << 30
-_COALESCE_BYTES = 64 << 10  # smaller requests of one loop pass share a send; larger go at once
 _MIN_READ = 256 << 10
 
 
@@ -126,8 +123,6 @@ class Connection:
         self._drain_waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._closed: BaseException | None = None
-        self._unsent: list[bytes] = []  # small requests of this loop pass, written together
-        self._unsent_bytes = 0
         self.unsolicited_errors: list[dict[str, Any]] = []  # error responses nobody waited for
 
     @classmethod
@@ -161,23 +156,12 @@ class Connection:
         if expect_response:
             future = asyncio.get_running_loop().create_future()
             self._pending[corr] = future
-        if len(payload) < _COALESCE_BYTES:
-            self._unsent.append(prefix + payload if payload else prefix)
-            self._unsent_bytes += len(self._unsent[-1])
-            if self._unsent_bytes >= _COALESCE_BYTES:
-                self._write_unsent()  # a caller that never yields still meets write backpressure
-            elif len(self._unsent) == 1:
-                asyncio.get_running_loop().call_soon(self._write_unsent)
+        if len(payload) < 64 << 10:
+            self._transport.write(prefix + payload if payload else prefix)
         else:
-            self._write_unsent()
             self._transport.write(prefix)
             self._transport.write(payload)
         return future
-
-    def _write_unsent(self) -> None:
-        unsent, self._unsent, self._unsent_bytes = self._unsent, [], 0
-        if unsent and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
 
     async def request(self, header: dict[str, Any], payload: bytes | memoryview = b"", *, timeout: float | None = 30.0) -> Response:
         """Send a request and wait for its response; BrokerError if the broker reports an error."""
@@ -198,9 +182,7 @@ class Connection:
             raise ConnectionClosedError(str(self._closed))
 
     def close(self) -> None:
-        """Close after writing what was sent (the broker may still act on it; nobody waits)."""
         if self._transport is not None and not self._transport.is_closing():
-            self._write_unsent()
             self._transport.close()
         self._abort(ConnectionClosedError("connection closed"))
 
