@@ -22,10 +22,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from rustmq import __version__, cli_coordination, config
+from rustmq import __version__, cli_coordination, config, eventloop
 from rustmq.client import Admin, Consumer, Producer
 from rustmq.client.errors import ClientError
 
@@ -102,21 +103,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Client commands share the broker's choice of loop: uvloop when installed, unless
+    # RUSTMQ_UVLOOP=false (the same variable the broker reads).
+    use_uvloop = os.environ.get(config.ENV_PREFIX + "UVLOOP", "true").strip().lower() not in ("0", "false", "no", "off")
+
+    def run(main: Coroutine[Any, Any, int]) -> int:
+        return eventloop.run(main, uvloop_wanted=use_uvloop)
+
     try:
         if args.command == "broker":
             return run_broker(args)
         if args.command == "topic":
-            return asyncio.run(run_topic(args))
+            return run(run_topic(args))
         if args.command == "produce":
-            return asyncio.run(run_produce(args))
+            return run(run_produce(args))
         if args.command == "consume":
-            return asyncio.run(cli_coordination.run_group_consume(args) if args.group else run_consume(args))
+            return run(cli_coordination.run_group_consume(args) if args.group else run_consume(args))
         if args.command in cli_coordination.COMMANDS:
-            return asyncio.run(cli_coordination.run(args))
+            return run(cli_coordination.run(args))
         if args.command == "bench":
             from rustmq.client import bench as bench_module
 
-            return asyncio.run(bench_module.run(args))
+            return run(bench_module.run(args))
     except config.ConfigError as exc:
         print(f"rustmq: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from rustmq import eventloop
 from rustmq.client.admin import Admin
 from rustmq.client.connection import Connection, check, parse_address
 from rustmq.client.consumer import decode_batches
@@ -117,12 +118,14 @@ def _batch(value: bytes, count: int, codec: int) -> bytes:
                                      codec=storage_batch.Codec(codec))
 
 
-async def _rss(admin: Admin) -> dict[str, float]:
+async def _rss(admin: Admin) -> dict[str, Any]:
     stats = await admin.broker_stats()
     return {
         "broker_rss_mb": round(stats["rss_bytes"] / 2**20, 1),
         "broker_anon_rss_mb": round(stats.get("anon_rss_bytes", 0) / 2**20, 1),
         "broker_peak_rss_mb": round(stats["peak_rss_bytes"] / 2**20, 1),
+        "broker_event_loop": stats.get("event_loop", "?"),
+        "client_event_loop": eventloop.name(),
     }
 
 
@@ -145,6 +148,10 @@ def _result(kind: str, args: argparse.Namespace, messages: int, seconds: float, 
         )
     out.update(extra)
     return out
+
+
+def _percentile_ms(values: list[float], fraction: float) -> float | None:
+    return round(percentile(sorted(values), fraction) * 1000, 3) if values else None
 
 
 def _print(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -358,8 +365,9 @@ async def bench_latency(admin: Admin, args: argparse.Namespace) -> dict[str, Any
     consumer = Consumer(f"{admin.host}:{admin.port}", args.topic, start="latest", max_wait_ms=500)
     await consumer.start()
     producer_conn = await Connection.open(admin.host, admin.port)
-    pad = b"\0" * max(0, args.size - 8)
+    pad = b"\0" * max(0, args.size - 16)
     latencies: list[float] = []
+    from_send: list[float] = []  # the same messages, measured from when their request was written
     received = 0
     sent = 0
     started = time.perf_counter()
@@ -375,9 +383,10 @@ async def bench_latency(admin: Admin, args: argparse.Namespace) -> dict[str, Any
                 now = time.perf_counter()
                 messages, _ = decode_batches(args.topic, _partition, data, fetched_from)
                 for message in messages:
-                    (intended,) = struct.unpack_from(">d", message.value)
+                    intended, written = struct.unpack_from(">dd", message.value)
                     if intended >= warm_until:
                         latencies.append(now - intended)
+                        from_send.append(now - written)
                 received += len(messages)
 
     async def produce() -> None:
@@ -403,7 +412,8 @@ async def bench_latency(admin: Admin, args: argparse.Namespace) -> dict[str, Any
                 break
             due = int((now - started) * args.rate) - sent
             if due > 0:
-                values = [struct.pack(">d", started + (sent + i) / args.rate) + pad for i in range(due)]
+                written = time.perf_counter()
+                values = [struct.pack(">dd", started + (sent + i) / args.rate, written) + pad for i in range(due)]
                 now_ms = int(time.time() * 1000)
                 body = records.encode_body([[0, None, value, None] for value in values])
                 payload = storage_batch.build_batch(body, record_count=due, first_timestamp_ms=now_ms, max_timestamp_ms=now_ms)
@@ -433,6 +443,7 @@ async def bench_latency(admin: Admin, args: argparse.Namespace) -> dict[str, Any
     return _result("latency", args, measured, duration, latencies, {
         "rate": args.rate, "sent": sent, "received": received, "warmup_s": args.warmup,
         "latency_is": "end to end: consumer receive time minus intended send time",
+        "from_write_p50_ms": _percentile_ms(from_send, 0.50), "from_write_p99_ms": _percentile_ms(from_send, 0.99),
     })
 
 

@@ -533,7 +533,9 @@ class Connection(asyncio.BufferedProtocol):
         self._ok(corr, {"topics": sorted(topic.name for topic in self._broker.log.topics())})
 
     def _broker_stats(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
-        self._ok(corr, self._broker.broker_stats())
+        loop = asyncio.get_running_loop()
+        event_loop = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+        self._ok(corr, {**self._broker.broker_stats(), "event_loop": event_loop})
 
     def _add_partitions(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         name, total = api.parse_add_partitions(header)
