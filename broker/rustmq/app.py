@@ -21,11 +21,13 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from rustmq import compaction
 from rustmq.admin.app import AdminState, make_admin_app
 from rustmq.config import BrokerConfig
 from rustmq.coordination.service import Coordinator
@@ -76,7 +78,8 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         state.broker = broker
         state.ready = True
         _report_ready(config, {**ports, "metrics": metrics_port})
-        retention = asyncio.get_running_loop().create_task(_enforce_retention(opened, config.retention_check_s))
+        retention = asyncio.get_running_loop().create_task(
+            _enforce_retention(opened, coordinator, config.retention_check_s))
         await stop.wait()
         retention.cancel()
         log.info("shutting down")
@@ -96,17 +99,75 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         log.info("stopped cleanly")
 
 
-async def _enforce_retention(opened: Any, interval_s: float) -> None:
-    """Delete expired segments every interval_s, on the loop thread (the log's owner thread)."""
+async def _enforce_retention(opened: storage_log.Log, coordinator: Coordinator, interval_s: float
+                             ) -> None:
+    """Every interval_s: delete expired segments, then compact the topics that ask for it.
+
+    Runs on the loop thread (the log's owner thread). Retention respects each topic's "keep
+    until consumed" floor from the coordinator. Compaction plans on a worker thread (immutable
+    sealed segments) and swaps the result in here, one partition at a time.
+    """
+    states: dict[tuple[str, int], compaction.CompactionState] = {}
+    floor = _retention_floor(coordinator)
     while True:
         await asyncio.sleep(interval_s)
         try:
-            deleted = opened.enforce_retention(int(time.time() * 1000))
+            deleted = opened.enforce_retention(int(time.time() * 1000), floor)
         except Exception:
             log.exception("retention check failed")
-            continue
+            deleted = 0
         if deleted:
             log.info("retention deleted %d segment(s)", deleted)
+        await _compact_topics(opened, states)
+
+
+def _retention_floor(coordinator: Coordinator) -> Callable[[storage_log.Topic, int], int | None]:
+    """The offset from which a partition must be kept for its topic's named groups and, with
+    retain_until_settled, its queue subscriptions (a group that never committed: 0)."""
+
+    def floor(topic: storage_log.Topic, partition: int) -> int | None:
+        config = topic.config
+        floors: list[int] = []
+        if config.retain_until_consumed_by:
+            committed = coordinator.offsets.min_committed(
+                config.retain_until_consumed_by, (topic.name, partition))
+            if committed is not None:
+                floors.append(committed)
+        if config.retain_until_settled:
+            settled = coordinator.queues.min_floor(topic.name, partition)
+            if settled is not None:
+                floors.append(settled)
+        return min(floors, default=None)
+
+    return floor
+
+
+async def _compact_topics(opened: storage_log.Log,
+                          states: dict[tuple[str, int], compaction.CompactionState]) -> None:
+    live = set()
+    for topic in opened.topics():
+        if not topic.config.compacted:
+            continue
+        for index, partition in enumerate(topic.partitions):
+            key = (topic.name, index)
+            live.add(key)
+            state = states.setdefault(key, compaction.CompactionState())
+            try:
+                job = compaction.prepare(partition, int(time.time() * 1000), state,
+                                         f"{topic.name}/{index}")
+                if job is None:
+                    continue
+                try:
+                    decided = await asyncio.to_thread(job.plan)
+                    if partition.closed:  # the topic was deleted meanwhile
+                        continue
+                    compaction.install(job, decided, state)
+                finally:
+                    job.release()
+            except Exception:
+                log.exception("compaction of %s/%d failed", topic.name, index)
+    for key in set(states) - live:
+        del states[key]
 
 
 def _ensure_default_topic(opened: Any, config: BrokerConfig) -> None:

@@ -17,6 +17,10 @@ from rustmq.storage import errors
 FlushMode = Literal["none", "interval", "bytes", "always"]
 FLUSH_MODES: Final = ("none", "interval", "bytes", "always")
 
+CleanupPolicy = Literal["delete", "compact", "compact,delete"]
+CLEANUP_POLICIES: Final = ("delete", "compact", "compact,delete")
+MAX_RETAINING_GROUPS: Final = 64
+
 MIN_SEGMENT_BYTES: Final = 4096
 MAX_SEGMENT_BYTES: Final = 0x7FFF_FFFF  # index positions are 32-bit
 
@@ -56,6 +60,19 @@ class LogConfig:
     Segments are preallocated to `segment_bytes` on disk when created (so disk-full shows up as an
     error at roll time, never as SIGBUS), so this is also the disk space an idle partition holds.
     Retention deletes whole sealed segments only; None means unlimited.
+
+    `cleanup_policy`: "delete" applies the retention limits; "compact" instead keeps, in sealed
+    segments, only the latest record per key (tombstones, records with a None value, go once
+    they are older than `delete_retention_ms`); "compact,delete" does both. Compaction itself
+    lives outside storage (rustmq.compaction), which hands the rewritten segments to
+    `PartitionLog.replace_sealed_segments`.
+
+    `retain_until_consumed_by` names consumer groups: retention (time, size, count) never
+    deletes a segment holding an offset at or above the smallest offset those groups committed
+    on the partition (a group that never committed there keeps everything). With
+    `retain_until_settled`, the same holds for the ack floor of every queue subscription of the
+    partition. Storage only takes the resulting floor (`enforce_retention(keep_from_offset=...)`);
+    the server computes it from the coordinator.
     """
 
     segment_bytes: int = 64 << 20
@@ -65,6 +82,10 @@ class LogConfig:
     retention_bytes: int | None = None
     retention_messages: int | None = None
     flush: FlushPolicy = dataclasses.field(default_factory=FlushPolicy)
+    cleanup_policy: CleanupPolicy = "delete"
+    delete_retention_ms: int = 24 * 3600 * 1000
+    retain_until_consumed_by: tuple[str, ...] = ()
+    retain_until_settled: bool = False
 
     def __post_init__(self) -> None:
         _require_int("segment_bytes", self.segment_bytes, MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES)
@@ -75,6 +96,36 @@ class LogConfig:
         _require_optional_int("retention_messages", self.retention_messages, minimum=0)
         if not isinstance(self.flush, FlushPolicy):
             raise errors.InvalidConfigError("flush must be a FlushPolicy")
+        if self.cleanup_policy not in CLEANUP_POLICIES:
+            raise errors.InvalidConfigError(
+                f"cleanup_policy must be one of {', '.join(map(repr, CLEANUP_POLICIES))}, "
+                f"not {self.cleanup_policy!r}"
+            )
+        _require_int("delete_retention_ms", self.delete_retention_ms, minimum=0)
+        groups = self.retain_until_consumed_by
+        if (
+            not isinstance(groups, tuple)
+            or len(groups) > MAX_RETAINING_GROUPS
+            or not all(isinstance(group, str) and group for group in groups)
+        ):
+            raise errors.InvalidConfigError(
+                "retain_until_consumed_by must be a list of at most "
+                f"{MAX_RETAINING_GROUPS} non-empty group names, not {groups!r}"
+            )
+        if not isinstance(self.retain_until_settled, bool):
+            raise errors.InvalidConfigError(
+                f"retain_until_settled must be true or false, not {self.retain_until_settled!r}"
+            )
+
+    @property
+    def compacted(self) -> bool:
+        """Whether the topic asks for key-based compaction."""
+        return self.cleanup_policy != "delete"
+
+    @property
+    def deletes(self) -> bool:
+        """Whether the retention limits (time, size, count) apply."""
+        return self.cleanup_policy != "compact"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LogConfig:
@@ -84,6 +135,7 @@ class LogConfig:
     def to_dict(self) -> dict[str, Any]:
         result = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         result["flush"] = self.flush.to_dict()
+        result["retain_until_consumed_by"] = list(self.retain_until_consumed_by)
         return result
 
     def merged(self, overrides: Mapping[str, Any] | None) -> LogConfig:
@@ -99,6 +151,9 @@ class LogConfig:
         changes = {key: value for key, value in overrides.items() if key != "flush"}
         if "flush" in overrides:
             changes["flush"] = _merged_flush(self.flush, overrides["flush"])
+        groups = changes.get("retain_until_consumed_by")
+        if isinstance(groups, list):  # JSON and msgpack carry arrays as lists
+            changes["retain_until_consumed_by"] = tuple(groups)
         return dataclasses.replace(self, **changes)
 
 

@@ -61,6 +61,10 @@ class InvalidConfigError(StorageError):
     """A configuration value (or a topic name, or a partition count) is not acceptable."""
 
 
+class StaleCompactionError(StorageError):
+    """A compaction plan no longer matches the partition (retention or another swap moved it)."""
+
+
 class LogClosedError(StorageError):
     """The partition or log was closed (or failed an fsync and stopped accepting writes)."""
 

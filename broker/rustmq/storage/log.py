@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -197,10 +198,26 @@ class Log:
             raise
         return topic
 
-    def enforce_retention(self, now_ms: int) -> int:
-        """Apply every topic's retention; returns the number of segments deleted."""
+    def enforce_retention(self, now_ms: int,
+                          floor: Callable[[Topic, int], int | None] | None = None) -> int:
+        """Apply every topic's retention; returns the number of segments deleted.
+
+        `floor(topic, partition)` gives the offset from which that partition must be kept (the
+        "keep until consumed" floor, see LogConfig); it is asked only for topics that name
+        groups or queue subscriptions to wait for, and storage never interprets it further.
+        Without `floor`, such topics keep everything.
+        """
         self._check_open()
-        return sum(p.enforce_retention(now_ms) for t in self._topics.values() for p in t.partitions)
+        deleted = 0
+        for topic in list(self._topics.values()):
+            config = topic.config
+            waits = bool(config.retain_until_consumed_by) or config.retain_until_settled
+            for index, partition in enumerate(topic.partitions):
+                keep_from = None
+                if waits:  # without a floor callback nothing can be known consumed: keep it
+                    keep_from = floor(topic, index) if floor is not None else 0
+                deleted += partition.enforce_retention(now_ms, keep_from)
+        return deleted
 
     def close(self, clean: bool = True) -> None:
         """Stop the flusher and close every partition (clean: flush + clean-shutdown markers)."""

@@ -8,6 +8,11 @@ Directory layout (one directory per partition)::
     clean-shutdown      JSON {"end_offset", "active_base_offset", "active_size"} written by a clean
                         close after everything was flushed; removed (and the removal fsynced) on open
                         before anything can be appended, so it never vouches for newer data
+    compaction-commit   JSON {"replaced": [base, ...], "outputs": [base, ...]}: present only while
+                        `replace_sealed_segments` swaps compacted segments in (see there); an open
+                        that finds it finishes the swap
+    *.compacting        compacted segment files not yet swapped in; deleted on open unless a
+                        compaction-commit names them
 
 Threads. Everything except `flush` runs on ONE owner thread (the server's event loop): append,
 read, roll, retention, close. `flush` may run concurrently on a worker thread (GroupCommitter or
@@ -31,19 +36,23 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 from rustmq.storage import batch, errors
 from rustmq.storage.config import MAX_SEGMENT_BYTES, LogConfig
 from rustmq.storage.segment import (
+    COMPACTED_SUFFIX,
     INDEX_SUFFIX,
     LOG_SUFFIX,
     MAX_RELATIVE_OFFSET,
     TIME_INDEX_SUFFIX,
+    SEGMENT_SUFFIXES,
     ScanResult,
     Segment,
+    _write_fully,
+    file_name,
     load_trusted,
     parse_base_offset,
     scan_file,
@@ -53,6 +62,8 @@ logger = logging.getLogger("rustmq.storage")
 
 CLEAN_SHUTDOWN_FILE: Final = "clean-shutdown"
 RECOVERY_POINT_FILE: Final = "recovery-point"
+COMPACTION_COMMIT_FILE: Final = "compaction-commit"
+COMPACTING_SUFFIX: Final = ".compacting"
 MAX_OFFSET: Final = (1 << 63) - 1
 _HEADER = batch.HEADER_STRUCT
 
@@ -83,6 +94,23 @@ class RecoveryReport(NamedTuple):
     removed_segments: tuple[str, ...]  # later segment files deleted because of the cut
     reason: str | None  # why the scan stopped early
     duration_s: float
+
+
+class SealedSegment(NamedTuple):
+    """A sealed, durable segment as `sealed_segments` hands it to a compaction planner."""
+
+    base_offset: int
+    next_offset: int  # the next segment's base: the segment covers [base_offset, next_offset)
+    view: memoryview  # its batches, zero copy; release it when done
+    compacted: bool
+
+
+class ReplaceResult(NamedTuple):
+    replaced_segments: int
+    new_segments: int
+    bytes_before: int
+    bytes_after: int
+    start_offset: int  # the log's start offset afterwards
 
 
 class PartitionLog:
@@ -134,16 +162,17 @@ class PartitionLog:
         started = time.perf_counter()
         directory = self.directory
         directory.mkdir(parents=True, exist_ok=True)
+        _finish_compaction_commit(directory)
         bases: list[int] = []
         for entry in os.scandir(directory):
-            if entry.name.endswith(".tmp"):
-                os.unlink(entry.path)
+            if entry.name.endswith((".tmp", COMPACTING_SUFFIX)):
+                os.unlink(entry.path)  # unfinished writes; an uncommitted compaction's outputs
             elif (base := parse_base_offset(entry.name)) is not None:
                 bases.append(base)
         bases.sort()
-        for entry in os.scandir(directory):  # index files whose segment is gone
+        for entry in os.scandir(directory):  # index and compacted files whose segment is gone
             stem, _, suffix = entry.name.partition(".")
-            if "." + suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX) and stem.isdigit():
+            if "." + suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX, COMPACTED_SUFFIX) and stem.isdigit():
                 if int(stem) not in bases:
                     os.unlink(entry.path)
 
@@ -172,7 +201,7 @@ class PartitionLog:
         reason: str | None = None
         removed: list[str] = []
         expected = bases[0] if bases else 0
-        kept: list[tuple[int, int, int, ScanResult, bool, bool]] = []  # base, fd, size, state...
+        kept: list[tuple[int, int, int, ScanResult, bool, bool, bool]] = []  # base, fd, size, ...
         pending_fd = -1  # opened, not yet in `kept`
         try:
             for i, base in enumerate(bases):
@@ -186,10 +215,16 @@ class PartitionLog:
                     continue
                 fd = pending_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
                 file_size = os.fstat(fd).st_size
+                compacted_end = _read_compacted_end(directory, base)
                 state = None
                 trusted = i < first_scanned or (clean and i == len(bases) - 1)
                 if trusted:
                     state = load_trusted(directory, base, fd, file_size)
+                    if state is not None and compacted_end is not None:
+                        if state.next_offset > compacted_end:
+                            state = None
+                        else:
+                            state = state._replace(next_offset=compacted_end)
                     if state is not None and clean and i == len(bases) - 1:
                         # The active segment must end exactly where the marker says, followed by
                         # nothing but zeros; anything else and the scan decides.
@@ -203,7 +238,8 @@ class PartitionLog:
                             clean = trusted = False
                 index_loaded = state is not None
                 if state is None:
-                    state = scan_file(fd, file_size, base, self.config.index_interval_bytes)
+                    state = scan_file(fd, file_size, base, self.config.index_interval_bytes,
+                                      compacted_end)
                     scanned_segments += 1
                     scanned_bytes += state.size
                     scanned_batches += state.batch_count
@@ -220,7 +256,8 @@ class PartitionLog:
                     removed.append(path.name)
                     _remove_segment_files(directory, base)
                     continue
-                kept.append((base, fd, file_size, state, trusted and index_loaded, trusted))
+                kept.append((base, fd, file_size, state, trusted and index_loaded, trusted,
+                             compacted_end is not None))
                 pending_fd = -1
                 expected = state.next_offset
             self._build(kept, clean, reason)
@@ -264,7 +301,7 @@ class PartitionLog:
                 self.recovery.duration_s,
             )
 
-    def _build(self, kept: list[tuple[int, int, int, ScanResult, bool, bool]], clean: bool,
+    def _build(self, kept: list[tuple[int, int, int, ScanResult, bool, bool, bool]], clean: bool,
                reason: str | None) -> None:
         directory = self.directory
         if not kept:  # a new partition
@@ -275,13 +312,16 @@ class PartitionLog:
             return
         segments = self._segments  # filled as we go, so a failure half way closes what was built
         last = len(kept) - 1
-        for i, (base, fd, file_size, state, index_loaded, trusted) in enumerate(kept):
+        if kept[-1][6]:
+            last += 1  # a compacted segment is never appended to: a new active one follows it
+        for i, (base, fd, file_size, state, index_loaded, trusted, compacted) in enumerate(kept):
             if i < last:
                 if file_size > state.size:
                     os.ftruncate(fd, state.size)  # not mapped yet: safe to trim
                 segment = Segment(directory, base, fd, state.size, state, writable=False,
                                   dir_synced=True)
                 segment.index_persisted = index_loaded
+                segment.compacted = compacted
                 if not index_loaded:
                     segment.pending_index_files = segment.index_files() if state.size else ()
             else:
@@ -296,9 +336,12 @@ class PartitionLog:
                     os.fsync(fd)  # make the cut itself durable before appending after it
                 segment = Segment(directory, base, fd, capacity, state, writable=True,
                                   dir_synced=True)
-            kept[i] = (base, -1, file_size, state, index_loaded, trusted)  # fd now owned
-            segment.flushed_size = state.size if trusted else 0
+            kept[i] = (base, -1, file_size, state, index_loaded, trusted, compacted)  # fd owned
+            segment.flushed_size = state.size if trusted or compacted else 0
             segments.append(segment)
+        if last == len(kept):
+            segments.append(Segment.create(directory, segments[-1].next_offset,
+                                           self.config.segment_bytes))
         self._bases = [s.base_offset for s in segments]
         self._active = segments[-1]
         self._end_offset = self._active.next_offset
@@ -458,7 +501,9 @@ class PartitionLog:
         next_offset = offset
         while i < len(segments) and next_offset < end and total < max_bytes:
             segment = segments[i]
-            if next_offset < segment.next_offset:
+            if segment.compacted and segment.data_end_offset() <= next_offset < segment.next_offset:
+                next_offset = segment.next_offset  # a gap compaction left at the segment's end
+            elif next_offset < segment.next_offset:
                 got = segment.read(next_offset, max_bytes - total, at_least_one=not views)
                 if got is None:
                     break
@@ -574,18 +619,23 @@ class PartitionLog:
 
     # ----------------------------------------------------------------------------- retention
 
-    def enforce_retention(self, now_ms: int) -> int:
+    def enforce_retention(self, now_ms: int, keep_from_offset: int | None = None) -> int:
         """Delete the oldest sealed segments beyond the time/size/count limits; return how many.
 
-        Whole segments only, never the active one. Readers' views of a deleted segment stay
-        valid (the unlinked file lives on until the last view is released).
+        Whole segments only, never the active one, and never a segment holding an offset at or
+        above `keep_from_offset` (the "keep until consumed" floor the server computes from the
+        named groups' commits; None: no floor). With cleanup_policy "compact" the limits do not
+        apply and nothing is deleted here. Readers' views of a deleted segment stay valid (the
+        unlinked file lives on until the last view is released).
         """
         if self._closed:
             raise self._closed_error()
         config = self.config
         deleted = 0
-        while len(self._segments) > 1:
+        while len(self._segments) > 1 and config.deletes:
             oldest, following = self._segments[0], self._segments[1]
+            if keep_from_offset is not None and oldest.next_offset > keep_from_offset:
+                break
             expired = (
                 config.retention_ms is not None
                 and oldest.max_timestamp_ms < now_ms - config.retention_ms
@@ -611,6 +661,160 @@ class PartitionLog:
             logger.info("%s: retention deleted %d segment(s); log now starts at offset %d",
                         self.directory, deleted, self._bases[0])
         return deleted
+
+    # ----------------------------------------------------------------------------- compaction
+
+    def sealed_segments(self) -> list[SealedSegment]:
+        """The leading run of sealed segments that are durable and have persisted indexes.
+
+        That is what compaction may rewrite: the active segment never, nor a sealed one the
+        flusher has yet to persist (it would write its index files under the same names).
+        The views are zero copy and stay valid after a swap; release them when done.
+        """
+        if self._closed:
+            raise self._closed_error()
+        result = []
+        for segment in self._segments[:-1]:
+            if not (segment.sealed and segment.index_persisted and not segment.deleted
+                    and segment.flushed_size >= segment.size):
+                break
+            result.append(SealedSegment(segment.base_offset, segment.next_offset, segment.view(),
+                                        segment.compacted))
+        return result
+
+    def replace_sealed_segments(self, replaced: Sequence[SealedSegment],
+                                outputs: Sequence[Sequence[bytes | memoryview]]) -> ReplaceResult:
+        """Swap the leading sealed segments `replaced` for compacted ones, crash-safely.
+
+        `outputs` holds one list of batches per new segment, base offsets stamped, offsets
+        increasing, each batch holding consecutive offsets, gaps allowed between batches. A new
+        segment starts at its first batch and ends where the next one starts (the last one at the
+        end of `replaced`), so the offset chain stays unbroken; the log's start offset moves up to
+        the first surviving batch. No outputs at all deletes the replaced segments.
+
+        Order on disk (each step durable before the next):
+
+        1. each output as `<base>.log.compacting` plus `.index`, `.timeindex` and `.compacted`
+           files under the same suffix, fsynced, re-scanned (CRC and offsets) before use;
+           directory fsynced;
+        2. `compaction-commit` naming replaced and output bases, written atomically: the commit
+           point. A crash before it leaves the old segments untouched and the next open deletes
+           the `.compacting` files;
+        3. replaced segments no output reuses are unlinked, the `.compacting` files renamed over
+           the final names, the directory fsynced, the commit file removed. A crash in this step
+           is finished by the next open (`_finish_compaction_commit`, idempotent).
+
+        Readers' views of the old segments stay valid (their inodes live while mapped). Raises
+        StaleCompactionError if `replaced` is not the current leading run of sealed durable
+        segments, CorruptBatchError if an output does not scan, StorageFullError/StorageIOError
+        on I/O errors before the commit (nothing changed then).
+        """
+        if self._closed or self._failure is not None:
+            raise self._closed_error()
+        segments = self._segments
+        count = len(replaced)
+        if count == 0 or count >= len(segments) or any(
+            current.base_offset != old.base_offset or current.next_offset != old.next_offset
+            or not current.sealed or not current.index_persisted or current.deleted
+            for current, old in zip(segments, replaced)
+        ):
+            raise errors.StaleCompactionError(
+                f"{self.directory}: the compaction plan no longer matches the segments")
+        range_start, range_end = replaced[0].base_offset, replaced[-1].next_offset
+        bases = []
+        for buffers in outputs:
+            if not buffers or len(buffers[0]) < batch.HEADER_SIZE:
+                raise errors.CorruptBatchError("a compacted segment needs at least one batch")
+            bases.append(_HEADER.unpack_from(buffers[0])[0])
+        ends = bases[1:] + [range_end]
+        if any(b >= e for b, e in zip(bases, ends)) or (bases and bases[0] < range_start):
+            raise errors.CorruptBatchError(
+                f"compacted segments starting at {bases} do not fit in [{range_start}, {range_end})")
+        directory = self.directory
+        created: list[Segment] = []
+        pending: list[Path] = []
+        try:
+            for base, end, buffers in zip(bases, ends, outputs):
+                created.append(self._write_compacted(base, end, buffers, pending))
+            _fsync_directory(directory)
+        except BaseException as error:
+            for segment in created:
+                segment.close()
+            for path in pending:
+                path.unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise errors.from_os_error(error, f"writing compacted segments in {directory}") from error
+            raise
+        old = segments[:count]
+        with self._flush_lock:  # no flush may snapshot the segment list half way through
+            try:
+                commit = {"replaced": [s.base_offset for s in old], "outputs": bases}
+                _write_durably(directory / COMPACTION_COMMIT_FILE, json.dumps(commit).encode())
+            except OSError as error:
+                for segment in created:
+                    segment.close()
+                for path in pending:
+                    path.unlink(missing_ok=True)
+                raise errors.from_os_error(error, f"committing compaction in {directory}") from error
+            # Hazard: from here on the swap is decided; if finishing it fails, the next open
+            # finishes it, and until then this partition refuses writes.
+            try:
+                _finish_compaction_commit(directory)
+            except (OSError, errors.StorageError) as error:
+                self._failure = (error if isinstance(error, errors.StorageError)
+                                 else errors.from_os_error(error, f"swapping compacted segments in {directory}"))
+                logger.error("%s: %s; the partition refuses writes until restarted",
+                             directory, self._failure)
+                for segment in created:
+                    segment.close()
+                raise self._failure from error
+            with self._segments_lock:
+                self._segments = created + segments[count:]
+            self._bases = [s.base_offset for s in self._segments]
+            bytes_before = sum(s.size for s in old)
+            bytes_after = sum(s.size for s in created)
+            self._size_bytes += bytes_after - bytes_before
+            for segment in old:
+                segment.deleted = True  # Hazard: close, never delete(): outputs reuse the names
+                segment.close()
+        self._reap()
+        return ReplaceResult(count, len(created), bytes_before, bytes_after, self._bases[0])
+
+    def _write_compacted(self, base: int, end: int, buffers: Sequence[bytes | memoryview],
+                         pending: list[Path]) -> Segment:
+        """Step 1 of `replace_sealed_segments` for one output; returns its sealed Segment."""
+        directory = self.directory
+        path = directory / (file_name(base, LOG_SUFFIX) + COMPACTING_SUFFIX)
+        size = sum(len(buffer) for buffer in buffers)
+        if size > MAX_SEGMENT_BYTES:
+            raise errors.BatchTooLargeError(f"a compacted segment of {size} bytes is too large")
+        pending.append(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, size)  # ENOSPC here rather than half way through
+            _write_fully(fd, list(buffers), 0)
+            os.fsync(fd)
+            state = scan_file(fd, size, base, self.config.index_interval_bytes, end)
+            if state.stop_reason is not None or state.size != size:
+                raise errors.CorruptBatchError(
+                    f"compacted segment {base}: {state.stop_reason or 'trailing bytes'}", state.size)
+            segment = Segment(directory, base, fd, size, state, writable=False, dir_synced=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        segment.compacted = True
+        segment.flushed_size = size
+        files = [*segment.index_files(),
+                 (directory / file_name(base, COMPACTED_SUFFIX), b"%d\n" % end)]
+        try:
+            for final, data in files:
+                temporary = final.with_name(final.name + COMPACTING_SUFFIX)
+                pending.append(temporary)
+                _write_durably(temporary, data, sync_directory=False)
+        except BaseException:
+            segment.close()
+            raise
+        return segment
 
     # ----------------------------------------------------------------------------- close
 
@@ -712,8 +916,59 @@ def _read_recovery_point(path: Path) -> int:
 
 
 def _remove_segment_files(directory: Path, base: int) -> None:
-    for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+    for suffix in SEGMENT_SUFFIXES:
         (directory / f"{base:020d}{suffix}").unlink(missing_ok=True)
+
+
+def _read_compacted_end(directory: Path, base: int) -> int | None:
+    """The end offset in a compacted segment's `.compacted` file; None for other segments."""
+    try:
+        data = (directory / f"{base:020d}{COMPACTED_SUFFIX}").read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        end = int(data.strip())
+    except ValueError:
+        raise errors.StorageIOError(
+            f"{directory}: {base:020d}{COMPACTED_SUFFIX} does not hold an offset"
+        ) from None
+    if end <= base:
+        raise errors.StorageIOError(f"{directory}: {base:020d}{COMPACTED_SUFFIX} ends before it starts")
+    return end
+
+
+def _finish_compaction_commit(directory: Path) -> None:
+    """Complete a swap `replace_sealed_segments` committed but may not have finished (idempotent).
+
+    Removes the files of replaced segments that no output reuses, renames every remaining
+    `<output>.*.compacting` file into place, fsyncs the directory, then removes the commit file.
+    """
+    commit = directory / COMPACTION_COMMIT_FILE
+    try:
+        plan = json.loads(commit.read_bytes())
+        replaced = [int(base) for base in plan["replaced"]]
+        outputs = [int(base) for base in plan["outputs"]]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        # Written with _write_durably (temp file, fsync, rename): it is whole or absent.
+        raise errors.StorageIOError(f"{commit}: unreadable compaction commit: {error}") from error
+    reused = set(outputs)
+    for base in replaced:
+        if base not in reused:
+            _remove_segment_files(directory, base)
+    for base in outputs:
+        for suffix in SEGMENT_SUFFIXES:
+            final = directory / f"{base:020d}{suffix}"
+            pending = final.with_name(final.name + COMPACTING_SUFFIX)
+            if pending.exists():
+                os.replace(pending, final)
+            elif suffix == COMPACTED_SUFFIX or suffix == LOG_SUFFIX:
+                if not final.exists():
+                    raise errors.StorageIOError(f"{directory}: compaction output {final.name} is missing")
+    _fsync_directory(directory)
+    commit.unlink()
+    _fsync_directory(directory)
 
 
 def _write_durably(path: Path, data: bytes, sync_directory: bool = True) -> None:

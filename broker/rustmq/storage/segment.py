@@ -6,6 +6,16 @@ Files, named by the segment's base offset (the offset of its first batch), 20 di
                                     batch is preallocated zeros (a zero batch_length ends a scan)
     00000000000000001000.index      sparse offset index  (see rustmq.storage.index)
     00000000000000001000.timeindex  sparse time index
+    00000000000000001000.compacted  only for a segment written by compaction: its end offset
+                                    (decimal, newline): the segment covers [base, end) with gaps
+
+Compacted segments. Compaction (rustmq.compaction, installed by
+`PartitionLog.replace_sealed_segments`) rewrites sealed segments so that each batch still holds
+consecutive offsets (base_offset + index) but batches may be separated by gaps, the first batch
+starts at the segment's base offset, and the segment ends at the offset in its `.compacted`
+file (the next segment's base, past a possible trailing gap). Only a segment with that file may
+have gaps: every other segment's scan still demands contiguous offsets, since base_offset is not
+covered by the CRC and the sequence is what catches a damaged one.
 
 Life cycle. `create` preallocates the whole file with posix_fallocate BEFORE mapping it, so a full
 disk is reported (ENOSPC -> StorageFullError) at roll time, before anything of an append is
@@ -38,6 +48,8 @@ from rustmq.storage.index import OffsetIndex, TimeIndex
 LOG_SUFFIX: Final = ".log"
 INDEX_SUFFIX: Final = ".index"
 TIME_INDEX_SUFFIX: Final = ".timeindex"
+COMPACTED_SUFFIX: Final = ".compacted"
+SEGMENT_SUFFIXES: Final = (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX, COMPACTED_SUFFIX)
 MAX_RELATIVE_OFFSET: Final = 0xFFFF_FFFF
 
 _HEADER = batch.HEADER_STRUCT
@@ -105,12 +117,17 @@ class ScanResult(NamedTuple):
     stop_reason: str | None  # None: clean end (end of file or zero-filled tail); else why it stopped
 
 
-def scan_file(fd: int, file_size: int, base_offset: int, index_interval_bytes: int) -> ScanResult:
+def scan_file(fd: int, file_size: int, base_offset: int, index_interval_bytes: int,
+              compacted_end: int | None = None) -> ScanResult:
     """Walk the batches of a segment file from position 0 and rebuild its indexes.
 
     Every batch is fully validated (`batch.check_batch`: framing, header sanity, CRC32C) and must
     continue the offset sequence. Stops at the end of file, at a zero-filled header (the
     preallocated tail) or at the first invalid batch, whose reason is returned.
+
+    `compacted_end`: the segment is compacted (see the module docstring): the first batch must
+    start at `base_offset`, later ones may skip offsets but must stay below `compacted_end`, and
+    a scan that reaches the end cleanly reports `compacted_end` as its next offset.
     """
     offset_index, time_index = OffsetIndex(), TimeIndex()
     if file_size == 0:
@@ -120,13 +137,14 @@ def scan_file(fd: int, file_size: int, base_offset: int, index_interval_bytes: i
     try:
         with memoryview(mm) as view:
             return _scan(view, file_size, base_offset, index_interval_bytes, offset_index,
-                         time_index)
+                         time_index, compacted_end)
     finally:
         mm.close()
 
 
 def _scan(view: memoryview, end: int, base_offset: int, interval: int,
-          offset_index: OffsetIndex, time_index: TimeIndex) -> ScanResult:
+          offset_index: OffsetIndex, time_index: TimeIndex,
+          compacted_end: int | None = None) -> ScanResult:
     pos = 0
     expected = base_offset
     batch_count = record_count = 0
@@ -142,7 +160,12 @@ def _scan(view: memoryview, end: int, base_offset: int, interval: int,
         except errors.CorruptBatchError as error:
             stop_reason = error.reason
             break
-        if header.base_offset != expected:
+        if header.base_offset != expected and (
+            compacted_end is None
+            or batch_count == 0
+            or header.base_offset < expected
+            or header.last_offset >= compacted_end
+        ):
             stop_reason = f"base_offset {header.base_offset} breaks the sequence (expected {expected})"
             break
         if header.leader_epoch != batch.NO_LEADER_EPOCH:
@@ -152,8 +175,8 @@ def _scan(view: memoryview, end: int, base_offset: int, interval: int,
             stop_reason = "offsets overflow the segment's 32-bit relative offsets"
             break
         if bytes_since_entry > interval:
-            offset_index.append(expected - base_offset, pos)
-            time_index.append(max_ts, expected - base_offset)
+            offset_index.append(header.base_offset - base_offset, pos)
+            time_index.append(max_ts, header.base_offset - base_offset)
             bytes_since_entry = 0
         size = batch.LENGTH_FIELDS_SIZE + header.batch_length
         bytes_since_entry += size
@@ -165,8 +188,10 @@ def _scan(view: memoryview, end: int, base_offset: int, interval: int,
         last_position = pos
         batch_count += 1
         record_count += header.record_count
-        expected += header.record_count
+        expected = header.base_offset + header.record_count
         pos += size
+    if compacted_end is not None and stop_reason is None:
+        expected = compacted_end
     return ScanResult(pos, expected, batch_count, record_count, max_ts, max_ts_before_last,
                       last_position, first_max_ts, offset_index, time_index, stop_reason)
 
@@ -232,7 +257,7 @@ class Segment:
         "directory", "base_offset", "fd", "capacity", "size", "next_offset", "max_timestamp_ms",
         "max_timestamp_before_last", "last_batch_position", "rolling_base_ms", "offset_index",
         "time_index", "bytes_since_index_entry", "sealed", "flushed_size", "dir_synced",
-        "index_persisted", "pending_index_files", "deleted", "_mm", "_view",
+        "index_persisted", "pending_index_files", "deleted", "compacted", "_mm", "_view",
     )
 
     def __init__(self, directory: Path, base_offset: int, fd: int, capacity: int,
@@ -259,6 +284,7 @@ class Segment:
         self.index_persisted = not writable
         self.pending_index_files: tuple[tuple[Path, bytes], ...] = ()
         self.deleted = False
+        self.compacted = False  # written by compaction: may have gaps (see the module docstring)
         if writable:
             self._mm = mmap.mmap(fd, capacity, access=mmap.ACCESS_READ)
         else:
@@ -269,7 +295,7 @@ class Segment:
     def create(cls, directory: Path, base_offset: int, capacity: int) -> Segment:
         """Create, preallocate and map a new empty segment; StorageFullError if there is no room."""
         path = directory / file_name(base_offset, LOG_SUFFIX)
-        for stale in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+        for stale in (INDEX_SUFFIX, TIME_INDEX_SUFFIX, COMPACTED_SUFFIX):
             (directory / file_name(base_offset, stale)).unlink(missing_ok=True)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -420,7 +446,7 @@ class Segment:
 
     def index_files(self) -> tuple[tuple[Path, bytes], tuple[Path, bytes]]:
         """The two index files' paths and contents, each ending with the terminal entry."""
-        relative_last = self.next_offset - self.base_offset - self._last_record_count()
+        relative_last = self.batch_at(self.last_batch_position).base_offset - self.base_offset
         offset_terminal = (relative_last, self.last_batch_position)
         time_terminal = (self.max_timestamp_before_last, relative_last)
         return (
@@ -430,8 +456,16 @@ class Segment:
              self.time_index.encode(time_terminal)),
         )
 
-    def _last_record_count(self) -> int:
-        return self.batch_at(self.last_batch_position).record_count
+    def data_end_offset(self) -> int:
+        """One past the last record stored: below `next_offset` only for a compacted segment
+        whose last offsets were compacted away."""
+        if not self.compacted:
+            return self.next_offset
+        return self.batch_at(self.last_batch_position).last_offset + 1
+
+    def view(self) -> memoryview:
+        """The whole segment's batches, zero copy (release it when done; see View lifetime)."""
+        return self._view[: self.size]
 
     def grow(self, capacity: int) -> None:
         """Enlarge an EMPTY active segment (for an append larger than segment_bytes)."""
@@ -469,7 +503,7 @@ class Segment:
         """Close, then unlink the segment's files (live views keep the unlinked inode alive)."""
         self.deleted = True
         self.close()
-        for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+        for suffix in SEGMENT_SUFFIXES:
             (self.directory / file_name(self.base_offset, suffix)).unlink(missing_ok=True)
 
 

@@ -1,0 +1,287 @@
+"""Key-based compaction of a partition: keep the latest record per key in the sealed segments.
+
+Storage treats batch bodies as opaque and may not import msgpack, so the part that has to read
+records lives here, between the wire format (`rustmq.protocol.records`) and the storage engine:
+`plan` decodes the sealed segments, picks the survivors and builds new batches; storage's
+`PartitionLog.replace_sealed_segments` swaps them in crash-safely (docs/storage.md). The broker
+runs `prepare` and `install` on the log's owner thread and the planning between them on a
+worker thread (the sealed segments' views are immutable); `compact` does all three in one call.
+
+Rules (docs/semantics.md, "Key-based compaction"):
+
+* Only sealed, durable segments are compacted, never the active one, and "latest" means latest
+  within them: a key whose newest record sits in the active segment keeps its newest sealed
+  record too until that segment is sealed and compacted.
+* A record with a key survives if no later record in the sealed segments has the same key.
+* A tombstone (a keyed record whose value is None) survives like any record until its timestamp
+  is older than `delete_retention_ms`; then it is dropped (so consumers that read slowly still
+  see the delete for that long).
+* Records without a key are always kept: there is nothing to compact them against.
+* Offsets never change. A batch holds consecutive offsets (base_offset + index), so the
+  survivors of one source batch become one new batch per run of consecutive offsets; the gaps
+  between batches are the compacted records. A batch that survives whole keeps its body bytes
+  (compressed as it was) and only gets a new header. New batches keep the source batch's codec.
+* Rewritten batches carry no producer id (-1): their sequence numbers no longer describe a
+  contiguous run, so the idempotent-producer state rebuilt from the log skips them (an unknown
+  producer is accepted at any sequence; see docs/semantics.md).
+* A batch whose body does not decode (not our record format) is kept unchanged.
+
+Cost: the key map holds one entry per distinct key of the sealed segments, and every pass
+decodes the sealed segments twice (keys first, survivors second) and rewrites them all. The
+broker compacts a partition only when new sealed segments appeared or a kept tombstone expired
+since its last pass (`CompactionState`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+from rustmq.protocol import records
+from rustmq.storage import batch
+from rustmq.storage import errors as storage_errors
+from rustmq.storage.partition import PartitionLog, ReplaceResult, SealedSegment
+from rustmq.storage.segment import MAX_RELATIVE_OFFSET
+
+log = logging.getLogger("rustmq.compaction")
+
+
+class Plan(NamedTuple):
+    """What `plan` decided for one partition (outputs are stamped batches per new segment)."""
+
+    outputs: list[list[bytes]]
+    records_before: int
+    records_after: int
+    tombstones_removed: int
+    next_tombstone_expiry_ms: int | None  # when a tombstone kept now becomes removable
+    changed: bool  # False: nothing to remove, no rewrite needed
+
+
+class Compacted(NamedTuple):
+    partition: str
+    replace: ReplaceResult
+    records_before: int
+    records_after: int
+    tombstones_removed: int
+
+
+@dataclasses.dataclass
+class CompactionState:
+    """Per-partition memory between passes (in the broker process only; a restart recompacts)."""
+
+    cleaned_until: int = -1  # end offset of the sealed range the last pass covered
+    next_tombstone_expiry_ms: int | None = None
+
+    def due(self, sealed_end: int, now_ms: int) -> bool:
+        if sealed_end > self.cleaned_until:
+            return True
+        expiry = self.next_tombstone_expiry_ms
+        return expiry is not None and now_ms >= expiry
+
+
+def _batches(view: memoryview) -> Iterator[tuple[batch.BatchHeader, memoryview]]:
+    position, end = 0, len(view)
+    while position < end:
+        header = batch.read_header(view, position)
+        yield header, view[position + batch.HEADER_SIZE : position + header.size]
+        position += header.size
+
+
+def _decode(header: batch.BatchHeader, body: memoryview) -> tuple[Any, ...] | None:
+    try:
+        entries = records.decode_body(body, header.attributes & records.CODEC_MASK)
+    except records.RecordDecodeError:
+        return None
+    if len(entries) != header.record_count:
+        return None
+    return entries
+
+
+def _stamped(raw: bytes, base_offset: int) -> bytes:
+    out = bytearray(raw)
+    batch.stamp_batch(out, 0, base_offset)
+    return bytes(out)
+
+
+def plan(sealed: Sequence[SealedSegment], now_ms: int, delete_retention_ms: int,
+         segment_bytes: int) -> Plan:
+    """Decide the compacted contents of `sealed` (the leading sealed segments of a partition)."""
+    latest: dict[bytes, int] = {}
+    records_before = 0
+    for segment in sealed:
+        for header, body in _batches(segment.view):
+            records_before += header.record_count
+            entries = _decode(header, body)
+            if entries is None:
+                continue
+            base = header.base_offset
+            for index, entry in enumerate(entries):
+                key = entry[1]
+                if key is not None:
+                    latest[key] = base + index
+
+    tombstone_limit = now_ms - delete_retention_ms
+    next_expiry: int | None = None
+    records_after = tombstones_removed = 0
+    changed = False
+    batches: list[tuple[int, int, bytes]] = []  # (base_offset, last_offset, stamped batch)
+    for segment in sealed:
+        for header, body in _batches(segment.view):
+            entries = _decode(header, body)
+            if entries is None:
+                log.warning("compaction keeps undecodable batch at offset %d", header.base_offset)
+                batches.append((header.base_offset, header.last_offset, _whole(header, body)))
+                records_after += header.record_count
+                continue
+            base, first_ts = header.base_offset, header.first_timestamp_ms
+            keep: list[int] = []
+            for index, entry in enumerate(entries):
+                key = entry[1]
+                if key is None:
+                    keep.append(index)
+                    continue
+                if latest[key] != base + index:
+                    continue
+                if entry[2] is None:  # a tombstone
+                    timestamp = first_ts + entry[0]
+                    if timestamp < tombstone_limit:
+                        tombstones_removed += 1
+                        continue
+                    expiry = timestamp + delete_retention_ms + 1
+                    next_expiry = expiry if next_expiry is None else min(next_expiry, expiry)
+                keep.append(index)
+            records_after += len(keep)
+            if len(keep) == header.record_count:
+                if header.producer_id < 0:
+                    raw = _whole(header, body)  # already stamped; the CRC still holds
+                else:
+                    changed = True  # the producer id goes (see the module docstring)
+                    raw = _stamped(batch.build_batch(
+                        body, record_count=header.record_count,
+                        first_timestamp_ms=header.first_timestamp_ms,
+                        max_timestamp_ms=header.max_timestamp_ms,
+                        codec=batch.Codec(header.codec)), base)
+                batches.append((base, header.last_offset, raw))
+                continue
+            changed = True
+            for run in _runs(keep):
+                kept = [entries[index] for index in run]
+                timestamps = [first_ts + entry[0] for entry in kept]
+                run_first_ts = timestamps[0]
+                rebased = [(ts - run_first_ts, entry[1], entry[2], entry[3])
+                           for ts, entry in zip(timestamps, kept)]
+                codec = header.attributes & records.CODEC_MASK
+                raw = batch.build_batch(
+                    records.encode_body(rebased, codec), record_count=len(run),
+                    first_timestamp_ms=run_first_ts,
+                    max_timestamp_ms=max(max(timestamps), run_first_ts),
+                    codec=batch.Codec(codec))
+                first = base + run[0]
+                batches.append((first, first + len(run) - 1, _stamped(raw, first)))
+    return Plan(_split(batches, segment_bytes), records_before, records_after,
+                tombstones_removed, next_expiry, changed)
+
+
+def _whole(header: batch.BatchHeader, body: memoryview) -> bytes:
+    """The batch as stored (header re-packed from its fields, body as is)."""
+    return batch.HEADER_STRUCT.pack(*header) + bytes(body)
+
+
+def _runs(indexes: list[int]) -> Iterator[list[int]]:
+    run: list[int] = []
+    for index in indexes:
+        if run and index != run[-1] + 1:
+            yield run
+            run = []
+        run.append(index)
+    if run:
+        yield run
+
+
+def _split(batches: list[tuple[int, int, bytes]], segment_bytes: int) -> list[list[bytes]]:
+    """Group batches into new segments of at most `segment_bytes` (one batch at least) whose
+    offsets fit the 32-bit relative offsets of a segment."""
+    outputs: list[list[bytes]] = []
+    current: list[bytes] = []
+    size = 0
+    segment_base = 0
+    for first, last, raw in batches:
+        if current and (size + len(raw) > segment_bytes or last - segment_base > MAX_RELATIVE_OFFSET):
+            outputs.append(current)
+            current, size = [], 0
+        if not current:
+            segment_base = first
+        current.append(raw)
+        size += len(raw)
+    if current:
+        outputs.append(current)
+    return outputs
+
+
+class Job(NamedTuple):
+    """A due compaction of one partition: the sealed segments it covers (views held)."""
+
+    partition: PartitionLog
+    name: str
+    sealed: list[SealedSegment]
+    now_ms: int
+
+    def plan(self) -> Plan:
+        """Pure work on immutable views: may run on a worker thread."""
+        config = self.partition.config
+        return plan(self.sealed, self.now_ms, config.delete_retention_ms, config.segment_bytes)
+
+    def release(self) -> None:
+        for segment in self.sealed:
+            segment.view.release()
+
+
+def prepare(partition: PartitionLog, now_ms: int, state: CompactionState, name: str = ""
+            ) -> Job | None:
+    """The compaction job for `partition` if one is due (release it when done), else None."""
+    sealed = partition.sealed_segments()
+    if sealed and state.due(sealed[-1].next_offset, now_ms):
+        return Job(partition, name or str(partition.directory), sealed, now_ms)
+    for segment in sealed:
+        segment.view.release()
+    return None
+
+
+def install(job: Job, decided: Plan, state: CompactionState) -> Compacted | None:
+    """Swap the planned segments in (on the partition's owner thread); None if nothing changed.
+
+    A StaleCompactionError (retention or another swap moved the segments meanwhile) is not an
+    error: the next pass plans again.
+    """
+    state.cleaned_until = job.sealed[-1].next_offset
+    state.next_tombstone_expiry_ms = decided.next_tombstone_expiry_ms
+    if not decided.changed:
+        return None
+    try:
+        replaced = job.partition.replace_sealed_segments(job.sealed, decided.outputs)
+    except storage_errors.StaleCompactionError:
+        state.cleaned_until = -1
+        return None
+    result = Compacted(job.name, replaced, decided.records_before, decided.records_after,
+                       decided.tombstones_removed)
+    log.info("compacted %s: %d segment(s) of %d bytes -> %d of %d bytes, records %d -> %d, "
+             "%d tombstone(s) removed; log starts at %d", result.partition,
+             replaced.replaced_segments, replaced.bytes_before, replaced.new_segments,
+             replaced.bytes_after, decided.records_before, decided.records_after,
+             decided.tombstones_removed, replaced.start_offset)
+    return result
+
+
+def compact(partition: PartitionLog, now_ms: int, state: CompactionState | None = None,
+            name: str = "") -> Compacted | None:
+    """Compact one partition now if due, all on the calling (owner) thread."""
+    state = state if state is not None else CompactionState()
+    job = prepare(partition, now_ms, state, name)
+    if job is None:
+        return None
+    try:
+        return install(job, job.plan(), state)
+    finally:
+        job.release()
