@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from rustmq.client.admin import Admin
 from rustmq.client.consumer import Consumer
 from rustmq.client.errors import BrokerError
@@ -131,6 +130,16 @@ async def test_bad_settings_are_refused_and_the_broker_keeps_serving(broker) -> 
         with pytest.raises(BrokerError) as info:
             await admin.configure_queue("jobs", "x" * 256, max_deliveries=3)
         assert info.value.code is ErrorCode.INVALID_REQUEST
+        connection = admin._connection
+        assert connection is not None
+        for malformed in ({"set": [["max_deliveries", 2]]}, {"reset": "ttl_ms"},
+                          {"reset": [7]}, {"subscription": 5, "set": {"max_deliveries": 2}}):
+            with pytest.raises(BrokerError) as info:
+                await connection.request({"api": 36, "topic": "jobs", **malformed})
+            assert info.value.code is ErrorCode.INVALID_REQUEST, (malformed, info.value)
+        with pytest.raises(BrokerError) as info:
+            await connection.request({"api": 37, "topic": "jobs", "subscription": ""})
+        assert info.value.code is ErrorCode.INVALID_REQUEST
         described = await admin.describe_queue("jobs", "w")  # same connection, still served
         assert described["overrides"] == {"max_lookahead": 20_000}
         assert described["topic_overrides"] == {}
@@ -143,7 +152,7 @@ async def test_bad_settings_are_refused_and_the_broker_keeps_serving(broker) -> 
 
 
 def rustmq(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rustmq", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "rustmq", *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_cli_queue_configure_and_describe(broker) -> None:
