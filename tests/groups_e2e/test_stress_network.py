@@ -17,7 +17,7 @@ import pytest
 from rustmq.client.admin import Admin
 from rustmq.client.groups import GroupConsumer
 from rustmq.client.producer import Producer
-from rustmq.client.queues import QueueConsumer
+from rustmq.client.queues import QueueConsumer, QueueMessage
 
 PRODUCERS = 10
 CONSUMERS = 5
@@ -49,26 +49,42 @@ def _nacked_first_time(value: bytes) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("nack_some", [False, True], ids=["all-ack", "nack-tenth-once"])
-async def test_queue_10_producers_5_consumers_100k_exact_set(broker, nack_some: bool) -> None:
+@pytest.mark.parametrize("mode", ["all-ack", "nack-tenth-once", "consumer-dies"])
+async def test_queue_10_producers_5_consumers_100k_exact_set(broker, mode: str) -> None:
+    """all-ack: every message delivered and acked exactly once. nack-tenth-once: a tenth is
+    nacked on its first delivery and acked on its second. consumer-dies: one consumer drops its
+    connection holding a leased, unacked batch of up to 1,000 (what the broker sees when a
+    consumer process dies; tests/groups_e2e/test_queues_e2e.py SIGKILLs one): exactly that batch
+    is redelivered, to the others."""
     topic, subscription = "stress-queue", "workers"
     async with Admin(broker.bootstrap) as admin:
         await admin.create_topic(topic, partitions=PARTITIONS)
     deliveries: list[list[tuple[bytes, int]]] = [[] for _ in range(CONSUMERS)]  # (value, attempt)
     acked_values: Counter[bytes] = Counter()
+    abandoned: set[bytes] = set()
     newly_acked = 0
     nacked = 0
     started = time.monotonic()
 
+    def nack_now(message: QueueMessage) -> bool:
+        return mode == "nack-tenth-once" and message.attempt == 1 and _nacked_first_time(message.value)
+
     async def consume(index: int) -> None:
         nonlocal newly_acked, nacked
+        batches = 0
         async with QueueConsumer(broker.bootstrap, topic, subscription, max_messages=1000, max_wait_ms=100) as consumer:
             while newly_acked < TOTAL:
                 assert time.monotonic() - started < DEADLINE_S, f"only {newly_acked} of {TOTAL} acked"
                 batch = await consumer.receive_batch()
                 deliveries[index].extend((m.value, m.attempt) for m in batch)
-                retry = [m for m in batch if nack_some and m.attempt == 1 and _nacked_first_time(m.value)]
-                done = [m for m in batch if not (nack_some and m.attempt == 1 and _nacked_first_time(m.value))]
+                if not batch:
+                    continue
+                batches += 1
+                if mode == "consumer-dies" and index == 0 and batches == 4:
+                    abandoned.update(m.value for m in batch)
+                    return  # closes the connection: its leases fail and are delivered again
+                retry = [m for m in batch if nack_now(m)]
+                done = [m for m in batch if not nack_now(m)]
                 if retry:
                     await consumer.nack_many(retry, reason="stress")
                     nacked += len(retry)
@@ -88,13 +104,16 @@ async def test_queue_10_producers_5_consumers_100k_exact_set(broker, nack_some: 
     everything = [d for part in deliveries for d in part]
     firsts = [v for v, attempt in everything if attempt == 1]
     assert len(firsts) == TOTAL and set(firsts) == sent  # every message delivered once first
-    redeliveries = [(v, attempt) for v, attempt in everything if attempt > 1]
-    if nack_some:
+    redeliveries = sorted((v, attempt) for v, attempt in everything if attempt > 1)
+    if mode == "nack-tenth-once":
         expected = {v for v in sent if _nacked_first_time(v)}
         assert nacked == len(expected) == TOTAL // 10
-        assert sorted(redeliveries) == sorted((v, 2) for v in expected)  # exactly the nacked, once more
+    elif mode == "consumer-dies":
+        expected = abandoned
+        assert abandoned and nacked == 0
     else:
-        assert redeliveries == []  # all acked, no lease expired: no duplicate at all
+        expected = set()  # all acked, no lease expired: no duplicate at all
+    assert redeliveries == sorted((v, 2) for v in expected)  # exactly those, once more
     assert all(deliveries), [len(part) for part in deliveries]  # competing consumers shared the work
 
     async with Admin(broker.bootstrap) as admin:
@@ -103,10 +122,10 @@ async def test_queue_10_producers_5_consumers_100k_exact_set(broker, nack_some: 
     partitions = described["partitions"]
     assert {p["partition"]: p["ack_floor"] for p in partitions} == ends  # everything settled
     assert sum(p["acked"] for p in partitions) == TOTAL
-    assert sum(p["nacked"] for p in partitions) == sum(p["redelivered"] for p in partitions) == nacked
-    assert sum(p["in_flight"] for p in partitions) == 0
-    assert sum(p["dead_lettered"] + p["expired"] for p in partitions) == 0
-    print(f"queue stress ({'nacks' if nack_some else 'all ack'}): {TOTAL} messages in {elapsed:.1f} s")
+    assert sum(p["nacked"] for p in partitions) == nacked
+    assert sum(p["redelivered"] for p in partitions) == len(expected)
+    assert sum(p["in_flight"] + p["lease_expired"] + p["dead_lettered"] + p["expired"] for p in partitions) == 0
+    print(f"queue stress ({mode}): {TOTAL} messages in {elapsed:.1f} s")
 
 
 @pytest.mark.slow
