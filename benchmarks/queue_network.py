@@ -15,7 +15,8 @@ Figures (100-byte records, one topic of 3 partitions, one consumer connection, l
   request per record on the wire (pipelined; each answered after its journal append is
   fsynced; the broker shares appends and fsyncs among the acks of one event-loop pass).
 * queue_batched_ack_msg_per_s: QUEUE_FETCH of --batch records, then ``ack_many`` (one QUEUE_ACK
-  per partition carrying offset ranges); the next fetch is sent while the acks are in flight.
+  per partition carrying offset ranges, on the consumer's settle connection); the next fetch is
+  sent while the acks wait for their fsync, up to 4 batches of acks outstanding.
 * rebalance_after_leave_ms: 4 GroupConsumers share a 12-partition topic; one leaves cleanly;
   time from the LEAVE_GROUP request until every remaining member has adopted the new
   generation and together they own all 12 partitions (held heartbeats, no polling interval).
@@ -33,10 +34,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "broker"))
 
+from rustmq import eventloop  # noqa: E402
 from rustmq.client import Admin, Producer  # noqa: E402
 from rustmq.client.groups import GroupConsumer  # noqa: E402
 from rustmq.client.queues import QueueConsumer  # noqa: E402
@@ -83,7 +86,7 @@ async def individual_acks(bootstrap: str, topic: str, messages: int, batch: int)
 async def ack_request_per_message(bootstrap: str, topic: str, messages: int, batch: int) -> float:
     """One QUEUE_ACK request per record on the wire (pipelined), no client-side grouping."""
     async with QueueConsumer(bootstrap, topic, "per-request", max_messages=batch, max_wait_ms=1000) as consumer:
-        connection = consumer._connection
+        connection = consumer._settle_connection
         assert connection is not None
         done = 0
         started = time.perf_counter()
@@ -100,21 +103,22 @@ async def ack_request_per_message(bootstrap: str, topic: str, messages: int, bat
         return done / (time.perf_counter() - started)
 
 
-async def batched_acks(bootstrap: str, topic: str, messages: int, batch: int) -> float:
+async def batched_acks(bootstrap: str, topic: str, messages: int, batch: int, window: int = 4) -> float:
+    """receive_batch() then ack_many(batch), up to `window` ack requests awaiting their fsync."""
     async with QueueConsumer(bootstrap, topic, "batched", max_messages=batch, max_wait_ms=1000) as consumer:
         done = 0
-        pending: asyncio.Task[int] | None = None
+        pending: deque[asyncio.Future[int]] = deque()
         started = time.perf_counter()
         while done < messages:
             leased = await consumer.receive_batch()
             if not leased:
                 break
-            if pending is not None:
-                await pending
-            pending = asyncio.ensure_future(consumer.ack_many(leased))
+            while len(pending) >= window:
+                await pending.popleft()
+            pending.append(asyncio.ensure_future(consumer.ack_many(leased)))
             done += len(leased)
-        if pending is not None:
-            await pending
+        for ack in pending:
+            await ack
         return done / (time.perf_counter() - started)
 
 
@@ -174,6 +178,7 @@ async def run(args: argparse.Namespace, bootstrap: str) -> dict[str, object]:
         "batch": args.batch,
         "record_bytes": 100,
         "python": platform.python_version(),
+        "client_event_loop": eventloop.name(),
         "cpus": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
@@ -188,12 +193,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     if args.bootstrap:
-        print(json.dumps(asyncio.run(run(args, args.bootstrap))))
+        print(json.dumps(eventloop.run(run(args, args.bootstrap))))
         return
     with tempfile.TemporaryDirectory() as tmp:
         process, ports = start_broker(Path(tmp) / "data")
         try:
-            result = asyncio.run(run(args, f"127.0.0.1:{ports['producer_port']}"))
+            result = eventloop.run(run(args, f"127.0.0.1:{ports['producer_port']}"))
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(30)

@@ -109,7 +109,11 @@ class QueueConsumer:
         self.ack_wait_ms = ack_wait_ms
         self.max_wait_ms = max_wait_ms
         self.timeout_s = timeout_s
-        self._connection: Connection | None = None
+        self._connection: Connection | None = None  # fetches: the broker leases to this connection
+        # Acks, nacks and extends: each is answered only once its journal entry is fsynced, and a
+        # connection answers in order, so on the fetch connection every fetch would wait behind
+        # the previous batch's fsync. Settling is not tied to the leasing connection.
+        self._settle_connection: Connection | None = None
         self._buffer: deque[QueueMessage] = deque()
         self._ack_group: dict[int, list[int]] = {}  # partition -> offsets acked this loop pass
         self._ack_group_done: asyncio.Future[None] | None = None
@@ -118,6 +122,11 @@ class QueueConsumer:
 
     async def start(self) -> QueueConsumer:
         self._connection = await Connection.open(self.host, self.port)
+        try:
+            self._settle_connection = await Connection.open(self.host, self.port)
+        except BaseException:
+            self._connection.close()
+            raise
         return self
 
     async def close(self) -> None:
@@ -128,6 +137,8 @@ class QueueConsumer:
             if self._acks_in_flight:
                 await asyncio.wait(self._acks_in_flight, timeout=self.timeout_s)
             self._connection.close()
+        if self._settle_connection is not None:
+            self._settle_connection.close()
         self._buffer.clear()
 
     async def __aenter__(self) -> QueueConsumer:
@@ -235,10 +246,10 @@ class QueueConsumer:
         self._acks_in_flight.add(group)
         group.add_done_callback(self._ack_group_settled)
         try:
-            assert self._connection is not None, "call start() first"
+            assert self._settle_connection is not None, "call start() first"
             futures = []
             for partition, offsets in by_partition.items():
-                future = self._connection.send({"api": int(ApiKey.QUEUE_ACK), "subscription": self.subscription,
+                future = self._settle_connection.send({"api": int(ApiKey.QUEUE_ACK), "subscription": self.subscription,
                                                 "topic": self.topic, "partition": partition, "ranges": _ranges(offsets)})
                 assert future is not None
                 futures.append(future)
@@ -254,7 +265,7 @@ class QueueConsumer:
             log.warning("acks on %s/%s not confirmed: %s", self.topic, self.subscription, group.exception())
 
     async def _settle(self, api: ApiKey, messages: Iterable[QueueMessage], extra: dict[str, Any]) -> list[dict[str, Any]]:
-        assert self._connection is not None, "call start() first"
+        assert self._settle_connection is not None, "call start() first"
         by_partition: dict[int, list[int]] = {}
         for message in messages:
             by_partition.setdefault(message.partition, []).append(message.offset)
@@ -262,7 +273,7 @@ class QueueConsumer:
         for partition, offsets in by_partition.items():
             header = {"api": int(api), "subscription": self.subscription, "topic": self.topic, "partition": partition,
                       "ranges": _ranges(offsets), **extra}
-            future = self._connection.send(header)
+            future = self._settle_connection.send(header)
             assert future is not None
             futures.append(future)
         responses = [check(await response_within(f, self.timeout_s)) for f in futures]
