@@ -166,3 +166,50 @@ async def test_raw_fetch_views_stay_intact_while_later_fetches_arrive(broker) ->
                 if consumer.positions[0] >= 6000:
                     break
     assert messages[-1].value == b"005999" * 170
+
+
+async def test_producers_started_together_spread_keyless_records(broker) -> None:
+    """Each producer starts its keyless rotation at a random partition: ten one-batch producers
+    on a 12-partition topic landing all on one partition has odds of 12**-9."""
+    async with Admin(broker.bootstrap) as admin:
+        await admin.create_topic("burst", 12)
+    for _ in range(10):
+        async with Producer(broker.bootstrap) as producer:
+            await producer.send_all("burst", [b"x" * 10 for _ in range(10)])
+    async with Admin(broker.bootstrap) as admin:
+        ends = [await admin.list_offset("burst", p, "latest") for p in range(12)]
+    assert sum(ends) == 100 and sum(1 for end in ends if end) > 1
+
+
+async def test_an_error_the_broker_cannot_correlate_fails_the_oldest_request(broker) -> None:
+    """A header map with a non-string key is answered MALFORMED_FRAME with corr nil; responses
+    come in order, so the waiting request fails at once instead of waiting out its timeout."""
+    from rustmq.client.connection import Connection, parse_address
+
+    connection = await Connection.open(*parse_address(broker.bootstrap))
+    try:
+        with pytest.raises(BrokerError) as caught:
+            await connection.request({"api": 7, 1: 2}, timeout=5)
+        assert caught.value.code == ErrorCode.MALFORMED_FRAME
+        response = await connection.request({"api": 7}, timeout=5)  # the connection still serves
+        assert response.header["error"] == 0
+    finally:
+        connection.close()
+
+
+async def test_consumer_with_a_group_is_a_group_consumer(broker) -> None:
+    from rustmq.client import GroupConsumer
+
+    async with Producer(broker.bootstrap) as producer:
+        await producer.send_all("grouped", [b"g%d" % i for i in range(30)])
+    consumer = Consumer(broker.bootstrap, "grouped", group="via-consumer", max_wait_ms=200)
+    assert isinstance(consumer, GroupConsumer) and consumer.group == "via-consumer"
+    async with consumer:
+        got: list = []
+        async with asyncio.timeout(20):
+            while len(got) < 30:
+                got.extend(await consumer.getmany())
+    assert sorted(m.value for m in got) == sorted(b"g%d" % i for i in range(30))
+    with pytest.raises(TypeError):
+        Consumer(broker.bootstrap, "grouped", group="g", partitions=[0])
+    assert type(Consumer(broker.bootstrap, "grouped")) is Consumer

@@ -20,7 +20,7 @@ from rustmq.client.errors import BrokerError, ProduceError
 from rustmq.client.groups import GroupConsumer, SyncGroupConsumer
 from rustmq.client.producer import Producer, RecordMetadata
 from rustmq.client.queues import Queue, QueueConsumer, QueueMessage, SyncQueue
-from rustmq.client.sync import SyncConsumer, SyncProducer
+from rustmq.client.sync import SyncAdmin, SyncConsumer, SyncProducer
 
 __all__ = [
     "Admin",
@@ -34,6 +34,7 @@ __all__ = [
     "QueueConsumer",
     "QueueMessage",
     "RecordMetadata",
+    "SyncAdmin",
     "SyncGroupConsumer",
     "SyncQueue",
     "SyncConsumer",

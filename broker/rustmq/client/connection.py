@@ -195,7 +195,16 @@ class Connection:
             self._abort(ConnectionClosedError(f"broker sent an unreadable frame: {exc}"))
             return
         corr = header.get("corr")
-        future = self._pending.pop(corr, None) if isinstance(corr, int) else None
+        if isinstance(corr, int):
+            future = self._pending.pop(corr, None)
+        elif header.get("error") and self._pending:
+            # The broker could not read that request's correlation id (e.g. a header map with a
+            # non-string key) and answered with corr nil. Responses come in request order, so it
+            # is the answer to the oldest request still waiting; without this, that request
+            # would wait out its whole timeout.
+            future = self._pending.pop(next(iter(self._pending)))
+        else:
+            future = None
         if future is None:
             if header.get("error"):
                 self.unsolicited_errors.append(header)

@@ -61,11 +61,29 @@ def decode_batches(topic: str, partition: int, data: bytes | memoryview, positio
 
 
 class Consumer:
+    """Reads chosen partitions (default: all) from a start position, tracking positions itself.
+
+    ``Consumer(bootstrap, topic, group="billing", ...)`` returns a ``GroupConsumer`` instead (the
+    broker assigns partitions and keeps committed offsets): one entry point, as with Kafka's
+    ``group_id``; both iterate the same ``Message`` tuples.
+    """
+
+    def __new__(cls, *args: Any, group: str | None = None, **options: Any) -> Any:
+        if group is not None and cls is Consumer:
+            from rustmq.client.groups import GroupConsumer  # groups builds on this module
+
+            for option in ("partitions", "min_bytes"):
+                if options.pop(option, None) is not None:
+                    raise TypeError(f"{option} does not apply to a group consumer (the broker assigns partitions)")
+            return GroupConsumer(*args, group=group, **options)
+        return super().__new__(cls)
+
     def __init__(
         self,
         bootstrap: str = "localhost:9092",
         topic: str = "default",
         *,
+        group: None = None,
         partitions: list[int] | None = None,
         start: str | int | tuple[str, int] = "earliest",
         max_bytes: int = 4 << 20,

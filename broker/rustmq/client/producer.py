@@ -16,6 +16,7 @@ partition whenever a batch is sealed.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterable, Iterable
 from typing import Any, NamedTuple
@@ -204,7 +205,12 @@ class Producer:
             return partition
         if key is not None:
             return partition_for_key(key, count)
-        return self._sticky.get(topic, 0) % count
+        sticky = self._sticky.get(topic)
+        if sticky is None:
+            # Each producer starts its rotation at a random partition, so producers started
+            # together spread over the topic instead of all filling partition 0 first.
+            sticky = self._sticky[topic] = random.randrange(count)
+        return sticky % count
 
     def _append(
         self, topic: str, value: bytes | None, key: bytes | None, partition: int | None,
