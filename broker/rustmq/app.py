@@ -104,8 +104,9 @@ async def _enforce_retention(opened: storage_log.Log, coordinator: Coordinator, 
     """Every interval_s: delete expired segments, then compact the topics that ask for it.
 
     Runs on the loop thread (the log's owner thread). Retention respects each topic's "keep
-    until consumed" floor from the coordinator. Compaction plans on a worker thread (immutable
-    sealed segments) and swaps the result in here, one partition at a time.
+    until consumed" floor from the coordinator. Compaction decides and writes the new segment
+    files on a worker thread (sealed segments never change) and swaps them in here, one
+    partition at a time.
     """
     states: dict[tuple[str, int], compaction.CompactionState] = {}
     floor = _retention_floor(coordinator)
@@ -158,10 +159,12 @@ async def _compact_topics(opened: storage_log.Log,
                 if job is None:
                     continue
                 try:
-                    decided = await asyncio.to_thread(job.plan)
+                    decided, written = await asyncio.to_thread(job.write)
                     if partition.closed:  # the topic was deleted meanwhile
+                        if written is not None:
+                            written.discard()
                         continue
-                    compaction.install(job, decided, state)
+                    compaction.install(job, decided, written, state)
                 finally:
                     job.release()
             except Exception:

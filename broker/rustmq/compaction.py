@@ -2,10 +2,12 @@
 
 Storage treats batch bodies as opaque and may not import msgpack, so the part that has to read
 records lives here, between the wire format (`rustmq.protocol.records`) and the storage engine:
-`plan` decodes the sealed segments, picks the survivors and builds new batches; storage's
-`PartitionLog.replace_sealed_segments` swaps them in crash-safely (docs/storage.md). The broker
-runs `prepare` and `install` on the log's owner thread and the planning between them on a
-worker thread (the sealed segments' views are immutable); `compact` does all three in one call.
+`Plan` decodes the sealed segments and decides the survivors, then streams the new batches
+into storage's `PartitionLog.write_compacted`, which writes them to new segment files as they
+come; `PartitionLog.install_compacted` swaps those in crash-safely (docs/storage.md). Memory is
+the key map plus one batch, never the rewritten log. The broker runs `prepare` and `install` on
+the log's owner thread and `Job.write` (decode, decide, write files) on a worker thread, since
+sealed segments never change; `compact` does all of it in one call.
 
 Rules (docs/semantics.md, "Key-based compaction"):
 
@@ -27,7 +29,8 @@ Rules (docs/semantics.md, "Key-based compaction"):
 * A batch whose body does not decode (not our record format) is kept unchanged.
 
 Cost: the key map holds one entry per distinct key of the sealed segments, and every pass
-decodes the sealed segments twice (keys first, survivors second) and rewrites them all. The
+decodes the sealed segments twice (keys and counts first, then the survivors while writing)
+and rewrites them all. The
 broker compacts a partition only when new sealed segments appeared or a kept tombstone expired
 since its last pass (`CompactionState`).
 """
@@ -42,29 +45,9 @@ from typing import Any, NamedTuple
 from rustmq.protocol import records
 from rustmq.storage import batch
 from rustmq.storage import errors as storage_errors
-from rustmq.storage.partition import PartitionLog, ReplaceResult, SealedSegment
-from rustmq.storage.segment import MAX_RELATIVE_OFFSET
+from rustmq.storage.partition import CompactedSegments, PartitionLog, ReplaceResult, SealedSegment
 
 log = logging.getLogger("rustmq.compaction")
-
-
-class Plan(NamedTuple):
-    """What `plan` decided for one partition (outputs are stamped batches per new segment)."""
-
-    outputs: list[list[bytes]]
-    records_before: int
-    records_after: int
-    tombstones_removed: int
-    next_tombstone_expiry_ms: int | None  # when a tombstone kept now becomes removable
-    changed: bool  # False: nothing to remove, no rewrite needed
-
-
-class Compacted(NamedTuple):
-    partition: str
-    replace: ReplaceResult
-    records_before: int
-    records_after: int
-    tombstones_removed: int
 
 
 @dataclasses.dataclass
@@ -79,6 +62,19 @@ class CompactionState:
             return True
         expiry = self.next_tombstone_expiry_ms
         return expiry is not None and now_ms >= expiry
+
+
+class Compacted(NamedTuple):
+    partition: str
+    replace: ReplaceResult
+    records_before: int
+    records_after: int
+    tombstones_removed: int
+
+
+class _Latest(NamedTuple):
+    offset: int
+    tombstone_ms: int | None  # the record's timestamp if it is a tombstone
 
 
 def _batches(view: memoryview) -> Iterator[tuple[batch.BatchHeader, memoryview]]:
@@ -105,85 +101,6 @@ def _stamped(raw: bytes, base_offset: int) -> bytes:
     return bytes(out)
 
 
-def plan(sealed: Sequence[SealedSegment], now_ms: int, delete_retention_ms: int,
-         segment_bytes: int) -> Plan:
-    """Decide the compacted contents of `sealed` (the leading sealed segments of a partition)."""
-    latest: dict[bytes, int] = {}
-    records_before = 0
-    for segment in sealed:
-        for header, body in _batches(segment.view):
-            records_before += header.record_count
-            entries = _decode(header, body)
-            if entries is None:
-                continue
-            base = header.base_offset
-            for index, entry in enumerate(entries):
-                key = entry[1]
-                if key is not None:
-                    latest[key] = base + index
-
-    tombstone_limit = now_ms - delete_retention_ms
-    next_expiry: int | None = None
-    records_after = tombstones_removed = 0
-    changed = False
-    batches: list[tuple[int, int, bytes]] = []  # (base_offset, last_offset, stamped batch)
-    for segment in sealed:
-        for header, body in _batches(segment.view):
-            entries = _decode(header, body)
-            if entries is None:
-                log.warning("compaction keeps undecodable batch at offset %d", header.base_offset)
-                batches.append((header.base_offset, header.last_offset, _whole(header, body)))
-                records_after += header.record_count
-                continue
-            base, first_ts = header.base_offset, header.first_timestamp_ms
-            keep: list[int] = []
-            for index, entry in enumerate(entries):
-                key = entry[1]
-                if key is None:
-                    keep.append(index)
-                    continue
-                if latest[key] != base + index:
-                    continue
-                if entry[2] is None:  # a tombstone
-                    timestamp = first_ts + entry[0]
-                    if timestamp < tombstone_limit:
-                        tombstones_removed += 1
-                        continue
-                    expiry = timestamp + delete_retention_ms + 1
-                    next_expiry = expiry if next_expiry is None else min(next_expiry, expiry)
-                keep.append(index)
-            records_after += len(keep)
-            if len(keep) == header.record_count:
-                if header.producer_id < 0:
-                    raw = _whole(header, body)  # already stamped; the CRC still holds
-                else:
-                    changed = True  # the producer id goes (see the module docstring)
-                    raw = _stamped(batch.build_batch(
-                        body, record_count=header.record_count,
-                        first_timestamp_ms=header.first_timestamp_ms,
-                        max_timestamp_ms=header.max_timestamp_ms,
-                        codec=batch.Codec(header.codec)), base)
-                batches.append((base, header.last_offset, raw))
-                continue
-            changed = True
-            for run in _runs(keep):
-                kept = [entries[index] for index in run]
-                timestamps = [first_ts + entry[0] for entry in kept]
-                run_first_ts = timestamps[0]
-                rebased = [(ts - run_first_ts, entry[1], entry[2], entry[3])
-                           for ts, entry in zip(timestamps, kept)]
-                codec = header.attributes & records.CODEC_MASK
-                raw = batch.build_batch(
-                    records.encode_body(rebased, codec), record_count=len(run),
-                    first_timestamp_ms=run_first_ts,
-                    max_timestamp_ms=max(max(timestamps), run_first_ts),
-                    codec=batch.Codec(codec))
-                first = base + run[0]
-                batches.append((first, first + len(run) - 1, _stamped(raw, first)))
-    return Plan(_split(batches, segment_bytes), records_before, records_after,
-                tombstones_removed, next_expiry, changed)
-
-
 def _whole(header: batch.BatchHeader, body: memoryview) -> bytes:
     """The batch as stored (header re-packed from its fields, body as is)."""
     return batch.HEADER_STRUCT.pack(*header) + bytes(body)
@@ -200,24 +117,94 @@ def _runs(indexes: list[int]) -> Iterator[list[int]]:
         yield run
 
 
-def _split(batches: list[tuple[int, int, bytes]], segment_bytes: int) -> list[list[bytes]]:
-    """Group batches into new segments of at most `segment_bytes` (one batch at least) whose
-    offsets fit the 32-bit relative offsets of a segment."""
-    outputs: list[list[bytes]] = []
-    current: list[bytes] = []
-    size = 0
-    segment_base = 0
-    for first, last, raw in batches:
-        if current and (size + len(raw) > segment_bytes or last - segment_base > MAX_RELATIVE_OFFSET):
-            outputs.append(current)
-            current, size = [], 0
-        if not current:
-            segment_base = first
-        current.append(raw)
-        size += len(raw)
-    if current:
-        outputs.append(current)
-    return outputs
+class Plan:
+    """The compaction of `sealed` (the leading sealed segments of a partition) at `now_ms`.
+
+    Construction reads every record once (the key map, the counts and whether anything changes
+    at all); `batches()` reads them again and yields the new stamped batches in offset order.
+    """
+
+    def __init__(self, sealed: Sequence[SealedSegment], now_ms: int, delete_retention_ms: int
+                 ) -> None:
+        self.sealed = sealed
+        self.tombstone_limit_ms = now_ms - delete_retention_ms
+        latest: dict[bytes, _Latest] = {}
+        keyed = records_before = 0
+        with_producer_ids = False
+        for segment in sealed:
+            for header, body in _batches(segment.view):
+                records_before += header.record_count
+                with_producer_ids = with_producer_ids or header.producer_id >= 0
+                entries = _decode(header, body)
+                if entries is None:
+                    continue
+                base, first_ts = header.base_offset, header.first_timestamp_ms
+                for index, entry in enumerate(entries):
+                    key = entry[1]
+                    if key is not None:
+                        keyed += 1
+                        latest[key] = _Latest(base + index,
+                                              first_ts + entry[0] if entry[2] is None else None)
+        expired = 0
+        next_expiry: int | None = None
+        for item in latest.values():
+            if item.tombstone_ms is None:
+                continue
+            if item.tombstone_ms < self.tombstone_limit_ms:
+                expired += 1
+            else:
+                expiry = item.tombstone_ms + delete_retention_ms + 1
+                next_expiry = expiry if next_expiry is None else min(next_expiry, expiry)
+        self.latest = latest
+        self.records_before = records_before
+        self.records_after = records_before - (keyed - len(latest)) - expired
+        self.tombstones_removed = expired
+        self.next_tombstone_expiry_ms = next_expiry
+        self.changed = self.records_after < records_before or with_producer_ids
+
+    def batches(self) -> Iterator[bytes]:
+        """The surviving records as stamped batches, one per run of consecutive offsets."""
+        latest, limit = self.latest, self.tombstone_limit_ms
+        for segment in self.sealed:
+            for header, body in _batches(segment.view):
+                entries = _decode(header, body)
+                if entries is None:
+                    log.warning("compaction keeps undecodable batch at offset %d", header.base_offset)
+                    yield _whole(header, body)
+                    continue
+                base, first_ts = header.base_offset, header.first_timestamp_ms
+                keep: list[int] = []
+                for index, entry in enumerate(entries):
+                    key = entry[1]
+                    if key is not None:
+                        item = latest[key]
+                        if item.offset != base + index:
+                            continue  # superseded
+                        if item.tombstone_ms is not None and item.tombstone_ms < limit:
+                            continue  # an expired tombstone
+                    keep.append(index)
+                if len(keep) == header.record_count:
+                    if header.producer_id < 0:
+                        yield _whole(header, body)  # already stamped; the CRC still holds
+                    else:  # the producer id goes (see the module docstring)
+                        yield _stamped(batch.build_batch(
+                            body, record_count=header.record_count,
+                            first_timestamp_ms=header.first_timestamp_ms,
+                            max_timestamp_ms=header.max_timestamp_ms,
+                            codec=batch.Codec(header.codec)), base)
+                    continue
+                codec = header.attributes & records.CODEC_MASK
+                for run in _runs(keep):
+                    kept = [entries[index] for index in run]
+                    timestamps = [first_ts + entry[0] for entry in kept]
+                    run_first_ts = timestamps[0]
+                    rebased = [(ts - run_first_ts, entry[1], entry[2], entry[3])
+                               for ts, entry in zip(timestamps, kept)]
+                    raw = batch.build_batch(
+                        records.encode_body(rebased, codec), record_count=len(run),
+                        first_timestamp_ms=run_first_ts, max_timestamp_ms=max(timestamps),
+                        codec=batch.Codec(codec))
+                    yield _stamped(raw, base + run[0])
 
 
 class Job(NamedTuple):
@@ -228,10 +215,13 @@ class Job(NamedTuple):
     sealed: list[SealedSegment]
     now_ms: int
 
-    def plan(self) -> Plan:
-        """Pure work on immutable views: may run on a worker thread."""
-        config = self.partition.config
-        return plan(self.sealed, self.now_ms, config.delete_retention_ms, config.segment_bytes)
+    def write(self) -> tuple[Plan, CompactedSegments | None]:
+        """Decide and write the new segment files (None: nothing would change). Touches only
+        immutable views and new files, so it may run on a worker thread."""
+        decided = Plan(self.sealed, self.now_ms, self.partition.config.delete_retention_ms)
+        if not decided.changed:
+            return decided, None
+        return decided, self.partition.write_compacted(self.sealed, decided.batches())
 
     def release(self) -> None:
         for segment in self.sealed:
@@ -249,18 +239,19 @@ def prepare(partition: PartitionLog, now_ms: int, state: CompactionState, name: 
     return None
 
 
-def install(job: Job, decided: Plan, state: CompactionState) -> Compacted | None:
-    """Swap the planned segments in (on the partition's owner thread); None if nothing changed.
+def install(job: Job, decided: Plan, written: CompactedSegments | None, state: CompactionState
+            ) -> Compacted | None:
+    """Swap the written segments in (on the partition's owner thread); None if nothing changed.
 
     A StaleCompactionError (retention or another swap moved the segments meanwhile) is not an
-    error: the next pass plans again.
+    error: the written files are discarded and the next pass plans again.
     """
     state.cleaned_until = job.sealed[-1].next_offset
     state.next_tombstone_expiry_ms = decided.next_tombstone_expiry_ms
-    if not decided.changed:
+    if written is None:
         return None
     try:
-        replaced = job.partition.replace_sealed_segments(job.sealed, decided.outputs)
+        replaced = job.partition.install_compacted(written)
     except storage_errors.StaleCompactionError:
         state.cleaned_until = -1
         return None
@@ -282,6 +273,7 @@ def compact(partition: PartitionLog, now_ms: int, state: CompactionState | None 
     if job is None:
         return None
     try:
-        return install(job, job.plan(), state)
+        decided, written = job.write()
+        return install(job, decided, written, state)
     finally:
         job.release()

@@ -3,7 +3,8 @@
     compaction_writer.py prepare DIR B      append B batches of keyed records, close cleanly
     compaction_writer.py compact DIR N      open DIR, compact it, SIGKILL itself at the N-th
                                             file-system step of the swap (0: never); prints
-                                            "steps <count>" when it finishes
+                                            "steps <count> commit <step>" when it finishes, <step>
+                                            being the rename of the commit file
     compaction_writer.py loop DIR           append and compact forever, printing
                                             "durable <end_offset>" after every flush
 
@@ -62,7 +63,7 @@ def append_round(log: partition.PartitionLog, batches: int) -> None:
 
 def kill_at(step: int) -> None:
     """Count file-system steps; SIGKILL this process right before the `step`-th one."""
-    counter = [0]
+    counter = [0, 0]  # steps so far, the step that renamed the commit file into place
 
     def wrap(name: str) -> None:
         original = getattr(os, name)
@@ -71,6 +72,8 @@ def kill_at(step: int) -> None:
             counter[0] += 1
             if counter[0] == step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if name == "replace" and str(args[1]).endswith(partition.COMPACTION_COMMIT_FILE):
+                counter[1] = counter[0]
             return original(*args, **kwargs)
 
         setattr(os, name, counted)
@@ -92,9 +95,9 @@ def main() -> None:
         step = int(sys.argv[3])
         kill_at(step)
         result = compaction.compact(log, int(time.time() * 1000))
-        steps = kill_at.counter[0]  # type: ignore[attr-defined]
+        steps, commit = kill_at.counter  # type: ignore[attr-defined]
         assert result is not None, "nothing was compacted"
-        print(f"steps {steps}", flush=True)
+        print(f"steps {steps} commit {commit}", flush=True)
         log.close()
         return
     if mode == "loop":

@@ -207,7 +207,7 @@ def gapped_log(tmp_path: Path) -> PartitionLog:
     assert [s.base_offset for s in sealed] == [0, 4, 8]
     output = [stamped_batch(0, [(b"a", b"0"), (b"b", b"1")]), stamped_batch(5, [(b"c", b"5")]),
               stamped_batch(9, [(None, b"9")])]
-    result = log.replace_sealed_segments(sealed, [output])
+    result = log.replace_sealed_segments(sealed, output)
     for segment in sealed:
         segment.view.release()
     assert (result.replaced_segments, result.new_segments, result.start_offset) == (3, 1, 0)
@@ -272,20 +272,20 @@ def test_stale_or_bad_plans_change_nothing(tmp_path: Path) -> None:
         before = read_records(log)
         good = [stamped_batch(sealed[0].base_offset, [(b"x", b"y")])]
         beyond = [stamped_batch(sealed[0].next_offset, [(b"x", b"y")])]
-        with pytest.raises(errors.CorruptBatchError, match="do not fit"):  # past the range
-            log.replace_sealed_segments(sealed[:1], [beyond])
+        with pytest.raises(errors.CorruptBatchError, match="does not fit"):  # past the range
+            log.replace_sealed_segments(sealed[:1], beyond)
         with pytest.raises(errors.StaleCompactionError):  # not the leading run
-            log.replace_sealed_segments(sealed[1:2], [[stamped_batch(sealed[1].base_offset,
-                                                                     [(b"x", b"y")])]])
+            log.replace_sealed_segments(sealed[1:2], [stamped_batch(sealed[1].base_offset,
+                                                                    [(b"x", b"y")])])
         broken = bytearray(good[0])
         broken[-1] ^= 0xFF  # CRC mismatch: the re-scan refuses it
         with pytest.raises(errors.CorruptBatchError):
-            log.replace_sealed_segments(sealed[:1], [[bytes(broken)]])
+            log.replace_sealed_segments(sealed[:1], [bytes(broken)])
         assert read_records(log) == before
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".compacting")]
         log.enforce_retention(0, keep_from_offset=sealed[1].base_offset)  # drops the first
         with pytest.raises(errors.StaleCompactionError):
-            log.replace_sealed_segments(sealed[:1], [good])
+            log.replace_sealed_segments(sealed[:1], good)
         for segment in sealed:
             segment.view.release()
     finally:

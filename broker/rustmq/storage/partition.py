@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -683,20 +683,48 @@ class PartitionLog:
         return result
 
     def replace_sealed_segments(self, replaced: Sequence[SealedSegment],
-                                outputs: Sequence[Sequence[bytes | memoryview]]) -> ReplaceResult:
-        """Swap the leading sealed segments `replaced` for compacted ones, crash-safely.
+                                batches: Iterable[bytes | memoryview]) -> ReplaceResult:
+        """`write_compacted` then `install_compacted`, both on the calling (owner) thread."""
+        return self.install_compacted(self.write_compacted(replaced, batches))
 
-        `outputs` holds one list of batches per new segment, base offsets stamped, offsets
-        increasing, each batch holding consecutive offsets, gaps allowed between batches. A new
-        segment starts at its first batch and ends where the next one starts (the last one at the
-        end of `replaced`), so the offset chain stays unbroken; the log's start offset moves up to
-        the first surviving batch. No outputs at all deletes the replaced segments.
+    def write_compacted(self, replaced: Sequence[SealedSegment],
+                        batches: Iterable[bytes | memoryview]) -> CompactedSegments:
+        """Step 1 of a compaction swap: write the new segments for `replaced` under `.compacting`.
+
+        `batches` are stamped batches in offset order, each holding consecutive offsets, gaps
+        allowed between them, all within [first replaced base, end of the last replaced
+        segment). They are consumed one at a time and written straight to files, new segments
+        started at `segment_bytes` (or when 32-bit relative offsets would overflow). A new
+        segment starts at its first batch and ends where the next one starts (the last one at
+        the end of `replaced`), so the offset chain stays unbroken. Every file is fsynced and
+        re-scanned (CRC, offsets) before use, then the directory is fsynced.
+
+        Touches only new files, so it may run on a worker thread while the owner thread keeps
+        appending and reading. Pass the result to `install_compacted` (owner thread) or
+        `discard` it. Raises CorruptBatchError for batches that break these rules,
+        StorageFullError/StorageIOError on I/O errors (nothing is left behind then).
+        """
+        if not replaced:
+            raise errors.StaleCompactionError("nothing to replace")
+        writer = _CompactedWriter(self.directory, self.config, replaced)
+        try:
+            for data in batches:
+                writer.add(data)
+            return writer.finish()
+        except BaseException as error:
+            writer.abort()
+            if isinstance(error, OSError):
+                raise errors.from_os_error(
+                    error, f"writing compacted segments in {self.directory}") from error
+            raise
+
+    def install_compacted(self, prepared: CompactedSegments) -> ReplaceResult:
+        """Steps 2 and 3 of a compaction swap (owner thread): commit, rename, switch segments.
 
         Order on disk (each step durable before the next):
 
-        1. each output as `<base>.log.compacting` plus `.index`, `.timeindex` and `.compacted`
-           files under the same suffix, fsynced, re-scanned (CRC and offsets) before use;
-           directory fsynced;
+        1. (`write_compacted`) each output as `<base>.log.compacting` plus `.index`,
+           `.timeindex` and `.compacted` files under the same suffix, fsynced; directory fsynced;
         2. `compaction-commit` naming replaced and output bases, written atomically: the commit
            point. A crash before it leaves the old segments untouched and the next open deletes
            the `.compacting` files;
@@ -705,64 +733,41 @@ class PartitionLog:
            is finished by the next open (`_finish_compaction_commit`, idempotent).
 
         Readers' views of the old segments stay valid (their inodes live while mapped). Raises
-        StaleCompactionError if `replaced` is not the current leading run of sealed durable
-        segments, CorruptBatchError if an output does not scan, StorageFullError/StorageIOError
-        on I/O errors before the commit (nothing changed then).
+        StaleCompactionError (and discards `prepared`) if its replaced segments are no longer
+        the leading run of sealed durable segments, e.g. because retention deleted some.
         """
+        replaced = prepared.replaced
         if self._closed or self._failure is not None:
+            prepared.discard()
             raise self._closed_error()
         segments = self._segments
         count = len(replaced)
-        if count == 0 or count >= len(segments) or any(
+        if count >= len(segments) or any(
             current.base_offset != old.base_offset or current.next_offset != old.next_offset
             or not current.sealed or not current.index_persisted or current.deleted
             for current, old in zip(segments, replaced)
         ):
+            prepared.discard()
             raise errors.StaleCompactionError(
                 f"{self.directory}: the compaction plan no longer matches the segments")
-        range_start, range_end = replaced[0].base_offset, replaced[-1].next_offset
-        bases = []
-        for buffers in outputs:
-            if not buffers or len(buffers[0]) < batch.HEADER_SIZE:
-                raise errors.CorruptBatchError("a compacted segment needs at least one batch")
-            bases.append(_HEADER.unpack_from(buffers[0])[0])
-        ends = bases[1:] + [range_end]
-        if any(b >= e for b, e in zip(bases, ends)) or (bases and bases[0] < range_start):
-            raise errors.CorruptBatchError(
-                f"compacted segments starting at {bases} do not fit in [{range_start}, {range_end})")
         directory = self.directory
-        created: list[Segment] = []
-        pending: list[Path] = []
-        try:
-            for base, end, buffers in zip(bases, ends, outputs):
-                created.append(self._write_compacted(base, end, buffers, pending))
-            _fsync_directory(directory)
-        except BaseException as error:
-            for segment in created:
-                segment.close()
-            for path in pending:
-                path.unlink(missing_ok=True)
-            if isinstance(error, OSError):
-                raise errors.from_os_error(error, f"writing compacted segments in {directory}") from error
-            raise
+        created = prepared.segments
         old = segments[:count]
         with self._flush_lock:  # no flush may snapshot the segment list half way through
             try:
-                commit = {"replaced": [s.base_offset for s in old], "outputs": bases}
+                commit = {"replaced": [s.base_offset for s in old],
+                          "outputs": [s.base_offset for s in created]}
                 _write_durably(directory / COMPACTION_COMMIT_FILE, json.dumps(commit).encode())
             except OSError as error:
-                for segment in created:
-                    segment.close()
-                for path in pending:
-                    path.unlink(missing_ok=True)
+                prepared.discard()
                 raise errors.from_os_error(error, f"committing compaction in {directory}") from error
             # Hazard: from here on the swap is decided; if finishing it fails, the next open
             # finishes it, and until then this partition refuses writes.
             try:
                 _finish_compaction_commit(directory)
             except (OSError, errors.StorageError) as error:
-                self._failure = (error if isinstance(error, errors.StorageError)
-                                 else errors.from_os_error(error, f"swapping compacted segments in {directory}"))
+                self._failure = (error if isinstance(error, errors.StorageError) else
+                                 errors.from_os_error(error, f"swapping segments in {directory}"))
                 logger.error("%s: %s; the partition refuses writes until restarted",
                              directory, self._failure)
                 for segment in created:
@@ -779,42 +784,6 @@ class PartitionLog:
                 segment.close()
         self._reap()
         return ReplaceResult(count, len(created), bytes_before, bytes_after, self._bases[0])
-
-    def _write_compacted(self, base: int, end: int, buffers: Sequence[bytes | memoryview],
-                         pending: list[Path]) -> Segment:
-        """Step 1 of `replace_sealed_segments` for one output; returns its sealed Segment."""
-        directory = self.directory
-        path = directory / (file_name(base, LOG_SUFFIX) + COMPACTING_SUFFIX)
-        size = sum(len(buffer) for buffer in buffers)
-        if size > MAX_SEGMENT_BYTES:
-            raise errors.BatchTooLargeError(f"a compacted segment of {size} bytes is too large")
-        pending.append(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.posix_fallocate(fd, 0, size)  # ENOSPC here rather than half way through
-            _write_fully(fd, list(buffers), 0)
-            os.fsync(fd)
-            state = scan_file(fd, size, base, self.config.index_interval_bytes, end)
-            if state.stop_reason is not None or state.size != size:
-                raise errors.CorruptBatchError(
-                    f"compacted segment {base}: {state.stop_reason or 'trailing bytes'}", state.size)
-            segment = Segment(directory, base, fd, size, state, writable=False, dir_synced=True)
-        except BaseException:
-            os.close(fd)
-            raise
-        segment.compacted = True
-        segment.flushed_size = size
-        files = [*segment.index_files(),
-                 (directory / file_name(base, COMPACTED_SUFFIX), b"%d\n" % end)]
-        try:
-            for final, data in files:
-                temporary = final.with_name(final.name + COMPACTING_SUFFIX)
-                pending.append(temporary)
-                _write_durably(temporary, data, sync_directory=False)
-        except BaseException:
-            segment.close()
-            raise
-        return segment
 
     # ----------------------------------------------------------------------------- close
 
@@ -875,6 +844,106 @@ class PartitionLog:
     def __repr__(self) -> str:
         return (f"PartitionLog({str(self.directory)!r}, offsets [{self.start_offset}, "
                 f"{self._end_offset}), durable {self._durable_offset})")
+
+
+class CompactedSegments:
+    """New segments written by `write_compacted`, not yet installed (files under .compacting)."""
+
+    def __init__(self, replaced: Sequence[SealedSegment], segments: list[Segment],
+                 pending: list[Path]) -> None:
+        self.replaced = list(replaced)
+        self.segments = segments
+        self.pending = pending
+
+    def discard(self) -> None:
+        """Close and delete the new segments (safe to call more than once)."""
+        for segment in self.segments:
+            segment.close()
+        for path in self.pending:
+            path.unlink(missing_ok=True)
+        self.segments, self.pending = [], []
+
+
+class _CompactedWriter:
+    """Writes a stream of batches into new compacted segment files (see write_compacted)."""
+
+    def __init__(self, directory: Path, config: LogConfig, replaced: Sequence[SealedSegment]
+                 ) -> None:
+        self.directory = directory
+        self.config = config
+        self.replaced = replaced
+        self.range_start = replaced[0].base_offset
+        self.range_end = replaced[-1].next_offset
+        self.segments: list[Segment] = []
+        self.pending: list[Path] = []
+        self.fd = -1
+        self.base = 0
+        self.size = 0
+        self.next_free = self.range_start  # offsets below this are taken by earlier batches
+
+    def add(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        if len(view) < batch.HEADER_SIZE:
+            raise errors.CorruptBatchError("truncated compacted batch")
+        header = batch.BatchHeader._make(_HEADER.unpack_from(view))
+        if header.size != len(view) or header.record_count < 1:
+            raise errors.CorruptBatchError("a compacted batch must be one whole batch")
+        if header.base_offset < self.next_free or header.last_offset >= self.range_end:
+            raise errors.CorruptBatchError(
+                f"compacted batch at {header.base_offset} does not fit in "
+                f"[{self.next_free}, {self.range_end})")
+        if self.fd >= 0 and (
+            self.size + len(view) > self.config.segment_bytes
+            or header.last_offset - self.base > MAX_RELATIVE_OFFSET
+            or self.size + len(view) > MAX_SEGMENT_BYTES
+        ):
+            self._seal(header.base_offset)
+        if self.fd < 0:
+            self.base = header.base_offset
+            self.size = 0
+            path = self.directory / (file_name(self.base, LOG_SUFFIX) + COMPACTING_SUFFIX)
+            self.pending.append(path)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        _write_fully(self.fd, [view], self.size)
+        self.size += len(view)
+        self.next_free = header.last_offset + 1
+
+    def _seal(self, end: int) -> None:
+        """Finish the current file as a segment covering [base, end)."""
+        fd, self.fd = self.fd, -1
+        try:
+            os.fsync(fd)
+            state = scan_file(fd, self.size, self.base, self.config.index_interval_bytes, end)
+            if state.stop_reason is not None or state.size != self.size:
+                raise errors.CorruptBatchError(
+                    f"compacted segment {self.base}: {state.stop_reason or 'trailing bytes'}",
+                    state.size)
+            segment = Segment(self.directory, self.base, fd, self.size, state, writable=False,
+                              dir_synced=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        segment.compacted = True
+        segment.flushed_size = self.size
+        self.segments.append(segment)
+        files = [*segment.index_files(),
+                 (self.directory / file_name(self.base, COMPACTED_SUFFIX), b"%d\n" % end)]
+        for final, data in files:
+            temporary = final.with_name(final.name + COMPACTING_SUFFIX)
+            self.pending.append(temporary)
+            _write_durably(temporary, data, sync_directory=False)
+
+    def finish(self) -> CompactedSegments:
+        if self.fd >= 0:
+            self._seal(self.range_end)
+        _fsync_directory(self.directory)
+        return CompactedSegments(self.replaced, self.segments, self.pending)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        CompactedSegments(self.replaced, self.segments, self.pending).discard()
 
 
 def _frame(view: memoryview) -> tuple[list[tuple[int, int, int, int]], int]:
