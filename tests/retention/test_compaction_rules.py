@@ -6,7 +6,11 @@ Coordinator over a real Log.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rustmq import app, compaction
 from rustmq.client.consumer import decode_batches
@@ -183,3 +187,76 @@ def test_retention_floor_from_group_commits_and_queue_acks(tmp_path: Path) -> No
     finally:
         coordinator.close()
         data.close()
+
+
+record_strategy = st.tuples(
+    st.one_of(st.none(), st.sampled_from([b"a", b"b", b"c", b"d", b"e"])),  # key
+    st.one_of(st.none(), st.binary(min_size=0, max_size=120)),  # value (None: tombstone)
+    st.integers(min_value=0, max_value=3_000),  # timestamp
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rounds=st.lists(st.tuples(st.lists(record_strategy, min_size=1, max_size=12),
+                              st.booleans()),  # roll (seal) after this batch
+                    min_size=1, max_size=25),
+    codec=st.sampled_from([records.CODEC_NONE, records.CODEC_ZSTD]),
+    now_ms=st.integers(min_value=0, max_value=6_000),
+)
+def test_compaction_property(rounds, codec, now_ms) -> None:  # type: ignore[no-untyped-def]
+    """Any history, any segment boundaries, repeated passes, reopened with indexes deleted:
+    every served record is what was written at its offset, unkeyed records and every key's
+    latest sealed record (unless an expired tombstone) stay, and the active segment is intact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        log = PartitionLog.open(directory, cfg(delete_retention_ms=1_000))
+        written: dict[int, tuple[int, bytes | None, bytes | None]] = {}
+        try:
+            for entries, roll in rounds:
+                base = log.end_offset
+                first_ts = entries[0][2]
+                body = records.encode_body([(ts - first_ts, k, v, None) for k, v, ts in entries], codec)
+                log.append(batch.build_batch(body, record_count=len(entries),
+                                             first_timestamp_ms=first_ts,
+                                             max_timestamp_ms=max(first_ts, *(e[2] for e in entries)),
+                                             codec=codec))
+                for index, (key, value, ts) in enumerate(entries):
+                    written[base + index] = (ts, key, value)
+                if roll:
+                    seal(log)
+                    compaction.compact(log, now_ms)  # passes between rolls, like the broker
+            log.flush()
+            sealed = log.sealed_segments()
+            sealed_end = sealed[-1].next_offset if sealed else 0
+            for segment in sealed:
+                segment.view.release()
+            compaction.compact(log, now_ms)
+            served = messages(log)
+            end = log.end_offset
+            log.close()
+            for index_file in directory.glob("*.index"):
+                index_file.unlink()
+            (directory / "recovery-point").unlink(missing_ok=True)
+            (directory / "clean-shutdown").unlink(missing_ok=True)
+            log = PartitionLog.open(directory, cfg(delete_retention_ms=1_000))
+            assert log.recovery.reason is None
+            assert messages(log) == served and log.end_offset == end
+        finally:
+            log.close()
+    for offset, timestamp, key, value in served:
+        assert written[offset] == (timestamp, key, value)
+    present = {offset for offset, *_ in served}
+    latest = {}
+    for offset in sorted(written):
+        if offset < sealed_end and written[offset][1] is not None:
+            latest[written[offset][1]] = offset
+    for offset, (timestamp, key, value) in written.items():
+        if offset >= sealed_end or key is None:
+            assert offset in present, offset  # active segment and unkeyed records stay
+        elif latest[key] == offset:
+            if value is None and timestamp < now_ms - 1_000:
+                continue  # an expired tombstone may have gone (it must, if it was compacted)
+            assert offset in present, offset
+        else:
+            assert offset not in present, offset  # superseded within the sealed segments
