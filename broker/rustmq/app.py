@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rustmq import compaction
+from rustmq import compaction, eventloop
 from rustmq.admin.app import AdminState, make_admin_app
 from rustmq.config import BrokerConfig
 from rustmq.coordination.service import Coordinator
@@ -207,15 +207,10 @@ def _report_ready(config: BrokerConfig, ports: dict[str, int]) -> None:
 
 
 def run(config: BrokerConfig) -> None:
-    """Blocking entry point used by ``rustmq broker``; the only place that may pick uvloop."""
+    """Blocking entry point used by ``rustmq broker``: uvloop when installed and not disabled."""
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if config.uvloop:
-        import uvloop
-
-        uvloop.run(serve(config))
-    else:
-        asyncio.run(serve(config))
+    eventloop.run(serve(config), uvloop_wanted=config.uvloop)

@@ -57,7 +57,7 @@ class BrokerConfig:
     shutdown_timeout_s: float = _SERVER_DEFAULTS.shutdown_timeout_s
     ports_file: Path | None = None  # where to write the bound ports as JSON once listening
     log_level: str = "INFO"
-    uvloop: bool = False
+    uvloop: bool = True  # run on uvloop when it is installed (the image and scripts/setup have it)
     log: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of DEFAULT_LOG
 
     def __post_init__(self) -> None:

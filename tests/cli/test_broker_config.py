@@ -65,7 +65,25 @@ def test_unknown_keys_in_a_file_are_errors(tmp_path: Path) -> None:
 
 
 def test_every_setting_is_a_broker_flag() -> None:
-    args = build_parser().parse_args(["broker", "--max-frame-bytes", "1024", "--no-auto-create-topics", "--uvloop"])
+    args = build_parser().parse_args(["broker", "--max-frame-bytes", "1024", "--no-auto-create-topics", "--no-uvloop"])
     flags = {name: getattr(args, name) for name in config.FIELDS}
     settings = config.load(flags, {})
-    assert settings.max_frame_bytes == 1024 and settings.auto_create_topics is False and settings.uvloop is True
+    assert settings.max_frame_bytes == 1024 and settings.auto_create_topics is False and settings.uvloop is False
+    assert config.load({}, {}).uvloop is True  # uvloop when installed, by default
+    assert config.load({}, {"RUSTMQ_UVLOOP": "false"}).uvloop is False
+
+
+def test_the_event_loop_falls_back_to_asyncio_without_uvloop(monkeypatch) -> None:
+    """uvloop is an optional dependency: wanting it where it is not installed is not an error."""
+    import sys
+
+    from rustmq import eventloop
+
+    async def which() -> str:
+        return eventloop.name()
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # makes `import uvloop` raise ImportError
+    assert eventloop.run(which(), uvloop_wanted=True) == "asyncio"
+    monkeypatch.undo()
+    assert eventloop.run(which(), uvloop_wanted=False) == "asyncio"
+    assert eventloop.run(which(), uvloop_wanted=True) == "uvloop"  # the test venv installs it
