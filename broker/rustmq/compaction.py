@@ -72,11 +72,6 @@ class Compacted(NamedTuple):
     tombstones_removed: int
 
 
-class _Latest(NamedTuple):
-    offset: int
-    tombstone_ms: int | None  # the record's timestamp if it is a tombstone
-
-
 def _batches(view: memoryview) -> Iterator[tuple[batch.BatchHeader, memoryview]]:
     position, end = 0, len(view)
     while position < end:
@@ -128,7 +123,8 @@ class Plan:
                  ) -> None:
         self.sealed = sealed
         self.tombstone_limit_ms = now_ms - delete_retention_ms
-        latest: dict[bytes, _Latest] = {}
+        # key -> (offset of its latest record, that record's timestamp if it is a tombstone)
+        latest: dict[bytes, tuple[int, int | None]] = {}
         keyed = records_before = 0
         with_producer_ids = False
         for segment in sealed:
@@ -143,17 +139,17 @@ class Plan:
                     key = entry[1]
                     if key is not None:
                         keyed += 1
-                        latest[key] = _Latest(base + index,
-                                              first_ts + entry[0] if entry[2] is None else None)
+                        latest[key] = (base + index,
+                                       first_ts + entry[0] if entry[2] is None else None)
         expired = 0
         next_expiry: int | None = None
-        for item in latest.values():
-            if item.tombstone_ms is None:
+        for _, tombstone_ms in latest.values():
+            if tombstone_ms is None:
                 continue
-            if item.tombstone_ms < self.tombstone_limit_ms:
+            if tombstone_ms < self.tombstone_limit_ms:
                 expired += 1
             else:
-                expiry = item.tombstone_ms + delete_retention_ms + 1
+                expiry = tombstone_ms + delete_retention_ms + 1
                 next_expiry = expiry if next_expiry is None else min(next_expiry, expiry)
         self.latest = latest
         self.records_before = records_before
@@ -177,10 +173,10 @@ class Plan:
                 for index, entry in enumerate(entries):
                     key = entry[1]
                     if key is not None:
-                        item = latest[key]
-                        if item.offset != base + index:
+                        offset, tombstone_ms = latest[key]
+                        if offset != base + index:
                             continue  # superseded
-                        if item.tombstone_ms is not None and item.tombstone_ms < limit:
+                        if tombstone_ms is not None and tombstone_ms < limit:
                             continue  # an expired tombstone
                     keep.append(index)
                 if len(keep) == header.record_count:

@@ -64,6 +64,7 @@ CLEAN_SHUTDOWN_FILE: Final = "clean-shutdown"
 RECOVERY_POINT_FILE: Final = "recovery-point"
 COMPACTION_COMMIT_FILE: Final = "compaction-commit"
 COMPACTING_SUFFIX: Final = ".compacting"
+_WRITE_CHUNK: Final = 1 << 20  # compaction output is written in pwritev calls of about this size
 MAX_OFFSET: Final = (1 << 63) - 1
 _HEADER = batch.HEADER_STRUCT
 
@@ -878,7 +879,9 @@ class _CompactedWriter:
         self.pending: list[Path] = []
         self.fd = -1
         self.base = 0
-        self.size = 0
+        self.size = 0  # bytes of the current file, buffered ones included
+        self.written = 0  # bytes of the current file already written
+        self.buffered: list[bytes | memoryview] = []  # one pwritev per _WRITE_CHUNK bytes
         self.next_free = self.range_start  # offsets below this are taken by earlier batches
 
     def add(self, data: bytes | memoryview) -> None:
@@ -904,12 +907,21 @@ class _CompactedWriter:
             path = self.directory / (file_name(self.base, LOG_SUFFIX) + COMPACTING_SUFFIX)
             self.pending.append(path)
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        _write_fully(self.fd, [view], self.size)
+            self.written = 0
+        self.buffered.append(view)
         self.size += len(view)
+        if self.size - self.written >= _WRITE_CHUNK:
+            self._write_buffered()
         self.next_free = header.last_offset + 1
+
+    def _write_buffered(self) -> None:
+        _write_fully(self.fd, self.buffered, self.written)
+        self.written = self.size
+        self.buffered = []
 
     def _seal(self, end: int) -> None:
         """Finish the current file as a segment covering [base, end)."""
+        self._write_buffered()
         fd, self.fd = self.fd, -1
         try:
             os.fsync(fd)
