@@ -45,7 +45,12 @@ from typing import Any, NamedTuple
 from rustmq.protocol import records
 from rustmq.storage import batch
 from rustmq.storage import errors as storage_errors
-from rustmq.storage.partition import CompactedSegments, PartitionLog, ReplaceResult, SealedSegment
+from rustmq.storage.partition import (
+    CompactedSegments,
+    PartitionLog,
+    ReplaceResult,
+    SealedSegment,
+)
 
 log = logging.getLogger("rustmq.compaction")
 

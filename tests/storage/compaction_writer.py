@@ -23,11 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "support"))
-
-from rustmq import compaction  # noqa: E402
-from rustmq.protocol import records  # noqa: E402
-from rustmq.storage import batch, config, partition  # noqa: E402
+from rustmq import compaction
+from rustmq.protocol import records
+from rustmq.storage import batch, config, partition
 
 KEYS = 7
 RECORDS_PER_BATCH = 4

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from rustmq import compaction
 from rustmq.client.consumer import decode_batches
 from rustmq.protocol import records

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from rustmq import compaction
 from rustmq.client.consumer import decode_batches
 from rustmq.storage import partition as partition_mod
