@@ -165,6 +165,10 @@ async def _compact_topics(opened: storage_log.Log,
                             written.discard()
                         continue
                     compaction.install(job, decided, written, state)
+                except Exception:
+                    # Retry once more segments are sealed, not on every pass (no log flood).
+                    state.cleaned_until = job.sealed[-1].next_offset
+                    raise
                 finally:
                     job.release()
             except Exception:

@@ -36,6 +36,7 @@ async def wait_for(condition, timeout_s: float = 20.0):  # type: ignore[no-untyp
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_compacted_topic_keeps_the_latest_value_per_key(
         fast_retention_broker: brokerproc.BrokerProcess) -> None:
@@ -90,6 +91,7 @@ async def test_compacted_topic_keeps_the_latest_value_per_key(
     assert await read_all(fast_retention_broker.bootstrap, "prices") == records
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_retention_waits_for_the_named_group(
         fast_retention_broker: brokerproc.BrokerProcess) -> None:
