@@ -41,6 +41,7 @@ INITIAL_BUFFER_BYTES = 256 << 10
 MIN_READ_BYTES = 64 << 10
 SHRINK_ABOVE_BYTES = 4 << 20
 SMALL_WRITE_BYTES = 64 << 10
+_API_NAMES = {int(key): key.name for key in ApiKey}
 
 
 class _Slot:
@@ -242,13 +243,12 @@ class Connection(asyncio.BufferedProtocol):
             if isinstance(raw_corr, int) and not isinstance(raw_corr, bool) and 0 <= raw_corr <= api.MAX_CORRELATION_ID:
                 corr = raw_corr
             api_key, corr = api.parse_envelope(header)
-            try:
-                handler = self._handlers[ApiKey(api_key)]
-            except (ValueError, KeyError):
-                raise RequestError(ErrorCode.UNKNOWN_API, f"unknown api {api_key}") from None
+            handler = self._handlers.get(api_key)  # IntEnum keys: an int finds them
+            if handler is None:
+                raise RequestError(ErrorCode.UNKNOWN_API, f"unknown api {api_key}")
             if self._draining:
                 raise RequestError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
-            self._broker.stats.requests[ApiKey(api_key).name] += 1
+            self._broker.stats.requests[_API_NAMES[api_key]] += 1
             handler(corr, header, payload)
         except frames.FrameError as exc:
             self._reply_error(None, ErrorCode(exc.code), exc.message)
