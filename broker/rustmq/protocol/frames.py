@@ -26,6 +26,8 @@ from typing import Any, Final
 
 import msgpack
 
+from rustmq.protocol.api import ErrorCode
+
 LENGTH: Final = struct.Struct(">I")
 PREFIX: Final = struct.Struct(">II")  # frame length, header length
 PREFIX_SIZE: Final = PREFIX.size
@@ -58,8 +60,6 @@ def decode_body(body: memoryview) -> tuple[dict[str, Any], memoryview]:
     Raises FrameError(MALFORMED_FRAME) for a header length that does not fit, msgpack that does
     not decode, or a header that is not a map with string keys.
     """
-    from rustmq.protocol.api import ErrorCode
-
     if len(body) < MIN_BODY_BYTES:
         raise FrameError(ErrorCode.MALFORMED_FRAME, f"frame body of {len(body)} bytes is too short")
     (header_length,) = LENGTH.unpack_from(body, 0)
