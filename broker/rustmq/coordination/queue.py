@@ -215,11 +215,13 @@ class QueueSubscription:
 
         `timestamp_ms` is the batch's first timestamp (the per-topic TTL counts from it);
         `special` gives per-record attributes for the few records that carry delivery headers.
-        Offsets below `next_offset` (a re-read after restart) are skipped.
+        Offsets below `next_offset` (a re-read after restart) are skipped. An offer above
+        `next_offset` means the records in between are gone (key compaction removed them): they
+        count as `skipped` and settle nothing else.
         """
         end = base_offset + count
         if base_offset > self.next_offset:
-            raise QueueError(f"offer at {base_offset} leaves a gap after {self.next_offset}")
+            self._skip_gap(self.next_offset, base_offset)
         start = max(base_offset, self.next_offset)
         if start >= end:
             return
@@ -239,6 +241,15 @@ class QueueSubscription:
         else:
             fresh[lane].append((start, end, expires))
         self.next_offset = end
+
+    def _skip_gap(self, start: int, end: int) -> None:
+        self.counters.skipped += end - start
+        self.next_offset = end
+        if self.ack_floor == start:  # everything below is settled: the floor jumps the gap
+            self.ack_floor = end
+            self._advance_floor()
+        else:
+            self.done.update(range(start, end))
 
     def _offer_special(self, now_ms: int, offset: int, attrs: RecordAttributes,
                        batch_expires: int) -> None:
