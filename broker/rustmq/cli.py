@@ -1,7 +1,7 @@
 """The ``rustmq`` command: run a broker, manage topics, produce, consume and benchmark.
 
     rustmq broker [--data-dir DIR] [--producer-port N] ... [--config FILE]
-    rustmq topic create|list|describe|delete [NAME] [--partitions N] [--config KEY=VALUE]
+    rustmq topic create|list|describe|delete|alter [NAME] [--partitions N] [--config KEY=VALUE] [--reset KEY]
     rustmq produce TOPIC [VALUE ...]      (values from stdin lines when none are given)
     rustmq consume TOPIC [--from earliest|latest|OFFSET|@TIMESTAMP_MS] [--max-messages N] [--timeout S]
     rustmq bench produce|consume|latency [...]
@@ -69,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         command = topic_commands.add_parser(sub)
         if sub != "list":
             command.add_argument("name")
-    for command in (create, *[topic_commands.choices[sub] for sub in ("list", "describe", "delete")]):
+    alter = topic_commands.add_parser("alter", help="change a topic's config overrides")
+    alter.add_argument("name")
+    alter.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                       help="set an override; VALUE is JSON (e.g. retain_until_consumed_by=[])")
+    alter.add_argument("--reset", action="append", default=[], metavar="KEY",
+                       help="drop an override (back to the broker default)")
+    for command in (create, alter, *[topic_commands.choices[sub] for sub in ("list", "describe", "delete")]):
         _client_flags(command)
 
     produce = commands.add_parser("produce", help="produce values from arguments or stdin lines")
@@ -159,13 +165,7 @@ async def run_topic(args: argparse.Namespace) -> int:
     async with Admin(args.bootstrap) as admin:
         command = args.topic_command
         if command == "create":
-            overrides = {}
-            for item in args.config:
-                key, _, value = item.partition("=")
-                try:
-                    overrides[key] = json.loads(value)
-                except json.JSONDecodeError:
-                    overrides[key] = value
+            overrides = _config_pairs(args.config)
             created = await admin.create_topic(args.name, args.partitions, overrides or None)
             _emit(args, created, f"created topic {created['topic']} with {created['partitions']} partitions")
         elif command == "list":
@@ -183,7 +183,25 @@ async def run_topic(args: argparse.Namespace) -> int:
         elif command == "delete":
             await admin.delete_topic(args.name)
             _emit(args, {"deleted": args.name}, f"deleted topic {args.name}")
+        elif command == "alter":
+            altered = await admin.alter_topic_config(args.name, _config_pairs(args.config), reset=args.reset)
+            lines = [f"topic {altered['topic']} overrides: {json.dumps(altered['overrides'], sort_keys=True)}"]
+            _emit(args, altered, "\n".join(lines))
     return 0
+
+
+def _config_pairs(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE flags to a config mapping (VALUE parsed as JSON, else kept as a string)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"rustmq: --config wants KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
 
 
 async def run_produce(args: argparse.Namespace) -> int:

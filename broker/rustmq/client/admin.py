@@ -57,6 +57,12 @@ class Admin:
     async def add_partitions(self, name: str, total: int) -> dict[str, Any]:
         return await self._call(ApiKey.ADD_PARTITIONS, topic=name, partitions=total)
 
+    async def alter_topic_config(self, name: str, changes: dict[str, Any] | None = None, *,
+                                 reset: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+        """Set config overrides of a topic and/or drop some (`reset`); returns the topic's
+        description with its new `config` and `overrides`. INVALID_CONFIG changes nothing."""
+        return await self._call(ApiKey.ALTER_TOPIC_CONFIG, topic=name, set=changes or {}, reset=list(reset))
+
     async def broker_stats(self) -> dict[str, Any]:
         return await self._call(ApiKey.BROKER_STATS)
 

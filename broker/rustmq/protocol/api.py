@@ -29,6 +29,7 @@ class ApiKey(IntEnum):
     LIST_TOPICS = 7
     BROKER_STATS = 8
     ADD_PARTITIONS = 9
+    ALTER_TOPIC_CONFIG = 10
     # Consumer coordination (issue 4; rustmq.server.coordination_handlers, docs/protocol.md)
     INIT_PRODUCER = 20
     JOIN_GROUP = 21
@@ -232,6 +233,22 @@ def parse_create_topic(header: dict[str, Any]) -> CreateTopicRequest:
 
 def parse_topic(header: dict[str, Any]) -> str:
     return _field(header, "topic", str)
+
+
+class AlterTopicConfigRequest(NamedTuple):
+    topic: str
+    changes: dict[str, Any]  # config key -> new override (checked by rustmq.storage.config)
+    reset: list[str]  # keys whose override is dropped (back to the broker default)
+
+
+def parse_alter_topic_config(header: dict[str, Any]) -> AlterTopicConfigRequest:
+    changes = _field(header, "set", dict, None) or {}
+    reset = _field(header, "reset", list, None) or []
+    if not all(isinstance(key, str) for key in reset):
+        raise RequestError(ErrorCode.INVALID_REQUEST, "field 'reset' must be a list of config keys")
+    if not changes and not reset:
+        raise RequestError(ErrorCode.INVALID_REQUEST, "give 'set' and/or 'reset'")
+    return AlterTopicConfigRequest(_field(header, "topic", str), changes, reset)
 
 
 def parse_add_partitions(header: dict[str, Any]) -> tuple[str, int]:

@@ -116,6 +116,13 @@ class Broker:
         for partition_log in topic.partitions:
             self._wake(partition_log)
 
+    def alter_topic_config(self, name: str, changes: dict[str, Any], reset: list[str]) -> Any:
+        self.topic(name)
+        try:
+            return self.log.alter_topic_config(name, changes, reset)
+        except (ValueError, TypeError) as exc:
+            raise RequestError(ErrorCode.INVALID_CONFIG, str(exc)) from None
+
     def add_partitions(self, name: str, total: int) -> Any:
         self.topic(name)
         self.log.add_partitions(name, total)

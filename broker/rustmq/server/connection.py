@@ -91,6 +91,7 @@ class Connection(asyncio.BufferedProtocol):
             ApiKey.LIST_TOPICS: self._list_topics,
             ApiKey.BROKER_STATS: self._broker_stats,
             ApiKey.ADD_PARTITIONS: self._add_partitions,
+            ApiKey.ALTER_TOPIC_CONFIG: self._alter_topic_config,
         }
         self._handlers.update(coordination_handlers.handlers(self))
 
@@ -541,6 +542,11 @@ class Connection(asyncio.BufferedProtocol):
         name, total = api.parse_add_partitions(header)
         topic = self._broker.add_partitions(name, total)
         self._ok(corr, {"topic": name, "partitions": len(topic.partitions)})
+
+    def _alter_topic_config(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+        request = api.parse_alter_topic_config(header)
+        topic = self._broker.alter_topic_config(request.topic, request.changes, request.reset)
+        self._ok(corr, {**self._broker.describe(topic), "overrides": topic.overrides})
 
     def _ok(self, corr: int, fields: dict[str, Any]) -> None:
         self._respond([frames.encode_frame({"corr": corr, "error": 0, **fields})])

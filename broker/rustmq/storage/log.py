@@ -174,6 +174,26 @@ class Log:
         self._move_to_trash(self.topics_dir / name)
         logger.info("deleted topic %s", name)
 
+    def alter_topic_config(self, name: str, changes: dict[str, Any], reset: list[str]) -> Topic:
+        """Set `changes` and drop `reset` from a topic's overrides; the merged config is checked
+        whole before anything changes (InvalidConfigError), then topic.json is rewritten and
+        every partition uses it from its next decision on (roll, flush, retention, compaction)."""
+        self._check_open()
+        topic = self.topic(name)
+        overrides = {key: value for key, value in topic.overrides.items() if key not in set(reset)}
+        overrides.update(changes)
+        config = self.default_config.merged(overrides)
+        previous = topic.overrides, topic.config
+        topic.overrides, topic.config = overrides, config
+        try:
+            self._write_topic_file(topic)
+        except BaseException:
+            topic.overrides, topic.config = previous
+            raise
+        for partition in topic.partitions:
+            partition.config = config
+        return topic
+
     def add_partitions(self, name: str, total: int) -> Topic:
         """Grow a topic to `total` partitions (never shrinks: InvalidConfigError)."""
         self._check_open()
