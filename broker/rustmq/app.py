@@ -34,7 +34,7 @@ from rustmq.coordination.service import Coordinator
 from rustmq.server import coordination_handlers
 from rustmq.server.broker import Broker
 from rustmq.server.listener import Listener
-from rustmq.server.stats import BrokerStats
+from rustmq.server.stats import BrokerStats, MaintenanceStats
 from rustmq.storage import durability
 from rustmq.storage import errors as storage_errors
 from rustmq.storage import log as storage_log
@@ -79,7 +79,7 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         state.ready = True
         _report_ready(config, {**ports, "metrics": metrics_port})
         retention = asyncio.get_running_loop().create_task(
-            _enforce_retention(opened, coordinator, config.retention_check_s))
+            _enforce_retention(opened, coordinator, config.retention_check_s, broker.stats.maintenance))
         await stop.wait()
         retention.cancel()
         log.info("shutting down")
@@ -99,8 +99,8 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         log.info("stopped cleanly")
 
 
-async def _enforce_retention(opened: storage_log.Log, coordinator: Coordinator, interval_s: float
-                             ) -> None:
+async def _enforce_retention(opened: storage_log.Log, coordinator: Coordinator, interval_s: float,
+                             stats: MaintenanceStats) -> None:
     """Every interval_s: delete expired segments, then compact the topics that ask for it.
 
     Runs on the loop thread (the log's owner thread). Retention respects each topic's "keep
@@ -118,8 +118,9 @@ async def _enforce_retention(opened: storage_log.Log, coordinator: Coordinator, 
             log.exception("retention check failed")
             deleted = 0
         if deleted:
+            stats.retention_segments_deleted += deleted
             log.info("retention deleted %d segment(s)", deleted)
-        await _compact_topics(opened, states)
+        await _compact_topics(opened, states, stats)
 
 
 def _retention_floor(coordinator: Coordinator) -> Callable[[storage_log.Topic, int], int | None]:
@@ -144,7 +145,8 @@ def _retention_floor(coordinator: Coordinator) -> Callable[[storage_log.Topic, i
 
 
 async def _compact_topics(opened: storage_log.Log,
-                          states: dict[tuple[str, int], compaction.CompactionState]) -> None:
+                          states: dict[tuple[str, int], compaction.CompactionState],
+                          stats: MaintenanceStats) -> None:
     live = set()
     for topic in opened.topics():
         if not topic.config.compacted:
@@ -164,7 +166,11 @@ async def _compact_topics(opened: storage_log.Log,
                         if written is not None:
                             written.discard()
                         continue
-                    compaction.install(job, decided, written, state)
+                    done = compaction.install(job, decided, written, state)
+                    if done is not None:
+                        stats.compactions += 1
+                        stats.compaction_bytes_reclaimed += done.replace.bytes_before - done.replace.bytes_after
+                        stats.compaction_records_removed += done.records_before - done.records_after
                 except Exception:
                     # Retry once more segments are sealed, not on every pass (no log flood).
                     state.cleaned_until = job.sealed[-1].next_offset
@@ -172,6 +178,7 @@ async def _compact_topics(opened: storage_log.Log,
                 finally:
                     job.release()
             except Exception:
+                stats.compaction_failures += 1
                 log.exception("compaction of %s/%d failed", topic.name, index)
     for key in set(states) - live:
         del states[key]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 
 import pytest
 
@@ -25,6 +26,19 @@ async def read_all(bootstrap: str, topic: str, idle_s: float = 0.5) -> list[tupl
             if not batch:
                 return out
             out += [(m.offset, m.key, m.value) for m in batch]
+
+
+def scrape(broker: brokerproc.BrokerProcess) -> dict[str, float]:
+    """The broker's unlabelled metrics from its admin port (name -> value)."""
+    url = f"http://127.0.0.1:{broker.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and "{" not in name:
+            values[name] = float(value)
+    return values
 
 
 async def wait_for(condition, timeout_s: float = 20.0):  # type: ignore[no-untyped-def]
@@ -85,6 +99,11 @@ async def test_compacted_topic_keeps_the_latest_value_per_key(
     assert len(sealed_keys) == len(set(sealed_keys))
     assert split > 0 and records[split][0] > len(produced) // 2
     assert "compacted prices/0:" in fast_retention_broker.log()
+    metrics = scrape(fast_retention_broker)
+    assert metrics["rustmq_compactions_total"] >= 1
+    assert metrics["rustmq_compaction_bytes_reclaimed_total"] > 0
+    assert metrics["rustmq_compaction_records_removed_total"] >= len(produced) - len(records)
+    assert metrics["rustmq_compaction_failures_total"] == 0
 
     fast_retention_broker.stop()
     fast_retention_broker.start()
@@ -132,6 +151,7 @@ async def test_retention_waits_for_the_named_group(
 
             start = await wait_for(ledger_trimmed)
             assert 0 < start <= 150  # the segment holding offset 150 stays
+            assert scrape(fast_retention_broker)["rustmq_retention_segments_deleted_total"] > 0
             await asyncio.sleep(1.0)
             assert await admin.list_offset("ledger", 0, "earliest") == start
             await group.commit({("ledger", 0): 300})

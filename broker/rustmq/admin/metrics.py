@@ -54,6 +54,16 @@ class BrokerCollector(Collector):
         rejected = CounterMetricFamily("rustmq_connections_rejected", "Connections refused over max_connections")
         rejected.add_metric([], stats.connections_rejected)
         yield rejected
+        for field_name, help_text in (
+            ("retention_segments_deleted", "Segments deleted by retention"),
+            ("compactions", "Partitions whose sealed segments key compaction rewrote"),
+            ("compaction_failures", "Compaction passes that failed (logged; retried later)"),
+            ("compaction_bytes_reclaimed", "Segment bytes freed by key compaction"),
+            ("compaction_records_removed", "Superseded records and expired tombstones removed by key compaction"),
+        ):
+            counter = CounterMetricFamily(f"rustmq_{field_name}", help_text)
+            counter.add_metric([], getattr(stats.maintenance, field_name))
+            yield counter
         yield _histogram("rustmq_produce_latency_seconds", "Produce request: received to appended", stats.produce_latency)
         yield _histogram("rustmq_durable_ack_latency_seconds", "Durable produce: appended to fsynced (group commit)", stats.durable_latency)
         yield _histogram("rustmq_fetch_latency_seconds", "Fetch request: received to response queued (long-poll wait included)", stats.fetch_latency)

@@ -49,6 +49,17 @@ class TopicStats:
 
 
 @dataclass(slots=True)
+class MaintenanceStats:
+    """What the periodic retention and compaction task did (rustmq.app), since start."""
+
+    retention_segments_deleted: int = 0
+    compactions: int = 0  # partitions whose sealed segments were rewritten
+    compaction_failures: int = 0
+    compaction_bytes_reclaimed: int = 0  # segment bytes before minus after
+    compaction_records_removed: int = 0  # superseded values and expired tombstones
+
+
+@dataclass(slots=True)
 class BrokerStats:
     topics: dict[str, TopicStats] = field(default_factory=dict)
     request_errors: Counter[str] = field(default_factory=Counter)  # by ErrorCode name
@@ -58,6 +69,7 @@ class BrokerStats:
     produce_latency: Histogram = field(default_factory=Histogram)  # receive to append done
     durable_latency: Histogram = field(default_factory=Histogram)  # append done to fsync done
     fetch_latency: Histogram = field(default_factory=Histogram)  # receive to response written
+    maintenance: MaintenanceStats = field(default_factory=MaintenanceStats)
 
     def topic(self, name: str) -> TopicStats:
         stats = self.topics.get(name)
