@@ -133,3 +133,88 @@ def test_unknown_topic_and_partition_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(errors.UnknownTopicError):
         coord.queue_fetch(0, "s", "nope", 0, "c", 1)
     close_all(log, coord)
+
+
+def _count_headers_walked(monkeypatch) -> list[int]:
+    from rustmq.coordination import producers
+
+    walked = [0]
+    original = producers._headers
+
+    def counting(view):  # type: ignore[no-untyped-def]
+        for header in original(view):
+            walked[0] += 1
+            yield header
+
+    monkeypatch.setattr(producers, "_headers", counting)
+    return walked
+
+
+def test_a_clean_shutdown_saves_producer_state_and_the_next_start_walks_only_newer_batches(
+        tmp_path: Path, monkeypatch) -> None:
+    log, coord = open_all(tmp_path)
+    log.create_topic("t", 1)
+    pid = coord.init_producer(0)
+    first = produce(log, "t", 0, 5, pid=pid, seq=0)
+    coord.record_produce("t", 0, first, 0)
+    for _ in range(30):
+        produce(log, "t", 0, 2)  # plain batches: walked by a full rebuild, not after a snapshot
+    close_all(log, coord)
+    assert (tmp_path / "coordination" / "producer_state" / "snapshot").exists()
+
+    walked = _count_headers_walked(monkeypatch)
+    log, coord = open_all(tmp_path)
+    assert not (tmp_path / "coordination" / "producer_state" / "snapshot").exists()  # taken
+    produce(log, "t", 0, 1)  # appended after the snapshot: the one header walked
+    decisions = coord.plan_produce("t", 0, first)
+    assert decisions[0].verdict is Verdict.DUPLICATE and decisions[0].original.base_offset == 0
+    assert walked[0] == 1
+    nxt = produce(log, "t", 0, 3, pid=pid, seq=5)  # the sequence continues from the snapshot
+    coord.record_produce("t", 0, nxt, log.topic("t").partitions[0].end_offset - 3)
+    close_all(log, coord)
+
+    # A crash (no clean close) leaves no snapshot: the next start rebuilds from every header.
+    log, coord = open_all(tmp_path)
+    coord.producer_state("t", 0)
+    coord.close(clean=False)
+    log.close(clean=False)
+    assert not (tmp_path / "coordination" / "producer_state" / "snapshot").exists()
+    walked[0] = 0
+    log, coord = open_all(tmp_path)
+    assert [d.verdict for d in coord.plan_produce("t", 0, nxt)] == [Verdict.DUPLICATE]
+    assert walked[0] == 33
+    close_all(log, coord)
+
+
+def test_a_snapshot_that_does_not_fit_the_log_is_not_used(tmp_path: Path, monkeypatch) -> None:
+    from rustmq.coordination.producers import ProducerSnapshots, ProducerStateTable
+
+    log, coord = open_all(tmp_path)
+    log.create_topic("t", 1)
+    produce(log, "t", 0, 4, pid=7, seq=0)
+    close_all(log, coord)
+    snapshots = ProducerSnapshots(tmp_path / "coordination" / "producer_state")
+    bogus = ProducerStateTable()
+    bogus.record(7, 0, 100, 1, 50)  # a state the log does not hold, ending beyond the log's end
+    snapshots.save([("t", 0, 999, bogus)])
+    log, coord = open_all(tmp_path)
+    following = batch.build_batch(records.encode_body([[0, None, b"x", None]] * 2), record_count=2,
+                                  first_timestamp_ms=1, max_timestamp_ms=1, producer_id=7,
+                                  producer_epoch=0, base_sequence=4)
+    # The bogus table would expect sequence 101 (OutOfOrderSequenceError); the log says 4.
+    assert coord.plan_produce("t", 0, following)[0].verdict is Verdict.APPEND
+    log.topic("t").partitions[0].append(following)
+    coord.record_produce("t", 0, following, 4)
+    close_all(log, coord)
+
+    (tmp_path / "coordination" / "producer_state" / "snapshot").write_bytes(b"\x93garbage")
+    log, coord = open_all(tmp_path)  # an unreadable snapshot is ignored (logged), not fatal
+    assert coord.producer_state("t", 0).producers[7].recent[-1].last_sequence == 5
+    close_all(log, coord)
+
+    # A topic deleted and re-created after the start does not inherit the saved table.
+    log, coord = open_all(tmp_path)
+    log.delete_topic("t")
+    log.create_topic("t", 1)
+    assert coord.producer_state("t", 0).producers == {}
+    close_all(log, coord)

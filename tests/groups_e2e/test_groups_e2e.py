@@ -148,6 +148,7 @@ async def test_idempotent_produce_answers_duplicates_with_original_offsets_acros
     finally:
         connection.close()
     assert broker.stop() == 0
+    assert (tmp_path / "data" / "coordination" / "producer_state" / "snapshot").exists()
     again = make_broker(tmp_path / "data")
     connection = await Connection.open("127.0.0.1", again.producer_port)
     try:
@@ -161,3 +162,20 @@ async def test_idempotent_produce_answers_duplicates_with_original_offsets_acros
     async with Admin(again.bootstrap) as admin:
         described = await admin.describe_topic("exact")
         assert described["partitions"][1]["end_offset"] == 3  # a, b, c: the retries wrote nothing
+    # The SIGTERM above saved the producer tables; a SIGKILL saves nothing, so this start
+    # rebuilds them from the batch headers, and retries are still recognised.
+    third = _idempotent_batch(producer_id, 3, [b"d"])
+    connection = await Connection.open("127.0.0.1", again.producer_port)
+    try:
+        written_third = (await connection.request(dict(header), third)).header
+    finally:
+        connection.close()
+    again.kill()
+    last = make_broker(tmp_path / "data")
+    connection = await Connection.open("127.0.0.1", last.producer_port)
+    try:
+        for batch_bytes, offset in ((first, written["base_offset"]), (third, written_third["base_offset"])):
+            retried = (await connection.request(dict(header), batch_bytes)).header
+            assert retried["base_offset"] == offset and retried["duplicate_batches"] == 1
+    finally:
+        connection.close()

@@ -16,15 +16,27 @@ partition's `ProducerStateTable`:
   (its state may have left with retention), which is what Kafka does too.
 
 Persistence: the state is a function of the log (producer_id, producer_epoch, base_sequence
-and record_count are in every batch header), so `rebuild` reconstructs it at partition open by
-walking batch headers (no body decoding) and nothing extra is written per produce. Producer
+and record_count are in every batch header), so `rebuild` reconstructs it on first use by
+walking batch headers (no body decoding) and nothing extra is written per produce. A clean
+shutdown saves the tables it holds (`ProducerSnapshots`), so the next start walks only the
+batches appended after each table's end offset (Kafka's producer snapshots, one file). Producer
 ids come from `ProducerIds`, which reserves blocks of ids in a journal so an id is never handed
 out twice, even across restarts.
+
+Snapshot file ``<data_dir>/coordination/producer_state/snapshot`` (msgpack): ``{"version": 1,
+"partitions": [[topic, partition, end_offset, [[producer_id, epoch, [[first_sequence,
+last_sequence, base_offset, last_offset], ...]], ...]], ...]}``, written atomically (temporary
+file, fsync, rename, directory fsync) after the last append of a clean shutdown. It is read and
+deleted at start, before any append: a crash later leaves no snapshot behind, and the next
+start rebuilds from the headers, so a snapshot never describes a log that changed after it was
+written. One is used only if its end offset is within the partition's current log.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import os
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -42,6 +54,8 @@ ID_BLOCK: Final = 1000
 NO_PRODUCER: Final = -1
 _ID_KEY: Final = b"producer-id-block"
 _READ_CHUNK: Final = 4 << 20
+
+log = logging.getLogger(__name__)
 
 
 class ProducerError(Exception):
@@ -157,11 +171,25 @@ class ProducerStateTable:
                 self.record(header.producer_id, header.producer_epoch, header.base_sequence,
                             header.record_count, header.base_offset)
 
+    def snapshot(self) -> list[list[object]]:
+        return [[producer_id, state.epoch, [list(meta) for meta in state.recent]]
+                for producer_id, state in self.producers.items()]
+
     @classmethod
-    def rebuild(cls, partition: PartitionLog) -> ProducerStateTable:
-        """The state implied by every batch header in the partition (no body is decoded)."""
+    def from_snapshot(cls, entries: Iterable[Sequence[object]]) -> ProducerStateTable:
         table = cls()
-        offset = partition.start_offset
+        for producer_id, epoch, recent in entries:  # type: ignore[misc]
+            state = table.producers[int(producer_id)] = _Producer(int(epoch))
+            state.recent.extend(BatchMeta(*map(int, meta)) for meta in recent)
+        return table
+
+    @classmethod
+    def rebuild(cls, partition: PartitionLog, base: ProducerStateTable | None = None,
+                from_offset: int = 0) -> ProducerStateTable:
+        """The state implied by the batch headers of the partition (no body is decoded): of all
+        of them, or of those from `from_offset` on added to `base` (a snapshot's table)."""
+        table = base if base is not None else cls()
+        offset = max(partition.start_offset, from_offset)
         while offset < partition.end_offset:
             fetched = partition.read(offset, _READ_CHUNK)
             for view in fetched.views:
@@ -180,6 +208,56 @@ def _headers(view: memoryview) -> Iterable[batch.BatchHeader]:
         header = batch.read_header(view, pos)
         yield header
         pos += header.size
+
+
+class ProducerSnapshots:
+    """The producer tables saved by the last clean shutdown (see the module docstring)."""
+
+    VERSION: Final = 1
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / "snapshot"
+
+    def take(self) -> dict[tuple[str, int], tuple[int, ProducerStateTable]]:
+        """Read and delete the saved tables: (topic, partition) -> (end_offset, table). A file
+        that does not parse is ignored (the tables are then rebuilt from the log)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        try:
+            loaded = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            if loaded.get("version") != self.VERSION:
+                raise ValueError(f"snapshot version {loaded.get('version')!r}")
+            tables = {(str(topic), int(partition)): (int(end), ProducerStateTable.from_snapshot(entries))
+                      for topic, partition, end, entries in loaded["partitions"]}
+        except Exception as exc:  # any damage: fall back to rebuilding from the log
+            log.warning("ignoring unreadable producer snapshot %s: %s", self.path, exc)
+            tables = {}
+        self.path.unlink()
+        _fsync_directory(self.path.parent)
+        return tables
+
+    def save(self, tables: Iterable[tuple[str, int, int, ProducerStateTable]]) -> None:
+        """Write (topic, partition, end_offset, table) atomically; call after the last append."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = msgpack.packb({"version": self.VERSION, "partitions": [
+            [topic, partition, end, table.snapshot()] for topic, partition, end, table in tables]})
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with open(temporary, "wb") as file:
+            file.write(body)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)  # fsync before rename: never a named, empty snapshot
+        _fsync_directory(self.path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ProducerIds:

@@ -27,7 +27,7 @@ from typing import NamedTuple
 from rustmq.coordination import group as group_mod
 from rustmq.coordination import queue, queue_log
 from rustmq.coordination.offsets import OffsetStore
-from rustmq.coordination.producers import Decision, ProducerIds, ProducerStateTable
+from rustmq.coordination.producers import Decision, ProducerIds, ProducerSnapshots, ProducerStateTable
 from rustmq.storage import batch, errors
 from rustmq.storage.log import Log
 from rustmq.storage.partition import PartitionLog
@@ -53,13 +53,25 @@ class QueueFetch(NamedTuple):
 
 class Coordinator:
     def __init__(self, log: Log, offsets: OffsetStore, queues: queue.QueueStore,
-                 producer_ids: ProducerIds, incarnation: str) -> None:
+                 producer_ids: ProducerIds, incarnation: str,
+                 producer_snapshots: ProducerSnapshots | None = None) -> None:
         self.log = log
         self.offsets = offsets
         self.queues = queues
         self.producer_ids = producer_ids
         self.groups = group_mod.GroupCoordinator(self._partition_count, incarnation)
         self._producer_states: dict[TopicPartition, tuple[PartitionLog, ProducerStateTable]] = {}
+        self._producer_snapshots = producer_snapshots
+        # Tables saved by the last clean shutdown, bound to the partitions open now (a topic
+        # deleted and re-created later gets a new PartitionLog and so no stale table).
+        self._saved_states: dict[TopicPartition, tuple[PartitionLog, int, ProducerStateTable]] = {}
+        for (topic, partition), (end, table) in (producer_snapshots.take() if producer_snapshots else {}).items():
+            try:
+                plog = self._partition(topic, partition)
+            except (errors.UnknownTopicError, UnknownPartitionError):
+                continue
+            if end <= plog.end_offset:
+                self._saved_states[(topic, partition)] = (plog, end, table)
 
     @classmethod
     def open(cls, data_dir: Path, log: Log, *, incarnation: str,
@@ -76,12 +88,30 @@ class Coordinator:
         except BaseException:
             offsets.close()
             raise
-        return cls(log, offsets, queues, producer_ids, incarnation)
+        return cls(log, offsets, queues, producer_ids, incarnation,
+                   ProducerSnapshots(root / "producer_state"))
 
     def close(self, clean: bool = True) -> None:
-        self.offsets.close(clean)
-        self.queues.close(clean)
-        self.producer_ids.close(clean)
+        """Close the journals; on a clean close (after the last append) also save the producer
+        tables, so the next start need not walk every batch header again."""
+        try:
+            if clean and self._producer_snapshots is not None:
+                self._save_producer_states()
+        finally:
+            self.offsets.close(clean)
+            self.queues.close(clean)
+            self.producer_ids.close(clean)
+
+    def _save_producer_states(self) -> None:
+        tables = {key: (plog, plog.end_offset, table) for key, (plog, table) in self._producer_states.items()
+                  if not plog.closed}
+        for key, (plog, end, table) in self._saved_states.items():  # loaded but not used since
+            if key not in tables and not plog.closed:
+                tables[key] = (plog, end, table)
+        if tables:
+            assert self._producer_snapshots is not None
+            self._producer_snapshots.save(
+                (topic, partition, end, table) for (topic, partition), (_, end, table) in tables.items())
 
     def _partition_count(self, topic: str) -> int:
         try:
@@ -245,7 +275,12 @@ class Coordinator:
         plog = self._partition(topic, partition)
         cached = self._producer_states.get((topic, partition))
         if cached is None or cached[0] is not plog:
-            cached = (plog, ProducerStateTable.rebuild(plog))
+            saved = self._saved_states.pop((topic, partition), None)
+            if saved is not None and saved[0] is plog:
+                table = ProducerStateTable.rebuild(plog, base=saved[2], from_offset=saved[1])
+            else:
+                table = ProducerStateTable.rebuild(plog)
+            cached = (plog, table)
             self._producer_states[(topic, partition)] = cached
         return cached[1]
 
