@@ -78,11 +78,8 @@ class Compacted(NamedTuple):
 
 
 def _batches(view: memoryview) -> Iterator[tuple[batch.BatchHeader, memoryview]]:
-    position, end = 0, len(view)
-    while position < end:
-        header = batch.read_header(view, position)
+    for position, header in batch.iter_batches(view):
         yield header, view[position + batch.HEADER_SIZE : position + header.size]
-        position += header.size
 
 
 def _decode(header: batch.BatchHeader, body: memoryview) -> tuple[Any, ...] | None:

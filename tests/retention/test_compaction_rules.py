@@ -57,14 +57,7 @@ def messages(log: PartitionLog) -> list[tuple[int, int, bytes | None, bytes | No
 
 def headers(log: PartitionLog) -> list[batch.BatchHeader]:
     fetched = log.read(log.start_offset, 1 << 30)
-    found = []
-    for view in fetched.views:
-        position = 0
-        while position < len(view):
-            header = batch.read_header(view, position)
-            found.append(header)
-            position += header.size
-    return found
+    return [header for view in fetched.views for _, header in batch.iter_batches(view)]
 
 
 def test_latest_per_key_unkeyed_kept_timestamps_and_runs(tmp_path: Path) -> None:

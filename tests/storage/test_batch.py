@@ -43,6 +43,20 @@ def test_scan_reports_counts_and_positions_of_concatenated_batches(specs) -> Non
     assert scan.positions == [sum(map(len, raws[:i])) for i in range(len(raws))]
 
 
+@given(st.lists(st.tuples(bodies, st.integers(1, 50)), min_size=1, max_size=8), st.integers(0, 60))
+def test_iter_batches_walks_whole_batches_and_stops_before_a_partial_one(specs, cut) -> None:
+    raws = [batch.build_batch(b, record_count=n, first_timestamp_ms=i, max_timestamp_ms=i)
+            for i, (b, n) in enumerate(specs)]
+    joined = b"".join(raws)
+    positions = [sum(map(len, raws[:i])) for i in range(len(raws))]
+    walked = list(batch.iter_batches(joined))
+    assert [pos for pos, _ in walked] == positions
+    assert [h.record_count for _, h in walked] == [n for _, n in specs]
+    truncated = joined[: len(joined) - 1 - min(cut, len(raws[-1]) - 1)]  # the last batch cut short
+    assert [pos for pos, _ in batch.iter_batches(memoryview(truncated))] == positions[:-1]
+    assert list(batch.iter_batches(b"\0" * batch.HEADER_SIZE)) == []  # a size of 0 never loops
+
+
 @given(body=bodies, offset=st.integers(0, 2**62), epoch=st.integers(-2**31, 2**31 - 1))
 def test_stamping_broker_fields_keeps_the_crc_valid(body, offset, epoch) -> None:
     raw = bytearray(batch.build_batch(body, record_count=1, first_timestamp_ms=0,

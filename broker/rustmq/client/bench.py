@@ -333,13 +333,11 @@ async def bench_consume(admin: Admin, args: argparse.Namespace) -> dict[str, Any
 
 def _decode_count(data: memoryview, position: int) -> int:
     """Decode every batch body at or after position (one msgpack call each); count the records."""
-    count, pos, end = 0, 0, len(data)
-    while end - pos >= storage_batch.HEADER_SIZE:
-        header = storage_batch.read_header(data, pos)
+    count = 0
+    for pos, header in storage_batch.iter_batches(data):
         if header.base_offset + header.record_count > position:
             entries = records.decode_body(data[pos + storage_batch.HEADER_SIZE : pos + header.size], header.attributes & records.CODEC_MASK)
             count += len(entries) - max(0, position - header.base_offset)
-        pos += header.size
     return count
 
 

@@ -39,15 +39,10 @@ def decode_batches(topic: str, partition: int, data: bytes | memoryview, positio
     """Messages at or after ``position`` in concatenated raw batches, and the next position."""
     view = memoryview(data)
     out: list[Message] = []
-    pos, end = 0, len(view)
-    while end - pos >= storage_batch.HEADER_SIZE:
-        header = storage_batch.read_header(view, pos)
-        size = header.size
-        if pos + size > end:
-            break
+    for pos, header in storage_batch.iter_batches(view):
         last = header.base_offset + header.record_count - 1
         if last >= position:
-            entries = records.decode_body(view[pos + storage_batch.HEADER_SIZE : pos + size], header.attributes & records.CODEC_MASK)
+            entries = records.decode_body(view[pos + storage_batch.HEADER_SIZE : pos + header.size], header.attributes & records.CODEC_MASK)
             base, first_ts = header.base_offset, header.first_timestamp_ms
             skip = max(0, position - base)
             make = tuple.__new__  # Message(...) without the Python-level __new__ frame per record
@@ -56,7 +51,6 @@ def decode_batches(topic: str, partition: int, data: bytes | memoryview, positio
                 for index, entry in enumerate(entries[skip:] if skip else entries, skip)
             ]
             position = last + 1
-        pos += size
     return out, position
 
 
@@ -258,11 +252,6 @@ class Consumer:
 
 
 def _next_position(data: memoryview, position: int) -> int:
-    pos, end = 0, len(data)
-    while end - pos >= storage_batch.HEADER_SIZE:
-        header = storage_batch.read_header(data, pos)
-        if pos + header.size > end:
-            break
+    for _, header in storage_batch.iter_batches(data):
         position = max(position, header.base_offset + header.record_count)
-        pos += header.size
     return position

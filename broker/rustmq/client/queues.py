@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 from rustmq.client.connection import Connection, Response, check, parse_address, response_within
 from rustmq.client.producer import Producer, RecordMetadata
+from rustmq.client.sync import SyncClient
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey
 from rustmq.storage import batch as storage_batch
@@ -301,17 +302,10 @@ def _settle_group(group: asyncio.Future[None], responses: asyncio.Future[list[Re
 
 def _decode_batches(data: memoryview) -> list[tuple[int, int, tuple[Any, ...]]]:
     """(base_offset, first_timestamp_ms, decoded records) of each whole batch in `data`."""
-    out = []
-    pos, end = 0, len(data)
-    while end - pos >= storage_batch.HEADER_SIZE:
-        header = storage_batch.read_header(data, pos)
-        if pos + header.size > end:
-            break
-        body = data[pos + storage_batch.HEADER_SIZE : pos + header.size]
-        out.append((header.base_offset, header.first_timestamp_ms,
-                    records.decode_body(body, header.attributes & records.CODEC_MASK)))
-        pos += header.size
-    return out
+    return [(header.base_offset, header.first_timestamp_ms,
+             records.decode_body(data[pos + storage_batch.HEADER_SIZE : pos + header.size],
+                                 header.attributes & records.CODEC_MASK))
+            for pos, header in storage_batch.iter_batches(data)]
 
 
 def _ranges(offsets: list[int]) -> list[list[int]]:
@@ -409,57 +403,34 @@ class SyncQueueMessage:
         return self._runner.run(self.message.extend(ack_wait_ms))
 
 
-class SyncQueueConsumer:
-    def __init__(self, runner: asyncio.Runner, consumer: QueueConsumer, owns_runner: bool) -> None:
-        self._runner = runner
-        self._consumer = consumer
-        self._owns_runner = owns_runner
-        runner.run(consumer.start())
+class SyncQueueConsumer(SyncClient):
+    """Blocking QueueConsumer; from ``SyncQueue.subscribe`` (sharing its loop) or on its own."""
+
+    def __init__(self, bootstrap: str = "localhost:9092", topic: str = "default", subscription: str = "default", *,
+                 runner: asyncio.Runner | None = None, **options: Any) -> None:
+        super().__init__(QueueConsumer(bootstrap, topic, subscription, **options), runner)
 
     def receive(self, timeout_s: float | None = None) -> SyncQueueMessage | None:
-        message = self._runner.run(self._consumer.receive(timeout_s))
+        message = self._run(self._client.receive(timeout_s))
         return None if message is None else SyncQueueMessage(self._runner, message)
 
     def receive_batch(self, max_messages: int | None = None) -> list[SyncQueueMessage]:
-        return [SyncQueueMessage(self._runner, m) for m in self._runner.run(self._consumer.receive_batch(max_messages))]
+        return [SyncQueueMessage(self._runner, m) for m in self._run(self._client.receive_batch(max_messages))]
 
     def ack_many(self, messages: Iterable[SyncQueueMessage]) -> int:
-        return self._runner.run(self._consumer.ack_many([m.message for m in messages]))
-
-    def close(self) -> None:
-        self._runner.run(self._consumer.close())
-        if self._owns_runner:
-            self._runner.close()
-
-    def __enter__(self) -> SyncQueueConsumer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        return self._run(self._client.ack_many([m.message for m in messages]))
 
 
-class SyncQueue:
+class SyncQueue(SyncClient):
     """Blocking Queue: ``SyncQueue(bootstrap, topic).publish(b"...")``, ``.subscribe(name)``."""
 
     def __init__(self, bootstrap: str = "localhost:9092", topic: str = "default", **options: Any) -> None:
-        self._runner = asyncio.Runner()
-        self._queue = Queue(bootstrap, topic, **options)
-        self._runner.run(self._queue.start())
+        super().__init__(Queue(bootstrap, topic, **options))
 
     def publish(self, value: bytes | None, key: bytes | None = None, **options: Any) -> RecordMetadata | None:
-        return self._runner.run(self._queue.publish(value, key, **options))
+        return self._run(self._client.publish(value, key, **options))
 
     def subscribe(self, subscription: str = "default", **options: Any) -> SyncQueueConsumer:
-        return SyncQueueConsumer(self._runner, self._queue.subscribe(subscription, **options), owns_runner=False)
-
-    def close(self) -> None:
-        try:
-            self._runner.run(self._queue.close())
-        finally:
-            self._runner.close()
-
-    def __enter__(self) -> SyncQueue:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        """A consumer of `subscription` on this queue's event loop (close it before the queue)."""
+        queue = self._client
+        return SyncQueueConsumer(queue.bootstrap, queue.topic, subscription, runner=self._runner, **options)

@@ -202,12 +202,7 @@ class ProducerStateTable:
 
 
 def _headers(view: memoryview) -> Iterable[batch.BatchHeader]:
-    pos = 0
-    end = len(view)
-    while pos < end:
-        header = batch.read_header(view, pos)
-        yield header
-        pos += header.size
+    return (header for _, header in batch.iter_batches(view))
 
 
 class ProducerSnapshots:

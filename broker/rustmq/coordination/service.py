@@ -312,11 +312,4 @@ class Coordinator:
 
 
 def _headers(batches: bytes | memoryview) -> list[batch.BatchHeader]:
-    view = memoryview(batches)
-    headers = []
-    pos = 0
-    while pos < len(view):
-        header = batch.read_header(view, pos)
-        headers.append(header)
-        pos += header.size
-    return headers
+    return [header for _, header in batch.iter_batches(batches)]

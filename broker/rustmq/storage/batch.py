@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
+from collections.abc import Iterator
 from typing import Final, NamedTuple
 
 import crc32c
@@ -160,6 +161,19 @@ def read_header(buf: bytes | bytearray | memoryview, pos: int = 0) -> BatchHeade
         available = max(0, len(buf) - pos)
         raise errors.CorruptBatchError(f"truncated header: {available} of {HEADER_SIZE} bytes", pos)
     return BatchHeader._make(HEADER_STRUCT.unpack_from(buf, pos))
+
+
+def iter_batches(buf: bytes | bytearray | memoryview) -> Iterator[tuple[int, BatchHeader]]:
+    """(position, header) of each whole batch in concatenated batches, trusting their sizes (for
+    bytes already validated: read from the log or checked by `scan_batches`); stops before a
+    trailing partial batch."""
+    pos, end = 0, len(buf)
+    while end - pos >= HEADER_SIZE:
+        header = read_header(buf, pos)
+        if header.size < HEADER_SIZE or pos + header.size > end:
+            return
+        yield pos, header
+        pos += header.size
 
 
 def check_batch(buf: memoryview, pos: int, end: int) -> BatchHeader:
