@@ -10,8 +10,8 @@ from rustmq.client.queues import SyncQueue
 
 def test_sync_queue_publish_receive_ack(broker) -> None:
     with SyncQueue(broker.bootstrap, "orders") as queue:
-        queue.publish(b"order-123")
-        queue.publish(b"order-124")
+        queue.publish(b"order-123", key=b"customer-1")  # one key, one partition: in order
+        queue.publish(b"order-124", key=b"customer-1")
         with queue.subscribe("workers") as consumer:
             first = consumer.receive(timeout_s=5)
             assert first is not None and first.value == b"order-123"

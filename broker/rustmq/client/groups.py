@@ -29,6 +29,7 @@ from rustmq.client.admin import Admin
 from rustmq.client.connection import Connection, check, response_within
 from rustmq.client.consumer import Message, decode_batches
 from rustmq.client.errors import BrokerError, ConnectionClosedError
+from rustmq.client.sync import SyncClient
 from rustmq.protocol.api import ApiKey, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -245,34 +246,20 @@ class GroupConsumer:
                 yield message
 
 
-class SyncGroupConsumer:
+class SyncGroupConsumer(SyncClient):
     """Blocking GroupConsumer for scripts. Membership heartbeats run only while a call is in
     progress (the private event loop is idle otherwise), so call poll() at least every
     session_timeout_ms / 2."""
 
     def __init__(self, bootstrap: str = "localhost:9092", topic: str | list[str] = "default", **options: Any) -> None:
-        self._runner = asyncio.Runner()
-        self._consumer = GroupConsumer(bootstrap, topic, **options)
-        self._runner.run(self._consumer.start())
+        super().__init__(GroupConsumer(bootstrap, topic, **options))
 
     @property
     def assignment(self) -> list[tuple[str, int]]:
-        return self._consumer.assignment
+        return self._client.assignment  # type: ignore[no-any-return]
 
     def poll(self, timeout_s: float | None = None) -> list[Message]:
-        return self._runner.run(self._consumer.getmany(timeout_s))
+        return self._run(self._client.getmany(timeout_s))
 
     def commit(self) -> None:
-        self._runner.run(self._consumer.commit())
-
-    def close(self) -> None:
-        try:
-            self._runner.run(self._consumer.close())
-        finally:
-            self._runner.close()
-
-    def __enter__(self) -> SyncGroupConsumer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        self._run(self._client.commit())

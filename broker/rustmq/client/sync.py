@@ -17,100 +17,92 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Coroutine, Iterator
+from typing import Any, Self, TypeVar
 
 from rustmq.client.admin import Admin
 from rustmq.client.consumer import Consumer, Message
 from rustmq.client.producer import Producer, RecordMetadata
 
+T = TypeVar("T")
 
-class SyncProducer:
-    def __init__(self, bootstrap: str = "localhost:9092", **options: Any) -> None:
-        self._runner = asyncio.Runner()
-        self._producer = Producer(bootstrap, **options)
-        self._runner.run(self._producer.start())
 
-    def send(self, topic: str, value: bytes | None, key: bytes | None = None, **options: Any) -> None:
-        self._runner.run(self._producer.send(topic, value, key, **options))
+class SyncClient:
+    """One started asyncio client driven by a Runner: owned (closed with the client) or shared
+    with the wrapper that handed it out (``SyncQueue.subscribe``)."""
 
-    def send_and_wait(self, topic: str, value: bytes | None, key: bytes | None = None, **options: Any) -> RecordMetadata:
-        return self._runner.run(self._producer.send_and_wait(topic, value, key, **options))
+    def __init__(self, client: Any, runner: asyncio.Runner | None = None) -> None:
+        self._owns_runner = runner is None
+        self._runner = runner if runner is not None else asyncio.Runner()
+        self._client = client
+        try:
+            self._runner.run(client.start())
+        except BaseException:
+            if self._owns_runner:
+                self._runner.close()
+            raise
 
-    def flush(self) -> None:
-        self._runner.run(self._producer.flush())
+    def _run(self, awaitable: Coroutine[Any, Any, T]) -> T:
+        return self._runner.run(awaitable)
 
     def close(self) -> None:
         try:
-            self._runner.run(self._producer.close())
+            self._runner.run(self._client.close())
         finally:
-            self._runner.close()
+            if self._owns_runner:
+                self._runner.close()
 
-    def __enter__(self) -> SyncProducer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
-class SyncConsumer:
+class SyncProducer(SyncClient):
+    def __init__(self, bootstrap: str = "localhost:9092", **options: Any) -> None:
+        super().__init__(Producer(bootstrap, **options))
+
+    def send(self, topic: str, value: bytes | None, key: bytes | None = None, **options: Any) -> None:
+        self._run(self._client.send(topic, value, key, **options))
+
+    def send_and_wait(self, topic: str, value: bytes | None, key: bytes | None = None, **options: Any) -> RecordMetadata:
+        return self._run(self._client.send_and_wait(topic, value, key, **options))
+
+    def flush(self) -> None:
+        self._run(self._client.flush())
+
+
+class SyncConsumer(SyncClient):
     def __init__(self, bootstrap: str = "localhost:9092", topic: str = "default", **options: Any) -> None:
-        self._runner = asyncio.Runner()
-        self._consumer = Consumer(bootstrap, topic, **options)
-        self._runner.run(self._consumer.start())
+        super().__init__(Consumer(bootstrap, topic, **options))
 
     @property
     def positions(self) -> dict[int, int]:
-        return self._consumer.positions
+        return self._client.positions  # type: ignore[no-any-return]
 
     def poll(self, max_messages: int = 10_000, timeout_s: float = 1.0) -> list[Message]:
-        return self._runner.run(self._consumer.getmany(max_messages, timeout_s))
+        return self._run(self._client.getmany(max_messages, timeout_s))
 
     def __iter__(self) -> Iterator[Message]:
         while True:
             yield from self.poll()
 
-    def close(self) -> None:
-        try:
-            self._runner.run(self._consumer.close())
-        finally:
-            self._runner.close()
 
-    def __enter__(self) -> SyncConsumer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class SyncAdmin:
+class SyncAdmin(SyncClient):
     """Blocking `Admin`: the same methods, each run to completion (``admin.configure_queue(...)``)."""
 
     def __init__(self, bootstrap: str = "localhost:9092", **options: Any) -> None:
-        self._runner = asyncio.Runner()
-        self._admin = Admin(bootstrap, **options)
-        self._runner.run(self._admin.start())
+        super().__init__(Admin(bootstrap, **options))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        method = getattr(self._admin, name)
+        method = getattr(self._client, name)
         if not inspect.iscoroutinefunction(method):
             raise AttributeError(name)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return self._runner.run(method(*args, **kwargs))
+            return self._run(method(*args, **kwargs))
 
         return call
-
-    def close(self) -> None:
-        try:
-            self._runner.run(self._admin.close())
-        finally:
-            self._runner.close()
-
-    def __enter__(self) -> SyncAdmin:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
