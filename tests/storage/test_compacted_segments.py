@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 from rustmq import compaction
-from rustmq.client.consumer import decode_batches
 from rustmq.protocol import records
 from rustmq.storage import batch, config, errors
 from rustmq.storage import log as storage_log
 from rustmq.storage.partition import PartitionLog
-from storage_testlib import make_batch, small_config
+from storage_testlib import make_batch, read_records, small_config
 
 
 def keyed_batch(first_offset: int, count: int, keys: int = 5, timestamp_ms: int = 1_000) -> bytes:
@@ -34,22 +33,6 @@ def stamped_batch(base_offset: int, offsets_values: list[tuple[bytes | None, byt
         record_count=len(offsets_values), first_timestamp_ms=5, max_timestamp_ms=5))
     batch.stamp_batch(raw, 0, base_offset)
     return bytes(raw)
-
-
-def read_records(log: PartitionLog, start: int | None = None
-                 ) -> list[tuple[int, bytes | None, bytes | None]]:
-    out: list[tuple[int, bytes | None, bytes | None]] = []
-    offset = log.start_offset if start is None else start
-    while offset < log.end_offset:
-        fetched = log.read(offset, 1 << 20)
-        data = b"".join(bytes(view) for view in fetched.views)
-        for view in fetched.views:
-            view.release()
-        messages, position = decode_batches("t", 0, data, offset)
-        out += [(m.offset, m.key, m.value) for m in messages]
-        assert max(position, fetched.next_offset) > offset
-        offset = max(position, fetched.next_offset)
-    return out
 
 
 def fill(log: PartitionLog, batches: int, count: int = 4) -> None:

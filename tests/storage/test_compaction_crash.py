@@ -10,23 +10,19 @@ lost) cannot be produced here; it rests on the fsync ordering in replace_sealed_
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import compaction_writer as writer
 import pytest
 from rustmq import compaction
-from rustmq.client.consumer import decode_batches
 from rustmq.storage import partition as partition_mod
+from storage_testlib import read_records
 
-WRITER = Path(__file__).with_name("compaction_writer.py")
-_spec = importlib.util.spec_from_file_location("compaction_writer", WRITER)
-assert _spec is not None and _spec.loader is not None
-writer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(writer)
+WRITER = Path(writer.__file__)  # also run as a script: the child process
 
 
 def child(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,21 +37,6 @@ def image(directory: Path) -> tuple[int, int, list[tuple[int, bytes | None, byte
         return log.start_offset, log.end_offset, read_records(log)
     finally:
         log.close(clean=False)
-
-
-def read_records(log: partition_mod.PartitionLog) -> list[tuple[int, bytes | None, bytes | None]]:
-    out: list[tuple[int, bytes | None, bytes | None]] = []
-    offset = log.start_offset
-    while offset < log.end_offset:
-        fetched = log.read(offset, 1 << 20)
-        data = b"".join(bytes(view) for view in fetched.views)
-        for view in fetched.views:
-            view.release()
-        messages, position = decode_batches("t", 0, data, offset)
-        out += [(m.offset, m.key, m.value) for m in messages]
-        assert max(position, fetched.next_offset) > offset, "a read made no progress"
-        offset = max(position, fetched.next_offset)
-    return out
 
 
 def run_case(tmp_path: Path, batches: int, sample: int | None) -> dict[str, int]:

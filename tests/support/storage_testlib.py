@@ -52,3 +52,23 @@ def crash_batch(index: int) -> bytes:
     body = (index.to_bytes(4, "big") * (size // 4 + 1))[:size]
     return batch.build_batch(body, record_count=1 + index % 64, first_timestamp_ms=index,
                              max_timestamp_ms=index + 5)
+
+
+def read_records(log, start: int | None = None  # type: ignore[no-untyped-def]
+                 ) -> list[tuple[int, bytes | None, bytes | None]]:
+    """Every (offset, key, value) a consumer gets from `start` (default: the log start) on, read
+    the way consumers read: fetch, decode, continue after the batch (gaps of compaction too)."""
+    from rustmq.client.consumer import decode_batches
+
+    out: list[tuple[int, bytes | None, bytes | None]] = []
+    offset = log.start_offset if start is None else start
+    while offset < log.end_offset:
+        fetched = log.read(offset, 1 << 20)
+        data = b"".join(bytes(view) for view in fetched.views)
+        for view in fetched.views:
+            view.release()
+        messages, position = decode_batches("t", 0, data, offset)
+        out += [(m.offset, m.key, m.value) for m in messages]
+        assert max(position, fetched.next_offset) > offset, "a read made no progress"
+        offset = max(position, fetched.next_offset)
+    return out
