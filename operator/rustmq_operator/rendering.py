@@ -144,6 +144,20 @@ def container_env(cluster: str, spec: Mapping[str, Any]) -> list[dict[str, Any]]
     return downward + [dict(item) for item in spec["podTemplate"].get("env") or []]
 
 
+def pod_security_context(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The secure defaults with ``podTemplate.securityContext`` merged over them key by key
+    (``seccompProfile`` too), so setting one field (``fsGroup``, ``supplementalGroups``) keeps
+    the others instead of silently dropping runAsNonRoot and the seccomp profile."""
+    given = spec["podTemplate"].get("securityContext") or {}
+    merged = copy.deepcopy(DEFAULT_POD_SECURITY_CONTEXT)
+    for key, value in given.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
 def default_affinity(cluster: str) -> dict[str, Any]:
     """Prefer one broker per node: a node failure then takes down at most one broker."""
     return {
@@ -216,7 +230,7 @@ def render(target: Target) -> Rendered:
         "owner": owner_reference(target),
         "broker_env": environment,
         "env": container_env(target.name, spec),
-        "default_pod_security_context": DEFAULT_POD_SECURITY_CONTEXT,
+        "pod_security_context": pod_security_context(spec),
         "default_affinity": default_affinity(target.name),
         "default_topology_spread": default_topology_spread(target.name),
         "names": {

@@ -200,3 +200,16 @@ def test_claim_template_follows_the_decided_size_and_class(render_cr: Callable[.
     (template,) = render_cr(cr, claim_size="10Gi").statefulset()["spec"]["volumeClaimTemplates"]
     assert template["spec"]["resources"]["requests"]["storage"] == "10Gi"
     assert template["spec"]["storageClassName"] == "fast"
+
+
+def test_pod_security_context_merges_over_the_secure_defaults(render_cr: Callable[..., rendering.Rendered]) -> None:
+    cr = {
+        "metadata": {"name": "r"},
+        "spec": {"podTemplate": {"securityContext": {"fsGroup": 2000, "supplementalGroups": [3000], "seccompProfile": {"type": "Localhost", "localhostProfile": "rustmq.json"}}}},
+    }
+    context = render_cr(cr).statefulset()["spec"]["template"]["spec"]["securityContext"]
+    assert context["fsGroup"] == 2000 and context["supplementalGroups"] == [3000]
+    assert context["runAsNonRoot"] is True and context["runAsUser"] == rendering.BROKER_UID
+    assert context["seccompProfile"] == {"type": "Localhost", "localhostProfile": "rustmq.json"}
+    plain = render_cr({"metadata": {"name": "r"}}).statefulset()["spec"]["template"]["spec"]["securityContext"]
+    assert plain == rendering.DEFAULT_POD_SECURITY_CONTEXT
