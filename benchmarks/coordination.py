@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "broker"))
 
 from rustmq.coordination import group as group_mod  # noqa: E402
 from rustmq.coordination import queue_log  # noqa: E402
+from rustmq.coordination.offsets import OffsetStore  # noqa: E402
+from rustmq.coordination.queue import QueueSettings, QueueStore, QueueSubscription  # noqa: E402
 from rustmq.protocol import records  # noqa: E402
 from rustmq.storage import batch as storage_batch  # noqa: E402
 from rustmq.storage.config import LogConfig  # noqa: E402
 from rustmq.storage.partition import PartitionLog  # noqa: E402
-from rustmq.coordination.offsets import OffsetStore  # noqa: E402
-from rustmq.coordination.queue import QueueSettings, QueueStore, QueueSubscription  # noqa: E402
 
 
 def queue_batched(messages: int, batch: int, store: QueueStore | None, durable: bool) -> float:

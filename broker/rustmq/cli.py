@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"rustmq: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (ClientError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, ClientError, OSError) as exc:
         print(f"rustmq: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -144,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_broker(args: argparse.Namespace) -> int:
     from rustmq import app
-
     from rustmq.storage.errors import StorageError
 
     flags = {name: getattr(args, name) for name in config.FIELDS}

@@ -197,7 +197,7 @@ class Plan:
                     timestamps = [first_ts + entry[0] for entry in kept]
                     run_first_ts = timestamps[0]
                     rebased = [(ts - run_first_ts, entry[1], entry[2], entry[3])
-                               for ts, entry in zip(timestamps, kept)]
+                               for ts, entry in zip(timestamps, kept, strict=False)]
                     raw = batch.build_batch(
                         records.encode_body(rebased, codec), record_count=len(run),
                         first_timestamp_ms=run_first_ts, max_timestamp_ms=max(timestamps),

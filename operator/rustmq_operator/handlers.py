@@ -22,7 +22,8 @@ from typing import Any, Final
 
 import kopf
 
-from rustmq_operator import k8s, metrics, naming, reconciler, spec as specs, workqueue
+from rustmq_operator import k8s, metrics, naming, reconciler, workqueue
+from rustmq_operator import spec as specs
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     # The reconciler posts the Events worth a person's attention; kopf's per-handler log
     # events on every watched pod would drown them.
     settings.posting.enabled = False
-    for group, version, plural in _CHILDREN:
+    for group, _version, plural in _CHILDREN:
         settings.watching.label_selectors[group, plural] = MANAGED
     STATE.kube = k8s.Kube(k8s.load_client(os.environ.get("KUBECONFIG") or None))
     metrics_port = int(os.environ.get("RUSTMQ_OPERATOR_METRICS_PORT", "0"))
@@ -95,7 +96,9 @@ def probe_workers(**_: Any) -> dict[str, Any]:
 
 
 @kopf.on.event(specs.GROUP, specs.VERSION, specs.PLURAL)
-def cluster_changed(event: kopf.RawEvent, name: str, namespace: str, **_: Any) -> None:
+def cluster_changed(*, event: kopf.RawEvent, name: str, namespace: str | None, **_: Any) -> None:
+    if namespace is None:  # the resource is namespaced; kopf types the field for cluster-scoped ones too
+        return
     if event["type"] == "DELETED":
         STATE.known.discard((namespace, name))
         STATE.queue.forget((namespace, name))
@@ -127,9 +130,9 @@ _OURS: Final = {"app.kubernetes.io/managed-by": naming.MANAGED_BY}
 @kopf.on.event("", "v1", "services", labels=_OURS)
 @kopf.on.event("", "v1", "configmaps", labels=_OURS)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=_OURS)
-def child_changed(labels: kopf.Labels, namespace: str, **_: Any) -> None:
+def child_changed(*, labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
     cluster = labels.get(naming.CLUSTER_LABEL)
-    if cluster:
+    if cluster and namespace is not None:
         STATE.queue.add((namespace, cluster))
 
 

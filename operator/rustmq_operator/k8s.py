@@ -22,7 +22,8 @@ import kubernetes
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from rustmq_operator import naming, spec as specs
+from rustmq_operator import naming
+from rustmq_operator import spec as specs
 
 logger = logging.getLogger(__name__)
 

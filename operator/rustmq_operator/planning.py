@@ -31,7 +31,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from rustmq_operator import naming, spec as specs
+from rustmq_operator import naming
+from rustmq_operator import spec as specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,7 @@ def _plan_scale(
     if current is None:
         return ScalePlan(replicas=desired, last_non_zero=desired or last_non_zero)
     if desired == 0:
-        events = ()
+        events: tuple[Event, ...] = ()
         if current > 0:
             message = f"Hibernating: stopping {current} broker(s); their volumes are kept"
             events = (Event("Normal", "Hibernating", message),)

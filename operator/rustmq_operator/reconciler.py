@@ -19,7 +19,9 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from rustmq_operator import k8s, naming, planning, rendering, spec as specs, status as statuses
+from rustmq_operator import k8s, naming, planning, rendering
+from rustmq_operator import spec as specs
+from rustmq_operator import status as statuses
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from typing import Any, Final
 import jinja2
 import yaml
 
-from rustmq_operator import naming, spec as specs
+from rustmq_operator import naming
+from rustmq_operator import spec as specs
 
 _ENVIRONMENT: Final = jinja2.Environment(
     loader=jinja2.PackageLoader("rustmq_operator", "templates"),
@@ -132,7 +133,7 @@ def log_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 def container_env(cluster: str, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per-pod settings from the downward API, then the user's extra variables."""
     headless = naming.headless_service(cluster)
-    downward = [
+    downward: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {

@@ -24,7 +24,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rustmq_operator import naming, planning, spec as specs
+from rustmq_operator import naming, planning
+from rustmq_operator import spec as specs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,10 +6,9 @@ import asyncio
 
 import pytest
 
+import brokerproc
 from rustmq.client import Admin, BrokerError, Consumer, ProduceError, Producer, SyncConsumer, SyncProducer
 from rustmq.protocol.api import ErrorCode, partition_for_key
-
-import brokerproc
 
 
 async def consume_n(bootstrap: str, topic: str, count: int, **options) -> list:

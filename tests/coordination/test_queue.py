@@ -221,7 +221,6 @@ def test_acked_records_are_never_delivered_again_and_everything_settles(ops, del
     acked: set[int] = set()
     dead: set[int] = set()
     deliver_at = {o: 300 + o for o in delayed}
-    leased: set[int] = set()
 
     def offer(n: int) -> None:
         start = sub.next_offset
@@ -239,7 +238,6 @@ def test_acked_records_are_never_delivered_again_and_everything_settles(ops, del
             assert not (set(got) & dead)
             for o in got:
                 assert deliver_at.get(o, 0) <= now, "a delayed record was delivered early"
-            leased = {o for o in sub.in_flight}
         elif op == "ack" and sub.in_flight:
             target = sorted(sub.in_flight)[arg % len(sub.in_flight)]
             sub.ack([target])

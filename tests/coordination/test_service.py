@@ -79,7 +79,7 @@ def test_queue_acks_dead_letters_and_restart(tmp_path: Path) -> None:
     log.create_topic("jobs", 2)
     produce(log, "jobs", 1, 6)
     got = coord.queue_fetch(0, "workers", "jobs", 1, "c1", 10)
-    assert got is not None and got.delivery.count == 6
+    assert got is not None and got.delivery.record_count == 6
     for view in got.views:
         view.release()
     result, durable = coord.queue_ack(1, "workers", "jobs", 1, [0, 1, 3])

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-
 import operator_e2e as ops
+
 pytestmark = pytest.mark.slow
 crd_installed = ops.crd_installed
 operator = ops.operator

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-
 import operator_e2e as ops
+
 pytestmark = pytest.mark.slow
 crd_installed = ops.crd_installed
 operator = ops.operator

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-
 import operator_e2e as ops
+
 pytestmark = pytest.mark.slow
 crd_installed = ops.crd_installed
 
@@ -102,7 +102,8 @@ def test_example_clusters_are_accepted_by_the_api_server(cluster: Any, namespace
 def test_rendered_children_are_accepted_by_the_api_server(cluster: Any, namespace: str, crd_installed: None) -> None:
     """Server-side dry-run apply of every child the operator renders for the production example:
     the real API server's OpenAPI validation, defaulting and admission, nothing persisted."""
-    from rustmq_operator import rendering, spec as specs
+    from rustmq_operator import rendering
+    from rustmq_operator import spec as specs
 
     cr = ops.example("rustmq-production.yaml", namespace)
     spec = specs.with_defaults(cr["spec"])

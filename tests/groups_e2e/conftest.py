@@ -16,7 +16,7 @@ def make_broker(tmp_path: Path) -> Iterator[object]:
     """make_broker(data_dir=None) -> a started BrokerProcess; all are stopped at teardown."""
     started: list[brokerproc.BrokerProcess] = []
 
-    def make(data_dir: Path | None = None) -> "brokerproc.BrokerProcess":
+    def make(data_dir: Path | None = None) -> brokerproc.BrokerProcess:
         process = brokerproc.BrokerProcess(data_dir or tmp_path / "data", "--partitions", "3").start()
         started.append(process)
         return process

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from rustmq.client.admin import Admin
 from rustmq.client.consumer import Consumer
 from rustmq.client.errors import BrokerError

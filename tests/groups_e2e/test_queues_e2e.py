@@ -79,7 +79,9 @@ _KILLED_CONSUMER = textwrap.dedent("""
 
 async def test_consumer_killed_mid_batch_leads_to_redelivery(broker) -> None:
     sent = await _publish(broker.bootstrap, "jobs", 40)
-    done = subprocess.run([sys.executable, "-c", _KILLED_CONSUMER, broker.bootstrap], capture_output=True, timeout=60)
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", _KILLED_CONSUMER, broker.bootstrap], capture_output=True, timeout=60
+    )
     assert done.returncode == -9, done.stderr.decode()
     leased = done.stdout.decode().strip().split(",")
     assert len(leased) == 40

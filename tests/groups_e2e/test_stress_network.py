@@ -14,6 +14,7 @@ import time
 from collections import Counter
 
 import pytest
+
 from rustmq.client.admin import Admin
 from rustmq.client.groups import GroupConsumer
 from rustmq.client.producer import Producer

@@ -48,7 +48,7 @@ def built_images() -> BuiltImages:
 
 
 @pytest.fixture(scope="module")
-def containers(built_images: BuiltImages) -> Iterator[dict[str, "imagesupport.Container"]]:
+def containers(built_images: BuiltImages) -> Iterator[dict[str, imagesupport.Container]]:
     made: dict[str, imagesupport.Container] = {}
     try:
         for name in ("broker", "operator"):

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from imagesupport import (
     IMAGE_UID,
     BrokerProcess,

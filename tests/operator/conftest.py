@@ -12,7 +12,8 @@ import jsonschema
 import pytest
 import yaml
 
-from rustmq_operator import rendering, spec as specs
+from rustmq_operator import rendering
+from rustmq_operator import spec as specs
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "rustmq.io_rustmqclusters.yaml"

@@ -10,7 +10,8 @@ import lupa
 import pytest
 import yaml
 
-from rustmq_operator import planning, spec as specs, status
+from rustmq_operator import planning, status
+from rustmq_operator import spec as specs
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH_LUA = ROOT / "examples" / "argocd" / "health.lua"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rustmq_operator import naming, planning, spec as specs, status
+from rustmq_operator import naming, planning, status
+from rustmq_operator import spec as specs
 
 NOW = "2026-11-23T10:00:00Z"
 LATER = "2026-11-23T10:05:00Z"

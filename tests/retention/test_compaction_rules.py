@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from rustmq import app, compaction
 from rustmq.client.consumer import decode_batches
 from rustmq.coordination.service import Coordinator

@@ -14,7 +14,7 @@ def raw() -> Iterator[object]:
     """Open RawClient connections (closed at teardown): raw(port) -> RawClient."""
     clients: list[brokerproc.RawClient] = []
 
-    def connect(port: int) -> "brokerproc.RawClient":
+    def connect(port: int) -> brokerproc.RawClient:
         client = brokerproc.RawClient(port)
         clients.append(client)
         return client

@@ -16,7 +16,6 @@ from rustmq.protocol.api import EARLIEST, LATEST, ApiKey, ErrorCode, partition_f
 from rustmq.storage import batch as storage_batch
 
 
-
 def make_batch(values: list[bytes], timestamp_ms: int = 1_700_000_000_000, codec: int = 0) -> bytes:
     body = records.encode_body([[0, None, value, None] for value in values], codec)
     return storage_batch.build_batch(body, record_count=len(values), first_timestamp_ms=timestamp_ms,

@@ -6,7 +6,6 @@ path here, before the test modules of this directory are collected.
 
 from __future__ import annotations
 
-
 import pytest
 
 import storage_testlib

@@ -11,9 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "support"))
 
-from storage_testlib import crash_batch  # noqa: E402
-
 from rustmq.storage import config, durability, partition  # noqa: E402
+from storage_testlib import crash_batch  # noqa: E402
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from rustmq import compaction
 from rustmq.protocol import records
 from rustmq.storage import batch, config, errors

@@ -16,8 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import compaction_writer as writer
 import pytest
+
+import compaction_writer as writer
 from rustmq import compaction
 from rustmq.storage import partition as partition_mod
 from storage_testlib import read_records

@@ -381,6 +381,7 @@ async def bench_latency(admin: Admin, args: argparse.Namespace) -> dict[str, Any
                 now = time.perf_counter()
                 messages, _ = decode_batches(args.topic, _partition, data, fetched_from)
                 for message in messages:
+                    assert message.value is not None  # the bench producer always sends a value
                     intended, written = struct.unpack_from(">dd", message.value)
                     if intended >= warm_until:
                         latencies.append(now - intended)

@@ -133,7 +133,7 @@ class Connection:
             loop.create_connection(lambda: _Protocol(connection), host, port), timeout
         )
         transport.set_write_buffer_limits(high=8 << 20)
-        connection._transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
+        connection._transport = transport
         return connection
 
     @property

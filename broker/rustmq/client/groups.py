@@ -142,7 +142,7 @@ class GroupConsumer:
                     raise
                 log.warning("group %s: %s; joining again", self.group, exc.message)
                 view = await self._join()
-            except (ConnectionClosedError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ConnectionClosedError) as exc:
                 self._failure = exc
                 return
             if view["status"] != "ok" or view["generation"] != seen_generation:
@@ -256,7 +256,7 @@ class SyncGroupConsumer(SyncClient):
 
     @property
     def assignment(self) -> list[tuple[str, int]]:
-        return self._client.assignment  # type: ignore[no-any-return]
+        return self._client.assignment
 
     def poll(self, timeout_s: float | None = None) -> list[Message]:
         return self._run(self._client.getmany(timeout_s))

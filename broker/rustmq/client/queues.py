@@ -191,7 +191,7 @@ class QueueConsumer:
                         out += [
                             make(QueueMessage, (topic, partition, at, first_ts + e[0], e[1], e[2], e[3],
                                                 attempts.get(at, 1) if attempts else 1, deadline, self))
-                            for at, e in zip(range(offset, stop), entries[offset - base : stop - base])
+                            for at, e in zip(range(offset, stop), entries[offset - base : stop - base], strict=False)
                         ]
                         offset = stop
                     index += 1

@@ -79,7 +79,7 @@ class SyncConsumer(SyncClient):
 
     @property
     def positions(self) -> dict[int, int]:
-        return self._client.positions  # type: ignore[no-any-return]
+        return self._client.positions
 
     def poll(self, max_messages: int = 10_000, timeout_s: float = 1.0) -> list[Message]:
         return self._run(self._client.getmany(max_messages, timeout_s))

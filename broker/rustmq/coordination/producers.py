@@ -40,7 +40,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import msgpack
 
@@ -176,9 +176,9 @@ class ProducerStateTable:
                 for producer_id, state in self.producers.items()]
 
     @classmethod
-    def from_snapshot(cls, entries: Iterable[Sequence[object]]) -> ProducerStateTable:
+    def from_snapshot(cls, entries: Iterable[Sequence[Any]]) -> ProducerStateTable:
         table = cls()
-        for producer_id, epoch, recent in entries:  # type: ignore[misc]
+        for producer_id, epoch, recent in entries:
             state = table.producers[int(producer_id)] = _Producer(int(epoch))
             state.recent.extend(BatchMeta(*map(int, meta)) for meta in recent)
         return table

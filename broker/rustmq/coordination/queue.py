@@ -58,7 +58,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import msgpack
 
@@ -83,6 +83,10 @@ DLQ_REASON: Final = "rustmq-dlq-reason"
 DLQ_SUBSCRIPTION: Final = "rustmq-dlq-subscription"
 DLQ_HEADERS: Final = (DLQ_TOPIC, DLQ_PARTITION, DLQ_OFFSET, DLQ_ATTEMPTS, DLQ_REASON, DLQ_SUBSCRIPTION)
 
+
+# A record as msgpack decodes it: [timestamp_delta, key, value, headers]; the fields are Any
+# because they come off the wire and are checked where used.
+DecodedRecord = Sequence[Any]
 
 class QueueError(ValueError):
     code = "INVALID_QUEUE_REQUEST"
@@ -145,7 +149,7 @@ class Delivery(NamedTuple):
     attempts: dict[int, int]  # delivery number of offsets delivered before (absent: first)
 
     @property
-    def count(self) -> int:
+    def record_count(self) -> int:
         return sum(end - start for start, end in self.ranges)
 
 
@@ -165,6 +169,15 @@ class AckResult(NamedTuple):
 class Counters:
     __slots__ = ("delivered", "redelivered", "acked", "nacked", "lease_expired", "dead_lettered",
                  "expired", "skipped")
+
+    delivered: int
+    redelivered: int
+    acked: int
+    nacked: int
+    lease_expired: int
+    dead_lettered: int
+    expired: int
+    skipped: int
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -621,12 +634,12 @@ def to_ranges(sorted_or_not: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _is_sorted(values: Sequence[int]) -> bool:
-    return all(a <= b for a, b in zip(values, itertools.islice(values, 1, None)))
+    return all(a <= b for a, b in itertools.pairwise(values))
 
 
 # ----------------------------------------------------------------------------- record headers
 
-def attributes_from_headers(headers: Sequence[Sequence[object]] | None, timestamp_ms: int,
+def attributes_from_headers(headers: Sequence[Sequence[Any]] | None, timestamp_ms: int,
                             levels: int) -> RecordAttributes | None:
     """The queue attributes a record's headers ask for, or None when it has none.
 
@@ -643,7 +656,7 @@ def attributes_from_headers(headers: Sequence[Sequence[object]] | None, timestam
         if name not in (HEADER_DELIVER_AT, HEADER_DELAY, HEADER_TTL, HEADER_PRIORITY):
             continue
         try:
-            number = int(bytes(value))  # type: ignore[arg-type]
+            number = int(bytes(value))
         except (TypeError, ValueError):
             continue
         found = True
@@ -658,7 +671,7 @@ def attributes_from_headers(headers: Sequence[Sequence[object]] | None, timestam
     return RecordAttributes(deliver_at, expires, priority) if found else None
 
 
-def special_records(base_offset: int, first_timestamp_ms: int, records: Sequence[Sequence[object]],
+def special_records(base_offset: int, first_timestamp_ms: int, records: Sequence[DecodedRecord],
                     levels: int) -> dict[int, RecordAttributes]:
     """Attributes of the records of a decoded batch that carry delivery headers."""
     special: dict[int, RecordAttributes] = {}
@@ -675,10 +688,10 @@ def dead_letter_topic(topic: str, subscription: str) -> str:
     return f"{topic}.{subscription}.dlq"
 
 
-def dead_letter_record(letter: DeadLetter, subscription: str, record: Sequence[object]
+def dead_letter_record(letter: DeadLetter, subscription: str, record: DecodedRecord
                        ) -> list[object]:
     """The DLQ copy of `record` ([timestamp_delta, key, value, headers]) with origin headers."""
-    headers = [list(h) for h in (record[3] or []) if h[0] not in DLQ_HEADERS]  # type: ignore[index]
+    headers = [list(h) for h in (record[3] or []) if h[0] not in DLQ_HEADERS]
     headers += [
         [DLQ_TOPIC, letter.topic.encode()],
         [DLQ_PARTITION, str(letter.partition).encode()],
@@ -690,13 +703,13 @@ def dead_letter_record(letter: DeadLetter, subscription: str, record: Sequence[o
     return [record[0], record[1], record[2], headers]
 
 
-def replay_record(dead: Sequence[object]) -> tuple[str, list[object]]:
+def replay_record(dead: DecodedRecord) -> tuple[str, list[object]]:
     """(origin topic, record without the DLQ headers) for replaying a dead letter."""
     headers = dead[3] or []
-    origin = next((bytes(v).decode() for n, v in headers if n == DLQ_TOPIC), None)  # type: ignore[union-attr, misc]
+    origin = next((bytes(v).decode() for n, v in headers if n == DLQ_TOPIC), None)
     if origin is None:
         raise QueueError("not a dead letter: no origin topic header")
-    kept = [list(h) for h in headers if h[0] not in DLQ_HEADERS]  # type: ignore[union-attr, index]
+    kept = [list(h) for h in headers if h[0] not in DLQ_HEADERS]
     return origin, [dead[0], dead[1], dead[2], kept or None]
 
 

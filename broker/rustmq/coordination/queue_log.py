@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from rustmq.coordination import queue
 from rustmq.protocol import records
@@ -58,6 +58,7 @@ def fill(sub: queue.QueueSubscription, partition: PartitionLog, now_ms: int,
                     end = header.base_offset + header.record_count
                     if end > sub.next_offset:
                         body = view[pos + batch.HEADER_SIZE : pos + header.size]
+                        decoded: Sequence[Any]
                         try:
                             if header.codec == records.CODEC_NONE and _DELIVERY_HEADER_MARK.search(body) is None:
                                 decoded = []  # no record can carry a delivery header
@@ -122,7 +123,7 @@ def _batches_before(view: memoryview, end: int) -> tuple[memoryview | None, int 
     return view, None
 
 
-def read_record(partition: PartitionLog, offset: int) -> list[object]:
+def read_record(partition: PartitionLog, offset: int) -> list[Any]:
     """The decoded record ([timestamp_delta, key, value, headers]) at `offset`, with the
     timestamp delta made absolute (first_timestamp_ms + delta)."""
     fetched = partition.read(offset, 1)
@@ -156,7 +157,7 @@ def write_dead_letters(letters: Sequence[queue.DeadLetter], subscription: str,
     first_ts = None
     for letter in letters:
         record = read_record(source, letter.offset)
-        timestamp = int(record[0])  # type: ignore[call-overload]
+        timestamp = int(record[0])
         first_ts = timestamp if first_ts is None else min(first_ts, timestamp)
         dead.append(queue.dead_letter_record(letter, subscription, record))
     assert first_ts is not None
@@ -168,7 +169,7 @@ def write_dead_letters(letters: Sequence[queue.DeadLetter], subscription: str,
                                         first_timestamp_ms=first_ts, max_timestamp_ms=max_ts))
 
 
-def replay_batches(dead: Sequence[Sequence[object]], now_ms: int) -> dict[str, bytes]:
+def replay_batches(dead: Sequence[Sequence[Any]], now_ms: int) -> dict[str, bytes]:
     """Group decoded dead letters (absolute timestamps are replaced by `now_ms`) by origin topic
     and build one batch per topic to produce there (the server then partitions by key)."""
     by_topic: dict[str, list[list[object]]] = {}

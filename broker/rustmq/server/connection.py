@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rustmq.protocol import api, frames, records, simple
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
@@ -80,7 +80,7 @@ class Connection(asyncio.BufferedProtocol):
         self._simple_sticky: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._completions_scheduled = False
-        self._handlers = {
+        self._handlers: dict[int, Any] = {
             ApiKey.PRODUCE: self._produce,
             ApiKey.FETCH: self._fetch,
             ApiKey.LIST_OFFSETS: self._list_offsets,
@@ -101,7 +101,7 @@ class Connection(asyncio.BufferedProtocol):
         self._transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        transport.set_write_buffer_limits(high=self._settings.write_buffer_high_bytes)
+        cast(asyncio.Transport, transport).set_write_buffer_limits(high=self._settings.write_buffer_high_bytes)
         if not self._listener.register(self):
             self._broker.stats.connections_rejected += 1
             log.warning("refusing %s: %d connections already open", self._peer, self._settings.max_connections)

@@ -225,7 +225,7 @@ class CoordinationService:
             })
             views.extend(fetched.views)
             total += size
-            remaining -= delivery.count
+            remaining -= delivery.record_count
         if entries:
             stats = self.broker.stats.topic(request.topic)
             stats.bytes_out += total
@@ -301,7 +301,7 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
-def handlers(conn: Connection) -> dict[ApiKey, Handler]:
+def handlers(conn: Connection) -> dict[int, Handler]:
     """The coordination handlers for one connection ({} when the broker runs without them)."""
     service: CoordinationService | None = getattr(conn._broker, "coordination", None)
     if service is None:
@@ -696,7 +696,7 @@ def _dlq_replay(conn: Connection, service: CoordinationService, corr: int, heade
             raise RequestError(ErrorCode.OFFSET_OUT_OF_RANGE, f"no dead letter at offset {offset} of {topic_name}/{partition}")
         dead = queue_log.read_record(plog, offset)
         headers = dead[3] or []
-        origin_partition = next((int(bytes(v)) for n, v in headers if n == queue_mod.DLQ_PARTITION), 0)  # type: ignore[misc, union-attr]
+        origin_partition = next((int(bytes(v)) for n, v in headers if n == queue_mod.DLQ_PARTITION), 0)
         try:
             origin, clean = queue_mod.replay_record(dead)
         except queue_mod.QueueError as exc:

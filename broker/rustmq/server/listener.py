@@ -9,6 +9,7 @@ what they have), flushes their output and closes them, all within ``shutdown_tim
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 
@@ -37,7 +38,7 @@ class Listener:
             ("consumer", self._settings.consumer_port, False),
         ):
             server = await loop.create_server(
-                lambda simple=accept_simple: Connection(self, self._broker, simple),
+                functools.partial(Connection, self, self._broker, accept_simple),
                 host=self._settings.host,
                 port=port,
                 reuse_address=True,

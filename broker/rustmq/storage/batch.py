@@ -41,8 +41,8 @@ range it delimits, base_offset by the offset sequence, leader_epoch by value.
 from __future__ import annotations
 
 import struct
-from enum import IntEnum
 from collections.abc import Iterator
+from enum import IntEnum
 from typing import Final, NamedTuple
 
 import crc32c

@@ -23,6 +23,7 @@ so persisting an index is one write.
 from __future__ import annotations
 
 import bisect
+import itertools
 import struct
 import sys
 from array import array
@@ -126,11 +127,11 @@ class TimeIndex:
             index.relative_offsets.append(relative_offset)
         index._encoded = bytearray(data)
         _require_increasing(index.relative_offsets, "relative offsets")
-        if any(a > b for a, b in zip(index.timestamps, index.timestamps[1:])):
+        if any(a > b for a, b in itertools.pairwise(index.timestamps)):
             raise ValueError("time index timestamps decrease")
         return index
 
 
 def _require_increasing(values: array, what: str) -> None:
-    if any(a >= b for a, b in zip(values, values[1:])):
+    if any(a >= b for a, b in itertools.pairwise(values)):
         raise ValueError(f"index {what} are not strictly increasing")

@@ -746,7 +746,7 @@ class PartitionLog:
         if count >= len(segments) or any(
             current.base_offset != old.base_offset or current.next_offset != old.next_offset
             or not current.sealed or not current.index_persisted or current.deleted
-            for current, old in zip(segments, replaced)
+            for current, old in zip(segments, replaced, strict=False)
         ):
             prepared.discard()
             raise errors.StaleCompactionError(
