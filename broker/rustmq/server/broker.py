@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rustmq.protocol import api
 from rustmq.protocol.api import ErrorCode, RequestError
@@ -26,6 +26,12 @@ from rustmq.server.settings import ServerSettings
 from rustmq.server.stats import BrokerStats
 from rustmq.storage import batch as storage_batch
 from rustmq.storage import errors as storage_errors
+
+if TYPE_CHECKING:
+    from rustmq.server.coordination_handlers import CoordinationService
+    from rustmq.storage.durability import GroupCommitter
+    from rustmq.storage.log import Log, Topic
+    from rustmq.storage.partition import PartitionLog
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ class Produced(NamedTuple):
     partition: int
     base_offset: int
     last_offset: int
-    log: Any  # the PartitionLog written to, for durable acks
+    log: PartitionLog  # the partition written to, for durable acks
     always_durable: bool  # the topic's flush mode is "always": every ack waits for the fsync
 
 
@@ -70,7 +76,7 @@ class FetchedPartition(NamedTuple):
 class Broker:
     """Request logic for one broker; construct once the log is open."""
 
-    def __init__(self, storage_log: Any, committer: Any, settings: ServerSettings, stats: BrokerStats) -> None:
+    def __init__(self, storage_log: Log, committer: GroupCommitter, settings: ServerSettings, stats: BrokerStats) -> None:
         self.log = storage_log
         self.committer = committer
         self.settings = settings
@@ -82,17 +88,17 @@ class Broker:
         self._waiters: dict[Any, list[Callable[[], None]]] = {}
         self._loop = asyncio.get_running_loop()
         # rustmq.server.coordination_handlers.CoordinationService, attached by the app (issue 4)
-        self.coordination: Any = None
+        self.coordination: CoordinationService | None = None
 
     # -- topics ---------------------------------------------------------------------------
 
-    def topic(self, name: str) -> Any:
+    def topic(self, name: str) -> Topic:
         try:
             return self.log.topic(name)
         except storage_errors.UnknownTopicError:
             raise RequestError(ErrorCode.UNKNOWN_TOPIC, f"unknown topic {name!r}") from None
 
-    def topic_for_produce(self, name: str) -> Any:
+    def topic_for_produce(self, name: str) -> Topic:
         try:
             return self.log.topic(name)
         except storage_errors.UnknownTopicError:
@@ -123,12 +129,12 @@ class Broker:
         except (ValueError, TypeError) as exc:
             raise RequestError(ErrorCode.INVALID_CONFIG, str(exc)) from None
 
-    def add_partitions(self, name: str, total: int) -> Any:
+    def add_partitions(self, name: str, total: int) -> Topic:
         self.topic(name)
         self.log.add_partitions(name, total)
         return self.log.topic(name)
 
-    def partition_log(self, topic: Any, partition: int) -> Any:
+    def partition_log(self, topic: Topic, partition: int) -> PartitionLog:
         partitions = topic.partitions
         if partition >= len(partitions):
             raise RequestError(
@@ -196,7 +202,7 @@ class Broker:
 
     # -- produce --------------------------------------------------------------------------
 
-    def choose_partition(self, topic: Any, partition: int | None, key: bytes | None) -> int:
+    def choose_partition(self, topic: Topic, partition: int | None, key: bytes | None) -> int:
         count = len(topic.partitions)
         if partition is not None:
             return partition
@@ -233,7 +239,7 @@ class Broker:
                 wake()
         return Produced(index, result.base_offset, result.last_offset, plog, topic.config.flush.mode == "always")
 
-    def when_durable(self, plog: Any, offset: int, done: Callable[[BaseException | None], None]) -> None:
+    def when_durable(self, plog: PartitionLog, offset: int, done: Callable[[BaseException | None], None]) -> None:
         """Call done(error) on the loop thread once offset is fsynced (or the flush failed)."""
         loop = self._loop
 
@@ -308,7 +314,7 @@ class Broker:
             for wake in wakes:
                 wake()
 
-    def _wake(self, plog: Any) -> None:
+    def _wake(self, plog: PartitionLog) -> None:
         for wake in self._waiters.pop(plog, ()):
             wake()
 
