@@ -145,6 +145,12 @@ class Journal:
     def flush(self) -> int:
         return self.partition.flush()
 
+    def position(self) -> tuple[PartitionLog, int]:
+        """(partition, offset): everything appended so far is durable once that partition's
+        durable_offset is above offset. Ask after `maybe_compact`: a compaction moves the state
+        to a new generation whose offsets are unrelated to those `append` returned before."""
+        return self.partition, self.partition.end_offset - 1
+
     @property
     def tail_bytes(self) -> int:
         """Bytes appended since the generation's snapshot."""

@@ -9,7 +9,9 @@ Data layout (next to the storage engine's ``topics/`` under the broker's data di
 
 Threading: every method runs on the thread that owns the `rustmq.storage.Log` (the event loop).
 Durability: methods that write return `Durable(partition, offset)` values; the server answers
-the request only once `partition.durable_offset > offset` (`Broker.when_durable`).
+the request only once `partition.durable_offset > offset` (`Broker.when_durable`). For the
+journals that position is taken after the append's compaction check (`Journal.position`), since a
+compaction moves the state to a generation with other offsets.
 
 Dead letters are written to ``<topic>.<subscription>.dlq`` (created on first use with as many
 partitions as the origin topic; a dead letter keeps its partition number) and flushed
@@ -144,8 +146,8 @@ class Coordinator:
                        offsets: Mapping[TopicPartition, int], metadata: str = "") -> Durable:
         """Fenced commit (GroupError subclasses, InvalidCommitError); answer once durable."""
         self.groups.group(group).check_commit(member_id, generation, offsets)
-        last = self.offsets.commit(now_ms, group, offsets, metadata)
-        return Durable(self.offsets.journal.partition, last)
+        self.offsets.commit(now_ms, group, offsets, metadata)
+        return Durable(*self.offsets.journal.position())
 
     def fetch_offsets(self, group: str, partitions: Iterable[TopicPartition] | None = None
                       ) -> dict[TopicPartition, int]:
@@ -218,8 +220,8 @@ class Coordinator:
         """Set or reset settings overrides (subscription None: for every subscription of the
         topic); returns the new description and the journal position to wait for."""
         self.log.topic(topic)  # UnknownTopicError: overrides of a topic that does not exist
-        last = self.queues.configure(now_ms, topic, subscription, values, reset)
-        return self.queues.describe(topic, subscription), Durable(self.queues.journal.partition, last)
+        self.queues.configure(now_ms, topic, subscription, values, reset)
+        return self.queues.describe(topic, subscription), Durable(*self.queues.journal.position())
 
     def describe_queue(self, topic: str, subscription: str | None) -> dict[str, object]:
         self.log.topic(topic)
@@ -232,8 +234,9 @@ class Coordinator:
         return self.persist(now_ms)
 
     def persist(self, now_ms: int) -> Durable | None:
-        last = self.queues.persist(now_ms)
-        return None if last is None else Durable(self.queues.journal.partition, last)
+        if self.queues.persist(now_ms) is None:
+            return None
+        return Durable(*self.queues.journal.position())
 
     def _dead_letter(self, now_ms: int, sub: queue.QueueSubscription,
                      letters: list[queue.DeadLetter]) -> None:
