@@ -89,3 +89,98 @@ def test_a_queue_ack_that_triggers_journal_compaction_is_answered_as_durable(tmp
         committer.close()
         coord.close()
         log.close()
+
+
+def _open(data: Path) -> tuple[Log, Coordinator]:
+    log = Log.open(data, CONFIG, background_flusher=False)
+    return log, Coordinator.open(data, log, incarnation="t")
+
+
+def _fetch_offsets(coord: Coordinator, now_ms: int, consumer: str) -> list[int]:
+    fetched = coord.queue_fetch(now_ms, "w", "jobs", 0, consumer, 10)
+    if fetched is None:
+        return []
+    for view in fetched.views:
+        view.release()
+    return [o for start, end in fetched.delivery.ranges for o in range(start, end)]
+
+
+def _settle(coord: Coordinator, durable) -> None:
+    """What the server does after a coordinator call: dead letters durable, then the state."""
+    coord.flush_dead_letters()
+    durable = coord.persist(0) or durable
+    if durable is not None:
+        durable.partition.flush()
+
+
+def test_a_dead_letter_whose_write_fails_is_not_lost(tmp_path: Path, monkeypatch) -> None:
+    log, coord = _open(tmp_path)
+    log.create_topic("jobs", 1)
+    body = records.encode_body([[0, None, b"poison", None]])
+    log.topic("jobs").partitions[0].append(batch.build_batch(body, record_count=1, first_timestamp_ms=1,
+                                                              max_timestamp_ms=1))
+    from rustmq.coordination import queue_log
+
+    def disk_full(*args, **kwargs):
+        raise errors.StorageFullError("no space left on device (simulated)")
+
+    monkeypatch.setattr(queue_log, "write_dead_letters", disk_full)
+    max_deliveries = queue.QueueSettings().max_deliveries
+    for attempt in range(max_deliveries):
+        assert _fetch_offsets(coord, 10 * attempt, "c") == [0]
+        try:
+            durable = coord.queue_nack(10 * attempt + 1, "w", "jobs", 0, [0], reason="bad")
+        except errors.StorageFullError:
+            durable = None  # the broker answered the nack with an error
+        _settle(coord, durable)
+    # Later requests persist the queue state again (the next ack of anything, a tick).
+    _settle(coord, coord.persist(1000))
+    coord.close()
+    log.close()
+
+    monkeypatch.undo()
+    log, coord = _open(tmp_path)
+    try:
+        in_dlq = "jobs.w.dlq" in {t.name for t in log.topics()} and log.topic("jobs.w.dlq").partitions[0].end_offset
+        assert in_dlq or _fetch_offsets(coord, 2000, "c2") == [0], "the record is neither redelivered nor dead-lettered"
+    finally:
+        coord.close()
+        log.close()
+
+
+def test_a_failed_dead_letter_write_is_retried_once_the_disk_is_back(tmp_path: Path, monkeypatch) -> None:
+    log, coord = _open(tmp_path)
+    log.create_topic("jobs", 1)
+    body = records.encode_body([[0, None, b"poison", None]])
+    log.topic("jobs").partitions[0].append(batch.build_batch(body, record_count=1, first_timestamp_ms=1,
+                                                              max_timestamp_ms=1))
+    from rustmq.coordination import queue_log
+
+    real = queue_log.write_dead_letters
+    full = [True]
+
+    def maybe_full(*args, **kwargs):
+        if full[0]:
+            raise errors.StorageFullError("no space left on device (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(queue_log, "write_dead_letters", maybe_full)
+    for attempt in range(queue.QueueSettings().max_deliveries):
+        assert _fetch_offsets(coord, 10 * attempt, "c") == [0]
+        _settle(coord, coord.queue_nack(10 * attempt + 1, "w", "jobs", 0, [0], reason="bad"))
+    assert coord.queues.subscriptions[("w", "jobs", 0)].ack_floor == 0  # not settled: not in the DLQ
+    full[0] = False
+    due = coord.next_deadline_ms()
+    assert due is not None
+    _settle(coord, coord.tick(due))
+    assert log.topic("jobs.w.dlq").partitions[0].end_offset == 1
+    assert coord.queues.subscriptions[("w", "jobs", 0)].ack_floor == 1
+    coord.close()
+    log.close()
+    log, coord = _open(tmp_path)
+    try:
+        assert _fetch_offsets(coord, 5000, "c2") == []
+        assert log.topic("jobs.w.dlq").partitions[0].end_offset == 1
+    finally:
+        coord.close()
+        log.close()

@@ -103,6 +103,12 @@ def test_nack_with_delay_is_not_redelivered_early() -> None:
     assert offsets_of(got) == [0] and got.attempts == {0: 2}
 
 
+def settled(sub: q.QueueSubscription, letters: list[q.DeadLetter]) -> list[int]:
+    """The server's part: the dead letters are written durably, then marked done."""
+    sub.dead_letters_written(letters)
+    return [d.offset for d in letters]
+
+
 def test_max_deliveries_dead_letters_with_the_last_reason() -> None:
     sub = new_sub(max_deliveries=3)
     sub.offer(0, 0, 2, 0)
@@ -112,6 +118,8 @@ def test_max_deliveries_dead_letters_with_the_last_reason() -> None:
         assert offsets_of(got) == [0]
         letters += sub.nack(attempt, [0], reason=f"boom {attempt}")
     assert letters == [q.DeadLetter("jobs", 0, 0, 3, "boom 2")]
+    assert sub.ack_floor == 0  # not done until the dead letter is durable
+    sub.dead_letters_written(letters)
     assert offsets_of(sub.acquire(10, "a", 5)) == [1]
     assert sub.ack([0]) == (0, 1)  # dead letters are done
     sub.ack([1])
@@ -233,7 +241,7 @@ def test_acked_records_are_never_delivered_again_and_everything_settles(ops, del
             offer(arg)
         elif op == "acquire":
             got = offsets_of(sub.acquire(now, "c", arg))
-            dead.update(d.offset for d in sub.take_dead_letters())
+            dead.update(settled(sub, sub.take_dead_letters()))
             assert not (set(got) & acked), "an acked record was delivered again"
             assert not (set(got) & dead)
             for o in got:
@@ -244,10 +252,10 @@ def test_acked_records_are_never_delivered_again_and_everything_settles(ops, del
             acked.add(target)
         elif op == "nack" and sub.in_flight:
             target = sorted(sub.in_flight)[arg % len(sub.in_flight)]
-            dead.update(d.offset for d in sub.nack(now, [target]))
+            dead.update(settled(sub, sub.nack(now, [target])))
         elif op == "time":
             now += arg
-            dead.update(d.offset for d in sub.expire_leases(now))
+            dead.update(settled(sub, sub.expire_leases(now)))
         elif op == "restart":
             floor, ranges, failures = sub.snapshot()
             next_offset = sub.next_offset
@@ -260,9 +268,9 @@ def test_acked_records_are_never_delivered_again_and_everything_settles(ops, del
     # Drain: everything not acked or dead-lettered is eventually delivered and can be acked.
     for _ in range(1000):
         now += 1000
-        dead.update(d.offset for d in sub.expire_leases(now))
+        dead.update(settled(sub, sub.expire_leases(now)))
         got = offsets_of(sub.acquire(now, "c", 50))
-        dead.update(d.offset for d in sub.take_dead_letters())
+        dead.update(settled(sub, sub.take_dead_letters()))
         if not got and sub.ack_floor == sub.next_offset:
             break
         assert not (set(got) & acked)

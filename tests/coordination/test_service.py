@@ -93,6 +93,7 @@ def test_queue_acks_dead_letters_and_restart(tmp_path: Path) -> None:
                 view.release()
     dlq = log.topic("jobs.workers.dlq")
     assert len(dlq.partitions) == 2 and dlq.partitions[1].end_offset == 1
+    coord.flush_dead_letters()  # what the server does once the DLQ append is durable
     wait_durable(coord.consumer_gone(10, "c1"))  # 4 and 5 back to available
     close_all(log, coord)
 

@@ -67,6 +67,7 @@ from rustmq.coordination.journal import DEFAULT_COMPACT_BYTES, Entry, Journal
 logger = logging.getLogger("rustmq.coordination")
 
 NEVER: Final = (1 << 63) - 1
+DLQ_RETRY_MS: Final = 1000  # a dead letter whose write failed is written again after this
 PRIORITY_QUANTUM: Final = 64
 
 # Record headers a producer sets (values: ASCII decimal) to control queue delivery.
@@ -213,6 +214,11 @@ class QueueSubscription:
         self._dirty_done: list[int] = []
         self._dirty_failures: dict[int, int] = {}
         self._outbox: list[DeadLetter] = []  # dead letters produced inside acquire()
+        # Offsets whose dead letter is being written: neither available nor done until the
+        # write is durable (`dead_letters_written`); a failed write retries (`dead_letters_failed`).
+        self.dead_pending: set[int] = set()
+        self._dlq_retry: list[DeadLetter] = []
+        self._dlq_retry_at_ms: int | None = None
         self.needs_snapshot = True  # its start offset is not persisted yet
         self.changed: set[QueueSubscription] | None = None  # the store's set of dirty states
 
@@ -411,6 +417,8 @@ class QueueSubscription:
                 self.reasons.pop(offset, None)
             acked += 1
         self.counters.acked += acked
+        if self.dead_pending:  # acked while its dead letter was being written: settled anyway
+            self.dead_pending.difference_update(offsets)
         if acked and self.changed is not None:
             self.changed.add(self)
         self._advance_floor()
@@ -468,6 +476,9 @@ class QueueSubscription:
         Returns the dead letters this causes, and any left by an earlier `acquire`.
         """
         letters = self._release_due(now_ms)
+        if self._dlq_retry and self._dlq_retry_at_ms is not None and now_ms >= self._dlq_retry_at_ms:
+            letters = [letter for letter in self._dlq_retry if letter.offset in self.dead_pending] + letters
+            self._dlq_retry, self._dlq_retry_at_ms = [], None
         return self.take_dead_letters() + letters if self._outbox else letters
 
     def take_dead_letters(self) -> list[DeadLetter]:
@@ -482,6 +493,8 @@ class QueueSubscription:
             times.append(self._deadlines[0][0])
         if self._delayed:
             times.append(self._delayed[0][0])
+        if self._dlq_retry_at_ms is not None:
+            times.append(self._dlq_retry_at_ms)
         return min(times, default=None)
 
     def _release_due(self, now_ms: int) -> list[DeadLetter]:
@@ -510,11 +523,13 @@ class QueueSubscription:
         failed = self.failures.get(offset, 0) + 1
         lane, expires = lease.info(offset)
         if failed >= self.settings.max_deliveries:
+            # Hazard: not done yet. Done is journaled with the next persist, and the dead
+            # letter may not be durable by then (or its write may fail): the server marks it
+            # done only once the DLQ write is durable (`dead_letters_written`).
             self.failures.pop(offset, None)
             self.reasons.pop(offset, None)
             self._dirty_failures.pop(offset, None)
-            self._mark_done(offset)
-            self.counters.dead_lettered += 1
+            self.dead_pending.add(offset)
             letters.append(DeadLetter(self.topic, self.partition, offset, failed, reason))
             return
         self.failures[offset] = failed
@@ -526,6 +541,27 @@ class QueueSubscription:
             heapq.heappush(self._delayed, (now_ms + delay_ms, offset, lane, expires))
         else:
             self._retry[lane].append((offset, offset + 1, expires))
+
+    def dead_letters_written(self, letters: Iterable[DeadLetter]) -> None:
+        """Their DLQ write is durable: the offsets are done (journaled by the next persist)."""
+        for letter in letters:
+            offset = letter.offset
+            if offset in self.dead_pending:
+                self.dead_pending.discard(offset)
+                self.counters.dead_lettered += 1
+                if offset >= self.ack_floor and offset not in self.done:
+                    self._mark_done(offset)
+        self._advance_floor()
+
+    def dead_letters_failed(self, now_ms: int, letters: Iterable[DeadLetter]) -> None:
+        """Their DLQ write failed: they stay pending (not delivered, not done) and are handed
+        out again by `expire_leases` after DLQ_RETRY_MS. After a restart before that they are
+        delivered again (their last failure was not journaled: at-least-once)."""
+        for letter in letters:
+            if letter.offset in self.dead_pending:
+                self._dlq_retry.append(letter)
+        if self._dlq_retry:
+            self._dlq_retry_at_ms = now_ms + DLQ_RETRY_MS
 
     def _mark_done(self, offset: int) -> None:
         self.done.add(offset)
@@ -583,6 +619,7 @@ class QueueSubscription:
         self.counters.skipped += offset - self.ack_floor - below
         self.ack_floor = offset
         self.done = {o for o in self.done if o >= offset}
+        self.dead_pending = {o for o in self.dead_pending if o >= offset}
         for o in [o for o in self.in_flight if o < offset]:
             del self.in_flight[o]
         self.failures = {o: n for o, n in self.failures.items() if o >= offset}

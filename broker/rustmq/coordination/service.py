@@ -14,14 +14,18 @@ journals that position is taken after the append's compaction check (`Journal.po
 compaction moves the state to a generation with other offsets.
 
 Dead letters are written to ``<topic>.<subscription>.dlq`` (created on first use with as many
-partitions as the origin topic; a dead letter keeps its partition number) and flushed
-synchronously before the subscription state that marks them done can be journaled: a rare
-event (a poison message), so the blocking fsync is acceptable, and no crash, power loss
-included, can lose a dead letter.
+partitions as the origin topic; a dead letter keeps its partition number). The record is marked
+done only once its dead letter is durable: the append returns a `DeadLetterWrite` the server
+waits for (`take_dead_letter_writes`, through the GroupCommitter: no fsync on the event loop),
+then `dead_letters_durable` marks it done for the next persist. So no crash, power loss
+included, loses a dead letter, and a failed DLQ write (disk full) leaves the record unsettled
+and retried, never journaled as done.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +37,8 @@ from rustmq.coordination.producers import Decision, ProducerIds, ProducerSnapsho
 from rustmq.storage import batch, errors
 from rustmq.storage.log import Log
 from rustmq.storage.partition import PartitionLog
+
+logger = logging.getLogger("rustmq.coordination")
 
 TopicPartition = tuple[str, int]
 
@@ -46,6 +52,14 @@ class Durable(NamedTuple):
 
     partition: PartitionLog
     offset: int
+
+
+class DeadLetterWrite(NamedTuple):
+    """Dead letters appended to a DLQ partition, not yet settled in their subscription."""
+
+    sub: queue.QueueSubscription
+    letters: list[queue.DeadLetter]
+    durable: Durable
 
 
 class QueueFetch(NamedTuple):
@@ -64,6 +78,7 @@ class Coordinator:
         self.groups = group_mod.GroupCoordinator(self._partition_count, incarnation)
         self._producer_states: dict[TopicPartition, tuple[PartitionLog, ProducerStateTable]] = {}
         self._producer_snapshots = producer_snapshots
+        self._dlq_writes: list[DeadLetterWrite] = []
         # Tables saved by the last clean shutdown, bound to the partitions open now (a topic
         # deleted and re-created later gets a new PartitionLog and so no stale table).
         self._saved_states: dict[TopicPartition, tuple[PartitionLog, int, ProducerStateTable]] = {}
@@ -97,6 +112,9 @@ class Coordinator:
         """Close the journals; on a clean close (after the last append) also save the producer
         tables, so the next start need not walk every batch header again."""
         try:
+            if clean:
+                self.flush_dead_letters()
+                self.queues.persist(int(time.time() * 1000))  # journal.close(clean) flushes it
             if clean and self._producer_snapshots is not None:
                 self._save_producer_states()
         finally:
@@ -240,17 +258,53 @@ class Coordinator:
 
     def _dead_letter(self, now_ms: int, sub: queue.QueueSubscription,
                      letters: list[queue.DeadLetter]) -> None:
+        """Append the dead letters to the DLQ (page cache only); the done marks wait until the
+        append is durable (`take_dead_letter_writes`). A failed append is retried later."""
         if not letters:
             return
         name = queue.dead_letter_topic(sub.topic, sub.subscription)
         try:
-            dlq_topic = self.log.topic(name)
-        except errors.UnknownTopicError:
-            dlq_topic = self.log.create_topic(name, self._partition_count(sub.topic) or 1)
-        dlq = dlq_topic.partitions[sub.partition % len(dlq_topic.partitions)]
-        queue_log.write_dead_letters(letters, sub.subscription,
-                                     self._partition(sub.topic, sub.partition), dlq, now_ms)
-        dlq.flush()  # Hazard: durable before the done marks can be journaled (module docstring)
+            try:
+                dlq_topic = self.log.topic(name)
+            except errors.UnknownTopicError:
+                dlq_topic = self.log.create_topic(name, self._partition_count(sub.topic) or 1)
+            dlq = dlq_topic.partitions[sub.partition % len(dlq_topic.partitions)]
+            written = queue_log.write_dead_letters(letters, sub.subscription,
+                                                   self._partition(sub.topic, sub.partition), dlq, now_ms)
+        except (errors.StorageError, OSError, UnknownPartitionError) as error:
+            logger.error("dead letters of %s/%s/%d not written (%s); retrying in %d ms",
+                         sub.subscription, sub.topic, sub.partition, error, queue.DLQ_RETRY_MS)
+            sub.dead_letters_failed(now_ms, letters)
+            return
+        assert written is not None
+        self._dlq_writes.append(DeadLetterWrite(sub, letters, Durable(dlq, written.last_offset)))
+
+    def take_dead_letter_writes(self) -> list[DeadLetterWrite]:
+        """DLQ appends made since the last call. For each, wait until `durable` holds, then call
+        `dead_letters_durable` (or `dead_letters_failed`), then persist."""
+        writes, self._dlq_writes = self._dlq_writes, []
+        return writes
+
+    def give_back_dead_letter_writes(self, writes: Iterable[DeadLetterWrite]) -> None:
+        """Writes taken but not settled (shutdown): `flush_dead_letters`/`close` settle them."""
+        self._dlq_writes.extend(writes)
+
+    def dead_letters_durable(self, write: DeadLetterWrite) -> None:
+        write.sub.dead_letters_written(write.letters)
+
+    def dead_letters_failed(self, now_ms: int, write: DeadLetterWrite) -> None:
+        write.sub.dead_letters_failed(now_ms, write.letters)
+
+    def flush_dead_letters(self, now_ms: int = 0) -> None:
+        """Blocking: make every pending DLQ append durable and settle it (shutdown, tests)."""
+        for write in self.take_dead_letter_writes():
+            try:
+                write.durable.partition.flush()
+            except (errors.StorageError, OSError) as error:
+                logger.error("flushing dead letters failed: %s", error)
+                self.dead_letters_failed(now_ms, write)
+                continue
+            self.dead_letters_durable(write)
 
     # ------------------------------------------------------------------------------- timers
 

@@ -24,6 +24,7 @@ fields and error codes are listed in docs/protocol.md, "Coordination APIs".
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from rustmq.coordination import queue as queue_mod
 from rustmq.coordination import queue_log
 from rustmq.coordination.producers import Verdict
-from rustmq.coordination.service import Coordinator, Durable
+from rustmq.coordination.service import Coordinator, DeadLetterWrite, Durable
 from rustmq.protocol import api, frames, records
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.server.broker import error_code_for
@@ -69,6 +70,7 @@ class CoordinationService:
         self._consumer_ids: dict[Connection, str] = {}
         self._consumer_seq = itertools.count(1)
         self._rotation: dict[tuple[str, str], int] = {}
+        self._dlq_in_flight: list[DeadLetterWrite] = []
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -82,6 +84,8 @@ class CoordinationService:
 
     def close(self) -> None:
         self._closed = True
+        self.coordinator.give_back_dead_letter_writes(self._dlq_in_flight)
+        self._dlq_in_flight = []
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -98,6 +102,7 @@ class CoordinationService:
             return
         durable = self.coordinator.consumer_gone(_now_ms(), consumer)
         self._request_fsync(durable)
+        self.settle_dead_letters()
         self.wake_queues()
         self.reschedule()
 
@@ -128,6 +133,7 @@ class CoordinationService:
         try:
             durable = self.coordinator.tick(_now_ms())
             self._request_fsync(durable)
+            self.settle_dead_letters()
         except Exception:
             log.exception("coordination tick failed")
         self.wake_queues()
@@ -151,6 +157,36 @@ class CoordinationService:
             self.broker.when_durable(durable.partition, durable.offset, done)
         except Exception as exc:
             done(exc)
+
+    def settle_dead_letters(self, then: Callable[[BaseException | None], None] | None = None) -> bool:
+        """Wait (on the committer thread) for the DLQ appends just made, then mark their records
+        done and persist, then call then(error) once that persist is durable; a failed flush
+        leaves them pending for a retry. Call after every coordinator call that can dead-letter
+        (fetch, nack, tick, a consumer gone). False (then not called): there was nothing."""
+        writes = self.coordinator.take_dead_letter_writes()
+        if not writes:
+            return False
+        self._dlq_in_flight.extend(writes)
+        remaining = [len(writes)]
+
+        def one_done(write: DeadLetterWrite, error: BaseException | None) -> None:
+            if self._closed:
+                return  # close() handed it back: Coordinator.close(clean) settles it
+            self._dlq_in_flight.remove(write)
+            if error is None:
+                self.coordinator.dead_letters_durable(write)
+            else:
+                log.error("dead letters not durable (%s); retrying in %d ms", error, queue_mod.DLQ_RETRY_MS)
+                self.coordinator.dead_letters_failed(_now_ms(), write)
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                self.after_persist(then or _ignore)
+                self.wake_queues()
+                self.reschedule()
+
+        for write in writes:
+            self.when_durable(write.durable, functools.partial(one_done, write))
+        return True
 
     def after_persist(self, done: Callable[[BaseException | None], None]) -> None:
         """Persist the queue state at the end of this loop pass (shared), then done(error)."""
@@ -226,6 +262,7 @@ class CoordinationService:
             views.extend(fetched.views)
             total += size
             remaining -= delivery.record_count
+        self.settle_dead_letters()
         if entries:
             stats = self.broker.stats.topic(request.topic)
             stats.bytes_out += total
@@ -647,9 +684,13 @@ def _queue_nack(conn: Connection, service: CoordinationService, corr: int, heade
     reason = api._field(header, "reason", str, "nack")[:1024]
     service.broker.topic(topic)
     durable = service.coordinator.queue_nack(_now_ms(), subscription, topic, partition, offsets, delay_ms, reason)
+    fields = {"nacked": len(offsets)}
     service.wake_queues()
     service.reschedule()
-    _answer_durable(conn, service, corr, durable, {"nacked": len(offsets)})
+    slot = conn._reserve()
+    # A nack that dead-letters is answered once the dead letter and the done mark are durable.
+    if not service.settle_dead_letters(lambda error: conn._complete(slot, [_result_frame(corr, fields, error)])):
+        service.when_durable(durable, lambda error: conn._complete(slot, [_result_frame(corr, fields, error)]))
 
 
 def _queue_extend(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
