@@ -298,22 +298,31 @@ def _name(header: dict[str, Any], field: str) -> str:
     return value
 
 
-def _offsets(header: dict[str, Any]) -> list[int]:
-    """`offsets` (a list of ints) and/or `ranges` ([start, end) pairs), as one list."""
+MAX_OFFSETS_PER_REQUEST = 1_000_000  # QUEUE_ACK/NACK/EXTEND/DLQ_REPLAY: offsets plus range lengths
+
+
+def _offsets(header: dict[str, Any], limit: int = MAX_OFFSETS_PER_REQUEST) -> list[int]:
+    """`offsets` (a list of ints) and/or `ranges` ([start, end) pairs), as one list.
+
+    Hazard: a range of a few bytes names up to a million offsets. The count is summed from the
+    range bounds and checked against `limit` before any range is expanded."""
     offsets = api._field(header, "offsets", list, None) or []
     ranges = api._field(header, "ranges", list, None) or []
     if not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets):
         raise RequestError(ErrorCode.INVALID_REQUEST, "field 'offsets' must be a list of offsets >= 0")
-    out = list(offsets)
+    count = len(offsets)
     for item in ranges:
         if not (isinstance(item, list) and len(item) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in item)
-                and 0 <= item[0] <= item[1] and item[1] - item[0] <= 1_000_000):
+                and 0 <= item[0] <= item[1]):
             raise RequestError(ErrorCode.INVALID_REQUEST, "field 'ranges' must be a list of [start, end) pairs")
-        out.extend(range(item[0], item[1]))
-    if not out:
+        count += item[1] - item[0]
+    if not count:
         raise RequestError(ErrorCode.INVALID_REQUEST, "give 'offsets' or 'ranges'")
-    if len(out) > 1_000_000:
-        raise RequestError(ErrorCode.INVALID_REQUEST, "at most 1,000,000 offsets per request")
+    if count > limit:
+        raise RequestError(ErrorCode.INVALID_REQUEST, f"at most {limit:,} offsets per request, got {count:,}")
+    out = list(offsets)
+    for start, end in ranges:
+        out.extend(range(start, end))
     return out
 
 
@@ -725,9 +734,7 @@ def _dlq_replay(conn: Connection, service: CoordinationService, corr: int, heade
     DLQ headers. Replaying the same offset twice produces it twice (the DLQ is not changed)."""
     topic_name = api._field(header, "topic", str)
     partition = api._int(header, "partition", 0, api.MAX_PARTITIONS_PER_TOPIC - 1)
-    offsets = _offsets(header)
-    if len(offsets) > MAX_QUEUE_MESSAGES:
-        raise RequestError(ErrorCode.INVALID_REQUEST, f"at most {MAX_QUEUE_MESSAGES} dead letters per replay")
+    offsets = _offsets(header, MAX_QUEUE_MESSAGES)
     broker = service.broker
     plog = broker.partition_log(broker.topic(topic_name), partition)
     now = _now_ms()
