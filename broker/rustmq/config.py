@@ -50,6 +50,7 @@ class BrokerConfig:
     write_buffer_high_bytes: int = _SERVER_DEFAULTS.write_buffer_high_bytes
     max_fetch_bytes: int = _SERVER_DEFAULTS.max_fetch_bytes
     frame_timeout_s: float = _SERVER_DEFAULTS.frame_timeout_s
+    idle_timeout_s: float = _SERVER_DEFAULTS.idle_timeout_s
     auto_create_topics: bool = True
     default_topic: str = "default"
     group_commit_ms: float = 0.5  # how long the group committer waits for more durable appends
@@ -69,6 +70,9 @@ class BrokerConfig:
                      "write_buffer_high_bytes", "max_fetch_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("frame_timeout_s", "idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be above 0, not {getattr(self, name)}")
         if self.max_frame_bytes > 1 << 30:
             raise ConfigError("max_frame_bytes must be at most 1 GiB")
         try:
@@ -89,6 +93,7 @@ class BrokerConfig:
             write_buffer_high_bytes=self.write_buffer_high_bytes,
             max_fetch_bytes=self.max_fetch_bytes,
             frame_timeout_s=self.frame_timeout_s,
+            idle_timeout_s=self.idle_timeout_s,
             auto_create_topics=self.auto_create_topics,
             default_partitions=self.partitions,
             default_topic=self.default_topic,

@@ -3,7 +3,10 @@
 The socket reads straight into the connection's bytearray (``asyncio.BufferedProtocol``), and a
 complete frame is handled as a memoryview slice of it: produce payloads go from that slice into
 the log without an intermediate bytes object. A frame length above ``max_frame_bytes`` is
-refused as soon as its four bytes arrive, before the buffer grows.
+refused as soon as its four bytes arrive. The buffer is allocated at the first read (an idle
+connection holds none), grows with the bytes received rather than the length announced, and is
+given back after IDLE_RELEASE_S of quiet; the listener closes connections idle for
+``idle_timeout_s`` and this class those that leave a frame unfinished for ``frame_timeout_s``.
 
 Responses leave in request order (clients may pipeline). Requests that finish later (durable
 produce, long-poll fetch) hold a slot in ``_pending``; responses behind them wait in their slots.
@@ -37,8 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INITIAL_BUFFER_BYTES = 256 << 10
 MIN_READ_BYTES = 64 << 10
+INITIAL_BUFFER_BYTES = MIN_READ_BYTES  # allocated at the first read, not at connect
+IDLE_RELEASE_S = 5.0  # a connection quiet this long gives its read buffer back
 SHRINK_ABOVE_BYTES = 4 << 20
 SMALL_WRITE_BYTES = 64 << 10
 _API_NAMES = {int(key): key.name for key in ApiKey}
@@ -60,7 +64,7 @@ class Connection(asyncio.BufferedProtocol):
         self._settings = broker.settings
         self._accept_simple = accept_simple
         self._simple_mode = False
-        self._buf = bytearray(INITIAL_BUFFER_BYTES)
+        self._buf = bytearray()  # allocated by the first get_buffer: idle connections hold none
         self._rpos = 0
         self._wpos = 0
         self._frame_need = 0  # total bytes (prefix included) of the frame being received
@@ -80,6 +84,7 @@ class Connection(asyncio.BufferedProtocol):
         self._simple_sticky: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._completions_scheduled = False
+        self._last_active = time.monotonic()  # last bytes received or response completed
         self._handlers: dict[int, Any] = {
             ApiKey.PRODUCE: self._produce,
             ApiKey.FETCH: self._fetch,
@@ -124,12 +129,13 @@ class Connection(asyncio.BufferedProtocol):
         self._buf = bytearray()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if len(self._buf) - self._wpos < MIN_READ_BYTES or self._rpos + self._frame_need > len(self._buf):
+        if len(self._buf) - self._wpos < MIN_READ_BYTES:
             self._make_room()
         return memoryview(self._buf)[self._wpos :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._wpos += nbytes
+        self._last_active = time.monotonic()
         self._process()
 
     def eof_received(self) -> bool:
@@ -158,16 +164,43 @@ class Connection(asyncio.BufferedProtocol):
     # -- framing --------------------------------------------------------------------------------
 
     def _make_room(self) -> None:
+        """At least MIN_READ_BYTES free after the unread bytes: compact, grow or shrink.
+
+        Hazard: `_frame_need` is what the client announced, not what it sent. The buffer grows
+        with the bytes that actually arrived (at most doubling per step, up to the frame's
+        size), so a length prefix alone costs nothing and a frame sent slowly costs at most
+        twice what was received."""
         unread = self._wpos - self._rpos
-        want = max(self._frame_need, unread) + MIN_READ_BYTES
-        if want > len(self._buf) or (len(self._buf) > SHRINK_ABOVE_BYTES and want < len(self._buf) // 4):
-            fresh = bytearray(max(want, INITIAL_BUFFER_BYTES))
+        size = len(self._buf)
+        want = unread + MIN_READ_BYTES
+        fresh_size = 0
+        if want > size:
+            cap = max(self._frame_need, unread) + MIN_READ_BYTES
+            fresh_size = max(want, min(2 * size, cap), INITIAL_BUFFER_BYTES)
+        elif size > SHRINK_ABOVE_BYTES and max(want, self._frame_need) < size // 4:
+            fresh_size = max(want, INITIAL_BUFFER_BYTES)
+        if fresh_size:
+            fresh = bytearray(fresh_size)
             fresh[:unread] = memoryview(self._buf)[self._rpos : self._wpos]
             self._buf = fresh
         elif unread:
             # bytearray slice assignment memcpy's; the source must not overlap, hence the copy.
             self._buf[:unread] = self._buf[self._rpos : self._wpos]
         self._rpos, self._wpos = 0, unread
+
+    def check_idle(self, now: float) -> None:
+        """Called by the listener's sweep: close a connection idle for idle_timeout_s (nothing
+        owed to it, no partial frame), and give back the read buffer of a quiet one."""
+        if self._closing or self._pending or self._wpos != self._rpos:
+            return
+        quiet = now - self._last_active
+        if quiet >= self._settings.idle_timeout_s:
+            log.info("closing %s: idle for %.0f s", self._peer, quiet)
+            self._broker.stats.connections_idle_closed += 1
+            self._close()
+        elif quiet >= IDLE_RELEASE_S and self._buf:
+            self._buf = bytearray()
+            self._rpos = self._wpos = 0
 
     def _process(self) -> None:
         buf = self._buf
@@ -197,7 +230,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._rpos == self._wpos:
             self._rpos = self._wpos = 0
             if len(self._buf) > SHRINK_ABOVE_BYTES and not self._closing:
-                self._buf = bytearray(INITIAL_BUFFER_BYTES)
+                self._buf = bytearray()  # the next get_buffer allocates a small one
         elif self._blocked():
             # Hazard: frames already buffered wait for a free slot; pausing here makes the
             # completing response resume reading and re-run _process (else they would wait for
@@ -300,6 +333,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _after_completions(self) -> None:
         self._completions_scheduled = False
+        self._last_active = time.monotonic()
         if self._closing and not (self._draining or self._half_closed):
             return
         self._flush_out()

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import socket
+import time
 
 from rustmq.server.broker import Broker
 from rustmq.server.connection import Connection
@@ -28,6 +29,7 @@ class Listener:
         self._servers: dict[str, asyncio.Server] = {}
         self._connections: set[Connection] = set()
         self._drained: asyncio.Event | None = None
+        self._sweep_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> dict[str, int]:
         """Bind both ports (0 picks a free one) and return the bound port numbers by name."""
@@ -48,7 +50,20 @@ class Listener:
             ports[name] = _bound_port(server)
             log.info("%s port listening on %s:%d", name, self._settings.host, ports[name])
         self._broker.ports.update(ports)
+        self._schedule_sweep()
         return ports
+
+    def _schedule_sweep(self) -> None:
+        interval = min(1.0, max(0.05, self._settings.idle_timeout_s / 4))
+        self._sweep_timer = asyncio.get_running_loop().call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle for idle_timeout_s; quiet ones give back their read buffer.
+        One timer for all connections instead of one per connection."""
+        now = time.monotonic()
+        for connection in list(self._connections):
+            connection.check_idle(now)
+        self._schedule_sweep()
 
     def register(self, connection: Connection) -> bool:
         if len(self._connections) >= self._settings.max_connections:
@@ -75,6 +90,8 @@ class Listener:
         """Stop accepting, finish in-flight requests (bounded by shutdown_timeout_s), close."""
         for server in self._servers.values():
             server.close()
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
         self._drained = asyncio.Event()
         for connection in list(self._connections):
             connection.begin_drain()

@@ -24,6 +24,9 @@ class ServerSettings:
     write_buffer_high_bytes: int = 4 << 20
     max_fetch_bytes: int = 8 << 20  # cap on one fetch response's payload
     frame_timeout_s: float = 30.0  # a partially received frame older than this closes the connection
+    # A connection with nothing owed to it and nothing received for this long is closed (Kafka's
+    # connections.max.idle.ms is 10 minutes too); clients reconnect on their next request.
+    idle_timeout_s: float = 600.0
 
     auto_create_topics: bool = True  # produce to an unknown topic creates it with default_partitions
     default_partitions: int = 12

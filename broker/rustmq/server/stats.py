@@ -66,6 +66,7 @@ class BrokerStats:
     requests: Counter[str] = field(default_factory=Counter)  # by ApiKey name (plus "SIMPLE_PRODUCE")
     connections_accepted: int = 0
     connections_rejected: int = 0
+    connections_idle_closed: int = 0  # closed by the broker after idle_timeout_s
     produce_latency: Histogram = field(default_factory=Histogram)  # receive to append done
     durable_latency: Histogram = field(default_factory=Histogram)  # append done to fsync done
     fetch_latency: Histogram = field(default_factory=Histogram)  # receive to response written
