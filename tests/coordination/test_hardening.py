@@ -11,8 +11,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import pytest
-
 from rustmq.coordination import queue
 from rustmq.coordination.offsets import OffsetStore
 from rustmq.coordination.producers import ProducerIds
