@@ -72,7 +72,7 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         coordination = broker.coordination = coordination_handlers.CoordinationService(broker, coordinator)
         coordination.reschedule()
         _ensure_default_topic(opened, config)
-        listener = Listener(broker)
+        listener = Listener(broker, tls=config.tls_settings())
         ports = await listener.start()
         broker.ports["metrics"] = metrics_port
         state.broker = broker

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import json
 import os
+import ssl
 import sys
 import time
 from collections.abc import Coroutine
@@ -48,6 +49,28 @@ def _broker_flags(parser: argparse.ArgumentParser) -> None:
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP, help="broker host:port (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    tls = parser.add_argument_group("TLS (docs/security.md)")
+    tls.add_argument("--tls", action="store_true", help="speak TLS (implied by the other --tls-* flags)")
+    tls.add_argument("--tls-ca", metavar="FILE", help="CA file the broker's certificate must chain to (default: the system's CAs)")
+    tls.add_argument("--tls-cert", metavar="FILE", help="client certificate to present (mutual TLS)")
+    tls.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert")
+    tls.add_argument("--tls-server-name", metavar="NAME",
+                     help="check the broker's certificate for NAME instead of the --bootstrap host")
+
+
+def _configure_tls(args: argparse.Namespace) -> None:
+    """Make every connection of this command speak TLS when a --tls* flag asks for it."""
+    from rustmq.client.connection import tls_context, use_tls
+
+    if not any(getattr(args, name, None) for name in ("tls", "tls_ca", "tls_cert", "tls_key", "tls_server_name")):
+        return
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise config.ConfigError("--tls-cert and --tls-key go together")
+    try:
+        context = tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise config.ConfigError(f"cannot load the TLS files: {exc}") from None
+    use_tls(context, server_hostname=args.tls_server_name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return eventloop.run(main, uvloop_wanted=use_uvloop)
 
     try:
+        if args.command != "broker":
+            _configure_tls(args)
         if args.command == "broker":
             return run_broker(args)
         if args.command == "topic":
@@ -144,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_broker(args: argparse.Namespace) -> int:
     from rustmq import app
+    from rustmq.server.tls import TlsError
     from rustmq.storage.errors import StorageError
 
     flags = {name: getattr(args, name) for name in config.FIELDS}
@@ -153,6 +179,9 @@ def run_broker(args: argparse.Namespace) -> int:
     except StorageError as exc:
         print(f"rustmq: cannot open the log in {settings.data_dir}: {exc}", file=sys.stderr)
         return 1
+    except TlsError as exc:
+        print(f"rustmq: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from rustmq.server.settings import ServerSettings
+from rustmq.server.tls import TlsSettings
 from rustmq.storage.config import LogConfig
 
 ENV_PREFIX = "RUSTMQ_"
@@ -60,6 +61,12 @@ class BrokerConfig:
     log_level: str = "INFO"
     uvloop: bool = True  # run on uvloop when it is installed (the image and scripts/setup have it)
     log: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of DEFAULT_LOG
+    # TLS on the producer and consumer ports (docs/security.md): on when a certificate is given.
+    tls_cert_file: Path | None = None  # PEM chain, leaf first; reloaded when it changes
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None  # CAs of client certificates (mutual TLS)
+    tls_client_auth: str = "none"  # none | optional | required (fixed at start-up)
+    tls_reload_s: float = 10.0  # how often the TLS files are checked for a change
 
     def __post_init__(self) -> None:
         for name in ("producer_port", "consumer_port", "metrics_port"):
@@ -79,6 +86,25 @@ class BrokerConfig:
             self.log_config()
         except Exception as exc:
             raise ConfigError(f"log: {exc}") from None
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.tls_cert_file is None and (self.tls_client_ca_file is not None or self.tls_client_auth != "none"):
+            raise ConfigError("tls_client_ca_file and tls_client_auth need TLS (tls_cert_file and tls_key_file)")
+        try:
+            self.tls_settings()
+        except ValueError as exc:
+            raise ConfigError(f"tls: {exc}") from None
+
+    def tls_settings(self) -> TlsSettings | None:
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        return TlsSettings(
+            cert_file=self.tls_cert_file,
+            key_file=self.tls_key_file,
+            client_ca_file=self.tls_client_ca_file,
+            client_auth=self.tls_client_auth,
+            reload_s=self.tls_reload_s,
+        )
 
     def server_settings(self) -> ServerSettings:
         return ServerSettings(

@@ -5,13 +5,21 @@ each response resolves the future of its correlation id. ``drain()`` waits while
 write buffer is above its high-water mark, so a producer that outruns the broker slows down
 instead of buffering without bound. Closing (or losing) the connection fails every pending
 future with ConnectionClosedError.
+
+TLS: ``open(..., ssl=context)`` speaks TLS on that connection; without it, the process-wide
+default set by ``use_tls(context)`` applies (the CLI sets it from its --tls flags, and every
+Producer, Consumer, Admin, group and queue client opens its connections here, so one call
+makes all of them speak TLS). ``tls_context`` builds a client context that checks the broker's
+certificate against a CA file and presents a client certificate for mutual TLS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl as ssl_module
 import sys
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from rustmq.client.errors import BrokerError, ConnectionClosedError
@@ -20,6 +28,36 @@ from rustmq.protocol.api import MAX_CORRELATION_ID, ErrorCode
 
 MAX_RESPONSE_BYTES = 1 << 30
 _MIN_READ = 256 << 10
+
+
+_default_ssl: ssl_module.SSLContext | None = None
+_default_server_name: str | None = None
+
+
+def use_tls(context: ssl_module.SSLContext | None, *, server_hostname: str | None = None) -> None:
+    """Make every connection this process opens without an explicit ``ssl`` speak TLS with
+    ``context`` (None: plaintext again). ``server_hostname``: the name the broker's certificate
+    is checked for, when it is not the host dialled (an IP address, a port-forward)."""
+    global _default_ssl, _default_server_name
+    _default_ssl, _default_server_name = context, server_hostname
+
+
+def tls_context(
+    ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+    *,
+    check_hostname: bool = True,
+) -> ssl_module.SSLContext:
+    """A client context: the broker's certificate is checked against ``ca_file`` (the system's
+    CAs when None) and, with ``check_hostname``, against the host dialled; ``cert_file`` and
+    ``key_file`` are the client certificate presented for mutual TLS."""
+    context = ssl_module.create_default_context(cafile=str(ca_file) if ca_file else None)
+    context.minimum_version = ssl_module.TLSVersion.TLSv1_2
+    context.check_hostname = check_hostname
+    if cert_file is not None:
+        context.load_cert_chain(str(cert_file), str(key_file) if key_file is not None else None)
+    return context
 
 
 class Response(NamedTuple):
@@ -110,6 +148,23 @@ class _Protocol(asyncio.BufferedProtocol):
         self._connection._write_resumed()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, ssl_module.SSLError):
+            # TLS 1.3: a broker that refuses the client certificate says so after the client
+            # finished its handshake, in an alert that arrives on the first read.
+            self._connection._abort(ConnectionClosedError(f"connection lost: {_tls_reason(exc)}"))
+            return
+        if exc is None and self._connection._tls and not self._connection._answered:
+            # Neither loop surfaces the alert: say what a close before any answer means here.
+            self._connection._abort(ConnectionClosedError(
+                "the broker closed the TLS connection before answering: it requires a client "
+                "certificate (--tls-cert, --tls-key) or refused the one presented (not signed "
+                "by a CA it trusts); its log says which"))
+            return
+        if exc is None and not self._connection._tls and not self._connection._answered:
+            self._connection._abort(ConnectionClosedError(
+                "connection closed by the broker before answering (if this port speaks TLS, "
+                "use --tls and --tls-ca, or tls_context() in the library)"))
+            return
         self._connection._abort(ConnectionClosedError(f"connection lost: {exc}" if exc else "connection closed by the broker"))
 
 
@@ -123,16 +178,28 @@ class Connection:
         self._drain_waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._closed: BaseException | None = None
+        self._tls = False
+        self._answered = False  # a frame came back (a TLS close before that is a refusal)
         self.unsolicited_errors: list[dict[str, Any]] = []  # error responses nobody waited for
 
     @classmethod
-    async def open(cls, host: str, port: int, *, timeout: float = 10.0) -> Connection:
+    async def open(
+        cls, host: str, port: int, *, timeout: float = 10.0, ssl: ssl_module.SSLContext | None = None
+    ) -> Connection:
         connection = cls()
         loop = asyncio.get_running_loop()
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(lambda: _Protocol(connection), host, port), timeout
-        )
+        context = ssl if ssl is not None else _default_ssl
+        extra: dict[str, Any] = {}
+        if context is not None and ssl is None and _default_server_name:
+            extra["server_hostname"] = _default_server_name
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _Protocol(connection), host, port, ssl=context, **extra), timeout
+            )
+        except ssl_module.SSLError as exc:
+            raise ConnectionClosedError(f"TLS handshake with {host}:{port} failed: {_tls_reason(exc)}") from exc
         transport.set_write_buffer_limits(high=8 << 20)
+        connection._tls = context is not None
         connection._transport = transport
         return connection
 
@@ -189,6 +256,7 @@ class Connection:
     # -- protocol callbacks ------------------------------------------------------------------
 
     def _on_frame(self, body: memoryview, owned: bool) -> None:
+        self._answered = True
         try:
             header, payload = frames.decode_body(body)
         except frames.FrameError as exc:
@@ -231,6 +299,19 @@ class Connection:
             self._drain_waiter.set_result(None)  # drain() re-checks _closed after waking
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
+
+
+def _tls_reason(exc: ssl_module.SSLError) -> str:
+    if isinstance(exc, ssl_module.SSLCertVerificationError):
+        return f"the broker's certificate is not trusted ({exc.verify_message}); check the CA file (--tls-ca)"
+    text = str(exc)
+    if "CERTIFICATE_REQUIRED" in text:
+        return f"the broker requires a client certificate (--tls-cert, --tls-key) ({exc.reason})"
+    if "UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text or "CERTIFICATE_UNKNOWN" in text:
+        return f"the broker refused the client certificate: it is not signed by a CA the broker trusts ({exc.reason})"
+    if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+        return f"the broker does not speak TLS on this port ({exc.reason})"
+    return str(exc.reason or exc)
 
 
 async def response_within(future: asyncio.Future[Response], timeout: float | None) -> Response:

@@ -1,9 +1,11 @@
 """The producer and consumer listeners, the connection registry and graceful shutdown.
 
 Both ports speak the full protocol; the producer port also accepts seed-style simple produce
-messages. Shutdown (SIGTERM) closes the listening sockets first, then lets every connection
-finish the requests it has already read (durable acks included; long-poll fetches answer with
-what they have), flushes their output and closes them, all within ``shutdown_timeout_s``.
+messages. With TLS settings both ports speak TLS only (server.tls: certificates from files,
+reloaded on change for new connections without touching open ones). Shutdown (SIGTERM) closes
+the listening sockets first, then lets every connection finish the requests it has already
+read (durable acks included; long-poll fetches answer with what they have), flushes their
+output and closes them, all within ``shutdown_timeout_s``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import asyncio
 import functools
 import logging
 import socket
+import ssl
 import time
 
 from rustmq.server.broker import Broker
 from rustmq.server.connection import Connection
+from rustmq.server.tls import ReloadingContext, TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +27,12 @@ log = logging.getLogger(__name__)
 class Listener:
     """Both TCP listeners of one broker and the set of their open connections."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, tls: TlsSettings | None = None) -> None:
         self._broker = broker
+        self.tls = ReloadingContext(tls) if tls is not None else None
+        self._tls_watch: asyncio.Task[None] | None = None
         self._settings = broker.settings
-        self._servers: dict[str, asyncio.Server] = {}
+        self._servers: dict[str, asyncio.Server | _TlsPort] = {}
         self._connections: set[Connection] = set()
         self._drained: asyncio.Event | None = None
         self._sweep_timer: asyncio.TimerHandle | None = None
@@ -39,16 +45,22 @@ class Listener:
             ("producer", self._settings.producer_port, True),
             ("consumer", self._settings.consumer_port, False),
         ):
-            server = await loop.create_server(
-                functools.partial(Connection, self, self._broker, accept_simple),
-                host=self._settings.host,
-                port=port,
-                reuse_address=True,
-                backlog=512,
-            )
+            if self.tls is not None:
+                server: asyncio.Server | _TlsPort = _TlsPort(self, self._settings.host, port, accept_simple)
+            else:
+                server = await loop.create_server(
+                    functools.partial(Connection, self, self._broker, accept_simple),
+                    host=self._settings.host,
+                    port=port,
+                    reuse_address=True,
+                    backlog=512,
+                )
             self._servers[name] = server
             ports[name] = _bound_port(server)
-            log.info("%s port listening on %s:%d", name, self._settings.host, ports[name])
+            log.info("%s port listening on %s:%d%s", name, self._settings.host, ports[name],
+                     " (TLS)" if self.tls is not None else "")
+        if self.tls is not None:
+            self._tls_watch = loop.create_task(self.tls.watch(), name="tls-reload")
         self._broker.ports.update(ports)
         self._schedule_sweep()
         return ports
@@ -88,6 +100,8 @@ class Listener:
 
     async def shutdown(self) -> None:
         """Stop accepting, finish in-flight requests (bounded by shutdown_timeout_s), close."""
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
         for server in self._servers.values():
             server.close()
         if self._sweep_timer is not None:
@@ -110,7 +124,81 @@ class Listener:
         await asyncio.sleep(0)
 
 
-def _bound_port(server: asyncio.Server) -> int:
+class _TlsConnection(Connection):
+    """TLS has no half-close: the TLS transport closes after the peer's EOF whatever
+    eof_received answers (asyncio warns when it is asked to keep it open)."""
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False
+
+
+class _TlsPort:
+    """A TLS port, shaped like the asyncio.Server of a plain one (``sockets``, ``close``,
+    ``wait_closed``).
+
+    It accepts TCP connections itself and hands each to ``connect_accepted_socket`` with the
+    context current at that moment, which does the handshake and raises when it fails: so a
+    reloaded certificate applies to every later connection, and a refused client (no
+    certificate, an untrusted one, a plaintext client that never sends a ClientHello) is logged
+    with its address instead of vanishing inside the event loop."""
+
+    def __init__(self, listener: Listener, host: str, port: int, accept_simple: bool) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family, backlog=512)
+        self._sock.setblocking(False)
+        self.sockets = (self._sock,)
+        self._listener = listener
+        self._accept_simple = accept_simple
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(), name=f"tls-accept-{port}")
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, address = await loop.sock_accept(self._sock)
+            except OSError as exc:  # EMFILE and friends: keep the port, try again shortly
+                log.error("accepting a TLS connection failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._handshake(client, address))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, client: socket.socket, address: object) -> None:
+        listener = self._listener
+        assert listener.tls is not None
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: _TlsConnection(listener, listener._broker, self._accept_simple),
+                client,
+                ssl=listener.tls.current,
+                ssl_handshake_timeout=listener.tls.settings.handshake_timeout_s,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            listener.tls.handshake_failures += 1
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            if isinstance(exc, ConnectionResetError):
+                reason = "the client gave up during the handshake (does it trust this broker's certificate?)"
+            log.warning("TLS handshake with %s failed: %s", _address(address), reason)
+            client.close()
+
+    def close(self) -> None:
+        self._accepting.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        self._sock.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._accepting, *self._handshakes, return_exceptions=True)
+
+
+def _address(peer: object) -> str:
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+def _bound_port(server: asyncio.Server | _TlsPort) -> int:
     for sock in server.sockets:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             return int(sock.getsockname()[1])

@@ -1,0 +1,147 @@
+"""What TLS costs on the producer and consumer ports: the same `rustmq bench` against two brokers.
+
+    python benchmarks/tls.py [--messages 1000000] [--repeat 3] [--mutual]
+
+Prints one JSON object. Two broker processes start side by side with default settings (port 0,
+temporary data directories): one plaintext, one serving TLS with an ECDSA P-256 certificate made
+here (with --mutual it also requires a client certificate, and the bench presents one). Then
+`rustmq bench produce --acks leader` (1 KiB values, batched) and `rustmq bench consume` (a
+backlog of the same size) run against each, alternating plaintext and TLS so that the shared
+machine's drifts hit both alike; every run is kept. `ratio` is the TLS median over the plaintext
+median (1.0 = free; issue 15's goal for batched produce: at least 0.75).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+RUSTMQ = [sys.executable, "-m", "rustmq"]
+
+
+def _certificate(name: str, issuer: x509.Name, signer: ec.EllipticCurvePrivateKey | None, *, ca: bool,
+                 client: bool = False) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject if ca else issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca and not client:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+    return builder.sign(signer or key, hashes.SHA256()), key
+
+
+def make_pki(directory: Path) -> dict[str, Path]:
+    ca, ca_key = _certificate("rustmq bench CA", x509.Name([]), None, ca=True)
+    files = {"ca": directory / "ca.crt"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for name, client in (("server", False), ("client", True)):
+        cert, key = _certificate("localhost" if not client else "bench", ca.subject, ca_key, ca=False, client=client)
+        files[name] = directory / f"{name}.crt"
+        files[f"{name}_key"] = directory / f"{name}.key"
+        files[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        files[f"{name}_key"].write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return files
+
+
+def start_broker(directory: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    ports_file = directory / "ports.json"
+    process = subprocess.Popen(
+        [*RUSTMQ, "broker", "--data-dir", str(directory / "data"), "--host", "127.0.0.1", "--producer-port", "0",
+         "--consumer-port", "0", "--metrics-port", "0", "--ports-file", str(ports_file), *extra],
+        stdout=subprocess.DEVNULL, stderr=(directory / "broker.log").open("wb"),
+    )
+    deadline = time.monotonic() + 60
+    while not ports_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"broker did not start:\n{(directory / 'broker.log').read_text()}")
+        time.sleep(0.05)
+    return process, json.loads(ports_file.read_text())
+
+
+def bench(kind: str, port: int, messages: int, tls: list[str]) -> dict[str, object]:
+    command = [*RUSTMQ, "bench", kind, "--messages", str(messages), "--bootstrap", f"localhost:{port}", "--json", *tls]
+    if kind == "produce":
+        command += ["--acks", "leader"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--mutual", action="store_true", help="require and present client certificates")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="rustmq-tls-bench-") as tmp:
+        root = Path(tmp)
+        pki = make_pki(root)
+        tls_broker_flags = ["--tls-cert-file", str(pki["server"]), "--tls-key-file", str(pki["server_key"])]
+        tls_client_flags = ["--tls-ca", str(pki["ca"])]
+        if args.mutual:
+            tls_broker_flags += ["--tls-client-ca-file", str(pki["ca"]), "--tls-client-auth", "required"]
+            tls_client_flags += ["--tls-cert", str(pki["client"]), "--tls-key", str(pki["client_key"])]
+        brokers = {}
+        for mode, flags in (("plaintext", []), ("tls", tls_broker_flags)):
+            (root / mode).mkdir()
+            brokers[mode] = start_broker(root / mode, flags)
+        runs: dict[str, dict[str, list[int]]] = {kind: {"plaintext": [], "tls": []} for kind in ("produce", "consume")}
+        try:
+            for repeat in range(args.repeat):
+                order = ("plaintext", "tls") if repeat % 2 == 0 else ("tls", "plaintext")
+                for kind in ("produce", "consume"):
+                    for mode in order:
+                        port = brokers[mode][1]["producer_port"]  # bench consume fills its backlog first
+                        found = bench(kind, port, args.messages, tls_client_flags if mode == "tls" else [])
+                        runs[kind][mode].append(int(found["msg_per_s"]))  # type: ignore[call-overload]
+        finally:
+            for process, _ in brokers.values():
+                process.terminate()
+                process.wait(60)
+    summary: dict[str, object] = {
+        "messages": args.messages,
+        "value_bytes": 1024,
+        "mutual_tls": args.mutual,
+        "repeat": args.repeat,
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+    }
+    for kind, by_mode in runs.items():
+        plain, secured = statistics.median(by_mode["plaintext"]), statistics.median(by_mode["tls"])
+        summary[kind] = {
+            "plaintext_msg_per_s": by_mode["plaintext"],
+            "tls_msg_per_s": by_mode["tls"],
+            "plaintext_median": round(plain),
+            "tls_median": round(secured),
+            "ratio": round(secured / plain, 3) if plain else None,
+        }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""TLS for the producer and consumer ports: contexts from files, reloaded when the files change.
+
+The listener accepts plain TCP and upgrades each connection with ``loop.start_tls`` and the
+context that is *current* at that moment (rather than giving create_server a context fixed at
+start-up), which gives two things: a reload (a new context built from the files) applies to
+every connection accepted afterwards while connections already open keep the one they shook
+hands with and are never dropped, and a failed handshake (no client certificate, an untrusted
+one, a plaintext client) is seen and logged with the peer's address instead of vanishing inside
+the event loop.
+
+A Kubernetes Secret volume (cert-manager's, for instance) replaces its files by swapping a
+symlink, so the watcher compares the resolved path, size and mtime of each file. Files that do
+not load (a half-written pair, a key that does not match) are logged and the current context is
+kept; the next change is tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import ssl
+from pathlib import Path
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+CLIENT_AUTH: Final = ("none", "optional", "required")
+
+
+class TlsError(ValueError):
+    """The TLS files given at start-up do not load; the message names them and says why."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsSettings:
+    cert_file: Path  # PEM certificate chain, leaf first
+    key_file: Path  # PEM private key (unencrypted)
+    client_ca_file: Path | None = None  # CAs that sign client certificates (mutual TLS)
+    client_auth: str = "none"  # none | optional | required
+    reload_s: float = 10.0  # how often the files are checked for a change
+    handshake_timeout_s: float = 10.0  # a client that has not finished its handshake by then is dropped
+
+    def __post_init__(self) -> None:
+        if self.client_auth not in CLIENT_AUTH:
+            raise ValueError(f"client_auth must be one of {', '.join(CLIENT_AUTH)}, not {self.client_auth!r}")
+        if self.client_auth != "none" and self.client_ca_file is None:
+            raise ValueError("client certificates need a CA file to check them against")
+        if self.reload_s <= 0:
+            raise ValueError("reload_s must be positive")
+
+    def files(self) -> tuple[Path, ...]:
+        return (self.cert_file, self.key_file) + ((self.client_ca_file,) if self.client_ca_file else ())
+
+
+def build_context(settings: TlsSettings) -> ssl.SSLContext:
+    """A server context from the files; ssl.SSLError or OSError when they do not load."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.cert_file, settings.key_file)
+    if settings.client_auth != "none":
+        assert settings.client_ca_file is not None
+        context.load_verify_locations(cafile=settings.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED if settings.client_auth == "required" else ssl.CERT_OPTIONAL
+    return context
+
+
+def _fingerprint(files: tuple[Path, ...]) -> tuple[tuple[str, int, int], ...]:
+    found = []
+    for path in files:
+        try:
+            real = os.path.realpath(path)
+            stat = os.stat(real)
+            found.append((real, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            found.append((str(path), -1, -1))
+    return tuple(found)
+
+
+class ReloadingContext:
+    """The context new connections get (``current``) and the task that reloads its files."""
+
+    def __init__(self, settings: TlsSettings) -> None:
+        self.settings = settings
+        self._seen = _fingerprint(settings.files())
+        try:
+            self.current = build_context(settings)
+        except (OSError, ssl.SSLError) as exc:  # at start-up a broken file is an error
+            raise TlsError(
+                f"cannot load the TLS certificate {settings.cert_file} and key {settings.key_file}"
+                + (f" or the client CA file {settings.client_ca_file}" if settings.client_ca_file else "")
+                + f": {exc}"
+            ) from None
+        self.reloads = 0  # successful reloads, for tests and logs
+        self.failures = 0  # changed files that did not load
+        self.handshake_failures = 0
+
+    async def reload_if_changed(self) -> bool:
+        """Load the files again if they changed since the last look; True if a new context is current."""
+        seen = _fingerprint(self.settings.files())
+        if seen == self._seen:
+            return False
+        self._seen = seen
+        try:
+            fresh = await asyncio.to_thread(build_context, self.settings)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.failures += 1
+            log.error("TLS files changed but do not load (%s); still serving the previous certificate", exc)
+            return False
+        self.current = fresh
+        self.reloads += 1
+        log.info("TLS certificate reloaded from %s; new connections use it", self.settings.cert_file)
+        return True
+
+    async def watch(self) -> None:
+        """Check the files every ``reload_s`` until cancelled."""
+        while True:
+            await asyncio.sleep(self.settings.reload_s)
+            await self.reload_if_changed()
