@@ -12,9 +12,10 @@ Byte layout (version 1). All integers are big-endian; the header is HEADER_SIZE 
                                           (producers send 0); NOT covered by the CRC
      8     4    batch_length        i32   number of bytes AFTER this field: the batch occupies
                                           12 + batch_length bytes in total (>= HEADER_SIZE - 12)
-    12     4    leader_epoch        i32   stamped by the broker on append; always -1 until
-                                          replication defines epochs (recovery rejects any other
-                                          value); NOT covered by the CRC
+    12     4    leader_epoch        i32   stamped by the broker on append: -1 in standalone mode,
+                                          the partition's leader epoch in cluster mode (followers
+                                          keep the leader's); recovery rejects values below -1;
+                                          NOT covered by the CRC
     16     1    magic               i8    format version, always 1
     17     4    crc                 u32   CRC32C (Castagnoli, package `crc32c`) of bytes
                                           [21, 12 + batch_length): attributes to the end of the body
@@ -35,7 +36,7 @@ an append stamps them (as it writes the batch) without recomputing a checksum, a
 everything the producer wrote. A batch_length of zero never occurs in a valid batch, so the
 zero-filled, preallocated tail of a segment reads as "no more batches". The uncovered fields
 are still checked on recovery: magic by value, batch_length by framing and by the CRC over the
-range it delimits, base_offset by the offset sequence, leader_epoch by value.
+range it delimits, base_offset by the offset sequence, leader_epoch by range.
 """
 
 from __future__ import annotations

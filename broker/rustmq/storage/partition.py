@@ -387,8 +387,12 @@ class PartitionLog:
 
     # ----------------------------------------------------------------------------- append
 
-    def append(self, batches: bytes | bytearray | memoryview) -> AppendResult:
+    def append(self, batches: bytes | bytearray | memoryview,
+               leader_epoch: int | None = batch.NO_LEADER_EPOCH) -> AppendResult:
         """Append whole, already validated batches; stamp their offsets; roll if needed.
+
+        `leader_epoch` is stamped into each batch (-1: standalone); None keeps the epochs the
+        batches carry (a follower appending its leader's batches at the same offsets).
 
         Raises CorruptBatchError on broken framing, BatchTooLargeError above MAX_SEGMENT_BYTES,
         StorageFullError/StorageIOError if a new segment cannot be created (nothing is appended
@@ -419,7 +423,7 @@ class PartitionLog:
         ):
             segment = self._roll(size)
         try:
-            segment.append(view, headers, base_offset, self.config.index_interval_bytes)
+            segment.append(view, headers, base_offset, self.config.index_interval_bytes, leader_epoch)
         except OSError as error:
             # A failed write may have left part of the batches past the end: refuse further
             # writes until a restart, whose recovery scan decides what is valid.
@@ -521,6 +525,82 @@ class PartitionLog:
             if found is not None:
                 return found
         return None
+
+    # ----------------------------------------------------------------------------- replication
+
+    def epoch_starts(self) -> list[tuple[int, int]]:
+        """(leader_epoch, first offset) at every epoch change in the log, oldest first.
+
+        Walks the batch headers of every segment (one 57-byte header per batch, no payload), so
+        cluster mode rebuilds its epoch cache from the log itself and it can never disagree
+        with what is stored. Batches without an epoch (-1) start no entry.
+        """
+        starts: list[tuple[int, int]] = []
+        last = batch.NO_LEADER_EPOCH
+        for segment in list(self._segments):
+            view = segment.view()
+            try:
+                for _, header in batch.iter_batches(view):
+                    if header.leader_epoch > last:
+                        starts.append((header.leader_epoch, header.base_offset))
+                        last = header.leader_epoch
+            finally:
+                view.release()
+        return starts
+
+    def truncate_to(self, offset: int) -> int:
+        """Remove every batch at and after the one holding `offset`; return the new end offset.
+
+        For a follower whose tail diverged from its new leader (KIP-101): the cut is at a batch
+        boundary at or below `offset`. Implemented as a durable cut plus a re-open: the segments
+        after the cut are deleted, the bytes after the cut are overwritten with zeros and
+        fsynced, the segment's index files are dropped and the recovery point moved before it,
+        then the ordinary recovery scan rebuilds the state (it trims and re-preallocates the
+        file within this call, on the owner thread, where no reader touches a map meanwhile).
+        Hazard: views of the cut range handed out before (a fetch response still queued in a
+        transport) read zeros afterwards; only replication fetches can hold such views, since
+        consumers never read above the high watermark and truncation never goes below it.
+        Blocking file work: run it where the partition's owner thread may block (it is rare).
+        """
+        if self._closed or self._failure is not None:
+            raise self._closed_error()
+        if offset >= self._end_offset:
+            return self._end_offset
+        offset = max(offset, self._bases[0])
+        i = bisect.bisect_right(self._bases, offset) - 1
+        segment = self._segments[i]
+        if segment.compacted:
+            raise errors.StorageError("a compacted segment cannot be truncated")
+        position = segment.position_of(offset) if offset < segment.next_offset else segment.size
+        cut_base = segment.base_offset
+        later = [s.base_offset for s in self._segments[i + 1:]]
+        wakeup = self.flush_wakeup
+        with self._flush_lock:
+            self._close_segments()
+            for base in later:
+                _remove_segment_files(self.directory, base)
+            path = self.directory / file_name(cut_base, LOG_SUFFIX)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                zeros = bytes(min(_WRITE_CHUNK, max(0, size - position)))
+                at = position
+                while at < size:
+                    at += os.pwrite(fd, zeros[: size - at], at)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
+                (self.directory / file_name(cut_base, suffix)).unlink(missing_ok=True)
+            recovery_point = min(_read_recovery_point(self.directory / RECOVERY_POINT_FILE), cut_base)
+            _write_durably(self.directory / RECOVERY_POINT_FILE, b"%d\n" % recovery_point)
+            (self.directory / CLEAN_SHUTDOWN_FILE).unlink(missing_ok=True)
+            self.__init__(self.directory, self.config)  # type: ignore[misc]
+            self._open()
+            self.flush_wakeup = wakeup
+        logger.warning("%s: truncated to offset %d (asked %d) to follow a new leader",
+                       self.directory, self._end_offset, offset)
+        return self._end_offset
 
     # ----------------------------------------------------------------------------- flush
 

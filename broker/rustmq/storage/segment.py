@@ -54,6 +54,7 @@ MAX_RELATIVE_OFFSET: Final = 0xFFFF_FFFF
 
 _HEADER = batch.HEADER_STRUCT
 _LENGTH_AT_8: Final = struct.Struct(">i")
+_EPOCH_AT_12: Final = struct.Struct(">i")
 _NO_TIMESTAMP: Final = -(1 << 63)
 _ZERO_PREFIX: Final = bytes(batch.LENGTH_FIELDS_SIZE)
 _STAMPED_PREFIX: Final = struct.Struct(">qii")  # base_offset, batch_length, leader_epoch
@@ -168,8 +169,8 @@ def _scan(view: memoryview, end: int, base_offset: int, interval: int,
         ):
             stop_reason = f"base_offset {header.base_offset} breaks the sequence (expected {expected})"
             break
-        if header.leader_epoch != batch.NO_LEADER_EPOCH:
-            stop_reason = f"leader_epoch {header.leader_epoch} was never stamped by this broker"
+        if header.leader_epoch < batch.NO_LEADER_EPOCH:
+            stop_reason = f"leader_epoch {header.leader_epoch} was never stamped by a broker"
             break
         if header.base_offset + header.record_count - 1 - base_offset > MAX_RELATIVE_OFFSET:
             stop_reason = "offsets overflow the segment's 32-bit relative offsets"
@@ -321,14 +322,16 @@ class Segment:
         return self.next_offset - self.base_offset
 
     def append(self, data: memoryview, headers: list[tuple[int, int, int, int]], first_offset: int,
-               index_interval_bytes: int) -> None:
+               index_interval_bytes: int, leader_epoch: int | None = batch.NO_LEADER_EPOCH) -> None:
         """Write whole batches after the last one, with their broker fields stamped.
 
         `headers` holds (position in data, size, record_count, max_timestamp_ms) per batch, from
         the caller's framing walk. One pwritev per append writes, per batch, a freshly packed
         16-byte prefix (base_offset, batch_length, leader_epoch) and then the rest of the batch
         straight from the caller's buffer: the payload is copied once, by the kernel, into the
-        page cache this segment's map shares, and the CRC'd bytes are never touched. (A write
+        page cache this segment's map shares, and the CRC'd bytes are never touched.
+        `leader_epoch` is stamped into every batch; None keeps each batch's own (a follower
+        copying its leader's batches). (A write
         fills fresh page cache about twice as fast as faulting it in through the map on the VMs
         measured; see docs/storage.md.) Raises OSError; the new bytes become visible to readers
         only when `size` moves, after the write.
@@ -342,8 +345,8 @@ class Segment:
         since = self.bytes_since_index_entry
         entries: list[tuple[int, int, int]] = []  # applied only once the write succeeded
         for position, size, record_count, batch_max_ts in headers:
-            buffers.append(_STAMPED_PREFIX.pack(offset, size - batch.LENGTH_FIELDS_SIZE,
-                                                batch.NO_LEADER_EPOCH))
+            epoch = _EPOCH_AT_12.unpack_from(data, position + 12)[0] if leader_epoch is None else leader_epoch
+            buffers.append(_STAMPED_PREFIX.pack(offset, size - batch.LENGTH_FIELDS_SIZE, epoch))
             buffers.append(data[position + _STAMPED_PREFIX.size : position + size])
             if since > index_interval_bytes:
                 entries.append((offset - base, start + position, max_ts))
