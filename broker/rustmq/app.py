@@ -31,6 +31,8 @@ from rustmq import compaction, eventloop
 from rustmq.admin.app import AdminState, make_admin_app
 from rustmq.config import BrokerConfig
 from rustmq.coordination.service import Coordinator
+from rustmq.kube import KubeStore
+from rustmq.replication.node import ClusterNode, ClusterSettings
 from rustmq.server import coordination_handlers
 from rustmq.server.broker import Broker
 from rustmq.server.listener import Listener
@@ -62,6 +64,7 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
     opened = await asyncio.to_thread(storage_log.Log.open, config.data_dir, config.log_config())
     committer = durability.GroupCommitter(max_wait_ms=config.group_commit_ms)
     listener: Listener | None = None
+    node: ClusterNode | None = None
     coordinator: Coordinator | None = None
     coordination: coordination_handlers.CoordinationService | None = None
     try:
@@ -71,10 +74,13 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         coordinator = Coordinator.open(config.data_dir, opened, incarnation=secrets.token_hex(4))
         coordination = broker.coordination = coordination_handlers.CoordinationService(broker, coordinator)
         coordination.reschedule()
-        _ensure_default_topic(opened, config)
+        if config.cluster_mode == "standalone":
+            _ensure_default_topic(opened, config)
         listener = Listener(broker, tls=config.tls_settings())
         ports = await listener.start()
         broker.ports["metrics"] = metrics_port
+        if config.cluster_mode == "kubernetes":
+            node = await _start_cluster_node(config, broker)
         state.broker = broker
         state.ready = True
         _report_ready(config, {**ports, "metrics": metrics_port})
@@ -86,6 +92,8 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         state.ready = False
         if coordination is not None:
             coordination.begin_drain()
+        if node is not None:
+            await node.stop()
         await listener.shutdown()
     finally:
         state.ready = False
@@ -97,6 +105,26 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         await asyncio.to_thread(opened.close, True)
         await runner.cleanup()
         log.info("stopped cleanly")
+
+
+async def _start_cluster_node(config: BrokerConfig, broker: Broker) -> ClusterNode:
+    """Join the cluster: the Kubernetes API store (RUSTMQ_KUBECONFIG or in-cluster), then the node."""
+    timing = config.lease_timing()
+    store = KubeStore.from_config(config.kubeconfig, config.cluster_namespace, config.cluster_name, timing.api_timeout_s)
+    settings = ClusterSettings(
+        cluster_name=config.cluster_name,
+        namespace=config.cluster_namespace,
+        broker_id=config.broker_id,
+        internal_host=config.internal_host or config.advertised_host or config.host,
+        timing=timing,
+        poll_s=config.cluster_poll_s,
+        replica_lag_s=config.replica_lag_s,
+        unclean_leader_election=config.unclean_leader_election,
+    )
+    node = ClusterNode(broker, store, settings, incarnation=secrets.token_hex(8))
+    await node.start()
+    log.info("broker %d joined cluster %s/%s", config.broker_id, config.cluster_namespace, config.cluster_name)
+    return node
 
 
 async def _enforce_retention(opened: storage_log.Log, coordinator: Coordinator, interval_s: float,

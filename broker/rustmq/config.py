@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from rustmq.cluster.lease import LeaseTiming
 from rustmq.server.settings import ServerSettings
 from rustmq.server.tls import TlsSettings
 from rustmq.storage.config import LogConfig
@@ -67,6 +68,19 @@ class BrokerConfig:
     tls_client_ca_file: Path | None = None  # CAs of client certificates (mutual TLS)
     tls_client_auth: str = "none"  # none | optional | required (fixed at start-up)
     tls_reload_s: float = 10.0  # how often the TLS files are checked for a change
+    # Cluster mode (docs/cluster.md; the operator contract in docs/operator.md). "standalone": no
+    # coordination at all; "kubernetes": one replicated cluster coordinated through the API server.
+    cluster_mode: str = "standalone"
+    cluster_name: str = "rustmq"  # prefix of every coordination object (the RustMQCluster's name)
+    cluster_namespace: str = "default"  # namespace of the Leases and ConfigMaps
+    internal_host: str | None = None  # address other brokers and clients use (default: advertised_host or host)
+    kubeconfig: Path | None = None  # None: in-cluster service account credentials
+    lease_duration_s: float = 6.0  # peers may take over this long after the last renewal they saw
+    lease_renew_s: float = 1.0  # renew period of the broker and controller Leases
+    api_timeout_s: float = 2.0  # bound on each API call; renew + 2 * timeout <= duration is enforced
+    cluster_poll_s: float = 0.5  # how often a broker re-reads the cluster state
+    replica_lag_s: float = 5.0  # a follower not caught up for this long leaves the ISR
+    unclean_leader_election: bool = False  # True: elect an out-of-sync replica rather than stay offline (data loss)
 
     def __post_init__(self) -> None:
         for name in ("producer_port", "consumer_port", "metrics_port"):
@@ -94,6 +108,15 @@ class BrokerConfig:
             self.tls_settings()
         except ValueError as exc:
             raise ConfigError(f"tls: {exc}") from None
+        if self.cluster_mode not in ("standalone", "kubernetes"):
+            raise ConfigError(f"cluster_mode must be 'standalone' or 'kubernetes', not {self.cluster_mode!r}")
+        try:
+            self.lease_timing().check()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        for name in ("cluster_poll_s", "replica_lag_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
 
     def tls_settings(self) -> TlsSettings | None:
         if self.tls_cert_file is None or self.tls_key_file is None:
@@ -105,6 +128,9 @@ class BrokerConfig:
             client_auth=self.tls_client_auth,
             reload_s=self.tls_reload_s,
         )
+
+    def lease_timing(self) -> LeaseTiming:
+        return LeaseTiming(self.lease_duration_s, self.lease_renew_s, self.api_timeout_s)
 
     def server_settings(self) -> ServerSettings:
         return ServerSettings(

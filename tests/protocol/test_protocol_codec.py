@@ -60,7 +60,7 @@ def test_simple_bodies_are_told_apart_by_their_first_byte() -> None:
         ({"topic": "t", "partition": 1.0}, "field 'partition' must be int, got float"),
         ({"topic": "t", "partition": False}, "field 'partition' must be int, got bool"),
         ({"topic": "t", "partition": -1}, "field 'partition' must be in [0, 9999], got -1"),
-        ({"topic": "t", "acks": 3}, "field 'acks' must be in [0, 2], got 3"),
+        ({"topic": "t", "acks": 4}, "field 'acks' must be in [0, 3], got 4"),
         ({"topic": "t", "key": "text"}, "field 'key' must be bytes, got str"),
     ],
 )

@@ -80,6 +80,11 @@ class ErrorCode(IntEnum):
     OUT_OF_ORDER_SEQUENCE = 27
     PRODUCER_FENCED = 28
     GROUP_ERROR = 29  # any other refused group request (e.g. a join without topics)
+    # Cluster mode (docs/cluster.md)
+    NOT_LEADER = 40  # this broker does not lead the partition (or its lease is in doubt): refresh metadata, retry
+    NOT_ENOUGH_REPLICAS = 41  # acks=all refused: the in-sync set is below min_insync_replicas
+    FENCED_LEADER_EPOCH = 42  # a request carried an older leader epoch than the partition's
+    CLUSTER_UNAVAILABLE = 43  # the coordination store (Kubernetes API) did not answer; retry
     INTERNAL_ERROR = 99
 
 
@@ -87,6 +92,7 @@ class Acks(IntEnum):
     NONE = 0  # no response at all; errors are only logged and counted
     LEADER = 1  # respond once the batches are in the log (page cache)
     DURABLE = 2  # respond once the batches are fsynced (group commit)
+    ALL = 3  # cluster mode: respond once every in-sync replica has the batches (standalone: as LEADER)
 
 
 EARLIEST: Final = -2
@@ -115,6 +121,8 @@ class FetchPartition(NamedTuple):
     partition: int
     offset: int
     max_bytes: int
+    leader_epoch: int = -1  # replica fetch: the leader epoch the follower knows (-1: unchecked)
+    last_fetched_epoch: int = -1  # replica fetch: epoch of the follower's last batch (-1: none)
 
 
 class FetchRequest(NamedTuple):
@@ -122,6 +130,7 @@ class FetchRequest(NamedTuple):
     max_wait_ms: int
     min_bytes: int
     max_bytes: int
+    replica_id: int | None = None  # set by a follower broker: a replication fetch
 
 
 class ListOffsetsRequest(NamedTuple):
@@ -134,6 +143,8 @@ class CreateTopicRequest(NamedTuple):
     topic: str
     partitions: int | None
     config: dict[str, Any]
+    replication_factor: int | None = None  # cluster mode; None: min(3, brokers)
+    min_insync_replicas: int | None = None  # cluster mode; None: min(2, replication factor)
 
 
 def _field(header: dict[str, Any], name: str, kinds: type | tuple[type, ...], default: Any = ...) -> Any:
@@ -173,7 +184,7 @@ def parse_envelope(header: dict[str, Any]) -> tuple[int, int]:
 
 
 def parse_produce(header: dict[str, Any]) -> ProduceRequest:
-    acks = _int(header, "acks", 0, 2, int(Acks.LEADER))
+    acks = _int(header, "acks", 0, 3, int(Acks.LEADER))
     return ProduceRequest(
         topic=_field(header, "topic", str),
         partition=_int(header, "partition", 0, MAX_PARTITIONS_PER_TOPIC - 1, None),
@@ -198,6 +209,8 @@ def parse_fetch(header: dict[str, Any], broker_max_bytes: int) -> FetchRequest:
                 partition=_int(item, "partition", 0, MAX_PARTITIONS_PER_TOPIC - 1),
                 offset=_int(item, "offset", 0, 2**63 - 1),
                 max_bytes=min(_int(item, "max_bytes", 1, 2**31 - 1, max_bytes), max_bytes),
+                leader_epoch=_int(item, "leader_epoch", -1, 2**31 - 1, -1),
+                last_fetched_epoch=_int(item, "last_fetched_epoch", -1, 2**31 - 1, -1),
             )
         )
     return FetchRequest(
@@ -205,6 +218,7 @@ def parse_fetch(header: dict[str, Any], broker_max_bytes: int) -> FetchRequest:
         max_wait_ms=_int(header, "max_wait_ms", 0, 600_000, 500),
         min_bytes=_int(header, "min_bytes", 0, 2**31 - 1, 1),
         max_bytes=max_bytes,
+        replica_id=_int(header, "replica_id", 0, 2**31 - 1, None),
     )
 
 
@@ -228,6 +242,8 @@ def parse_create_topic(header: dict[str, Any]) -> CreateTopicRequest:
         topic=_field(header, "topic", str),
         partitions=_int(header, "partitions", 1, MAX_PARTITIONS_PER_TOPIC, None),
         config=_field(header, "config", dict, None) or {},
+        replication_factor=_int(header, "replication_factor", 1, 255, None),
+        min_insync_replicas=_int(header, "min_insync_replicas", 1, 255, None),
     )
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rustmq.protocol import api
 from rustmq.protocol.api import ErrorCode, RequestError
+from rustmq.server import replicated
 from rustmq.server.settings import ServerSettings
 from rustmq.server.stats import BrokerStats
 from rustmq.storage import batch as storage_batch
@@ -65,6 +66,7 @@ class Produced(NamedTuple):
     last_offset: int
     log: PartitionLog  # the partition written to, for durable acks
     always_durable: bool  # the topic's flush mode is "always": every ack waits for the fsync
+    role: Any = None  # cluster mode: the leader's rustmq.server.replicated.PartitionRole (acks=all)
 
 
 class FetchedPartition(NamedTuple):
@@ -89,6 +91,8 @@ class Broker:
         self._loop = asyncio.get_running_loop()
         # rustmq.server.coordination_handlers.CoordinationService, attached by the app (issue 4)
         self.coordination: CoordinationService | None = None
+        # rustmq.server.replicated.ClusterRoles in cluster mode, attached by the app; None standalone
+        self.cluster: Any = None
 
     # -- topics ---------------------------------------------------------------------------
 
@@ -102,6 +106,8 @@ class Broker:
         try:
             return self.log.topic(name)
         except storage_errors.UnknownTopicError:
+            if self.cluster is not None:  # topics are created cluster-wide, through METADATA/CREATE_TOPIC
+                raise RequestError(ErrorCode.UNKNOWN_TOPIC, f"unknown topic {name!r} on broker {self.settings.broker_id}") from None
             if not self.settings.auto_create_topics:
                 raise RequestError(
                     ErrorCode.UNKNOWN_TOPIC, f"unknown topic {name!r} (auto-creation is off)"
@@ -122,7 +128,12 @@ class Broker:
         for partition_log in topic.partitions:
             self._wake(partition_log)
 
+    def _not_in_cluster_mode(self, what: str) -> None:
+        if self.cluster is not None:
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"{what} is not available in cluster mode yet (docs/cluster.md)")
+
     def alter_topic_config(self, name: str, changes: dict[str, Any], reset: list[str]) -> Any:
+        self._not_in_cluster_mode("ALTER_TOPIC_CONFIG")
         self.topic(name)
         try:
             return self.log.alter_topic_config(name, changes, reset)
@@ -130,6 +141,7 @@ class Broker:
             raise RequestError(ErrorCode.INVALID_CONFIG, str(exc)) from None
 
     def add_partitions(self, name: str, total: int) -> Topic:
+        self._not_in_cluster_mode("ADD_PARTITIONS")
         self.topic(name)
         self.log.add_partitions(name, total)
         return self.log.topic(name)
@@ -161,6 +173,8 @@ class Broker:
         }
 
     def metadata(self, names: list[str] | None) -> dict[str, Any]:
+        if self.cluster is not None:
+            return self._cluster_metadata(names)
         topics = []
         chosen = self.log.topics() if names is None else []
         if names is not None:
@@ -189,6 +203,29 @@ class Broker:
         broker.update({f"{name}_port": port for name, port in self.ports.items()})
         return {"brokers": [broker], "topics": topics}
 
+    def _cluster_metadata(self, names: list[str] | None) -> dict[str, Any]:
+        cluster = self.cluster
+        states = cluster.topics
+        topics = []
+        for name in sorted(states) if names is None else names:
+            topic = states.get(name)
+            if topic is None:
+                topics.append({"name": name, "error": int(ErrorCode.UNKNOWN_TOPIC), "partitions": []})
+                continue
+            topics.append({
+                "name": name,
+                "error": 0,
+                "replication_factor": topic.replication_factor,
+                "min_insync_replicas": topic.min_insync,
+                "partitions": [
+                    {"partition": index, "leader": p.leader, "leader_epoch": p.leader_epoch,
+                     "replicas": list(p.replicas), "isr": list(p.isr)}
+                    for index, p in enumerate(topic.partitions)
+                ],
+            })
+        return {"brokers": list(cluster.brokers), "controller": cluster.controller, "topics": topics,
+                "cluster": True}
+
     def broker_stats(self) -> dict[str, Any]:
         return {
             "broker_id": self.settings.broker_id,
@@ -213,7 +250,8 @@ class Broker:
         return chosen
 
     def produce(
-        self, topic_name: str, partition: int | None, key: bytes | None, batches: memoryview | bytes, *, built_here: int = 0
+        self, topic_name: str, partition: int | None, key: bytes | None, batches: memoryview | bytes, *,
+        built_here: int = 0, require_insync: bool = False,
     ) -> Produced:
         """Validate and append one or more concatenated record batches to one partition.
 
@@ -228,7 +266,15 @@ class Broker:
         else:
             scan = storage_batch.scan_batches(batches)
             record_count, batch_count = scan.record_count, scan.batch_count
-        result = plog.append(batches)
+        cluster = self.cluster
+        role = None
+        if cluster is None:
+            result = plog.append(batches)
+        else:
+            role = cluster.leader_role(topic.name, index)
+            if require_insync:
+                cluster.check_insync(role)
+            result = plog.append(batches, role.leader_epoch)
         stats = self.stats.topic(topic.name)
         stats.messages_in += record_count
         stats.bytes_in += result.size_bytes
@@ -237,7 +283,9 @@ class Broker:
         if waiters:
             for wake in waiters:
                 wake()
-        return Produced(index, result.base_offset, result.last_offset, plog, topic.config.flush.mode == "always")
+        if role is not None:
+            cluster.appended(role)
+        return Produced(index, result.base_offset, result.last_offset, plog, topic.config.flush.mode == "always", role)
 
     def when_durable(self, plog: PartitionLog, offset: int, done: Callable[[BaseException | None], None]) -> None:
         """Call done(error) on the loop thread once offset is fsynced (or the flush failed)."""
@@ -253,17 +301,40 @@ class Broker:
 
     # -- fetch ----------------------------------------------------------------------------
 
-    def read_partition(self, request: api.FetchPartition, budget: int) -> FetchedPartition:
-        """One partition's part of a fetch response; errors become the entry's error code."""
+    def read_partition(self, request: api.FetchPartition, budget: int, replica_id: int | None = None) -> FetchedPartition:
+        """One partition's part of a fetch response; errors become the entry's error code.
+
+        Cluster mode: a consumer reads from the leader only and below the high watermark; a
+        replica fetch (replica_id set) is checked for epochs and divergence and acknowledges
+        the follower's log end (rustmq.server.replicated).
+        """
         header: dict[str, Any] = {"topic": request.topic, "partition": request.partition, "error": 0}
         try:
             plog = self.partition_log(self.topic(request.topic), request.partition)
-            header["high_watermark"] = plog.end_offset
+            limit = None
+            cluster = self.cluster
+            if cluster is None:
+                header["high_watermark"] = plog.end_offset
+            elif replica_id is None:
+                _, limit = cluster.consumer_limit(request.topic, request.partition)
+                header["high_watermark"] = limit
+            else:
+                role, diverging = cluster.replica_fetch(replica_id, request)
+                header["leader_epoch"] = role.leader_epoch
+                if diverging is not None:
+                    header.update(diverging={"epoch": diverging.epoch, "end_offset": diverging.end_offset},
+                                  high_watermark=role.tracker.high_watermark, size=0)
+                    return FetchedPartition(header, [], 0)
+                cluster.replica_fetched(role, replica_id, request.offset)
+                header["high_watermark"] = role.tracker.high_watermark
             header["log_start_offset"] = plog.start_offset
             if budget <= 0:
                 header["size"] = 0
                 return FetchedPartition(header, [], 0)
             fetched = plog.read(request.offset, min(request.max_bytes, budget))
+            if limit is not None and fetched.next_offset > limit:
+                views, size, next_offset = replicated.clip_views(fetched.views, limit)
+                fetched = fetched._replace(views=views, size_bytes=size, next_offset=max(next_offset, request.offset))
         except Exception as exc:
             code = error_code_for(exc)
             if code is ErrorCode.INTERNAL_ERROR:
@@ -281,7 +352,7 @@ class Broker:
     def read_fetch(self, request: api.FetchRequest) -> tuple[list[FetchedPartition], int]:
         parts, total = [], 0
         for partition_request in request.partitions:
-            part = self.read_partition(partition_request, request.max_bytes - total)
+            part = self.read_partition(partition_request, request.max_bytes - total, request.replica_id)
             parts.append(part)
             total += part.size
         return parts, total
@@ -322,14 +393,17 @@ class Broker:
 
     def list_offset(self, request: api.ListOffsetsRequest) -> dict[str, Any]:
         plog = self.partition_log(self.topic(request.topic), request.partition)
+        end = plog.end_offset
+        if self.cluster is not None:  # consumers see the log up to the high watermark only
+            _, end = self.cluster.consumer_limit(request.topic, request.partition)
         if request.at == api.EARLIEST:
             offset = plog.start_offset
         elif request.at == api.LATEST:
-            offset = plog.end_offset
+            offset = end
         else:
             found = plog.offset_for_timestamp(request.at)
-            offset = plog.end_offset if found is None else found
-        return {"offset": offset, "start_offset": plog.start_offset, "end_offset": plog.end_offset}
+            offset = end if found is None or found > end else found
+        return {"offset": offset, "start_offset": plog.start_offset, "end_offset": end}
 
 
 def current_rss_bytes() -> int:

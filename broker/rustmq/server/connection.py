@@ -85,6 +85,7 @@ class Connection(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._completions_scheduled = False
         self._last_active = time.monotonic()  # last bytes received or response completed
+        self._tasks: set[asyncio.Task[None]] = set()
         self._handlers: dict[int, Any] = {
             ApiKey.PRODUCE: self._produce,
             ApiKey.FETCH: self._fetch,
@@ -421,7 +422,8 @@ class Connection(asyncio.BufferedProtocol):
         request = api.parse_produce(header)
         started = time.perf_counter()
         try:
-            produced = self._broker.produce(request.topic, request.partition, request.key, payload)
+            produced = self._broker.produce(request.topic, request.partition, request.key, payload,
+                                            require_insync=request.acks is api.Acks.ALL)
         except Exception as exc:
             if request.acks is api.Acks.NONE:
                 code = error_code_for(exc)
@@ -439,7 +441,10 @@ class Connection(asyncio.BufferedProtocol):
             "base_offset": produced.base_offset,
             "last_offset": produced.last_offset,
         }
-        if request.acks is api.Acks.LEADER and not produced.always_durable:
+        if request.acks is api.Acks.ALL and produced.role is not None:
+            self._when_replicated(corr, request, produced, response)
+            return
+        if request.acks is not api.Acks.DURABLE and not produced.always_durable:
             self._respond([frames.encode_frame(response)])
             return
         slot = self._reserve()
@@ -461,6 +466,60 @@ class Connection(asyncio.BufferedProtocol):
             code = error_code_for(exc)
             self._broker.stats.request_errors[code.name] += 1
             self._complete(slot, [frames.encode_frame(api.error_header(corr, code, str(exc)))])
+
+    def _when_replicated(self, corr: int, request: api.ProduceRequest, produced: Any, response: dict[str, Any]) -> None:
+        """acks=all: answer once every in-sync replica has the batches (and, for a topic that
+        flushes always, they are fsynced here too), or with the error that prevented it."""
+        slot = self._reserve()
+        cluster = self._broker.cluster
+        loop = asyncio.get_running_loop()
+        state = {"done": False}
+
+        def finish(error: BaseException | None) -> None:
+            if state["done"]:
+                return
+            state["done"] = True
+            timer.cancel()
+            if error is None:
+                self._complete(slot, [frames.encode_frame(response)])
+            else:
+                code = error_code_for(error)
+                self._broker.stats.request_errors[code.name] += 1
+                self._complete(slot, [frames.encode_frame(api.error_header(corr, code, str(error) or code.name))])
+
+        def replicated(error: BaseException | None) -> None:
+            if error is None and produced.always_durable:
+                try:
+                    self._broker.when_durable(produced.log, produced.last_offset, finish)
+                except Exception as exc:
+                    finish(exc)
+                return
+            finish(error)
+
+        timer = loop.call_later(
+            request.timeout_ms / 1000, finish,
+            RequestError(ErrorCode.REQUEST_TIMEOUT, f"not replicated to the in-sync replicas within {request.timeout_ms} ms"))
+        cluster.when_replicated(produced.role, produced.last_offset + 1, replicated)
+
+    def _later(self, corr: int, work: Any) -> None:
+        """Answer from a coroutine (cluster-wide admin), in order, through a reserved slot."""
+        slot = self._reserve()
+
+        async def run() -> None:
+            try:
+                fields = await work
+                buffers = [frames.encode_frame({"corr": corr, "error": 0, **fields})]
+            except Exception as exc:
+                code = error_code_for(exc)
+                if code is ErrorCode.INTERNAL_ERROR:
+                    log.exception("request from %s failed", self._peer)
+                self._broker.stats.request_errors[code.name] += 1
+                buffers = [frames.encode_frame(api.error_header(corr, code, str(exc) or code.name))]
+            self._complete(slot, buffers)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _handle_simple(self, body: memoryview) -> None:
         # Simple messages read in one pass are grouped per partition and appended as one batch
@@ -546,26 +605,64 @@ class Connection(asyncio.BufferedProtocol):
 
     def _metadata(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         names = api.parse_topic_names(header)
+        cluster = self._broker.cluster
+        if cluster is not None:
+            missing = [n for n in names or () if n not in cluster.topics]
+            if header.get("create") is True and missing and self._settings.auto_create_topics:
+                self._later(corr, self._create_then_describe(missing, names))
+            else:
+                self._ok(corr, self._broker.metadata(names))
+            return
         if header.get("create") is True and names and self._settings.auto_create_topics:
             for name in names:
                 self._broker.topic_for_produce(name)
         self._ok(corr, self._broker.metadata(names))
 
+    async def _create_then_describe(self, missing: list[str], names: list[str] | None) -> dict[str, Any]:
+        admin = self._broker.cluster.admin
+        for name in missing:
+            try:
+                await admin.create_topic(name, None, {}, None, None)
+            except RequestError as exc:
+                if exc.code is not ErrorCode.TOPIC_EXISTS:
+                    raise
+        return self._broker.metadata(names)
+
     def _create_topic(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         request = api.parse_create_topic(header)
+        cluster = self._broker.cluster
+        if cluster is not None:
+            self._later(corr, self._create_cluster_topic(request))
+            return
         topic = self._broker.create_topic(request.topic, request.partitions, request.config)
         self._ok(corr, {"topic": topic.name, "partitions": len(topic.partitions)})
 
+    async def _create_cluster_topic(self, request: api.CreateTopicRequest) -> dict[str, Any]:
+        topic = await self._broker.cluster.admin.create_topic(
+            request.topic, request.partitions, request.config, request.replication_factor, request.min_insync_replicas)
+        return {"topic": topic.name, "partitions": len(topic.partitions), "replication_factor": topic.replication_factor,
+                "min_insync_replicas": topic.min_insync}
+
     def _delete_topic(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         name = api.parse_topic(header)
+        cluster = self._broker.cluster
+        if cluster is not None:
+            self._later(corr, self._delete_cluster_topic(name))
+            return
         self._broker.delete_topic(name)
         self._ok(corr, {"topic": name})
+
+    async def _delete_cluster_topic(self, name: str) -> dict[str, Any]:
+        await self._broker.cluster.admin.delete_topic(name)
+        return {"topic": name}
 
     def _describe_topic(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         self._ok(corr, self._broker.describe(self._broker.topic(api.parse_topic(header))))
 
     def _list_topics(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
-        self._ok(corr, {"topics": sorted(topic.name for topic in self._broker.log.topics())})
+        cluster = self._broker.cluster
+        names = cluster.topics if cluster is not None else (topic.name for topic in self._broker.log.topics())
+        self._ok(corr, {"topics": sorted(names)})
 
     def _broker_stats(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         loop = asyncio.get_running_loop()

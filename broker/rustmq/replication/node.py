@@ -1,0 +1,550 @@
+"""ClusterNode: one broker's membership, its controller duty, its state sync and its followers.
+
+Loops (each bounded by the store's api_timeout_s per call; docs/cluster.md has the timings):
+
+- renew: every renew_period_s, CAS-renew this broker's Lease ``<cluster>-broker-<id>`` (its
+  annotations carry the broker's addresses and incarnation). While renewals succeed in time the
+  broker may act as leader (rustmq.cluster.lease.HeldLease); when they stop, acks=all waiters
+  fail at once and nothing more is acknowledged.
+- controller: every renew_period_s, hold or try to take the controller Lease; the holder bumps
+  the controller epoch (an annotation) in the very CAS that takes it, then runs one election
+  round: brokers whose Lease expired on its clock, or that restarted (new incarnation), leave
+  the ISRs and lose their leaderships (rustmq.cluster.state.elect), one CAS per changed shard.
+- sync: every poll_s, list the broker Leases and the state ConfigMaps, create local partitions
+  for the replicas assigned here, install roles (leader/follower, epoch, ISR) for the request
+  path, store the ISR changes this broker's leaderships want (CAS, checked against the stored
+  leader and epoch), and run one fetcher per leader this broker follows.
+- fetchers: a replica FETCH (replica_id, leader_epoch, last_fetched_epoch per partition) in a
+  loop; batches are appended with the leader's offsets and epochs; a ``diverging`` answer
+  truncates the local log to the leader's end of that epoch first (KIP-101/279).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from rustmq.client.connection import Connection
+from rustmq.client.errors import BrokerError, ClientError
+from rustmq.cluster import state as cstate
+from rustmq.cluster.lease import HeldLease, LeaseObserver, LeaseTiming
+from rustmq.cluster.state import TopicState
+from rustmq.cluster.store import Conflict, LeaseRecord, ObjectStore, StoreUnavailable, Versioned
+from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
+from rustmq.server.broker import Broker
+from rustmq.server.replicated import ClusterRoles, PartitionRole
+from rustmq.storage import errors as storage_errors
+from rustmq.storage.log import validate_topic_name
+
+log = logging.getLogger("rustmq.replication")
+
+ANNOTATION = "rustmq.io/"
+CAS_ATTEMPTS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    cluster_name: str
+    namespace: str
+    broker_id: int
+    internal_host: str
+    timing: LeaseTiming = field(default_factory=LeaseTiming)
+    poll_s: float = 0.5
+    replica_lag_s: float = 5.0
+    unclean_leader_election: bool = False
+    replica_fetch_wait_ms: int = 250
+    replica_fetch_max_bytes: int = 4 << 20
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ClusterNode:
+    def __init__(self, broker: Broker, store: ObjectStore, settings: ClusterSettings, incarnation: str) -> None:
+        settings.timing.check()
+        self.broker = broker
+        self.store = store
+        self.settings = settings
+        self.incarnation = incarnation
+        self.holder = f"broker-{settings.broker_id}/{incarnation}"
+        self.held = HeldLease(settings.timing)
+        self.controlling = HeldLease(settings.timing)
+        self.controller_epoch = 0
+        self.observer = LeaseObserver()
+        self.roles = ClusterRoles(settings.broker_id, self._lease_valid, settings.replica_lag_s, broker._wake)
+        self.roles.admin = self
+        self.roles.isr_changes = self._nudge
+        broker.cluster = self.roles
+        self.topics: dict[str, TopicState] = {}
+        self.members: dict[int, dict[str, Any]] = {}
+        self._lease_version: str | None = None
+        self._applied: set[str] = set()
+        self._fetchers: dict[int, asyncio.Task[None]] = {}
+        self._follow: dict[int, dict[tuple[str, int], PartitionRole]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wakeup = asyncio.Event()
+        self._sync_lock = asyncio.Lock()
+        self._stopping = False
+        c = settings.cluster_name
+        self._lease_name = cstate.broker_lease_name(c, settings.broker_id)
+        self._controller_name = cstate.controller_lease_name(c)
+        self._broker_prefix = f"{c}-broker-"
+        self._state_prefix = f"{c}-state-"
+        self._brokers_map = cstate.brokers_map_name(c)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await self._renew()
+                break
+            except (StoreUnavailable, Conflict) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("registering broker lease failed (%s); retrying", exc)
+                await asyncio.sleep(self.settings.timing.renew_period_s)
+        try:
+            await self._sync()
+        except StoreUnavailable as exc:
+            log.warning("first state sync failed: %s", exc)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._loop(self._renew_round, self.settings.timing.renew_period_s, "renew")),
+                       loop.create_task(self._loop(self._controller_round, self.settings.timing.renew_period_s, "controller")),
+                       loop.create_task(self._sync_loop())]
+
+    async def stop(self) -> None:
+        """Stop every loop and fetcher, then release the leases so peers need not wait them out."""
+        self._stopping = True
+        for task in [*self._tasks, *self._fetchers.values()]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._fetchers.values(), return_exceptions=True)
+        self.held.lost()
+        for name in (self._controller_name, self._lease_name):
+            try:
+                current = await self.store.get_lease(name)
+                if current is not None and current.value.holder == self.holder:
+                    record = current.value
+                    await self.store.replace_lease(name, LeaseRecord("", record.duration_s, _now_rfc3339(),
+                                                                     record.transitions, record.annotations), current.version)
+            except (StoreUnavailable, Conflict) as exc:
+                log.warning("releasing %s failed: %s", name, exc)
+        await self.store.close()
+
+    def _lease_valid(self) -> bool:
+        return self.held.valid(time.monotonic())
+
+    def _nudge(self) -> None:
+        self._wakeup.set()
+
+    async def _loop(self, body: Any, period: float, name: str) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await body()
+            except asyncio.CancelledError:
+                raise
+            except (StoreUnavailable, Conflict) as exc:
+                log.warning("%s: %s", name, exc)
+            except Exception:
+                log.exception("%s round failed", name)
+            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+
+    # -- own lease --------------------------------------------------------------------------
+
+    def _own_record(self, transitions: int) -> LeaseRecord:
+        ports = self.broker.ports
+        return LeaseRecord(
+            holder=self.holder,
+            duration_s=self.settings.timing.duration_seconds,
+            renew_time=_now_rfc3339(),
+            transitions=transitions,
+            annotations={
+                ANNOTATION + "host": self.settings.internal_host,
+                ANNOTATION + "producer-port": str(ports.get("producer", 0)),
+                ANNOTATION + "consumer-port": str(ports.get("consumer", 0)),
+                ANNOTATION + "incarnation": self.incarnation,
+            },
+        )
+
+    async def _renew(self) -> None:
+        started = time.monotonic()
+        if self._lease_version is None:
+            current = await self.store.get_lease(self._lease_name)
+            if current is None:
+                written = await self.store.create_lease(self._lease_name, self._own_record(0))
+            else:
+                transitions = current.value.transitions + (current.value.holder != self.holder)
+                written = await self.store.replace_lease(self._lease_name, self._own_record(transitions), current.version)
+        else:
+            try:
+                written = await self.store.replace_lease(self._lease_name, self._own_record(0), self._lease_version)
+            except Conflict:
+                self._lease_version = None
+                raise
+        self._lease_version = written.version
+        self.held.renewed(started)
+
+    async def _renew_round(self) -> None:
+        try:
+            await self._renew()
+        finally:
+            self.roles.expire_waiters()
+
+    # -- controller -------------------------------------------------------------------------
+
+    async def _controller_round(self) -> None:
+        now = time.monotonic()
+        started = now
+        current = await self.store.get_lease(self._controller_name)
+        if current is not None:
+            self.observer.observe(self._controller_name, current.value, now)
+        timing = self.settings.timing
+        if current is None:
+            record = LeaseRecord(self.holder, timing.duration_seconds, _now_rfc3339(), 0, {ANNOTATION + "controller-epoch": "1"})
+            written = await self.store.create_lease(self._controller_name, record)
+        elif current.value.holder == self.holder:
+            written = await self.store.replace_lease(
+                self._controller_name, LeaseRecord(self.holder, timing.duration_seconds, _now_rfc3339(),
+                                                   current.value.transitions, current.value.annotations), current.version)
+        elif self.observer.holder(self._controller_name, now) is None:
+            epoch = int(current.value.annotations.get(ANNOTATION + "controller-epoch", "0")) + 1
+            record = LeaseRecord(self.holder, timing.duration_seconds, _now_rfc3339(), current.value.transitions + 1,
+                                 {**current.value.annotations, ANNOTATION + "controller-epoch": str(epoch)})
+            written = await self.store.replace_lease(self._controller_name, record, current.version)
+            log.info("broker %d is the controller (epoch %d)", self.settings.broker_id, epoch)
+        else:
+            self.controlling.lost()
+            return
+        self.controller_epoch = int(written.value.annotations.get(ANNOTATION + "controller-epoch", "0"))
+        self.controlling.renewed(started)
+        await self._elect()
+
+    async def _elect(self) -> None:
+        leases = await self.store.list_leases(self._broker_prefix)
+        now = time.monotonic()
+        alive: set[int] = set()
+        incarnations: dict[int, str] = {}
+        for name, lease in leases.items():
+            self.observer.observe(name, lease.value, now)
+            broker_id = _broker_id(name, self._broker_prefix)
+            if broker_id is not None and self.observer.holder(name, now) is not None:
+                alive.add(broker_id)
+                incarnations[broker_id] = lease.value.annotations.get(ANNOTATION + "incarnation", "")
+        known = await self.store.get_map(self._brokers_map)
+        recorded = dict(known.value) if known is not None else {}
+        restarted = {b for b, inc in incarnations.items() if recorded.get(f"broker-{b}", inc) != inc}
+        shards = await self.store.list_maps(self._state_prefix)
+        for name, shard in shards.items():
+            if name == self._brokers_map:
+                continue
+            topics = cstate.decode_shard(shard.value)
+            changed = False
+            for topic_name, topic in list(topics.items()):
+                if topic.controller_epoch > self.controller_epoch:
+                    self.controlling.lost()
+                    log.warning("a newer controller (epoch %d) wrote %s: stepping down", topic.controller_epoch, topic_name)
+                    return
+                new = cstate.elect(topic, alive, restarted, self.controller_epoch, self.settings.unclean_leader_election)
+                if new is not None:
+                    topics[topic_name] = new
+                    changed = True
+            if changed:
+                if not self.controlling.valid(time.monotonic()):
+                    return
+                await self.store.replace_map(name, cstate.encode_shard(topics.values()), shard.version)
+                log.info("controller epoch %d: elected in %s (alive %s, restarted %s)", self.controller_epoch, name,
+                         sorted(alive), sorted(restarted))
+        wanted = {**recorded, **{f"broker-{b}": inc for b, inc in incarnations.items()}}
+        if wanted != recorded:
+            if known is None:
+                await self.store.create_map(self._brokers_map, wanted)
+            else:
+                await self.store.replace_map(self._brokers_map, wanted, known.version)
+        if restarted or shards:
+            self._nudge()
+
+    # -- state sync -------------------------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self.settings.poll_s)
+            except TimeoutError:
+                pass
+            self._wakeup.clear()
+            try:
+                await self._sync()
+            except asyncio.CancelledError:
+                raise
+            except (StoreUnavailable, Conflict) as exc:
+                log.warning("state sync: %s", exc)
+            except Exception:
+                log.exception("state sync failed")
+
+    async def _sync(self) -> None:
+        async with self._sync_lock:
+            leases = await self.store.list_leases(self._broker_prefix)
+            controller = await self.store.get_lease(self._controller_name)
+            shards = await self.store.list_maps(self._state_prefix)
+            now = time.monotonic()
+            members: dict[int, dict[str, Any]] = {}
+            for name, lease in leases.items():
+                self.observer.observe(name, lease.value, now)
+                broker_id = _broker_id(name, self._broker_prefix)
+                if broker_id is None or self.observer.holder(name, now) is None:
+                    continue
+                notes = lease.value.annotations
+                members[broker_id] = {
+                    "id": broker_id,
+                    "host": notes.get(ANNOTATION + "host", ""),
+                    "producer_port": int(notes.get(ANNOTATION + "producer-port", "0")),
+                    "consumer_port": int(notes.get(ANNOTATION + "consumer-port", "0")),
+                }
+            self.members = members
+            self.roles.brokers = [members[b] for b in sorted(members)]
+            self.roles.controller = -1
+            if controller is not None and controller.value.holder:
+                self.roles.controller = _holder_id(controller.value.holder)
+            topics: dict[str, TopicState] = {}
+            versions: dict[str, Versioned[dict[str, str]]] = {}
+            for name, shard in shards.items():
+                if name == self._brokers_map:
+                    continue
+                versions[name] = shard
+                topics.update(cstate.decode_shard(shard.value))
+            self.topics = topics
+            self.roles.topics = topics
+            self._apply(topics)
+            await self._store_isr_changes(versions)
+
+    def _apply(self, topics: dict[str, TopicState]) -> None:
+        me = self.settings.broker_id
+        storage = self.broker.log
+        wanted: set[tuple[str, int]] = set()
+        follow: dict[int, dict[tuple[str, int], PartitionRole]] = {}
+        for name, topic in topics.items():
+            mine = [i for i, p in enumerate(topic.partitions) if me in p.replicas]
+            if not mine:
+                continue
+            try:
+                local = storage.topic(name)
+            except storage_errors.UnknownTopicError:
+                local = storage.create_topic(name, len(topic.partitions), topic.config or None)
+            self._applied.add(name)
+            for i in mine:
+                p = topic.partitions[i]
+                key = (name, i)
+                wanted.add(key)
+                role = self.roles.roles.get(key)
+                if role is None or role.plog is not local.partitions[i]:
+                    role = self.roles.roles[key] = PartitionRole(name, i, local.partitions[i])
+                self.roles.assign(role, p.leader, p.leader_epoch, p.replicas, p.isr, topic.min_insync)
+                if p.leader != me and p.leader != cstate.NO_LEADER:
+                    follow.setdefault(p.leader, {})[key] = role
+        for key in set(self.roles.roles) - wanted:
+            self.roles.remove(*key)
+        for name in list(self._applied):
+            if name not in topics:
+                self._applied.discard(name)
+                try:
+                    self.broker.delete_topic(name)
+                except RequestError:
+                    pass
+        self._follow = follow
+        for leader in follow:
+            task = self._fetchers.get(leader)
+            if task is None or task.done():
+                self._fetchers[leader] = asyncio.get_running_loop().create_task(self._fetch_loop(leader))
+
+    async def _store_isr_changes(self, versions: dict[str, Versioned[dict[str, str]]]) -> None:
+        now = time.monotonic()
+        proposals: dict[str, list[tuple[str, int, PartitionRole, tuple[int, ...]]]] = {}
+        for (name, index), role in self.roles.roles.items():
+            tracker = role.tracker
+            if tracker is None:
+                continue
+            proposed = tracker.proposed_isr(role.plog.end_offset, now)
+            if proposed is not None:
+                shard = cstate.shard_name(self.settings.cluster_name, cstate.shard_of(name))
+                proposals.setdefault(shard, []).append((name, index, role, proposed))
+        for shard, changes in proposals.items():
+            current = versions.get(shard)
+            if current is None or not self._lease_valid():
+                continue
+            topics = cstate.decode_shard(current.value)
+            applied = []
+            for name, index, role, proposed in changes:
+                topic = topics.get(name)
+                if topic is None:
+                    continue
+                new = cstate.change_isr(topic, index, self.settings.broker_id, role.leader_epoch, proposed)
+                if new is not None:
+                    topics[name] = new
+                    applied.append((role, new.partitions[index]))
+            if not applied:
+                continue
+            await self.store.replace_map(shard, cstate.encode_shard(topics.values()), current.version)
+            for role, p in applied:
+                log.info("%s/%d: ISR %s -> %s (epoch %d)", role.topic, role.index, list(role.isr), list(p.isr), p.leader_epoch)
+                self.roles.assign(role, p.leader, p.leader_epoch, p.replicas, p.isr, role.min_insync)
+            self._nudge()
+
+    # -- followers --------------------------------------------------------------------------
+
+    async def _fetch_loop(self, leader: int) -> None:
+        connection: Connection | None = None
+        backoff = 0.05
+        try:
+            while not self._stopping:
+                parts = self._follow.get(leader)
+                if not parts:
+                    return
+                member = self.members.get(leader)
+                if member is None:
+                    await asyncio.sleep(self.settings.poll_s)
+                    continue
+                try:
+                    if connection is None or connection.closed:
+                        connection = await Connection.open(member["host"], member["consumer_port"], timeout=2.0)
+                    await self._fetch_once(connection, leader, parts)
+                    backoff = 0.05
+                except (ClientError, OSError, TimeoutError) as exc:
+                    log.debug("fetch from broker %d: %s", leader, exc)
+                    if connection is not None:
+                        connection.close()
+                        connection = None
+                    self._nudge()
+                    await asyncio.sleep(backoff)
+                    backoff = min(1.0, backoff * 2)
+        finally:
+            if connection is not None:
+                connection.close()
+
+    async def _fetch_once(self, connection: Connection, leader: int, parts: dict[tuple[str, int], PartitionRole]) -> None:
+        roles = list(parts.values())
+        request = {
+            "api": int(ApiKey.FETCH),
+            "replica_id": self.settings.broker_id,
+            "max_wait_ms": self.settings.replica_fetch_wait_ms,
+            "min_bytes": 1,
+            "max_bytes": self.settings.replica_fetch_max_bytes,
+            "partitions": [
+                {"topic": r.topic, "partition": r.index, "offset": r.plog.end_offset, "leader_epoch": r.leader_epoch,
+                 "last_fetched_epoch": r.last_epoch(), "max_bytes": self.settings.replica_fetch_max_bytes}
+                for r in roles
+            ],
+        }
+        future = connection.send(request)
+        assert future is not None
+        async with asyncio.timeout(self.settings.replica_fetch_wait_ms / 1000 + self.settings.timing.api_timeout_s + 5):
+            response = await future
+        if response.header.get("error"):
+            raise BrokerError(response.header["error"], str(response.header.get("message", "")))
+        payload = memoryview(response.payload)
+        position = 0
+        stale = False
+        for role, entry in zip(roles, response.header["partitions"], strict=True):
+            size = int(entry.get("size", 0))
+            chunk = payload[position:position + size]
+            position += size
+            if role.leader != leader or role.plog.closed:
+                continue  # the state moved while the fetch was out
+            if entry.get("error"):
+                if entry["error"] in (ErrorCode.NOT_LEADER, ErrorCode.FENCED_LEADER_EPOCH, ErrorCode.UNKNOWN_TOPIC):
+                    stale = True
+                continue
+            diverging = entry.get("diverging")
+            if diverging is not None:
+                end = min(int(diverging["end_offset"]), role.plog.end_offset)
+                log.warning("%s/%d: log diverges from leader %d after epoch %s: truncating to %d",
+                            role.topic, role.index, leader, diverging["epoch"], end)
+                role.truncated(role.plog.truncate_to(end))
+                continue
+            if size:
+                try:
+                    role.plog.append(chunk, None)
+                except storage_errors.CorruptBatchError as exc:
+                    log.warning("%s/%d: unusable batches from leader %d (%s); fetching again", role.topic, role.index, leader, exc)
+                    continue
+                role.note_epochs(chunk)
+            role.high_watermark = max(role.high_watermark, min(int(entry.get("high_watermark", 0)), role.plog.end_offset))
+        if stale:
+            self._nudge()
+            await asyncio.sleep(0.05)
+
+    # -- admin (rustmq.server.replicated.ClusterAdmin) ---------------------------------------
+
+    async def create_topic(self, name: str, partitions: int | None, config: dict[str, Any],
+                           replication_factor: int | None, min_insync: int | None) -> TopicState:
+        try:
+            validate_topic_name(name)
+            self.broker.log.default_config.merged(config)
+        except (storage_errors.InvalidConfigError, ValueError, TypeError) as exc:
+            raise RequestError(ErrorCode.INVALID_CONFIG, str(exc)) from None
+        count = partitions or self.broker.settings.default_partitions
+        live = sorted(self.members)
+        rf = replication_factor or cstate.default_replication_factor(len(live))
+        min_isr = min_insync or cstate.default_min_insync(rf)
+        shard = cstate.shard_name(self.settings.cluster_name, cstate.shard_of(name))
+        for _ in range(CAS_ATTEMPTS):
+            current = await self._store_call(self.store.get_map(shard))
+            topics = cstate.decode_shard(current.value) if current is not None else {}
+            if name in topics:
+                raise RequestError(ErrorCode.TOPIC_EXISTS, f"topic {name!r} already exists")
+            try:
+                topic = cstate.new_topic(name, uuid.uuid4().hex, count, rf, min_isr, live, self.topics.values(), config)
+            except ValueError as exc:
+                raise RequestError(ErrorCode.INVALID_CONFIG, str(exc)) from None
+            topics[name] = topic
+            try:
+                if current is None:
+                    await self._store_call(self.store.create_map(shard, cstate.encode_shard(topics.values())))
+                else:
+                    await self._store_call(self.store.replace_map(shard, cstate.encode_shard(topics.values()), current.version))
+            except Conflict:
+                continue
+            log.info("created topic %s: %d partitions, replication factor %d, min in-sync %d", name, count, rf, min_isr)
+            await self._store_call(self._sync())
+            return topic
+        raise RequestError(ErrorCode.CLUSTER_UNAVAILABLE, f"creating {name!r}: too many concurrent changes, retry")
+
+    async def delete_topic(self, name: str) -> None:
+        shard = cstate.shard_name(self.settings.cluster_name, cstate.shard_of(name))
+        for _ in range(CAS_ATTEMPTS):
+            current = await self._store_call(self.store.get_map(shard))
+            topics = cstate.decode_shard(current.value) if current is not None else {}
+            if current is None or name not in topics:
+                raise RequestError(ErrorCode.UNKNOWN_TOPIC, f"unknown topic {name!r}")
+            del topics[name]
+            try:
+                await self._store_call(self.store.replace_map(shard, cstate.encode_shard(topics.values()), current.version))
+            except Conflict:
+                continue
+            await self._store_call(self._sync())
+            return
+        raise RequestError(ErrorCode.CLUSTER_UNAVAILABLE, f"deleting {name!r}: too many concurrent changes, retry")
+
+    async def _store_call(self, call: Any) -> Any:
+        try:
+            return await call
+        except StoreUnavailable as exc:
+            raise RequestError(ErrorCode.CLUSTER_UNAVAILABLE, f"the coordination store did not answer: {exc}") from None
+
+
+def _broker_id(name: str, prefix: str) -> int | None:
+    tail = name[len(prefix):]
+    return int(tail) if name.startswith(prefix) and tail.isdigit() else None
+
+
+def _holder_id(holder: str) -> int:
+    head = holder.split("/", 1)[0]
+    tail = head.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
