@@ -42,8 +42,16 @@ class Admin:
         """Brokers and topics; with create=True missing topics are auto-created (if the broker allows)."""
         return await self._call(ApiKey.METADATA, topics=topics, create=create)
 
-    async def create_topic(self, name: str, partitions: int | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
-        return await self._call(ApiKey.CREATE_TOPIC, topic=name, partitions=partitions, config=config)
+    async def create_topic(self, name: str, partitions: int | None = None, config: dict[str, Any] | None = None, *,
+                           replication_factor: int | None = None, min_insync_replicas: int | None = None) -> dict[str, Any]:
+        """Create a topic; in a cluster, on every broker: replication_factor defaults to
+        min(3, brokers), min_insync_replicas to min(2, replication_factor)."""
+        fields: dict[str, Any] = {"topic": name, "partitions": partitions, "config": config}
+        if replication_factor is not None:
+            fields["replication_factor"] = replication_factor
+        if min_insync_replicas is not None:
+            fields["min_insync_replicas"] = min_insync_replicas
+        return await self._call(ApiKey.CREATE_TOPIC, **fields)
 
     async def delete_topic(self, name: str) -> dict[str, Any]:
         return await self._call(ApiKey.DELETE_TOPIC, topic=name)

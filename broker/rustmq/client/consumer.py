@@ -20,8 +20,9 @@ from typing import Any, NamedTuple
 from rustmq.client.admin import Admin
 from rustmq.client.connection import Connection, Response, check, response_within
 from rustmq.client.errors import BrokerError
+from rustmq.client.routing import Routes, backoff, retriable
 from rustmq.protocol import records
-from rustmq.protocol.api import ApiKey, ErrorCode
+from rustmq.protocol.api import EARLIEST, LATEST, ApiKey, ErrorCode
 from rustmq.storage import batch as storage_batch
 
 
@@ -95,12 +96,14 @@ class Consumer:
         self.timeout_s = timeout_s
         self.positions: dict[int, int] = {}
         self.high_watermarks: dict[int, int] = {}
-        self._admin = Admin(bootstrap, timeout=timeout_s)
+        self._admin = Admin(bootstrap.split(",")[0], timeout=timeout_s)
+        self._routes = Routes(bootstrap, timeout=timeout_s)
         self._connection: Connection | None = None
         self._next: asyncio.Future[Response] | None = None
         # The broker resolves a timestamp to the first *batch* whose max timestamp reaches it;
         # records before the timestamp in that batch are dropped here, once per partition.
         self._not_before: dict[int, int] = {}
+        self._failures = 0
 
     async def start(self) -> Consumer:
         try:
@@ -110,8 +113,10 @@ class Consumer:
             raise
 
     async def _start(self) -> Consumer:
+        metadata = await self._routes.metadata([self.topic])
+        if self._routes.clustered:
+            return await self._start_clustered(metadata)
         await self._admin.start()
-        metadata = await self._admin.metadata([self.topic])
         (entry,) = metadata["topics"]
         if entry["error"]:
             raise BrokerError(entry["error"], f"topic {self.topic!r}")
@@ -128,13 +133,44 @@ class Consumer:
             self.positions[partition] = await self._resolve(partition, self.start_at)
         return self
 
+    async def _start_clustered(self, metadata: dict[str, Any]) -> Consumer:
+        (entry,) = metadata["topics"]
+        if entry["error"]:
+            raise BrokerError(entry["error"], f"topic {self.topic!r}")
+        available = [p["partition"] for p in entry["partitions"]]
+        self.partitions = available if self.partitions is None else self.partitions
+        for partition in self.partitions:
+            if partition not in available:
+                raise BrokerError(ErrorCode.UNKNOWN_PARTITION, f"topic {self.topic!r} has no partition {partition}")
+            self.positions[partition] = await self._resolve(partition, self.start_at)
+        return self
+
+    async def _list_offset(self, partition: int, at: int | str) -> int:
+        if not self._routes.clustered:
+            return await self._admin.list_offset(self.topic, partition, at)
+        where = {"earliest": EARLIEST, "latest": LATEST}.get(at, at) if isinstance(at, str) else at
+        attempt = 0
+        while True:
+            try:
+                connection = await self._routes.leader_connection(self.topic, partition, "consumer")
+                response = await connection.request(
+                    {"api": int(ApiKey.LIST_OFFSETS), "topic": self.topic, "partition": partition, "at": where},
+                    timeout=self.timeout_s)
+                return int(response.header["offset"])
+            except Exception as exc:
+                if not retriable(exc, True) or attempt >= 40:
+                    raise
+                self._routes.invalidate(self.topic)
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
+
     async def _resolve(self, partition: int, start: str | int | tuple[str, int]) -> int:
         if isinstance(start, tuple):
             self._not_before[partition] = int(start[1])
-            return await self._admin.list_offset(self.topic, partition, int(start[1]))
+            return await self._list_offset(partition, int(start[1]))
         if isinstance(start, int):
             return start
-        return await self._admin.list_offset(self.topic, partition, start)
+        return await self._list_offset(partition, start)
 
     async def seek(self, partition: int, offset: int) -> None:
         self._discard_prefetch()
@@ -145,6 +181,7 @@ class Consumer:
         self._discard_prefetch()
         if self._connection is not None:
             self._connection.close()
+        self._routes.close()
         await self._admin.close()
 
     async def __aenter__(self) -> Consumer:
@@ -177,8 +214,12 @@ class Consumer:
     async def fetch_raw(self) -> list[tuple[int, memoryview, int]]:
         """One fetch: (partition, raw batches, position they were fetched from) per partition with data.
 
-        Advances positions past the fetched batches and has the next fetch sent before returning.
+        Advances positions past the fetched batches and has the next fetch sent before returning
+        (against a cluster: one fetch per partition leader at a time, no prefetch; NOT_LEADER, a
+        lost connection or a timeout refresh the metadata and are retried by the next call).
         """
+        if self._routes.clustered:
+            return await self._fetch_clustered()
         future = self._next or self._send_fetch()
         self._next = None
         response = check(await response_within(future, self.timeout_s + self.max_wait_ms / 1000))
@@ -200,11 +241,74 @@ class Consumer:
         self._next = self._send_fetch()
         return out
 
+    async def _fetch_clustered(self) -> list[tuple[int, memoryview, int]]:
+        routes = self._routes
+        if self.topic not in routes.leaders:
+            try:
+                await routes.metadata([self.topic])
+            except Exception:
+                await asyncio.sleep(backoff(self._failures))
+                self._failures += 1
+                return []
+        groups: dict[int, list[int]] = {}
+        for partition in self.positions:
+            groups.setdefault(routes.leader_of(self.topic, partition), []).append(partition)
+        results = await asyncio.gather(*(self._fetch_from(partitions) for partitions in groups.values()),
+                                       return_exceptions=True)
+        out: list[tuple[int, memoryview, int]] = []
+        failed = False
+        for result in results:
+            if isinstance(result, BaseException):
+                if not retriable(result, True):
+                    raise result
+                failed = True
+            else:
+                got, stale = result
+                out += got
+                failed = failed or stale
+        if failed:
+            routes.invalidate(self.topic)
+            if not out:
+                await asyncio.sleep(backoff(self._failures))
+                self._failures += 1
+        else:
+            self._failures = 0
+        return out
+
+    async def _fetch_from(self, partitions: list[int]) -> tuple[list[tuple[int, memoryview, int]], bool]:
+        connection = await self._routes.leader_connection(self.topic, partitions[0], "consumer")
+        header = {
+            "api": int(ApiKey.FETCH), "max_wait_ms": self.max_wait_ms, "min_bytes": self.min_bytes,
+            "max_bytes": self.max_bytes,
+            "partitions": [{"topic": self.topic, "partition": p, "offset": self.positions[p]} for p in partitions],
+        }
+        response = await connection.request(header, timeout=self.timeout_s + self.max_wait_ms / 1000)
+        payload = memoryview(response.payload)
+        out = []
+        pos = 0
+        stale = False
+        for entry in response.header["partitions"]:
+            partition, size = entry["partition"], entry.get("size", 0)
+            data = payload[pos : pos + size]
+            pos += size
+            if entry["error"]:
+                if retriable(BrokerError(entry["error"], ""), True):
+                    stale = True
+                    continue
+                await self._recover(partition, entry)
+                continue
+            self.high_watermarks[partition] = entry["high_watermark"]
+            if size:
+                fetched_from = self.positions[partition]
+                self.positions[partition] = _next_position(data, fetched_from)
+                out.append((partition, data, fetched_from))
+        return out, stale
+
     async def _recover(self, partition: int, entry: dict[str, Any]) -> None:
         if entry["error"] == ErrorCode.OFFSET_OUT_OF_RANGE:
             position = self.positions[partition]
-            start = await self._admin.list_offset(self.topic, partition, "earliest")
-            end = await self._admin.list_offset(self.topic, partition, "latest")
+            start = await self._list_offset(partition, "earliest")
+            end = await self._list_offset(partition, "latest")
             self.positions[partition] = start if position < start else end
             return
         raise BrokerError(entry["error"], entry.get("message", ""))

@@ -21,13 +21,14 @@ import time
 from collections.abc import AsyncIterable, Iterable
 from typing import Any, NamedTuple
 
-from rustmq.client.connection import Connection, check, parse_address, response_within
+from rustmq.client.connection import check, response_within
 from rustmq.client.errors import BrokerError, ProduceError
+from rustmq.client.routing import Routes, backoff, retriable
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey, ErrorCode, partition_for_key
 from rustmq.storage import batch as storage_batch
 
-ACKS = {"none": 0, "leader": 1, "durable": 2}
+ACKS = {"none": 0, "leader": 1, "durable": 2, "all": 3}
 
 
 class RecordMetadata(NamedTuple):
@@ -63,12 +64,13 @@ class Producer:
         max_buffer_bytes: int = 64 << 20,
         codec: str = "none",
         request_timeout_s: float = 30.0,
+        delivery_timeout_s: float = 60.0,
     ) -> None:
         if acks not in ACKS:
             raise ValueError(f"acks must be one of {', '.join(ACKS)}")
         if codec not in records.CODEC_NAMES:
             raise ValueError(f"codec must be one of {', '.join(records.CODEC_NAMES)}")
-        self.host, self.port = parse_address(bootstrap)
+        self.bootstrap = bootstrap
         self.acks = acks
         self.linger_s = linger_ms / 1000
         self.batch_bytes = batch_bytes
@@ -76,7 +78,8 @@ class Producer:
         self.max_buffer_bytes = max_buffer_bytes
         self.codec = records.CODEC_NAMES[codec]
         self.request_timeout_s = request_timeout_s
-        self._connection: Connection | None = None
+        self.delivery_timeout_s = delivery_timeout_s  # retries (cluster failover) stop after this
+        self._routes: Routes | None = None
         self._partitions: dict[str, int] = {}
         self._open: dict[tuple[str, int], _Batch] = {}
         self._sticky: dict[str, int] = {}
@@ -90,7 +93,8 @@ class Producer:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> Producer:
-        self._connection = await Connection.open(self.host, self.port)
+        self._routes = Routes(self.bootstrap, timeout=self.request_timeout_s)
+        await self._routes.metadata([])
         self._slots = asyncio.Semaphore(self.max_in_flight)
         return self
 
@@ -99,8 +103,8 @@ class Producer:
         try:
             await self.flush()
         finally:
-            if self._connection is not None:
-                self._connection.close()
+            if self._routes is not None:
+                self._routes.close()
 
     async def __aenter__(self) -> Producer:
         return await self.start()
@@ -108,22 +112,16 @@ class Producer:
     async def __aexit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is None:
             await self.close()
-        elif self._connection is not None:
-            self._connection.close()
+        elif self._routes is not None:
+            self._routes.close()
 
     # -- sending --------------------------------------------------------------------------------
 
     async def partition_count(self, topic: str) -> int:
         count = self._partitions.get(topic)
         if count is None:
-            assert self._connection is not None, "call start() first"
-            response = await self._connection.request(
-                {"api": int(ApiKey.METADATA), "topics": [topic], "create": True}, timeout=self.request_timeout_s
-            )
-            (entry,) = response.header["topics"]
-            if entry["error"]:
-                raise BrokerError(entry["error"], f"topic {topic!r}")
-            count = self._partitions[topic] = len(entry["partitions"])
+            assert self._routes is not None, "call start() first"
+            count = self._partitions[topic] = await self._routes.partitions(topic, create=True)
         return count
 
     async def send(
@@ -256,7 +254,8 @@ class Producer:
         task.add_done_callback(self._in_flight.discard)
 
     async def _send_batch(self, batch: _Batch) -> None:
-        assert self._slots is not None and self._connection is not None
+        assert self._slots is not None and self._routes is not None
+        routes = self._routes
         try:
             payload = storage_batch.build_batch(
                 records.encode_body(batch.records, self.codec),
@@ -266,16 +265,34 @@ class Producer:
                 codec=storage_batch.Codec(self.codec),
             )
             header = {"api": int(ApiKey.PRODUCE), "topic": batch.topic, "partition": batch.partition, "acks": ACKS[self.acks]}
-            async with self._slots:
-                await self._connection.drain()
-                if self.acks == "none":
-                    self._connection.send(header, payload, expect_response=False)
-                    base = -1
-                else:
-                    future = self._connection.send(header, payload)
-                    assert future is not None
-                    response = check(await response_within(future, self.request_timeout_s))
-                    base = int(response.header["base_offset"])
+            deadline = time.monotonic() + self.delivery_timeout_s
+            attempt = 0
+            while True:
+                try:
+                    async with self._slots:
+                        connection = await routes.leader_connection(batch.topic, batch.partition)
+                        await connection.drain()
+                        if self.acks == "none":
+                            connection.send(header, payload, expect_response=False)
+                            base = -1
+                        else:
+                            future = connection.send(header, payload)
+                            assert future is not None
+                            response = check(await response_within(future, self.request_timeout_s))
+                            base = int(response.header["base_offset"])
+                    break
+                except Exception as exc:
+                    # Not idempotent yet: a retry after a lost answer may store the batch twice.
+                    if not retriable(exc, routes.clustered) or time.monotonic() >= deadline:
+                        raise
+                    routes.invalidate(batch.topic)
+                    await asyncio.sleep(backoff(attempt))
+                    attempt += 1
+                    if batch.topic not in routes.leaders:
+                        try:
+                            await routes.metadata([batch.topic])
+                        except Exception:  # no broker answered: the next attempt retries that too
+                            pass
             if batch.waiters:
                 for index, waiter in batch.waiters:
                     if not waiter.done():

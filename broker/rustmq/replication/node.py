@@ -322,10 +322,14 @@ class ClusterNode:
                 topics.update(cstate.decode_shard(shard.value))
             self.topics = topics
             self.roles.topics = topics
-            self._apply(topics)
+            known = shards.get(self._brokers_map)
+            # A restarted broker leads nothing until the controller has seen its new incarnation
+            # (and so taken it out of the ISRs it may no longer deserve: KIP-903's lesson).
+            seen = known is not None and known.value.get(f"broker-{self.settings.broker_id}") == self.incarnation
+            self._apply(topics, may_lead=seen)
             await self._store_isr_changes(versions)
 
-    def _apply(self, topics: dict[str, TopicState]) -> None:
+    def _apply(self, topics: dict[str, TopicState], may_lead: bool = True) -> None:
         me = self.settings.broker_id
         storage = self.broker.log
         wanted: set[tuple[str, int]] = set()
@@ -346,7 +350,8 @@ class ClusterNode:
                 role = self.roles.roles.get(key)
                 if role is None or role.plog is not local.partitions[i]:
                     role = self.roles.roles[key] = PartitionRole(name, i, local.partitions[i])
-                self.roles.assign(role, p.leader, p.leader_epoch, p.replicas, p.isr, topic.min_insync)
+                leader = p.leader if may_lead or p.leader != me else cstate.NO_LEADER
+                self.roles.assign(role, leader, p.leader_epoch, p.replicas, p.isr, topic.min_insync)
                 if p.leader != me and p.leader != cstate.NO_LEADER:
                     follow.setdefault(p.leader, {})[key] = role
         for key in set(self.roles.roles) - wanted:

@@ -1,0 +1,240 @@
+"""Three real brokers, one cluster, coordinated through the real API server of the local control
+plane: topic administration, replication, acks=all rules, fencing, and failover under load
+checked by a Jepsen-style history checker (tests/support/checker.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+
+from brokerproc import RawClient
+from checker import History
+from clusterproc import BrokerCluster
+from rustmq.client import Admin, Consumer, Producer
+from rustmq.protocol import records
+from rustmq.protocol.api import ErrorCode
+from rustmq.storage import batch
+
+pytestmark = [pytest.mark.slow]
+
+
+def one_batch(value: bytes = b"v") -> bytes:
+    return batch.build_batch(records.encode_body([[0, None, value, None]]), record_count=1,
+                             first_timestamp_ms=1, max_timestamp_ms=1)
+
+
+def full_isr(metadata: dict[str, Any]) -> bool:
+    parts = metadata["topics"][0]["partitions"]
+    return bool(parts) and all(len(p["isr"]) == 3 and p["leader"] >= 0 for p in parts)
+
+
+def call(cluster: BrokerCluster, broker_id: int, header: dict[str, Any], payload: bytes = b"") -> dict[str, Any]:
+    client = RawClient(cluster.brokers[broker_id].producer_port, timeout=10)
+    try:
+        response, _ = client.call(header, payload)
+        return response
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(120)
+async def test_one_cluster_replicates_and_enforces_acks_all(three_brokers: BrokerCluster) -> None:
+    cluster = three_brokers
+    async with Admin(cluster.brokers[1].bootstrap) as admin:
+        created = await admin.create_topic("orders", 3)
+    assert created["replication_factor"] == 3 and created["min_insync_replicas"] == 2
+    metadata = cluster.wait_for(
+        full_isr, "full ISR", topics=["orders"])
+    assert sorted(b["id"] for b in metadata["brokers"]) == [0, 1, 2]
+    assert metadata["controller"] in (0, 1, 2)
+    partitions = metadata["topics"][0]["partitions"]
+    assert sorted(p["leader"] for p in partitions) == [0, 1, 2]  # leaders balanced
+    assert all(sorted(p["replicas"]) == [0, 1, 2] and p["leader_epoch"] == 0 for p in partitions)
+
+    async with Producer(cluster.bootstrap, acks="all") as producer:
+        for i in range(300):
+            await producer.send("orders", b"m%d" % i, key=b"k%d" % (i % 7))
+    leader = partitions[0]["leader"]
+    follower = next(b for b in (0, 1, 2) if b != leader)
+    refused = call(cluster, follower, {"api": 0, "topic": "orders", "partition": 0, "acks": 3}, one_batch())
+    assert refused["error"] == ErrorCode.NOT_LEADER
+
+    async with Consumer(cluster.bootstrap, "orders", start="earliest", max_wait_ms=100) as consumer:
+        seen: list[bytes] = []
+        stream = consumer.batches()
+        while len(seen) < 300:
+            seen += [m.value for m in await asyncio.wait_for(stream.__anext__(), 20)]
+    assert sorted(seen) == sorted(b"m%d" % i for i in range(300))
+
+    # Every replica holds the same log: same end offsets, and the followers kept the leader's
+    # offsets and epochs (DESCRIBE_TOPIC reads a broker's local log).
+    ends = {b: [p["end_offset"] for p in call(cluster, b, {"api": 6, "topic": "orders"})["partitions"]] for b in (0, 1, 2)}
+    assert ends[0] == ends[1] == ends[2] and sum(ends[0]) == 300
+
+    # With both followers gone the ISR shrinks to the leader: acks=all is refused, not degraded.
+    others = [b for b in (0, 1, 2) if b != leader]
+    for b in others:
+        cluster.kill(b)
+    cluster.wait_for(lambda m: m["topics"][0]["partitions"][0]["isr"] == [leader], "ISR shrink", timeout=30, topics=["orders"])
+    refused = call(cluster, leader, {"api": 0, "topic": "orders", "partition": 0, "acks": 3}, one_batch())
+    assert refused["error"] == ErrorCode.NOT_ENOUGH_REPLICAS, refused
+    accepted = call(cluster, leader, {"api": 0, "topic": "orders", "partition": 0, "acks": 1}, one_batch())
+    assert accepted["error"] == 0
+
+    # They come back, catch up and rejoin the ISR; acks=all works again.
+    for b in others:
+        cluster.start(b)
+    cluster.wait_for(full_isr, "ISR rejoin",
+                     timeout=40, topics=["orders"])
+    assert call(cluster, leader, {"api": 0, "topic": "orders", "partition": 0, "acks": 3}, one_batch())["error"] == 0
+
+
+async def run_load(cluster: BrokerCluster, topic: str, writers: int, nemesis: Any, seconds: float) -> dict[str, Any]:
+    """acks=all writers (one key, so one partition, each) and a consumer, while nemesis runs."""
+    history = History()
+    stop = asyncio.Event()
+
+    async def writer(index: int) -> None:
+        async with Producer(cluster.bootstrap, acks="all", linger_ms=0, request_timeout_s=5, delivery_timeout_s=20) as producer:
+            seq = 0
+            while not stop.is_set():
+                value = b"w%d-%d" % (index, seq)
+                seq += 1
+                try:
+                    meta = await producer.send_and_wait(topic, value, key=b"writer-%d" % index)
+                    history.acked(f"w{index}", value, meta.partition, meta.offset)
+                except Exception:
+                    history.info(value)  # outcome unknown: may or may not be stored
+                    producer._errors.clear()
+
+    async def reader(consumer: Consumer) -> None:
+        async for got in consumer.batches():
+            for m in got:
+                history.read(m.partition, m.offset, m.value)
+
+    consumer = await Consumer(cluster.bootstrap, topic, start="earliest", max_wait_ms=200, timeout_s=5).start()
+    reading = asyncio.get_running_loop().create_task(reader(consumer))
+    tasks = [asyncio.get_running_loop().create_task(writer(i)) for i in range(writers)]
+    try:
+        await asyncio.sleep(2)
+        await nemesis()
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and any(v not in history.read_at for v in history.ok):
+            await asyncio.sleep(0.2)
+            if reading.done():
+                reading.result()
+    finally:
+        stop.set()
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await consumer.close()
+    report = history.check()
+    if report["lost"]:
+        missing = sorted(history.ok[v] for v in history.ok if v not in history.read_at)
+        report["diagnosis"] = {"first_missing": missing[:3], "last_missing": missing[-3:],
+                               "consumer_positions": consumer.positions, "consumer_hw": consumer.high_watermarks,
+                               "metadata": cluster.metadata([topic])["topics"]}
+    return report
+
+
+async def wait_async(cluster: BrokerCluster, condition: Any, what: str, timeout: float = 30.0, topics: list[str] | None = None) -> dict[str, Any]:
+    return await asyncio.to_thread(cluster.wait_for, condition, what, timeout, topics)
+
+
+@pytest.mark.timeout(240)
+async def test_kill_the_leader_under_acks_all_load_loses_nothing(three_brokers: BrokerCluster) -> None:
+    cluster = three_brokers
+    async with Admin(cluster.brokers[0].bootstrap) as admin:
+        await admin.create_topic("jepsen", 3)
+    await wait_async(cluster, full_isr, "ISR", topics=["jepsen"])
+    victim: dict[str, int] = {}
+
+    async def kill_leader() -> None:
+        before = cluster.partition("jepsen", 0)
+        victim["id"], victim["epoch"] = before["leader"], before["leader_epoch"]
+        killed_at = time.monotonic()
+        cluster.kill(before["leader"])
+        after = await wait_async(cluster, lambda m: m["topics"][0]["partitions"][0]["leader"] not in (-1, before["leader"]),
+                                 "a new leader", timeout=20, topics=["jepsen"])
+        victim["failover_s"] = time.monotonic() - killed_at
+        assert after["topics"][0]["partitions"][0]["leader_epoch"] > before["leader_epoch"]
+        await asyncio.sleep(2)
+        await asyncio.to_thread(cluster.start, before["leader"])
+
+    report = await run_load(cluster, "jepsen", writers=3, nemesis=kill_leader, seconds=6)
+    print(json.dumps({**report, "failover_s": round(victim["failover_s"], 2)}))
+    assert report["acknowledged"] > 50, report
+    assert report["lost"] == 0 and report["inconsistent"] == 0 and report["wrong_offset"] == 0, report
+    assert victim["failover_s"] < 10
+    # The killed broker came back as a follower, caught up and rejoined the in-sync set.
+    await wait_async(cluster, full_isr, "rejoin",
+                     timeout=40, topics=["jepsen"])
+
+
+@pytest.mark.timeout(240)
+async def test_a_paused_leader_comes_back_deposed_without_split_brain(three_brokers: BrokerCluster) -> None:
+    cluster = three_brokers
+    async with Admin(cluster.brokers[0].bootstrap) as admin:
+        await admin.create_topic("zombie", 1)
+    await wait_async(cluster, full_isr, "ISR", topics=["zombie"])
+    paused: dict[str, Any] = {}
+
+    async def pause_leader() -> None:
+        before = cluster.partition("zombie", 0)
+        paused.update(before)
+        cluster.pause(before["leader"])
+        await wait_async(cluster, lambda m: m["topics"][0]["partitions"][0]["leader"] not in (-1, before["leader"]),
+                         "a new leader", timeout=20, topics=["zombie"])
+        # The zombie wakes up believing nothing happened: it must refuse acks=all at once.
+        cluster.resume(before["leader"])
+        zombie = await asyncio.to_thread(call, cluster, before["leader"],
+                                         {"api": 0, "topic": "zombie", "partition": 0, "acks": 3}, one_batch(b"zombie"))
+        paused["zombie_answer"] = zombie
+
+    report = await run_load(cluster, "zombie", writers=2, nemesis=pause_leader, seconds=5)
+    print(json.dumps(report))
+    assert paused["zombie_answer"]["error"] in (ErrorCode.NOT_LEADER, ErrorCode.REQUEST_TIMEOUT), paused["zombie_answer"]
+    assert report["lost"] == 0 and report["inconsistent"] == 0 and report["wrong_offset"] == 0, report
+    after = await wait_async(cluster, full_isr, "rejoin",
+                             timeout=40, topics=["zombie"])
+    assert after["topics"][0]["partitions"][0]["leader"] != paused["leader"]
+    ends = {b: call(cluster, b, {"api": 6, "topic": "zombie"})["partitions"][0]["end_offset"] for b in (0, 1, 2)}
+    assert len(set(ends.values())) == 1, ends  # one log: the zombie's unacknowledged tail was truncated away
+
+
+@pytest.mark.timeout(240)
+async def test_restarting_every_broker_at_once_keeps_every_acknowledged_record(three_brokers: BrokerCluster) -> None:
+    cluster = three_brokers
+    async with Admin(cluster.brokers[0].bootstrap) as admin:
+        await admin.create_topic("restart", 3)
+    await wait_async(cluster, full_isr, "ISR", topics=["restart"])
+
+    async def restart_all() -> None:
+        for b in (0, 1, 2):
+            cluster.kill(b)
+        await asyncio.sleep(1)
+        for b in (0, 1, 2):
+            await asyncio.to_thread(cluster.start, b)
+
+    report = await run_load(cluster, "restart", writers=3, nemesis=restart_all, seconds=10)
+    print(json.dumps(report))
+    assert report["acknowledged"] > 50, report
+    assert report["lost"] == 0 and report["inconsistent"] == 0 and report["wrong_offset"] == 0, report
+
+
+def test_errors_are_clear(three_brokers: BrokerCluster) -> None:
+    cluster = three_brokers
+    response = call(cluster, 0, {"api": 4, "topic": "big", "partitions": 1, "replication_factor": 5})
+    assert response["error"] == ErrorCode.INVALID_CONFIG and "needs 5 live brokers" in response["message"]
+    assert call(cluster, 0, {"api": 4, "topic": "ok", "partitions": 1})["error"] == 0
+    assert call(cluster, 2, {"api": 4, "topic": "ok", "partitions": 1})["error"] == ErrorCode.TOPIC_EXISTS
+    assert call(cluster, 1, {"api": 9, "topic": "ok", "partitions": 2})["error"] == ErrorCode.INVALID_REQUEST
+    assert call(cluster, 2, {"api": 5, "topic": "ok"})["error"] == 0
+    cluster.wait_for(lambda m: m["topics"][0]["error"] == ErrorCode.UNKNOWN_TOPIC, "deletion seen", topics=["ok"])
