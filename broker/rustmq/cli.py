@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     create = topic_commands.add_parser("create")
     create.add_argument("name")
     create.add_argument("--partitions", type=int)
+    create.add_argument("--replication-factor", type=int, help="cluster mode: copies of each partition (default min(3, brokers))")
+    create.add_argument("--min-insync-replicas", type=int, help="cluster mode: acks=all needs this many in sync (default min(2, RF))")
     create.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                         help="topic LogConfig override; VALUE is JSON (e.g. retention_ms=60000)")
     for sub in ("list", "describe", "delete"):
@@ -107,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--key")
     produce.add_argument("--partition", type=int)
     produce.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
-    produce.add_argument("--acks", choices=["none", "leader", "durable"], default="leader")
+    produce.add_argument("--acks", choices=["none", "leader", "durable", "all"], default="leader",
+                         help="all: every in-sync replica has it (cluster mode; standalone: as leader)")
     produce.add_argument("--codec", choices=["none", "gzip", "zstd", "lz4"], default="none")
     _client_flags(produce)
 
@@ -121,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli_coordination.add_consume_arguments(consume)
     _client_flags(consume)
     cli_coordination.add_arguments(commands, _client_flags)
+
+    cluster = commands.add_parser("cluster", help="the brokers, the controller and every partition's leader and ISR")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
+    _client_flags(cluster_commands.add_parser("describe"))
 
     bench = commands.add_parser("bench", help="benchmarks in the spirit of kafka-*-perf-test")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
@@ -148,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(run_topic(args))
         if args.command == "produce":
             return run(run_produce(args))
+        if args.command == "cluster":
+            return run(run_cluster(args))
         if args.command == "consume":
             return run(cli_coordination.run_group_consume(args) if args.group else run_consume(args))
         if args.command in cli_coordination.COMMANDS:
@@ -194,8 +203,11 @@ async def run_topic(args: argparse.Namespace) -> int:
         command = args.topic_command
         if command == "create":
             overrides = _config_pairs(args.config)
-            created = await admin.create_topic(args.name, args.partitions, overrides or None)
-            _emit(args, created, f"created topic {created['topic']} with {created['partitions']} partitions")
+            created = await admin.create_topic(args.name, args.partitions, overrides or None,
+                                               replication_factor=args.replication_factor,
+                                               min_insync_replicas=args.min_insync_replicas)
+            copies = f", replication factor {created['replication_factor']}" if "replication_factor" in created else ""
+            _emit(args, created, f"created topic {created['topic']} with {created['partitions']} partitions{copies}")
         elif command == "list":
             names = await admin.list_topics()
             _emit(args, {"topics": names}, "\n".join(names))
@@ -215,6 +227,24 @@ async def run_topic(args: argparse.Namespace) -> int:
             altered = await admin.alter_topic_config(args.name, _config_pairs(args.config), reset=args.reset)
             lines = [f"topic {altered['topic']} overrides: {json.dumps(altered['overrides'], sort_keys=True)}"]
             _emit(args, altered, "\n".join(lines))
+    return 0
+
+
+async def run_cluster(args: argparse.Namespace) -> int:
+    async with Admin(args.bootstrap) as admin:
+        metadata = await admin.metadata(None)
+    if not metadata.get("cluster"):
+        metadata["mode"] = "standalone"
+        _emit(args, metadata, f"standalone broker {metadata['brokers'][0]['id']} (no cluster mode)")
+        return 0
+    lines = [f"controller: broker {metadata['controller']}", "brokers:"]
+    lines += [f"  {b['id']}: {b['host']}:{b['producer_port']} (consumer port {b['consumer_port']})" for b in metadata["brokers"]]
+    for topic in metadata["topics"]:
+        lines.append(f"topic {topic['name']} (replication factor {topic['replication_factor']}, "
+                     f"min in-sync {topic['min_insync_replicas']})")
+        lines += [f"  partition {p['partition']}: leader {p['leader']} epoch {p['leader_epoch']} "
+                  f"replicas {p['replicas']} isr {p['isr']}" for p in topic["partitions"]]
+    _emit(args, metadata, "\n".join(lines))
     return 0
 
 

@@ -12,12 +12,22 @@ class Admin:
     """Metadata and topic operations against the broker at ``bootstrap`` ('host:port')."""
 
     def __init__(self, bootstrap: str = "localhost:9092", *, timeout: float = 30.0) -> None:
-        self.host, self.port = parse_address(bootstrap)
+        # A bootstrap list ('host:port,host:port') is tried in order; the first that answers is used.
+        self.addresses = [parse_address(a.strip()) for a in bootstrap.split(",") if a.strip()]
+        self.host, self.port = self.addresses[0]
         self._timeout = timeout
         self._connection: Connection | None = None
 
     async def start(self) -> Admin:
-        self._connection = await Connection.open(self.host, self.port, timeout=self._timeout)
+        for index, (host, port) in enumerate(self.addresses):
+            try:
+                self._connection = await Connection.open(host, port, timeout=self._timeout)
+            except OSError:
+                if index == len(self.addresses) - 1:
+                    raise
+                continue
+            self.host, self.port = host, port
+            break
         return self
 
     async def close(self) -> None:

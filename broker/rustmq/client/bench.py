@@ -33,6 +33,7 @@ from rustmq import eventloop
 from rustmq.client.admin import Admin
 from rustmq.client.connection import Connection, check, parse_address
 from rustmq.client.consumer import decode_batches
+from rustmq.client.routing import Routes
 from rustmq.protocol import records, simple
 from rustmq.protocol.api import ApiKey
 from rustmq.storage import batch as storage_batch
@@ -216,8 +217,21 @@ async def bench_produce(admin: Admin, args: argparse.Namespace) -> dict[str, Any
     if args.simple:
         return await bench_simple(admin, args)
     payload = _payload(args.size)
-    host, port = admin.host, admin.port
-    connections = [await Connection.open(host, port) for _ in range(args.concurrency)]
+    addresses = [(admin.host, admin.port)] * args.concurrency
+    routes = Routes(args.bootstrap)
+    try:
+        for _ in range(100):  # a cluster: each connection goes to the leader of its partition
+            await routes.metadata([args.topic])
+            if not routes.clustered or min(routes.leaders.get(args.topic, [-1])) >= 0:
+                break
+            await asyncio.sleep(0.1)
+        if routes.clustered:
+            for index in range(args.concurrency):
+                broker = routes.brokers[routes.leader_of(args.topic, index % args.partitions)]
+                addresses[index] = (broker["host"], broker["producer_port"])
+    finally:
+        routes.close()
+    connections = [await Connection.open(host, port) for host, port in addresses]
     counter = [0, 0]  # acknowledged, scheduled
     latencies: list[float] = []
     target = None if args.duration else args.messages
