@@ -30,12 +30,13 @@ from aiohttp import web
 from rustmq import compaction, eventloop
 from rustmq.admin.app import AdminState, make_admin_app
 from rustmq.config import BrokerConfig
-from rustmq.coordination.service import Coordinator
+from rustmq.coordination.service import CoordinationLimits, Coordinator
 from rustmq.kube import KubeStore
 from rustmq.replication.node import ClusterNode, ClusterSettings
 from rustmq.server import coordination_handlers
 from rustmq.server.broker import Broker
 from rustmq.server.listener import Listener
+from rustmq.server.resources import ResourceGuard
 from rustmq.server.stats import BrokerStats, MaintenanceStats
 from rustmq.storage import durability
 from rustmq.storage import errors as storage_errors
@@ -61,6 +62,8 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
     log.info("admin port listening on %s:%d", config.host, metrics_port)
 
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    # Before any segment is opened: the soft open-files limit up to the hard one.
+    resources = ResourceGuard.for_process(config.fd_headroom, config.map_headroom)
     opened = await asyncio.to_thread(storage_log.Log.open, config.data_dir, config.log_config())
     committer = durability.GroupCommitter(max_wait_ms=config.group_commit_ms)
     listener: Listener | None = None
@@ -69,9 +72,10 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
     coordination: coordination_handlers.CoordinationService | None = None
     try:
         settings = config.server_settings()
-        broker = Broker(opened, committer, settings, stats)
+        broker = Broker(opened, committer, settings, stats, resources)
         # Groups, offsets, queues, producer ids (issue 4): journals under <data_dir>/coordination.
-        coordinator = Coordinator.open(config.data_dir, opened, incarnation=secrets.token_hex(4))
+        coordinator = Coordinator.open(config.data_dir, opened, incarnation=secrets.token_hex(4),
+                                       limits=CoordinationLimits(config.max_groups, config.max_subscriptions))
         coordination = broker.coordination = coordination_handlers.CoordinationService(broker, coordinator)
         coordination.reschedule()
         if config.cluster_mode == "standalone":

@@ -53,6 +53,15 @@ class BrokerConfig:
     max_fetch_bytes: int = _SERVER_DEFAULTS.max_fetch_bytes
     frame_timeout_s: float = _SERVER_DEFAULTS.frame_timeout_s
     idle_timeout_s: float = _SERVER_DEFAULTS.idle_timeout_s
+    max_topics: int = _SERVER_DEFAULTS.max_topics
+    max_partitions: int = _SERVER_DEFAULTS.max_partitions
+    max_partitions_per_topic: int = _SERVER_DEFAULTS.max_partitions_per_topic
+    max_segment_bytes: int = _SERVER_DEFAULTS.max_segment_bytes
+    max_long_polls_per_connection: int = _SERVER_DEFAULTS.max_long_polls_per_connection
+    fd_headroom: int = _SERVER_DEFAULTS.fd_headroom
+    map_headroom: int = _SERVER_DEFAULTS.map_headroom
+    max_groups: int = 10_000  # consumer groups per broker (members or committed offsets)
+    max_subscriptions: int = 10_000  # queue subscriptions (subscription, topic) per broker
     auto_create_topics: bool = True
     default_topic: str = "default"
     group_commit_ms: float = 0.5  # how long the group committer waits for more durable appends
@@ -88,12 +97,19 @@ class BrokerConfig:
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be between 0 and 65535, not {port}")
         for name in ("partitions", "max_frame_bytes", "max_connections", "max_inflight_requests",
-                     "write_buffer_high_bytes", "max_fetch_bytes"):
+                     "write_buffer_high_bytes", "max_fetch_bytes", "max_topics", "max_partitions",
+                     "max_partitions_per_topic", "max_segment_bytes", "max_long_polls_per_connection",
+                     "max_groups", "max_subscriptions"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("frame_timeout_s", "idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be above 0, not {getattr(self, name)}")
+        for name in ("fd_headroom", "map_headroom"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be at least 0, not {getattr(self, name)}")
+        if self.max_partitions_per_topic > 10_000:
+            raise ConfigError("max_partitions_per_topic must be at most 10000 (the protocol's limit)")
         if self.max_frame_bytes > 1 << 30:
             raise ConfigError("max_frame_bytes must be at most 1 GiB")
         try:
@@ -146,6 +162,13 @@ class BrokerConfig:
             max_fetch_bytes=self.max_fetch_bytes,
             frame_timeout_s=self.frame_timeout_s,
             idle_timeout_s=self.idle_timeout_s,
+            max_topics=self.max_topics,
+            max_partitions=self.max_partitions,
+            max_partitions_per_topic=self.max_partitions_per_topic,
+            max_segment_bytes=self.max_segment_bytes,
+            max_long_polls_per_connection=self.max_long_polls_per_connection,
+            fd_headroom=self.fd_headroom,
+            map_headroom=self.map_headroom,
             auto_create_topics=self.auto_create_topics,
             default_partitions=self.partitions,
             default_topic=self.default_topic,

@@ -28,3 +28,44 @@ def test_ranges_beyond_the_offset_limit_are_refused_before_they_are_expanded() -
 def test_offsets_and_ranges_within_the_limit_are_all_returned() -> None:
     got = coordination_handlers._offsets({"offsets": [7, 3], "ranges": [[10, 13], [20, 20]]})
     assert sorted(got) == [3, 7, 10, 11, 12]
+
+
+async def test_a_long_poll_over_many_partitions_keeps_one_registration_per_partition(tmp_path) -> None:
+    """The FETCH waiter pattern: wait on every partition, get woken by one append, wait again.
+    Registrations must stay one per (waiter, partition), not pile up with every append."""
+    from rustmq.server.broker import Broker
+    from rustmq.server.settings import ServerSettings
+    from rustmq.server.stats import BrokerStats
+    from rustmq.storage import durability
+    from rustmq.storage.config import LogConfig
+    from rustmq.storage.log import Log
+
+    log = Log.open(tmp_path, LogConfig(segment_bytes=1 << 16), background_flusher=False)
+    committer = durability.GroupCommitter()
+    try:
+        broker = Broker(log, committer, ServerSettings(), BrokerStats())
+        topic = broker.create_topic("wide", 200, None)
+        plogs = list(topic.partitions)
+        woken = []
+
+        def wake() -> None:
+            woken.append(1)
+            if len(woken) <= 4 * len(plogs):  # (before the fix the wake-ups multiplied without end)
+                broker.wait_for_data(plogs, wake)  # what a long poll that is not yet satisfied does
+
+        broker.wait_for_data(plogs, wake)
+        from rustmq.protocol import records
+        from rustmq.storage import batch as storage_batch
+
+        built = storage_batch.build_batch(records.encode_body([[0, None, b"x", None]]), record_count=1,
+                                          first_timestamp_ms=1, max_timestamp_ms=1)
+        for index in range(len(plogs)):
+            broker.produce("wide", index, None, built)
+        assert len(woken) == len(plogs)
+        registrations = sum(len(waiters) for waiters in broker._waiters.values())
+        assert registrations <= len(plogs), f"{registrations} registrations for one waiter on {len(plogs)} partitions"
+        broker.stop_waiting(plogs, wake)
+        assert not broker._waiters
+    finally:
+        committer.close()
+        log.close()

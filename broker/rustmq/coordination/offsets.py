@@ -64,6 +64,10 @@ class OffsetStore:
     def groups(self) -> list[str]:
         return sorted(self._groups)
 
+    def fetch_groups_view(self) -> Mapping[str, object]:
+        """The groups with committed offsets, as a read-only view (membership tests)."""
+        return self._groups
+
     def fetch(self, group: str, partitions: Iterable[TopicPartition] | None = None
               ) -> dict[TopicPartition, Committed]:
         """Committed offsets of `group` (only the partitions asked for, when given)."""

@@ -54,6 +54,17 @@ class Durable(NamedTuple):
     offset: int
 
 
+class LimitReachedError(Exception):
+    """A new group or subscription beyond the broker's limit (nothing was created)."""
+
+    code = "LIMIT_REACHED"
+
+
+class CoordinationLimits(NamedTuple):
+    max_groups: int = 10_000  # groups with members or committed offsets
+    max_subscriptions: int = 10_000  # distinct (subscription, topic) pairs with state or settings
+
+
 class DeadLetterWrite(NamedTuple):
     """Dead letters appended to a DLQ partition, not yet settled in their subscription."""
 
@@ -70,8 +81,10 @@ class QueueFetch(NamedTuple):
 class Coordinator:
     def __init__(self, log: Log, offsets: OffsetStore, queues: queue.QueueStore,
                  producer_ids: ProducerIds, incarnation: str,
-                 producer_snapshots: ProducerSnapshots | None = None) -> None:
+                 producer_snapshots: ProducerSnapshots | None = None,
+                 limits: CoordinationLimits | None = None) -> None:
         self.log = log
+        self.limits = limits or CoordinationLimits()
         self.offsets = offsets
         self.queues = queues
         self.producer_ids = producer_ids
@@ -79,6 +92,8 @@ class Coordinator:
         self._producer_states: dict[TopicPartition, tuple[PartitionLog, ProducerStateTable]] = {}
         self._producer_snapshots = producer_snapshots
         self._dlq_writes: list[DeadLetterWrite] = []
+        self._subscription_names = {(s, t) for s, t, _ in queues.subscriptions}
+        self._subscription_names.update((s, t) for s, t in queues.overrides if s is not None)
         # Tables saved by the last clean shutdown, bound to the partitions open now (a topic
         # deleted and re-created later gets a new PartitionLog and so no stale table).
         self._saved_states: dict[TopicPartition, tuple[PartitionLog, int, ProducerStateTable]] = {}
@@ -92,7 +107,8 @@ class Coordinator:
 
     @classmethod
     def open(cls, data_dir: Path, log: Log, *, incarnation: str,
-             queue_settings: queue.QueueSettings | None = None) -> Coordinator:
+             queue_settings: queue.QueueSettings | None = None,
+             limits: CoordinationLimits | None = None) -> Coordinator:
         root = Path(data_dir) / "coordination"
         offsets = OffsetStore.open(root / "consumer_offsets")
         try:
@@ -106,7 +122,7 @@ class Coordinator:
             offsets.close()
             raise
         return cls(log, offsets, queues, producer_ids, incarnation,
-                   ProducerSnapshots(root / "producer_state"))
+                   ProducerSnapshots(root / "producer_state"), limits)
 
     def close(self, clean: bool = True) -> None:
         """Close the journals; on a clean close (after the last append) also save the producer
@@ -151,21 +167,29 @@ class Coordinator:
     def join_group(self, now_ms: int, group: str, topics: Sequence[str], **member: object
                    ) -> group_mod.MemberView:
         """Join (see `Group.join` for member_id, client_id, instance_id, session_timeout_ms)."""
-        return self.groups.group(group).join(now_ms, topics, **member)  # type: ignore[arg-type]
+        return self._group(group).join(now_ms, topics, **member)  # type: ignore[arg-type]
 
     def heartbeat(self, now_ms: int, group: str, member_id: str, generation: int
                   ) -> group_mod.MemberView:
-        return self.groups.group(group).heartbeat(now_ms, member_id, generation)
+        return self._group(group).heartbeat(now_ms, member_id, generation)
 
     def leave_group(self, group: str, member_id: str) -> None:
-        self.groups.group(group).leave(member_id)
+        self._group(group).leave(member_id)
 
     def commit_offsets(self, now_ms: int, group: str, member_id: str | None, generation: int,
                        offsets: Mapping[TopicPartition, int], metadata: str = "") -> Durable:
         """Fenced commit (GroupError subclasses, InvalidCommitError); answer once durable."""
-        self.groups.group(group).check_commit(member_id, generation, offsets)
+        self._group(group).check_commit(member_id, generation, offsets)
         self.offsets.commit(now_ms, group, offsets, metadata)
         return Durable(*self.offsets.journal.position())
+
+    def _group(self, group: str) -> group_mod.Group:
+        """The group, created if new unless max_groups groups exist (LimitReachedError)."""
+        if group not in self.groups.groups and group not in self.offsets.fetch_groups_view():
+            count = len(set(self.groups.groups) | set(self.offsets.groups()))
+            if count >= self.limits.max_groups:
+                raise LimitReachedError(f"the broker allows {self.limits.max_groups} groups (max_groups)")
+        return self.groups.group(group)
 
     def fetch_offsets(self, group: str, partitions: Iterable[TopicPartition] | None = None
                       ) -> dict[TopicPartition, int]:
@@ -201,7 +225,17 @@ class Coordinator:
     def subscription(self, subscription: str, topic: str, partition: int
                      ) -> queue.QueueSubscription:
         plog = self._partition(topic, partition)
+        self._check_subscription(subscription, topic)
         return self.queues.get(subscription, topic, partition, start_offset=plog.start_offset)
+
+    def _check_subscription(self, subscription: str | None, topic: str) -> None:
+        """LimitReachedError for a new (subscription, topic) beyond max_subscriptions."""
+        if subscription is None or (subscription, topic) in self._subscription_names:
+            return
+        if len(self._subscription_names) >= self.limits.max_subscriptions:
+            raise LimitReachedError(
+                f"the broker allows {self.limits.max_subscriptions} queue subscriptions (max_subscriptions)")
+        self._subscription_names.add((subscription, topic))
 
     def queue_fetch(self, now_ms: int, subscription: str, topic: str, partition: int,
                     consumer: str, max_messages: int, ack_wait_ms: int | None = None
@@ -238,6 +272,7 @@ class Coordinator:
         """Set or reset settings overrides (subscription None: for every subscription of the
         topic); returns the new description and the journal position to wait for."""
         self.log.topic(topic)  # UnknownTopicError: overrides of a topic that does not exist
+        self._check_subscription(subscription, topic)
         self.queues.configure(now_ms, topic, subscription, values, reset)
         return self.queues.describe(topic, subscription), Durable(*self.queues.journal.position())
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from rustmq.protocol import api
 from rustmq.protocol.api import ErrorCode, RequestError
 from rustmq.server import replicated
+from rustmq.server.resources import ResourceGuard
 from rustmq.server.settings import ServerSettings
 from rustmq.server.stats import BrokerStats
 from rustmq.storage import batch as storage_batch
@@ -78,8 +79,10 @@ class FetchedPartition(NamedTuple):
 class Broker:
     """Request logic for one broker; construct once the log is open."""
 
-    def __init__(self, storage_log: Log, committer: GroupCommitter, settings: ServerSettings, stats: BrokerStats) -> None:
+    def __init__(self, storage_log: Log, committer: GroupCommitter, settings: ServerSettings, stats: BrokerStats,
+                 resources: ResourceGuard | None = None) -> None:
         self.log = storage_log
+        self.resources = resources or ResourceGuard(None, None, settings.fd_headroom, settings.map_headroom)
         self.committer = committer
         self.settings = settings
         self.stats = stats
@@ -87,7 +90,9 @@ class Broker:
         self.started_at = time.time()
         self.connections = 0
         self._next_partition: dict[str, int] = {}
-        self._waiters: dict[Any, list[Callable[[], None]]] = {}
+        # partition -> its long-poll wake-ups, as an insertion-ordered set (dict keys): waiting
+        # again is idempotent, so a waiter re-registering after each wake-up stays one entry.
+        self._waiters: dict[PartitionLog, dict[Callable[[], None], None]] = {}
         self._loop = asyncio.get_running_loop()
         # rustmq.server.coordination_handlers.CoordinationService, attached by the app (issue 4)
         self.coordination: CoordinationService | None = None
@@ -115,12 +120,47 @@ class Broker:
         log.info("auto-creating topic %r with %d partitions", name, self.settings.default_partitions)
         return self.create_topic(name, self.settings.default_partitions, None)
 
-    def create_topic(self, name: str, partitions: int | None, config: dict[str, Any] | None) -> Any:
+    def create_topic(self, name: str, partitions: int | None, config: dict[str, Any] | None) -> Topic:
         count = partitions or self.settings.default_partitions
+        self._check_topic_config(config or {})
         try:
-            return self.log.create_topic(name, count, config or None)
+            self.log.topic(name)
+        except storage_errors.UnknownTopicError:
+            pass
+        else:
+            raise RequestError(ErrorCode.TOPIC_EXISTS, f"topic {name!r} already exists")
+        settings = self.settings
+        if len(self.log.topics()) >= settings.max_topics:
+            raise RequestError(ErrorCode.LIMIT_REACHED, f"the broker allows {settings.max_topics} topics (max_topics)")
+        self._check_partition_counts(count, count)
+        try:
+            topic = self.log.create_topic(name, count, config or None)
         except (ValueError, TypeError) as exc:
             raise RequestError(ErrorCode.INVALID_CONFIG, str(exc)) from None
+        self.resources.forget()
+        return topic
+
+    def _check_partition_counts(self, topic_total: int, added: int) -> None:
+        """INVALID_CONFIG above max_partitions_per_topic; LIMIT_REACHED above max_partitions
+        for all topics together, or without memory maps / descriptors for `added` segments."""
+        settings = self.settings
+        if topic_total > settings.max_partitions_per_topic:
+            raise RequestError(ErrorCode.INVALID_CONFIG, f"a topic may have at most {settings.max_partitions_per_topic} "
+                               f"partitions (max_partitions_per_topic), not {topic_total}")
+        existing = sum(len(topic.partitions) for topic in self.log.topics())
+        if existing + added > settings.max_partitions:
+            raise RequestError(ErrorCode.LIMIT_REACHED, f"the broker allows {settings.max_partitions} partitions in "
+                               f"all (max_partitions); {existing} exist, {added} more asked for")
+        refusal = self.resources.segment_refusal(added)
+        if refusal is not None:
+            raise RequestError(ErrorCode.LIMIT_REACHED, f"no room for {added} more partitions: {refusal}")
+
+    def _check_topic_config(self, config: dict[str, Any]) -> None:
+        segment_bytes = config.get("segment_bytes")
+        limit = self.settings.max_segment_bytes
+        if isinstance(segment_bytes, int) and not isinstance(segment_bytes, bool) and segment_bytes > limit:
+            raise RequestError(ErrorCode.INVALID_CONFIG,
+                               f"segment_bytes may be at most {limit} (max_segment_bytes), not {segment_bytes}")
 
     def delete_topic(self, name: str) -> None:
         topic = self.topic(name)
@@ -132,9 +172,10 @@ class Broker:
         if self.cluster is not None:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"{what} is not available in cluster mode yet (docs/cluster.md)")
 
-    def alter_topic_config(self, name: str, changes: dict[str, Any], reset: list[str]) -> Any:
+    def alter_topic_config(self, name: str, changes: dict[str, Any], reset: list[str]) -> Topic:
         self._not_in_cluster_mode("ALTER_TOPIC_CONFIG")
         self.topic(name)
+        self._check_topic_config(changes)
         try:
             return self.log.alter_topic_config(name, changes, reset)
         except (ValueError, TypeError) as exc:
@@ -142,8 +183,11 @@ class Broker:
 
     def add_partitions(self, name: str, total: int) -> Topic:
         self._not_in_cluster_mode("ADD_PARTITIONS")
-        self.topic(name)
+        topic = self.topic(name)
+        if total > len(topic.partitions):
+            self._check_partition_counts(total, total - len(topic.partitions))
         self.log.add_partitions(name, total)
+        self.resources.forget()
         return self.log.topic(name)
 
     def partition_log(self, topic: Topic, partition: int) -> PartitionLog:
@@ -259,6 +303,9 @@ class Broker:
         produce), whose CRC scan is skipped.
         """
         topic = self.topic_for_produce(topic_name)
+        refusal = self.resources.segment_refusal()
+        if refusal is not None:  # an append may roll a segment: one more map and descriptor
+            raise RequestError(ErrorCode.LIMIT_REACHED, f"produce refused: {refusal}")
         index = self.choose_partition(topic, partition, key)
         plog = self.partition_log(topic, index)
         if built_here:
@@ -357,20 +404,25 @@ class Broker:
             total += part.size
         return parts, total
 
-    def wait_for_data(self, plogs: list[Any], wake: Callable[[], None]) -> None:
-        """Call wake() once, at the next append to any of plogs (long-poll fetch)."""
+    def wait_for_data(self, plogs: list[PartitionLog], wake: Callable[[], None]) -> None:
+        """Call wake() at the next append to each of plogs that it is registered for (a wake-up
+        unregisters it from that partition only). Registering again is a no-op: O(len(plogs))."""
+        waiters = self._waiters
         for plog in plogs:
-            self._waiters.setdefault(plog, []).append(wake)
+            registered = waiters.get(plog)
+            if registered is None:
+                waiters[plog] = {wake: None}
+            else:
+                registered[wake] = None
 
-    def stop_waiting(self, plogs: list[Any], wake: Callable[[], None]) -> None:
+    def stop_waiting(self, plogs: list[PartitionLog], wake: Callable[[], None]) -> None:
+        waiters = self._waiters
         for plog in plogs:
-            waiters = self._waiters.get(plog)
-            if waiters and wake in waiters:
-                waiters.remove(wake)
-                if not waiters:
-                    del self._waiters[plog]
+            registered = waiters.get(plog)
+            if registered is not None and registered.pop(wake, 0) is None and not registered:
+                del waiters[plog]
 
-    def fetch_logs(self, request: api.FetchRequest) -> list[Any]:
+    def fetch_logs(self, request: api.FetchRequest) -> list[PartitionLog]:
         plogs = []
         for partition_request in request.partitions:
             try:

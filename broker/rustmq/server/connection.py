@@ -79,6 +79,7 @@ class Connection(asyncio.BufferedProtocol):
         self._draining = False  # shutdown: no new requests, finish the pending ones
         self._half_closed = False  # the client sent EOF while responses were still pending
         self._fetch_waits: set[_FetchWait] = set()
+        self.long_polls = 0  # FETCH, QUEUE_FETCH and HEARTBEAT waits held now (max_long_polls_per_connection)
         # (topic, partition) -> (records, where each reply goes: (list, index) of a placeholder)
         self._simple_groups: dict[tuple[str, int], tuple[list[list[Any]], list[tuple[list[Any], int]]]] = {}
         self._simple_sticky: dict[str, int] = {}
@@ -112,6 +113,13 @@ class Connection(asyncio.BufferedProtocol):
             self._broker.stats.connections_rejected += 1
             log.warning("refusing %s: %d connections already open", self._peer, self._settings.max_connections)
             self._fail(ErrorCode.TOO_MANY_CONNECTIONS, f"the broker allows {self._settings.max_connections} connections")
+            return
+        refusal = self._broker.resources.connection_refusal()
+        if refusal is not None:
+            self._listener.unregister(self)
+            self._broker.stats.connections_rejected += 1
+            log.warning("refusing %s: %s", self._peer, refusal)
+            self._fail(ErrorCode.TOO_MANY_CONNECTIONS, f"the broker is out of file descriptors: {refusal}")
             return
         self._broker.stats.connections_accepted += 1
         self._broker.connections += 1
@@ -587,7 +595,8 @@ class Connection(asyncio.BufferedProtocol):
         request = api.parse_fetch(header, self._settings.max_fetch_bytes)
         started = time.perf_counter()
         parts, total = self._broker.read_fetch(request)
-        if total >= request.min_bytes or request.max_wait_ms == 0 or self._draining:
+        if (total >= request.min_bytes or request.max_wait_ms == 0 or self._draining
+                or not self.long_poll_room()):
             self._respond(_fetch_response(corr, parts, total))
             self._broker.stats.fetch_latency.observe(time.perf_counter() - started)
             if total >= SMALL_WRITE_BYTES:
@@ -598,6 +607,11 @@ class Connection(asyncio.BufferedProtocol):
         wait = _FetchWait(self, corr, request, self._reserve(), started)
         self._fetch_waits.add(wait)
         wait.start()
+
+    def long_poll_room(self) -> bool:
+        """Whether one more long poll may wait on this connection; beyond the limit it is
+        answered at once with what there is (docs/protocol.md, Limits)."""
+        return self.long_polls < self._settings.max_long_polls_per_connection
 
     def _list_offsets(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         response = self._broker.list_offset(api.parse_list_offsets(header))
@@ -694,7 +708,7 @@ def _fetch_response(corr: int, parts: list[Any], total: int) -> list[bytes | mem
 class _FetchWait:
     """A long-poll fetch: re-read on every append to its partitions until min_bytes or max_wait."""
 
-    __slots__ = ("_conn", "_corr", "_request", "_slot", "_started", "_plogs", "_timer", "_done")
+    __slots__ = ("_conn", "_corr", "_done", "_plogs", "_request", "_scheduled", "_slot", "_started", "_timer")
 
     def __init__(self, conn: Connection, corr: int, request: api.FetchRequest, slot: _Slot, started: float) -> None:
         self._conn = conn
@@ -705,20 +719,25 @@ class _FetchWait:
         self._plogs = conn._broker.fetch_logs(request)
         self._timer: asyncio.TimerHandle | None = None
         self._done = False
+        self._scheduled = False
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._conn.long_polls += 1
         self._timer = loop.call_later(self._request.max_wait_ms / 1000, self.finish)
         self._conn._broker.wait_for_data(self._plogs, self._on_append)
 
     def _on_append(self) -> None:
-        if self._done:
+        if self._done or self._scheduled:
             return
         # Called from inside the producer's append: answer on the next loop pass instead, so
-        # the producer's own response is not delayed by this fetch's read and write.
+        # the producer's own response is not delayed by this fetch's read and write. Appends to
+        # many of its partitions in one pass cost one re-read, not one each.
+        self._scheduled = True
         asyncio.get_running_loop().call_soon(self._recheck)
 
     def _recheck(self) -> None:
+        self._scheduled = False
         if self._done:
             return
         parts, total = self._conn._broker.read_fetch(self._request)
@@ -743,6 +762,8 @@ class _FetchWait:
         self._stop()
 
     def _stop(self) -> None:
+        if not self._done:
+            self._conn.long_polls -= 1
         self._done = True
         if self._timer is not None:
             self._timer.cancel()

@@ -500,7 +500,7 @@ def _heartbeat(conn: Connection, service: CoordinationService, corr: int, header
     max_wait_ms = api._int(header, "max_wait_ms", 0, MAX_WAIT_MS, 0)
     view = service.coordinator.heartbeat(_now_ms(), group, member_id, generation)
     service.reschedule()
-    if view.status.value != "ok" or max_wait_ms == 0:
+    if view.status.value != "ok" or max_wait_ms == 0 or not conn.long_poll_room():
         conn._ok(corr, _member_fields(view))
         return
     member = service.coordinator.groups.group(group).members.get(member_id)
@@ -565,6 +565,7 @@ class _HeartbeatWait:
         self.done = False
 
     def start(self) -> None:
+        self.conn.long_polls += 1
         self.service._heartbeat_waits.add(self)
         self.timer = asyncio.get_running_loop().call_later(max(0.0, self.deadline - time.monotonic()), self.finish)
 
@@ -589,6 +590,8 @@ class _HeartbeatWait:
         self.conn._complete(self.slot, [frame])
 
     def cancel(self) -> None:
+        if not self.done:
+            self.conn.long_polls -= 1
         self.done = True
         if self.timer is not None:
             self.timer.cancel()
@@ -602,7 +605,7 @@ def _queue_fetch(conn: Connection, service: CoordinationService, corr: int, head
     request = QueueFetchRequest(header)
     consumer = service.consumer_id(conn)
     entries, views, total = service.queue_fetch(consumer, request)
-    if entries or request.max_wait_ms == 0 or conn._draining:
+    if entries or request.max_wait_ms == 0 or conn._draining or not conn.long_poll_room():
         conn._respond(_queue_response(corr, entries, views, total))
         return
     wait = _QueueWait(conn, service, corr, request, consumer)
@@ -633,6 +636,7 @@ class _QueueWait:
         self.done = False
 
     def start(self) -> None:
+        self.conn.long_polls += 1
         self.service._queue_waits.add(self)
         self.timer = asyncio.get_running_loop().call_later(max(0.0, self.deadline - time.monotonic()), self.finish)
         self.service.broker.wait_for_data(self.plogs, self._on_append)
@@ -664,6 +668,8 @@ class _QueueWait:
         self.conn._complete(self.slot, buffers)
 
     def cancel(self) -> None:
+        if not self.done:
+            self.conn.long_polls -= 1
         self.done = True
         if self.timer is not None:
             self.timer.cancel()

@@ -28,6 +28,20 @@ class ServerSettings:
     # connections.max.idle.ms is 10 minutes too); clients reconnect on their next request.
     idle_timeout_s: float = 600.0
 
+    # Count limits (beyond them: LIMIT_REACHED, or INVALID_CONFIG for one topic's own values).
+    max_topics: int = 1000  # topics per broker, DLQ topics included
+    max_partitions: int = 10_000  # partitions of all topics together
+    max_partitions_per_topic: int = 10_000  # at most the protocol's 10,000
+    max_segment_bytes: int = 1 << 30  # largest segment_bytes a client may set on a topic
+    # Long-poll FETCH / QUEUE_FETCH / HEARTBEAT waiting at once on one connection; beyond it a
+    # long poll is answered at once with what there is (as if max_wait_ms were 0).
+    max_long_polls_per_connection: int = 16
+    # File descriptors and memory maps kept free: new connections (TOO_MANY_CONNECTIONS) and
+    # new topics, partitions and produce that may roll segments (LIMIT_REACHED) are refused
+    # before the process runs out of either.
+    fd_headroom: int = 64
+    map_headroom: int = 1000
+
     auto_create_topics: bool = True  # produce to an unknown topic creates it with default_partitions
     default_partitions: int = 12
     default_topic: str = "default"  # where simple produce messages without a topic go
