@@ -238,3 +238,29 @@ def test_errors_are_clear(three_brokers: BrokerCluster) -> None:
     assert call(cluster, 1, {"api": 9, "topic": "ok", "partitions": 2})["error"] == ErrorCode.INVALID_REQUEST
     assert call(cluster, 2, {"api": 5, "topic": "ok"})["error"] == 0
     cluster.wait_for(lambda m: m["topics"][0]["error"] == ErrorCode.UNKNOWN_TOPIC, "deletion seen", topics=["ok"])
+
+
+@pytest.mark.timeout(120)
+async def test_brokers_advertise_the_external_addresses_the_operator_publishes(three_brokers: BrokerCluster) -> None:
+    from kubernetes import client, config
+
+    cluster = three_brokers
+    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    try:
+        client.CoreV1Api(api).create_namespaced_config_map(cluster.namespace, {
+            "metadata": {"name": f"{cluster.name}-listeners", "labels": {"app.kubernetes.io/instance": cluster.name}},
+            "data": {"broker-0": "localhost", "broker-1": "localhost", "broker-2": ""},
+        })
+    finally:
+        api.close()
+    metadata = cluster.wait_for(lambda m: sum("external_host" in b for b in m["brokers"]) == 2, "external hosts")
+    assert {b["id"]: b.get("external_host") for b in metadata["brokers"]} == {0: "localhost", 1: "localhost", 2: None}
+    async with Admin(cluster.bootstrap) as admin:
+        await admin.create_topic("outside", 3)
+    await wait_async(cluster, full_isr, "ISR", topics=["outside"])
+    async with Producer(cluster.bootstrap, acks="all", external=True) as producer:
+        sent = [await producer.send_and_wait("outside", b"x%d" % i, key=b"k%d" % i) for i in range(30)]
+        assert producer._routes is not None
+        hosts = {host for host, _ in producer._routes._connections}
+    assert "localhost" in hosts  # brokers 0 and 1 were reached at their external address
+    assert len({m.partition for m in sent}) == 3

@@ -85,6 +85,7 @@ class Consumer:
         max_wait_ms: int = 500,
         min_bytes: int = 1,
         timeout_s: float = 30.0,
+        external: bool = False,
     ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
@@ -97,7 +98,7 @@ class Consumer:
         self.positions: dict[int, int] = {}
         self.high_watermarks: dict[int, int] = {}
         self._admin = Admin(bootstrap.split(",")[0], timeout=timeout_s)
-        self._routes = Routes(bootstrap, timeout=timeout_s)
+        self._routes = Routes(bootstrap, timeout=timeout_s, external=external)
         self._connection: Connection | None = None
         self._next: asyncio.Future[Response] | None = None
         # The broker resolves a timestamp to the first *batch* whose max timestamp reaches it;

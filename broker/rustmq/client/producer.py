@@ -65,6 +65,7 @@ class Producer:
         codec: str = "none",
         request_timeout_s: float = 30.0,
         delivery_timeout_s: float = 60.0,
+        external: bool = False,
     ) -> None:
         if acks not in ACKS:
             raise ValueError(f"acks must be one of {', '.join(ACKS)}")
@@ -79,6 +80,7 @@ class Producer:
         self.codec = records.CODEC_NAMES[codec]
         self.request_timeout_s = request_timeout_s
         self.delivery_timeout_s = delivery_timeout_s  # retries (cluster failover) stop after this
+        self.external = external  # cluster outside Kubernetes: use the brokers' external addresses
         self._routes: Routes | None = None
         self._partitions: dict[str, int] = {}
         self._open: dict[tuple[str, int], _Batch] = {}
@@ -93,7 +95,7 @@ class Producer:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> Producer:
-        self._routes = Routes(self.bootstrap, timeout=self.request_timeout_s)
+        self._routes = Routes(self.bootstrap, timeout=self.request_timeout_s, external=self.external)
         await self._routes.metadata([])
         self._slots = asyncio.Semaphore(self.max_in_flight)
         return self

@@ -45,11 +45,14 @@ def retriable(exc: BaseException, clustered: bool) -> bool:
 
 
 class Routes:
-    def __init__(self, bootstrap: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, bootstrap: str, *, timeout: float = 30.0, external: bool = False) -> None:
         self.bootstrap = [parse_address(address.strip()) for address in bootstrap.split(",") if address.strip()]
         if not self.bootstrap:
             raise ValueError("the bootstrap list is empty")
         self.timeout = timeout
+        # external=True: reach brokers at the addresses the operator advertises for clients
+        # outside the cluster (METADATA `external_host`, one LoadBalancer per broker).
+        self.external = external
         self.clustered = False
         self.brokers: dict[int, dict[str, Any]] = {}
         self.leaders: dict[str, list[int]] = {}
@@ -122,7 +125,8 @@ class Routes:
         broker = self.brokers.get(leader)
         if leader < 0 or broker is None:
             raise BrokerError(ErrorCode.NOT_LEADER, f"{topic}/{partition} has no live leader right now")
-        return await self.connection(broker["host"], broker[f"{port}_port"])
+        host = broker.get("external_host") if self.external else None
+        return await self.connection(host or broker["host"], broker[f"{port}_port"])
 
     def leader_of(self, topic: str, partition: int) -> int:
         leaders = self.leaders.get(topic) or []

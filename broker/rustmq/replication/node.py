@@ -294,6 +294,9 @@ class ClusterNode:
             leases = await self.store.list_leases(self._broker_prefix)
             controller = await self.store.get_lease(self._controller_name)
             shards = await self.store.list_maps(self._state_prefix)
+            # The operator's per-broker external addresses (read-only here; may not exist).
+            listeners = await self.store.get_map(f"{self.settings.cluster_name}-listeners")
+            external = listeners.value if listeners is not None else {}
             now = time.monotonic()
             members: dict[int, dict[str, Any]] = {}
             for name, lease in leases.items():
@@ -308,6 +311,8 @@ class ClusterNode:
                     "producer_port": int(notes.get(ANNOTATION + "producer-port", "0")),
                     "consumer_port": int(notes.get(ANNOTATION + "consumer-port", "0")),
                 }
+                if external.get(f"broker-{broker_id}"):
+                    members[broker_id]["external_host"] = external[f"broker-{broker_id}"]
             self.members = members
             self.roles.brokers = [members[b] for b in sorted(members)]
             self.roles.controller = -1
