@@ -35,6 +35,8 @@ _CHILDREN: Final = (
     ("", "v1", "services"),
     ("", "v1", "configmaps"),
     ("policy", "v1", "poddisruptionbudgets"),
+    ("rbac.authorization.k8s.io", "v1", "roles"),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings"),
 )
 
 Key = tuple[str, str]
@@ -130,6 +132,8 @@ _OURS: Final = {"app.kubernetes.io/managed-by": naming.MANAGED_BY}
 @kopf.on.event("", "v1", "services", labels=_OURS)
 @kopf.on.event("", "v1", "configmaps", labels=_OURS)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=_OURS)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=_OURS)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=_OURS)
 def child_changed(*, labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
     cluster = labels.get(naming.CLUSTER_LABEL)
     if cluster and namespace is not None:

@@ -16,6 +16,8 @@ FIELD_MANAGER: Final = "rustmq-operator"
 CLUSTER_LABEL: Final = "rustmq.io/cluster"
 CONFIG_HASH_ANNOTATION: Final = "rustmq.io/config-hash"
 DATA_VOLUME: Final = "data"
+POD_NAME_LABEL: Final = "statefulset.kubernetes.io/pod-name"  # set on each pod by the StatefulSet controller
+BROKER_LABEL: Final = "rustmq.io/broker"
 
 
 def statefulset(cluster: str) -> str:
@@ -40,6 +42,24 @@ def external_service(cluster: str) -> str:
 
 def config_map(cluster: str) -> str:
     return f"{cluster}-config"
+
+
+def listeners_config_map(cluster: str) -> str:
+    """Per-broker external addresses (``broker-<id>: <host>``), read by the brokers."""
+    return f"{cluster}-listeners"
+
+
+def broker_external_service(cluster: str, ordinal: int) -> str:
+    """The LoadBalancer Service of one broker (``services.external.perBroker``).
+
+    Short on purpose: cluster names go up to 52 characters and ordinals to 63, and a Service
+    name is a DNS label of at most 63 (``<cluster>-<n>-external`` would need 64)."""
+    return f"{cluster}-ext-{ordinal}"
+
+
+def broker_service_account(cluster: str) -> str:
+    """ServiceAccount, Role and RoleBinding of the brokers (coordination through the API)."""
+    return f"{cluster}-broker"
 
 
 def pod(cluster: str, ordinal: int) -> str:
@@ -73,6 +93,10 @@ def labels(cluster: str) -> dict[str, str]:
 def selector_string(cluster: str) -> str:
     """The pod selector in the string form of the scale subresource's labelSelectorPath."""
     return ",".join(f"{key}={value}" for key, value in sorted(selector_labels(cluster).items()))
+
+
+def listener_key(ordinal: int) -> str:
+    return f"broker-{ordinal}"
 
 
 def ordinal_of(pod_name: str, cluster: str) -> int | None:

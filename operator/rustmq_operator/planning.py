@@ -58,6 +58,7 @@ class Observed:
     pods: Sequence[Mapping[str, Any]] = ()
     claims: Sequence[Mapping[str, Any]] = ()
     external_service: Mapping[str, Any] | None = None
+    broker_services: Sequence[Mapping[str, Any]] = ()  # the perBroker LoadBalancer Services
     storage_expandable: bool | None = None  # None: unknown (no claims yet, or class not found)
     storage_class: str | None = None
     service_monitor_crd: bool = False  # the API serves ServiceMonitors
@@ -169,6 +170,26 @@ def _plan_scale(
     return ScalePlan(
         replicas=current, last_non_zero=current, stalled=Verdict("ScaleDownBlocked", message)
     )
+
+
+def load_balancer_host(service: Mapping[str, Any]) -> str | None:
+    """The address a load balancer gave a Service (its first ingress' ip, else hostname)."""
+    ingress = service.get("status", {}).get("loadBalancer", {}).get("ingress") or []
+    if not ingress:
+        return None
+    return ingress[0].get("ip") or ingress[0].get("hostname") or None
+
+
+def listener_hosts(cluster: str, services: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+    """broker ordinal -> address, from the perBroker Services' status (those with one)."""
+    prefix = naming.broker_external_service(cluster, 0)[:-1]
+    found: dict[int, str] = {}
+    for service in services:
+        suffix = str(service.get("metadata", {}).get("name", "")).removeprefix(prefix)
+        host = load_balancer_host(service)
+        if suffix.isdigit() and host and naming.broker_external_service(cluster, int(suffix)) == prefix + suffix:
+            found[int(suffix)] = host
+    return found
 
 
 def claim_size(claim: Mapping[str, Any]) -> str:

@@ -34,6 +34,9 @@ _PRUNABLE: Final = (
     ("v1", "ConfigMap"),
     ("v1", "Service"),
     ("policy/v1", "PodDisruptionBudget"),
+    ("v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
 )
 _MONITORING: Final = (
     ("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors"),
@@ -72,8 +75,15 @@ def observe(kube: k8s.Kube, namespace: str, name: str, spec: Mapping[str, Any]) 
         if claim["metadata"]["name"].startswith(claim_prefix)
     ]
     external = None
+    broker_services: list[dict[str, Any]] = []
     if spec["services"]["external"]["enabled"]:
         external = kube.get("v1", "Service", namespace, naming.external_service(name))
+        if spec["services"]["external"]["perBroker"]["enabled"]:
+            broker_services = [
+                service
+                for service in kube.list("v1", "Service", namespace, selector)
+                if naming.BROKER_LABEL in (service["metadata"].get("labels") or {})
+            ]
     storage_class, expandable = None, None
     wanted = specs.parse_quantity(spec["storage"]["size"])
     template = planning.template_size(statefulset) if statefulset else None
@@ -92,6 +102,7 @@ def observe(kube: k8s.Kube, namespace: str, name: str, spec: Mapping[str, Any]) 
         pods=pods,
         claims=claims,
         external_service=external,
+        broker_services=broker_services,
         storage_expandable=expandable,
         storage_class=storage_class,
         service_monitor_crd="servicemonitors" in monitoring_api,
@@ -152,6 +163,7 @@ def reconcile(
         claim_size=storage.claim_size,
         service_monitor=spec["monitoring"]["serviceMonitor"]["enabled"] and observed.service_monitor_crd,
         prometheus_rule=spec["monitoring"]["prometheusRule"]["enabled"] and observed.prometheus_rule_crd,
+        listener_hosts=planning.listener_hosts(name, observed.broker_services),
     )
     rendered: rendering.Rendered | None = None
     if not invalid:

@@ -37,6 +37,7 @@ _ENVIRONMENT: Final = jinja2.Environment(
 )
 
 BROKER_UID: Final = 10001
+CLUSTER_MODE: Final = False  # see Target.cluster_mode
 
 DEFAULT_POD_SECURITY_CONTEXT: Final[dict[str, Any]] = {
     "runAsNonRoot": True,
@@ -64,6 +65,12 @@ class Target:
     claim_size: str  # what the StatefulSet's claim template asks for
     service_monitor: bool = False  # wanted and its CRD exists
     prometheus_rule: bool = False
+    # broker ordinal -> the address of its perBroker LoadBalancer Service (from its status)
+    listener_hosts: Mapping[int, str] = dataclasses.field(default_factory=dict)
+    # Tell the brokers to coordinate through the Kubernetes API: the
+    # RUSTMQ_CLUSTER_* environment and a ServiceAccount token. Off until the broker on main
+    # accepts those settings (tests/operator/test_broker_contract.py checks every variable).
+    cluster_mode: bool = CLUSTER_MODE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,14 +97,21 @@ def owner_reference(target: Target) -> dict[str, Any]:
     }
 
 
-def broker_environment(spec: Mapping[str, Any]) -> dict[str, str]:
+def broker_environment(
+    spec: Mapping[str, Any], cluster: str | None = None, cluster_mode: bool = False
+) -> dict[str, str]:
     """The RUSTMQ_* settings the brokers read (the ConfigMap's data), all as strings.
 
     Names are rustmq.config's: ``RUSTMQ_<FIELD>`` for plain fields and ``RUSTMQ_LOG`` (JSON)
     for the default log settings of every topic (segments, retention, flush policy).
     """
     config = spec["config"]
-    env = {
+    env: dict[str, str] = {}
+    if cluster_mode:
+        if cluster is None:
+            raise RenderError("cluster mode needs the cluster's name")
+        env.update(RUSTMQ_CLUSTER_MODE="kubernetes", RUSTMQ_CLUSTER_NAME=cluster)
+    env |= {
         "RUSTMQ_PARTITIONS": str(spec["partitions"]),
         "RUSTMQ_PRODUCER_PORT": str(spec["ports"]["producer"]),
         "RUSTMQ_CONSUMER_PORT": str(spec["ports"]["consumer"]),
@@ -130,19 +144,40 @@ def log_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def container_env(cluster: str, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+# Downward-API helpers that only feed $(...) expansion below; not broker settings.
+POD_ENV_HELPERS: Final = frozenset({"RUSTMQ_POD_NAME", "RUSTMQ_POD_NAMESPACE"})
+
+
+def container_env(
+    cluster: str, spec: Mapping[str, Any], cluster_mode: bool = False
+) -> list[dict[str, Any]]:
     """Per-pod settings from the downward API, then the user's extra variables."""
-    headless = naming.headless_service(cluster)
+    host = f"$(RUSTMQ_POD_NAME).{naming.headless_service(cluster)}.$(RUSTMQ_POD_NAMESPACE).svc"
     downward: list[dict[str, Any]] = [
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "RUSTMQ_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "RUSTMQ_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {
             "name": "RUSTMQ_BROKER_ID",
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}},
         },
-        {"name": "RUSTMQ_ADVERTISED_HOST", "value": f"$(POD_NAME).{headless}.$(POD_NAMESPACE).svc"},
+        {"name": "RUSTMQ_ADVERTISED_HOST", "value": host},
     ]
+    if cluster_mode:
+        downward += [
+            {"name": "RUSTMQ_CLUSTER_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "RUSTMQ_INTERNAL_HOST", "value": host},
+        ]
     return downward + [dict(item) for item in spec["podTemplate"].get("env") or []]
+
+
+def listeners(target: Target) -> dict[str, str]:
+    """The ``<cluster>-listeners`` data: ``broker-<id>`` for every broker, its perBroker
+    LoadBalancer address where one is assigned, else empty."""
+    per_broker = target.spec["services"]["external"]["perBroker"]["enabled"]
+    return {
+        naming.listener_key(ordinal): (target.listener_hosts.get(ordinal, "") if per_broker else "")
+        for ordinal in range(target.replicas)
+    }
 
 
 def pod_security_context(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -197,20 +232,41 @@ def config_hash(pod_template: Mapping[str, Any], environment: Mapping[str, str])
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _template_names(target: Target) -> list[str]:
+def _templates(target: Target) -> list[tuple[str, dict[str, Any]]]:
+    """(template, extra context) of every child, in apply order: identity and RBAC before the
+    pods that use them."""
     spec = target.spec
-    names = ["configmap.yaml.j2", "service-headless.yaml.j2", "service-client.yaml.j2"]
+    names: list[tuple[str, dict[str, Any]]] = [
+        ("serviceaccount.yaml.j2", {}),
+        ("role.yaml.j2", {}),
+        ("rolebinding.yaml.j2", {}),
+        ("configmap.yaml.j2", {}),
+        ("configmap-listeners.yaml.j2", {}),
+        ("service-headless.yaml.j2", {}),
+        ("service-client.yaml.j2", {}),
+    ]
+    external = spec["services"]["external"]
     if spec["services"]["metrics"]["enabled"]:
-        names.append("service-metrics.yaml.j2")
-    if spec["services"]["external"]["enabled"]:
-        names.append("service-external.yaml.j2")
+        names.append(("service-metrics.yaml.j2", {}))
+    if external["enabled"]:
+        names.append(("service-external.yaml.j2", {}))
+        if external["perBroker"]["enabled"]:
+            for ordinal in range(target.replicas):
+                names.append((
+                    "service-broker-external.yaml.j2",
+                    {
+                        "ordinal": ordinal,
+                        "pod_name": naming.pod(target.name, ordinal),
+                        "names": {"broker_external_service": naming.broker_external_service(target.name, ordinal)},
+                    },
+                ))
     if spec["podDisruptionBudget"]["enabled"]:
-        names.append("poddisruptionbudget.yaml.j2")
-    names.append("statefulset.yaml.j2")
+        names.append(("poddisruptionbudget.yaml.j2", {}))
+    names.append(("statefulset.yaml.j2", {}))
     if target.service_monitor:
-        names.append("servicemonitor.yaml.j2")
+        names.append(("servicemonitor.yaml.j2", {}))
     if target.prometheus_rule:
-        names.append("prometheusrule.yaml.j2")
+        names.append(("prometheusrule.yaml.j2", {}))
     return names
 
 
@@ -220,8 +276,8 @@ def render(target: Target) -> Rendered:
     Raises RenderError when a template fails; the caller reports it on the CR.
     """
     spec = target.spec
-    environment = broker_environment(spec)
-    context = {
+    environment = broker_environment(spec, target.name, target.cluster_mode)
+    context: dict[str, Any] = {
         "cluster": {"name": target.name, "namespace": target.namespace},
         "spec": spec,
         "replicas": target.replicas,
@@ -230,7 +286,11 @@ def render(target: Target) -> Rendered:
         "selector": naming.selector_labels(target.name),
         "owner": owner_reference(target),
         "broker_env": environment,
-        "env": container_env(target.name, spec),
+        "env": container_env(target.name, spec, target.cluster_mode),
+        "cluster_mode": target.cluster_mode,
+        "listeners": listeners(target),
+        "broker_label": naming.BROKER_LABEL,
+        "pod_name_label": naming.POD_NAME_LABEL,
         "pod_security_context": pod_security_context(spec),
         "default_affinity": default_affinity(target.name),
         "default_topology_spread": default_topology_spread(target.name),
@@ -241,13 +301,18 @@ def render(target: Target) -> Rendered:
             "metrics_service": naming.metrics_service(target.name),
             "external_service": naming.external_service(target.name),
             "config_map": naming.config_map(target.name),
+            "listeners_config_map": naming.listeners_config_map(target.name),
+            "service_account": naming.broker_service_account(target.name),
             "data_volume": naming.DATA_VOLUME,
         },
     }
     objects: list[dict[str, Any]] = []
-    for template_name in _template_names(target):
+    for template_name, extra in _templates(target):
+        local = {**context, **extra}
+        if "names" in extra:
+            local["names"] = {**context["names"], **extra["names"]}
         try:
-            text = _ENVIRONMENT.get_template(template_name).render(context)
+            text = _ENVIRONMENT.get_template(template_name).render(local)
             obj = yaml.safe_load(text)
         except (jinja2.TemplateError, TypeError, yaml.YAMLError) as error:
             # StrictUndefined fed into tojson raises TypeError rather than UndefinedError.

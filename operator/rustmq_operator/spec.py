@@ -8,7 +8,7 @@ walks the CRD schema and asserts that its defaults and ``DEFAULTS`` agree, so th
 drift apart.
 
 ``problems()`` repeats the CEL rules that do not need the previous object (distinct ports, a
-positive size, TLS reserved) for CRs admitted before a rule existed: a violation makes the
+positive size, TLS reserved, perBroker with a LoadBalancer) for CRs admitted before a rule existed: a violation makes the
 cluster Stalled with reason InvalidSpec instead of rendering something broken. Pure: no I/O.
 """
 
@@ -57,6 +57,7 @@ DEFAULTS: Final[dict[str, Any]] = {
             "externalTrafficPolicy": "Cluster",
             "loadBalancerSourceRanges": [],
             "exposeMetrics": True,
+            "perBroker": {"enabled": False},
         },
     },
     "monitoring": {
@@ -149,6 +150,12 @@ def problems(spec: Mapping[str, Any]) -> list[str]:
         found.append(f"storage.size: {error}")
     if spec["tls"].get("enabled"):
         found.append("spec.tls is reserved; this RustMQ version does not serve TLS yet")
+    external = spec["services"]["external"]
+    if external["perBroker"]["enabled"] and (not external["enabled"] or external["type"] != "LoadBalancer"):
+        found.append(
+            "services.external.perBroker needs services.external.enabled with type LoadBalancer "
+            "(each broker gets its own load balancer address)"
+        )
     monitoring_wanted = spec["monitoring"]["serviceMonitor"]["enabled"]
     if monitoring_wanted and not spec["services"]["metrics"]["enabled"]:
         found.append(

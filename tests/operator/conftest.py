@@ -99,6 +99,8 @@ def render_cr() -> Callable[..., rendering.Rendered]:
             claim_size=decisions.pop("claim_size", spec["storage"]["size"]),
             service_monitor=decisions.pop("service_monitor", True),
             prometheus_rule=decisions.pop("prometheus_rule", spec["monitoring"]["prometheusRule"]["enabled"]),
+            listener_hosts=decisions.pop("listener_hosts", {}),
+            cluster_mode=decisions.pop("cluster_mode", rendering.CLUSTER_MODE),
         )
         assert not decisions, f"unknown decisions {decisions}"
         return rendering.render(target)

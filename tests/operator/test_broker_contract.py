@@ -36,7 +36,7 @@ def free_port() -> int:
 
 def pod_environment(rendered: rendering.Rendered, ordinal: int, namespace: str) -> dict[str, str]:
     """What the kubelet would give the broker container of pod <name>-<ordinal>."""
-    (configmap,) = rendered.by_kind("ConfigMap")
+    (configmap,) = [c for c in rendered.by_kind("ConfigMap") if c["metadata"]["name"].endswith("-config")]
     env = dict(configmap["data"])
     pod_name = f"rustmq-{ordinal}"
     downward = {
@@ -50,10 +50,29 @@ def pod_environment(rendered: rendering.Rendered, ordinal: int, namespace: str) 
             env[item["name"]] = downward[item["valueFrom"]["fieldRef"]["fieldPath"]]
         else:
             value = item["value"]
-            for name in ("POD_NAME", "POD_NAMESPACE"):
-                value = value.replace(f"$({name})", env[name])
+            for name, known in env.items():
+                value = value.replace(f"$({name})", known)
+            assert "$(" not in value, f"{item['name']}: unresolved reference in {value!r}"
             env[item["name"]] = value
     return env
+
+
+@pytest.mark.parametrize("cluster_mode", [False, rendering.CLUSTER_MODE], ids=["standalone", "default"])
+def test_every_rendered_variable_is_a_broker_setting(
+    cluster_mode: bool, render_cr: Callable[..., rendering.Rendered]
+) -> None:
+    """The broker ignores RUSTMQ_* variables it does not know, so a misspelt or not yet
+    supported one would be lost silently: every one the operator renders must name a field of
+    rustmq.config.BrokerConfig (the $(...) helpers of the downward API aside)."""
+    import yaml
+    from rustmq import config
+
+    cr = yaml.safe_load((ROOT / "examples" / "rustmq-production.yaml").read_text())
+    rendered = render_cr(cr, cluster_mode=cluster_mode)
+    env = pod_environment(rendered, ordinal=1, namespace="data-pipeline")
+    known = {config.ENV_PREFIX + name.upper() for name in config.FIELDS}
+    unknown = {name for name in env if name.startswith(config.ENV_PREFIX)} - known - rendering.POD_ENV_HELPERS
+    assert unknown == set()
 
 
 def http_status(url: str) -> int:

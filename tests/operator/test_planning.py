@@ -195,3 +195,18 @@ def test_a_starting_broker_is_not_failing() -> None:
     starting = pod(0, ready=False)
     starting["status"]["containerStatuses"] = [{"name": "broker", "state": {"waiting": {"reason": "ContainerCreating"}}}]
     assert planning.failing_brokers([starting], "rustmq", 1) is None
+
+
+def test_listener_hosts_come_from_the_per_broker_services_status() -> None:
+    def service(name: str, *ingress: dict[str, str]) -> dict[str, object]:
+        return {"metadata": {"name": name}, "status": {"loadBalancer": {"ingress": list(ingress)}}}
+
+    services = [
+        service("rmq-ext-0", {"ip": "10.0.50.11"}),
+        service("rmq-ext-1"),  # not assigned yet
+        service("rmq-ext-2", {"hostname": "b2.lb.example"}),
+        service("rmq-external", {"ip": "10.0.50.10"}),  # the shared one, not a broker's
+        service("rmq-ext-x", {"ip": "10.0.50.12"}),
+        service("other-ext-3", {"ip": "10.0.50.13"}),
+    ]
+    assert planning.listener_hosts("rmq", services) == {0: "10.0.50.11", 2: "b2.lb.example"}

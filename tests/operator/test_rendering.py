@@ -29,6 +29,26 @@ CASES: dict[str, dict[str, Any]] = {
     "name-only": {"apiVersion": "rustmq.io/v1alpha1", "kind": "RustMQCluster", "metadata": {"name": "rustmq", "namespace": "data-pipeline"}},
     "seed-minimal": yaml.safe_load((ROOT / "examples" / "rustmq-minimal.yaml").read_text()),
     "production": yaml.safe_load((ROOT / "examples" / "rustmq-production.yaml").read_text()),
+    "per-broker-cluster-mode": {
+        "apiVersion": "rustmq.io/v1alpha1",
+        "kind": "RustMQCluster",
+        "metadata": {"name": "rmq", "namespace": "data-pipeline"},
+        "spec": {
+            "replicas": 3,
+            "services": {
+                "external": {
+                    "enabled": True,
+                    "labels": {"bgp": "blue"},
+                    "annotations": {"lbipam.cilium.io/ips": "10.0.50.10"},
+                    "perBroker": {"enabled": True, "annotations": {"lbipam.cilium.io/sharing-key": "rmq"}},
+                }
+            },
+        },
+    },
+}
+# Decisions a reconcile pass would make from what it observed (render_cr's keyword arguments).
+DECISIONS: dict[str, dict[str, Any]] = {
+    "per-broker-cluster-mode": {"listener_hosts": {0: "10.0.50.11", 2: "rmq-2.lb.example"}, "cluster_mode": True},
 }
 
 OPENAPI_MODELS = {
@@ -36,12 +56,15 @@ OPENAPI_MODELS = {
     "Service": models.V1Service,
     "StatefulSet": models.V1StatefulSet,
     "PodDisruptionBudget": models.V1PodDisruptionBudget,
+    "ServiceAccount": models.V1ServiceAccount,
+    "Role": models.V1Role,
+    "RoleBinding": models.V1RoleBinding,
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_rendering_matches_golden_file(case: str, render_cr: Callable[..., rendering.Rendered]) -> None:
-    rendered = render_cr(CASES[case]).objects
+    rendered = render_cr(CASES[case], **DECISIONS.get(case, {})).objects
     golden = GOLDEN / f"{case}.yaml"
     if os.environ.get("RUSTMQ_UPDATE_GOLDEN") == "1":
         golden.write_text(yaml.safe_dump_all(rendered, sort_keys=False))
@@ -55,7 +78,7 @@ def test_every_rendered_core_object_fits_the_kubernetes_openapi_model(
     """Round trip through the client's models generated from the Kubernetes OpenAPI: a missing
     required field or a wrong type raises, an unknown field is dropped and fails the equality."""
     client = ApiClient()
-    for obj in render_cr(CASES[case]).objects:
+    for obj in render_cr(CASES[case], **DECISIONS.get(case, {})).objects:
         if obj["kind"] not in OPENAPI_MODELS:
             continue
         model = OPENAPI_MODELS[obj["kind"]].from_dict(copy.deepcopy(obj))
@@ -97,6 +120,10 @@ def test_children_are_named_as_in_the_seed(render_cr: Callable[..., rendering.Re
     rendered = render_cr(CASES["seed-minimal"])
     names = {(o["kind"], o["metadata"]["name"]) for o in rendered.objects}
     assert names == {
+        ("ServiceAccount", "rustmq-broker"),
+        ("Role", "rustmq-broker"),
+        ("RoleBinding", "rustmq-broker"),
+        ("ConfigMap", "rustmq-listeners"),
         ("ConfigMap", "rustmq-config"),
         ("Service", "rustmq"),
         ("Service", "rustmq-headless"),
@@ -189,8 +216,12 @@ def test_optional_children_follow_the_spec(render_cr: Callable[..., rendering.Re
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in render_cr(cr, service_monitor=False).objects)
     assert kinds == [
         ("ConfigMap", "lean-config"),
+        ("ConfigMap", "lean-listeners"),
+        ("Role", "lean-broker"),
+        ("RoleBinding", "lean-broker"),
         ("Service", "lean"),
         ("Service", "lean-headless"),
+        ("ServiceAccount", "lean-broker"),
         ("StatefulSet", "lean"),
     ]
 
@@ -213,3 +244,62 @@ def test_pod_security_context_merges_over_the_secure_defaults(render_cr: Callabl
     assert context["seccompProfile"] == {"type": "Localhost", "localhostProfile": "rustmq.json"}
     plain = render_cr({"metadata": {"name": "r"}}).statefulset()["spec"]["template"]["spec"]["securityContext"]
     assert plain == rendering.DEFAULT_POD_SECURITY_CONTEXT
+
+
+def test_the_broker_role_grants_exactly_the_contract_verbs(render_cr: Callable[..., rendering.Rendered]) -> None:
+    rendered = render_cr(CASES["seed-minimal"])
+    (role,) = rendered.by_kind("Role")
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update", "delete"]},
+    ]
+    (binding,) = rendered.by_kind("RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "rustmq-broker"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rustmq-broker", "namespace": "data-pipeline"}]
+    (account,) = rendered.by_kind("ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("cluster_mode", [False, True])
+def test_a_token_is_mounted_only_in_cluster_mode(cluster_mode: bool, render_cr: Callable[..., rendering.Rendered]) -> None:
+    rendered = render_cr(CASES["seed-minimal"], cluster_mode=cluster_mode)
+    pod = rendered.statefulset()["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "rustmq-broker"
+    assert pod["automountServiceAccountToken"] is cluster_mode
+    (config,) = [c for c in rendered.by_kind("ConfigMap") if c["metadata"]["name"] == "rustmq-config"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    if cluster_mode:
+        assert config["data"]["RUSTMQ_CLUSTER_MODE"] == "kubernetes"
+        assert config["data"]["RUSTMQ_CLUSTER_NAME"] == "rustmq"
+        assert env["RUSTMQ_CLUSTER_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+        assert env["RUSTMQ_INTERNAL_HOST"]["value"] == "$(RUSTMQ_POD_NAME).rustmq-headless.$(RUSTMQ_POD_NAMESPACE).svc"
+        assert env["RUSTMQ_BROKER_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+    else:
+        assert not any(name.startswith("RUSTMQ_CLUSTER") for name in [*config["data"], *env])
+        assert "RUSTMQ_INTERNAL_HOST" not in env
+
+
+def test_per_broker_services_and_the_listeners_config_map(render_cr: Callable[..., rendering.Rendered]) -> None:
+    case = "per-broker-cluster-mode"
+    rendered = render_cr(CASES[case], **DECISIONS[case])
+    per_broker = [s for s in rendered.by_kind("Service") if s["metadata"]["name"].startswith("rmq-ext-")]
+    assert [s["metadata"]["name"] for s in per_broker] == ["rmq-ext-0", "rmq-ext-1", "rmq-ext-2"]
+    for ordinal, service in enumerate(per_broker):
+        assert service["spec"]["type"] == "LoadBalancer"
+        assert service["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] == f"rmq-{ordinal}"
+        assert service["metadata"]["labels"]["bgp"] == "blue"
+        assert service["metadata"]["labels"]["rustmq.io/broker"] == str(ordinal)
+        assert service["metadata"]["annotations"] == {"lbipam.cilium.io/sharing-key": "rmq"}
+        assert [p["name"] for p in service["spec"]["ports"]] == ["producer", "consumer"]
+    (listeners,) = [c for c in rendered.by_kind("ConfigMap") if c["metadata"]["name"] == "rmq-listeners"]
+    assert listeners["data"] == {"broker-0": "10.0.50.11", "broker-1": "", "broker-2": "rmq-2.lb.example"}
+    # Addresses are not broker settings: they change nothing the brokers run.
+    moved = render_cr(CASES[case], listener_hosts={0: "10.0.50.99"}, cluster_mode=True)
+    assert moved.config_hash == rendered.config_hash
+    off = copy.deepcopy(CASES[case])
+    off["spec"]["services"]["external"]["perBroker"]["enabled"] = False
+    plain = render_cr(off, **DECISIONS[case])
+    assert not [s for s in plain.by_kind("Service") if s["metadata"]["name"].startswith("rmq-ext-")]
+    (listeners,) = [c for c in plain.by_kind("ConfigMap") if c["metadata"]["name"] == "rmq-listeners"]
+    assert listeners["data"] == {"broker-0": "", "broker-1": "", "broker-2": ""}

@@ -42,3 +42,11 @@ def test_pause_annotation() -> None:
     assert specs.is_paused({"annotations": {specs.PAUSE_ANNOTATION: "true"}})
     assert not specs.is_paused({"annotations": {specs.PAUSE_ANNOTATION: "false"}})
     assert not specs.is_paused({})
+
+
+def test_per_broker_services_need_an_external_load_balancer() -> None:
+    wanted = {"perBroker": {"enabled": True}}
+    for external in ({**wanted, "enabled": False}, {**wanted, "enabled": True, "type": "NodePort"}):
+        (problem,) = specs.problems(specs.with_defaults({"services": {"external": external}}))
+        assert "perBroker needs services.external.enabled with type LoadBalancer" in problem
+    assert specs.problems(specs.with_defaults({"services": {"external": {**wanted, "enabled": True}}})) == []
