@@ -37,6 +37,7 @@ _CHILDREN: Final = (
     ("policy", "v1", "poddisruptionbudgets"),
     ("rbac.authorization.k8s.io", "v1", "roles"),
     ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
 )
 
 Key = tuple[str, str]
@@ -134,6 +135,7 @@ _OURS: Final = {"app.kubernetes.io/managed-by": naming.MANAGED_BY}
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=_OURS)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=_OURS)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=_OURS)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=_OURS)
 def child_changed(*, labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
     cluster = labels.get(naming.CLUSTER_LABEL)
     if cluster and namespace is not None:

@@ -45,6 +45,7 @@ RESOURCES: Final[dict[tuple[str, str], tuple[str, str, bool]]] = {
     ),
     ("apps/v1", "StatefulSet"): ("/apis/apps/v1", "statefulsets", True),
     ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets", True),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies", True),
     ("storage.k8s.io/v1", "StorageClass"): ("/apis/storage.k8s.io/v1", "storageclasses", False),
     ("monitoring.coreos.com/v1", "ServiceMonitor"): (
         "/apis/monitoring.coreos.com/v1",

@@ -37,6 +37,7 @@ _PRUNABLE: Final = (
     ("v1", "ServiceAccount"),
     ("rbac.authorization.k8s.io/v1", "Role"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 )
 _MONITORING: Final = (
     ("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors"),

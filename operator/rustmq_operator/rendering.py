@@ -260,6 +260,8 @@ def _templates(target: Target) -> list[tuple[str, dict[str, Any]]]:
                         "names": {"broker_external_service": naming.broker_external_service(target.name, ordinal)},
                     },
                 ))
+    if spec["networkPolicy"]["enabled"]:
+        names.append(("networkpolicy.yaml.j2", {}))
     if spec["podDisruptionBudget"]["enabled"]:
         names.append(("poddisruptionbudget.yaml.j2", {}))
     names.append(("statefulset.yaml.j2", {}))

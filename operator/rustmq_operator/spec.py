@@ -66,6 +66,7 @@ DEFAULTS: Final[dict[str, Any]] = {
     },
     "podTemplate": {"terminationGracePeriodSeconds": 60},
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
+    "networkPolicy": {"enabled": False, "clients": [{"podSelector": {}}], "monitoringNamespace": "monitoring"},
     "tls": {"enabled": False},
 }
 

@@ -54,10 +54,13 @@ def test_rendered_objects_fit_the_kubernetes_openapi_models(helm: str, values: P
             assert client.sanitize_for_serialization(model) == obj, obj["kind"]
 
 
-def test_default_install_is_cluster_wide_with_the_crd(helm: str) -> None:
+def test_default_install_manages_its_own_namespace_with_the_crd(helm: str) -> None:
     objects = template(helm)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Service", "ServiceAccount"]
+    assert kinds == [
+        "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment",
+        "Role", "RoleBinding", "Service", "ServiceAccount",
+    ]
     crd = next(o for o in objects if o["kind"] == "CustomResourceDefinition")
     assert crd == yaml.safe_load((ROOT / "crds" / "rustmq.io_rustmqclusters.yaml").read_text())
     deployment = next(o for o in objects if o["kind"] == "Deployment")
@@ -65,9 +68,27 @@ def test_default_install_is_cluster_wide_with_the_crd(helm: str) -> None:
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["rustmq-operator"]
-    assert "--all-namespaces" in container["args"]
+    assert "--namespace=rustmq-system" in container["args"]
+    assert "--all-namespaces" not in container["args"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["image"] == "rustmq/operator:0.1.0"
+    (role,) = [o for o in objects if o["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "rustmq-system"
+    cluster_role = next(o for o in objects if o["kind"] == "ClusterRole")
+    cluster_resources = {res for rule in cluster_role["rules"] for res in rule["resources"]}
+    assert cluster_resources == {"storageclasses", "customresourcedefinitions", "namespaces"}
+
+
+def test_cluster_wide_is_asked_for(helm: str) -> None:
+    objects = template(helm, CHART / "ci" / "cluster-wide-values.yaml")
+    assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding")]
+    cluster_role = next(o for o in objects if o["kind"] == "ClusterRole")
+    assert "statefulsets" in {res for rule in cluster_role["rules"] for res in rule["resources"]}
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    assert "--all-namespaces" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    both = [helm, "template", "rmq", str(CHART), "--set", "clusterWide=true", "--set", "watchNamespaces={a}"]
+    refused = subprocess.run(both, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "leave watchNamespaces empty" in refused.stderr
 
 
 def test_talos_cilium_values_scope_the_operator_to_its_namespace(helm: str) -> None:
@@ -100,3 +121,8 @@ def test_rbac_is_least_privilege(helm: str, values: Path) -> None:
     assert ("rustmq.io", "rustmqclusters/status", "patch") in granted
     assert ("", "pods/eviction", "create") in granted
     assert ("", "persistentvolumeclaims", "delete") not in granted  # data is never deleted
+    assert ("rbac.authorization.k8s.io", "roles", "escalate") not in granted
+    assert ("rbac.authorization.k8s.io", "roles", "bind") not in granted
+    # Everything the brokers' Role grants, the operator holds (RBAC lets it grant nothing more).
+    assert {("coordination.k8s.io", "leases", v) for v in ("get", "list", "watch", "create", "update")} <= granted
+    assert {("", "configmaps", v) for v in ("get", "list", "watch", "create", "update", "delete")} <= granted

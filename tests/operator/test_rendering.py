@@ -59,6 +59,7 @@ OPENAPI_MODELS = {
     "ServiceAccount": models.V1ServiceAccount,
     "Role": models.V1Role,
     "RoleBinding": models.V1RoleBinding,
+    "NetworkPolicy": models.V1NetworkPolicy,
 }
 
 
@@ -303,3 +304,24 @@ def test_per_broker_services_and_the_listeners_config_map(render_cr: Callable[..
     assert not [s for s in plain.by_kind("Service") if s["metadata"]["name"].startswith("rmq-ext-")]
     (listeners,) = [c for c in plain.by_kind("ConfigMap") if c["metadata"]["name"] == "rmq-listeners"]
     assert listeners["data"] == {"broker-0": "", "broker-1": "", "broker-2": ""}
+
+
+def test_network_policy_admits_clients_metrics_and_brokers_only(render_cr: Callable[..., rendering.Rendered]) -> None:
+    (policy,) = render_cr(CASES["production"]).by_kind("NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == naming.selector_labels("rustmq")
+    clients, metrics, brokers = policy["spec"]["ingress"]
+    assert clients["from"] == [{"podSelector": {}}, {"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    assert [p["port"] for p in clients["ports"]] == ["producer", "consumer"]
+    assert metrics == {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "ports": [{"port": "metrics", "protocol": "TCP"}],
+    }
+    assert brokers == {"from": [{"podSelector": {"matchLabels": naming.selector_labels("rustmq")}}]}
+    # No clients at all: the rule is left out, since `from: []` would admit everyone.
+    closed = copy.deepcopy(CASES["production"])
+    closed["spec"]["networkPolicy"]["clients"] = []
+    (policy,) = render_cr(closed).by_kind("NetworkPolicy")
+    assert all(rule.get("from") for rule in policy["spec"]["ingress"])
+    assert not any(p["port"] == "producer" for rule in policy["spec"]["ingress"] for p in rule.get("ports", []))
+    assert not render_cr(CASES["seed-minimal"]).by_kind("NetworkPolicy")

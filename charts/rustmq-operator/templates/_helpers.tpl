@@ -70,6 +70,9 @@ app.kubernetes.io/part-of: rustmq
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, delete]
@@ -98,4 +101,16 @@ app.kubernetes.io/part-of: rustmq
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [get, list, watch]
+{{- end }}
+
+{{/* The namespaces the operator manages when it is not cluster-wide: watchNamespaces, or the
+     release's own namespace. */}}
+{{- define "rustmq-operator.namespaces" -}}
+{{- if .Values.clusterWide }}
+{{- if .Values.watchNamespaces }}
+{{- fail "clusterWide: true manages every namespace; leave watchNamespaces empty" }}
+{{- end }}
+{{- else }}
+{{- toJson (.Values.watchNamespaces | default (list .Release.Namespace)) }}
+{{- end }}
 {{- end }}
