@@ -110,17 +110,21 @@ def cluster_changed(*, event: kopf.RawEvent, name: str, namespace: str | None, *
         STATE.queue.add((namespace, name))
 
 
-MONITORING_CRDS: Final = frozenset(
-    {"servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com"}
+OPTIONAL_CRDS: Final = frozenset(
+    {
+        "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
+        "certificates.cert-manager.io",
+    }
 )
 
 
 @kopf.on.event(
     "apiextensions.k8s.io", "v1", "customresourcedefinitions",
-    when=lambda name, **_: name in MONITORING_CRDS,
+    when=lambda name, **_: name in OPTIONAL_CRDS,
 )
-def monitoring_crd_changed(**_: Any) -> None:
-    """The Prometheus Operator's CRDs came or went: every cluster re-checks its monitoring."""
+def optional_crd_changed(**_: Any) -> None:
+    """The Prometheus Operator's or cert-manager's CRDs came or went: every cluster re-checks."""
     for key in STATE.known:
         STATE.queue.add(key)
 

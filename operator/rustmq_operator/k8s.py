@@ -57,6 +57,7 @@ RESOURCES: Final[dict[tuple[str, str], tuple[str, str, bool]]] = {
         "prometheusrules",
         True,
     ),
+    ("cert-manager.io/v1", "Certificate"): ("/apis/cert-manager.io/v1", "certificates", True),
     (specs.API_VERSION, specs.KIND): (f"/apis/{specs.API_VERSION}", specs.PLURAL, True),
 }
 

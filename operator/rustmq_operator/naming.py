@@ -18,6 +18,8 @@ CONFIG_HASH_ANNOTATION: Final = "rustmq.io/config-hash"
 DATA_VOLUME: Final = "data"
 POD_NAME_LABEL: Final = "statefulset.kubernetes.io/pod-name"  # set on each pod by the StatefulSet controller
 BROKER_LABEL: Final = "rustmq.io/broker"
+TLS_VOLUME: Final = "tls"
+TLS_DIR: Final = "/etc/rustmq/tls"  # tls.crt, tls.key, ca.crt of the Secret (no subPath: updates reach the pod)
 
 
 def statefulset(cluster: str) -> str:
@@ -55,6 +57,16 @@ def broker_external_service(cluster: str, ordinal: int) -> str:
     Short on purpose: cluster names go up to 52 characters and ordinals to 63, and a Service
     name is a DNS label of at most 63 (``<cluster>-<n>-external`` would need 64)."""
     return f"{cluster}-ext-{ordinal}"
+
+
+def tls_secret(cluster: str, secret_name: str | None) -> str:
+    """The Secret the brokers' certificate comes from (spec.tls.secretName, default <name>-tls)."""
+    return secret_name or f"{cluster}-tls"
+
+
+def certificate(cluster: str) -> str:
+    """The cert-manager Certificate that fills the TLS Secret (spec.tls.certManager)."""
+    return cluster
 
 
 def broker_service_account(cluster: str) -> str:

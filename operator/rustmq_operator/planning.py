@@ -63,6 +63,7 @@ class Observed:
     storage_class: str | None = None
     service_monitor_crd: bool = False  # the API serves ServiceMonitors
     prometheus_rule_crd: bool = False
+    certificate_crd: bool = False  # the API serves cert-manager's Certificates
 
 
 @dataclasses.dataclass(frozen=True)

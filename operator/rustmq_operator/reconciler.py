@@ -29,7 +29,8 @@ RESYNC_SECONDS: Final = 30.0  # drift check even when no watch event arrives
 PROGRESS_SECONDS: Final = 2.0  # while converging
 STALLED_SECONDS: Final = 15.0
 
-# Kinds the operator prunes when the spec stops asking for them (never the StatefulSet or claims).
+# Kinds the operator prunes when the spec stops asking for them (never the StatefulSet or claims);
+# _OPTIONAL_KINDS only where their CRD is served.
 _PRUNABLE: Final = (
     ("v1", "ConfigMap"),
     ("v1", "Service"),
@@ -39,9 +40,10 @@ _PRUNABLE: Final = (
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
 )
-_MONITORING: Final = (
+_OPTIONAL_KINDS: Final = (
     ("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors"),
     ("monitoring.coreos.com/v1", "PrometheusRule", "prometheusrules"),
+    ("cert-manager.io/v1", "Certificate", "certificates"),
 )
 
 
@@ -98,6 +100,8 @@ def observe(kube: k8s.Kube, namespace: str, name: str, spec: Mapping[str, Any]) 
         )
         storage_class, expandable = kube.storage_class_expandable(class_name)
     monitoring_api = kube.served("monitoring.coreos.com/v1")
+    # Always asked, so that a Certificate is pruned once the spec stops asking for it.
+    certificate_crd = "certificates" in kube.served("cert-manager.io/v1")
     return planning.Observed(
         statefulset=statefulset,
         pods=pods,
@@ -108,6 +112,7 @@ def observe(kube: k8s.Kube, namespace: str, name: str, spec: Mapping[str, Any]) 
         storage_class=storage_class,
         service_monitor_crd="servicemonitors" in monitoring_api,
         prometheus_rule_crd="prometheusrules" in monitoring_api,
+        certificate_crd=certificate_crd,
     )
 
 
@@ -119,6 +124,18 @@ def monitoring_verdict(spec: Mapping[str, Any], observed: planning.Observed) -> 
             "ServiceMonitorCRDMissing",
             "the ServiceMonitor CRD (monitoring.coreos.com/v1) is not installed; the "
             "ServiceMonitor is created as soon as the Prometheus Operator's CRDs are",
+        )
+    return None
+
+
+def certificate_verdict(spec: Mapping[str, Any], observed: planning.Observed) -> planning.Verdict | None:
+    """spec.tls.certManager without cert-manager: the Secret would never be written."""
+    if spec["tls"]["enabled"] and spec["tls"].get("certManager") and not observed.certificate_crd:
+        return planning.Verdict(
+            "CertManagerMissing",
+            "spec.tls.certManager asks cert-manager for the certificate, but its Certificate CRD "
+            "(cert-manager.io/v1) is not installed; install cert-manager or provide the Secret "
+            "yourself and drop tls.certManager",
         )
     return None
 
@@ -151,6 +168,7 @@ def reconcile(
         if invalid
         else scale.stalled
         or storage.stalled
+        or certificate_verdict(spec, observed)
         or planning.failing_brokers(observed.pods, name, scale.replicas)
     )
     progressing = storage.progressing or scale.progressing
@@ -165,6 +183,7 @@ def reconcile(
         service_monitor=spec["monitoring"]["serviceMonitor"]["enabled"] and observed.service_monitor_crd,
         prometheus_rule=spec["monitoring"]["prometheusRule"]["enabled"] and observed.prometheus_rule_crd,
         listener_hosts=planning.listener_hosts(name, observed.broker_services),
+        certificate=bool(spec["tls"]["enabled"] and spec["tls"].get("certManager") and observed.certificate_crd),
     )
     rendered: rendering.Rendered | None = None
     if not invalid:
@@ -316,8 +335,9 @@ def _prune(
     served = {
         "servicemonitors": observed.service_monitor_crd,
         "prometheusrules": observed.prometheus_rule_crd,
+        "certificates": observed.certificate_crd,
     }
-    for api_version, kind, plural in _MONITORING:
+    for api_version, kind, plural in _OPTIONAL_KINDS:
         if served[plural]:
             kinds.append((api_version, kind))
     removed: list[str] = []

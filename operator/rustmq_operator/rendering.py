@@ -71,6 +71,7 @@ class Target:
     # RUSTMQ_CLUSTER_* environment and a ServiceAccount token. Off until the broker on main
     # accepts those settings (tests/operator/test_broker_contract.py checks every variable).
     cluster_mode: bool = CLUSTER_MODE
+    certificate: bool = False  # spec.tls.certManager given and cert-manager's CRD served
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,13 @@ def broker_environment(
         "RUSTMQ_HOST": "0.0.0.0",
         "RUSTMQ_LOG": json.dumps(log_settings(config), sort_keys=True, separators=(",", ":")),
     }
+    tls = spec["tls"]
+    if tls["enabled"]:
+        env["RUSTMQ_TLS_CERT_FILE"] = f"{naming.TLS_DIR}/tls.crt"
+        env["RUSTMQ_TLS_KEY_FILE"] = f"{naming.TLS_DIR}/tls.key"
+        if tls["mutual"]:
+            env["RUSTMQ_TLS_CLIENT_CA_FILE"] = f"{naming.TLS_DIR}/ca.crt"
+            env["RUSTMQ_TLS_CLIENT_AUTH"] = "required"
     for field, variable in specs.CONFIG_ENV.items():
         if config.get(field) is not None:
             env[variable] = str(config[field])
@@ -178,6 +186,21 @@ def listeners(target: Target) -> dict[str, str]:
         naming.listener_key(ordinal): (target.listener_hosts.get(ordinal, "") if per_broker else "")
         for ordinal in range(target.replicas)
     }
+
+
+def certificate_dns_names(target: Target) -> list[str]:
+    """Every name a client may dial a broker by inside the cluster, then the user's."""
+    name, namespace = target.name, target.namespace
+    client, headless = naming.client_service(name), naming.headless_service(name)
+    found = [
+        client,
+        f"{client}.{namespace}",
+        f"{client}.{namespace}.svc",
+        f"{headless}.{namespace}.svc",
+        f"*.{headless}.{namespace}.svc",
+    ]
+    extra = (target.spec["tls"].get("certManager") or {}).get("dnsNames") or []
+    return found + [dns for dns in extra if dns not in found]
 
 
 def pod_security_context(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -265,6 +288,8 @@ def _templates(target: Target) -> list[tuple[str, dict[str, Any]]]:
     if spec["podDisruptionBudget"]["enabled"]:
         names.append(("poddisruptionbudget.yaml.j2", {}))
     names.append(("statefulset.yaml.j2", {}))
+    if target.certificate:
+        names.append(("certificate.yaml.j2", {}))
     if target.service_monitor:
         names.append(("servicemonitor.yaml.j2", {}))
     if target.prometheus_rule:
@@ -293,6 +318,8 @@ def render(target: Target) -> Rendered:
         "listeners": listeners(target),
         "broker_label": naming.BROKER_LABEL,
         "pod_name_label": naming.POD_NAME_LABEL,
+        "tls_dir": naming.TLS_DIR,
+        "certificate_dns_names": certificate_dns_names(target),
         "pod_security_context": pod_security_context(spec),
         "default_affinity": default_affinity(target.name),
         "default_topology_spread": default_topology_spread(target.name),
@@ -305,6 +332,9 @@ def render(target: Target) -> Rendered:
             "config_map": naming.config_map(target.name),
             "listeners_config_map": naming.listeners_config_map(target.name),
             "service_account": naming.broker_service_account(target.name),
+            "tls_secret": naming.tls_secret(target.name, spec["tls"].get("secretName")),
+            "tls_volume": naming.TLS_VOLUME,
+            "certificate": naming.certificate(target.name),
             "data_volume": naming.DATA_VOLUME,
         },
     }

@@ -8,7 +8,7 @@ walks the CRD schema and asserts that its defaults and ``DEFAULTS`` agree, so th
 drift apart.
 
 ``problems()`` repeats the CEL rules that do not need the previous object (distinct ports, a
-positive size, TLS reserved, perBroker with a LoadBalancer) for CRs admitted before a rule existed: a violation makes the
+positive size, perBroker with a LoadBalancer) for CRs admitted before a rule existed: a violation makes the
 cluster Stalled with reason InvalidSpec instead of rendering something broken. Pure: no I/O.
 """
 
@@ -67,7 +67,7 @@ DEFAULTS: Final[dict[str, Any]] = {
     "podTemplate": {"terminationGracePeriodSeconds": 60},
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
     "networkPolicy": {"enabled": False, "clients": [{"podSelector": {}}], "monitoringNamespace": "monitoring"},
-    "tls": {"enabled": False},
+    "tls": {"enabled": False, "mutual": False},
 }
 
 # Broker settings in spec.config that are plain RUSTMQ_<FIELD> variables of rustmq.config.
@@ -149,8 +149,6 @@ def problems(spec: Mapping[str, Any]) -> list[str]:
             found.append("storage.size must be a positive quantity such as 10Gi")
     except InvalidQuantityError as error:
         found.append(f"storage.size: {error}")
-    if spec["tls"].get("enabled"):
-        found.append("spec.tls is reserved; this RustMQ version does not serve TLS yet")
     external = spec["services"]["external"]
     if external["perBroker"]["enabled"] and (not external["enabled"] or external["type"] != "LoadBalancer"):
         found.append(

@@ -101,6 +101,7 @@ def render_cr() -> Callable[..., rendering.Rendered]:
             prometheus_rule=decisions.pop("prometheus_rule", spec["monitoring"]["prometheusRule"]["enabled"]),
             listener_hosts=decisions.pop("listener_hosts", {}),
             cluster_mode=decisions.pop("cluster_mode", rendering.CLUSTER_MODE),
+            certificate=decisions.pop("certificate", False),
         )
         assert not decisions, f"unknown decisions {decisions}"
         return rendering.render(target)

@@ -68,6 +68,7 @@ def test_every_rendered_variable_is_a_broker_setting(
     from rustmq import config
 
     cr = yaml.safe_load((ROOT / "examples" / "rustmq-production.yaml").read_text())
+    cr["spec"]["tls"] = {"enabled": True, "mutual": True}
     rendered = render_cr(cr, cluster_mode=cluster_mode)
     env = pod_environment(rendered, ordinal=1, namespace="data-pipeline")
     known = {config.ENV_PREFIX + name.upper() for name in config.FIELDS}

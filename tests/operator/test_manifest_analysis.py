@@ -1,6 +1,7 @@
 """checkov, a static analyser of Kubernetes manifests, over every child the operator renders:
 the seed's cluster, a name-only one, the production example and one with every optional child
-(per-broker load balancers, cluster mode, NetworkPolicy, monitoring). A finding fails the test
+(per-broker load balancers, cluster mode, mutual TLS with a cert-manager Certificate,
+NetworkPolicy, monitoring). A finding fails the test
 unless ACCEPTED below says why it is right for RustMQ, and for which renderings."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def _example(name: str) -> dict[str, Any]:
 def _everything() -> dict[str, Any]:
     cr = _example("rustmq-production.yaml")
     cr["spec"]["services"]["external"]["perBroker"] = {"enabled": True}
+    cr["spec"]["tls"] = {"enabled": True, "mutual": True, "certManager": {"issuerRef": {"name": "ca"}}}
     return cr
 
 
@@ -32,7 +34,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "name-only": ({"metadata": {"name": "rustmq"}}, {}),
     "seed-minimal": (_example("rustmq-minimal.yaml"), {}),
     "production": (_example("rustmq-production.yaml"), {}),
-    "everything": (_everything(), {"cluster_mode": True, "listener_hosts": {0: "10.0.50.11"}}),
+    "everything": (_everything(), {"cluster_mode": True, "listener_hosts": {0: "10.0.50.11"}, "certificate": True}),
 }
 
 

@@ -210,3 +210,14 @@ def test_listener_hosts_come_from_the_per_broker_services_status() -> None:
         service("other-ext-3", {"ip": "10.0.50.13"}),
     ]
     assert planning.listener_hosts("rmq", services) == {0: "10.0.50.11", 2: "b2.lb.example"}
+
+
+def test_a_cert_manager_certificate_without_cert_manager_is_stalled() -> None:
+    from rustmq_operator import reconciler, spec as specs
+
+    wanted = specs.with_defaults({"tls": {"enabled": True, "certManager": {"issuerRef": {"name": "ca"}}}})
+    verdict = reconciler.certificate_verdict(wanted, planning.Observed(certificate_crd=False))
+    assert verdict is not None and verdict.reason == "CertManagerMissing"
+    assert reconciler.certificate_verdict(wanted, planning.Observed(certificate_crd=True)) is None
+    own_secret = specs.with_defaults({"tls": {"enabled": True}})
+    assert reconciler.certificate_verdict(own_secret, planning.Observed()) is None

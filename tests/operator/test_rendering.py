@@ -46,9 +46,22 @@ CASES: dict[str, dict[str, Any]] = {
         },
     },
 }
+CASES["tls-mutual-cert-manager"] = {
+    "apiVersion": "rustmq.io/v1alpha1",
+    "kind": "RustMQCluster",
+    "metadata": {"name": "rustmq", "namespace": "data-pipeline"},
+    "spec": {
+        "tls": {
+            "enabled": True,
+            "mutual": True,
+            "certManager": {"issuerRef": {"name": "data-pipeline-ca"}, "dnsNames": ["rustmq.example.net"], "ipAddresses": ["10.0.50.10"]},
+        },
+    },
+}
 # Decisions a reconcile pass would make from what it observed (render_cr's keyword arguments).
 DECISIONS: dict[str, dict[str, Any]] = {
     "per-broker-cluster-mode": {"listener_hosts": {0: "10.0.50.11", 2: "rmq-2.lb.example"}, "cluster_mode": True},
+    "tls-mutual-cert-manager": {"certificate": True},
 }
 
 OPENAPI_MODELS = {
@@ -325,3 +338,35 @@ def test_network_policy_admits_clients_metrics_and_brokers_only(render_cr: Calla
     assert all(rule.get("from") for rule in policy["spec"]["ingress"])
     assert not any(p["port"] == "producer" for rule in policy["spec"]["ingress"] for p in rule.get("ports", []))
     assert not render_cr(CASES["seed-minimal"]).by_kind("NetworkPolicy")
+
+
+def test_tls_mounts_the_secret_and_points_the_broker_at_it(render_cr: Callable[..., rendering.Rendered]) -> None:
+    case = "tls-mutual-cert-manager"
+    rendered = render_cr(CASES[case], **DECISIONS[case])
+    (config,) = [c for c in rendered.by_kind("ConfigMap") if c["metadata"]["name"] == "rustmq-config"]
+    assert {k: v for k, v in config["data"].items() if k.startswith("RUSTMQ_TLS")} == {
+        "RUSTMQ_TLS_CERT_FILE": "/etc/rustmq/tls/tls.crt",
+        "RUSTMQ_TLS_KEY_FILE": "/etc/rustmq/tls/tls.key",
+        "RUSTMQ_TLS_CLIENT_CA_FILE": "/etc/rustmq/tls/ca.crt",
+        "RUSTMQ_TLS_CLIENT_AUTH": "required",
+    }
+    pod = rendered.statefulset()["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+    assert volume["secret"] == {"secretName": "rustmq-tls", "defaultMode": 0o440}
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+    assert mount == {"name": "tls", "mountPath": "/etc/rustmq/tls", "readOnly": True}  # no subPath: updates arrive
+    (certificate,) = rendered.by_kind("Certificate")
+    assert certificate["spec"]["secretName"] == "rustmq-tls"
+    assert certificate["spec"]["issuerRef"] == {"name": "data-pipeline-ca", "kind": "Issuer", "group": "cert-manager.io"}
+    assert "*.rustmq-headless.data-pipeline.svc" in certificate["spec"]["dnsNames"]
+    assert "rustmq.example.net" in certificate["spec"]["dnsNames"]
+    assert certificate["spec"]["ipAddresses"] == ["10.0.50.10"]
+    # Without cert-manager's CRD no Certificate is rendered (the reconciler reports Stalled).
+    assert not render_cr(CASES[case]).by_kind("Certificate")
+    # The Secret's content is not in the pod template: a renewal restarts nothing. Its name is.
+    renamed = copy.deepcopy(CASES[case])
+    renamed["spec"]["tls"]["secretName"] = "other"
+    assert render_cr(renamed, **DECISIONS[case]).config_hash != rendered.config_hash
+    plain = render_cr({"metadata": {"name": "rustmq"}}).statefulset()["spec"]["template"]["spec"]
+    assert not [v for v in plain["volumes"] if v["name"] == "tls"]

@@ -34,7 +34,7 @@ def test_problems_repeat_the_cel_rules_for_old_objects() -> None:
     spec = specs.with_defaults({"ports": {"producer": 9092, "consumer": 9092}, "tls": {"enabled": True}})
     found = specs.problems(spec)
     assert any("ports must be distinct" in p for p in found)
-    assert any("tls is reserved" in p for p in found)
+    assert not any("tls" in p for p in found)  # TLS is served now
     assert specs.problems(specs.with_defaults({})) == []
 
 

@@ -88,6 +88,9 @@ app.kubernetes.io/part-of: rustmq
 - apiGroups: [monitoring.coreos.com]
   resources: [servicemonitors, prometheusrules]
   verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [cert-manager.io]
+  resources: [certificates]
+  verbs: [get, list, watch, create, patch, delete]
 {{- end }}
 
 {{/* Cluster-scoped reads: the storage class (can claims grow?), and API discovery for kopf. */}}
