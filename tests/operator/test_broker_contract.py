@@ -65,6 +65,7 @@ def test_every_rendered_variable_is_a_broker_setting(
     supported one would be lost silently: every one the operator renders must name a field of
     rustmq.config.BrokerConfig (the $(...) helpers of the downward API aside)."""
     import yaml
+
     from rustmq import config
 
     cr = yaml.safe_load((ROOT / "examples" / "rustmq-production.yaml").read_text())

@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 
 from manifest_analysis import checkov, unexplained
-from rustmq_operator import rendering, spec as specs
+from rustmq_operator import rendering
+from rustmq_operator import spec as specs
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -213,7 +213,8 @@ def test_listener_hosts_come_from_the_per_broker_services_status() -> None:
 
 
 def test_a_cert_manager_certificate_without_cert_manager_is_stalled() -> None:
-    from rustmq_operator import reconciler, spec as specs
+    from rustmq_operator import reconciler
+    from rustmq_operator import spec as specs
 
     wanted = specs.with_defaults({"tls": {"enabled": True, "certManager": {"issuerRef": {"name": "ca"}}}})
     verdict = reconciler.certificate_verdict(wanted, planning.Observed(certificate_crd=False))
