@@ -27,7 +27,17 @@ def _template(helm: str, values: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-ACCEPTED: dict[str, Callable[[str], bool]] = {}
+ACCEPTED: dict[str, Callable[[str], bool]] = {
+    # CKV_K8S_43 "image should use a digest": image.digest pins one; by default the tag is the
+    # chart's appVersion, which the project never re-tags.
+    "CKV_K8S_43": lambda scenario: True,
+    # CKV_K8S_15 "pull policy should be Always": IfNotPresent (image.pullPolicy) lets the operator
+    # restart on a node while the registry is down; the tag is immutable.
+    "CKV_K8S_15": lambda scenario: True,
+    # CKV_K8S_38 "service account tokens only where necessary": the operator is a client of the
+    # API server; its token is the point, bound to the least-privilege Role of rbac.yaml.
+    "CKV_K8S_38": lambda scenario: True,
+}
 
 
 def test_the_rendered_chart_passes_checkov_or_has_an_accepted_finding(helm: str, tmp_path: Path) -> None:

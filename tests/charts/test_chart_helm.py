@@ -24,6 +24,7 @@ MODELS = {
     "RoleBinding": models.V1RoleBinding,
     "Service": models.V1Service,
     "ConfigMap": models.V1ConfigMap,
+    "NetworkPolicy": models.V1NetworkPolicy,
 }
 
 
@@ -59,7 +60,7 @@ def test_default_install_manages_its_own_namespace_with_the_crd(helm: str) -> No
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == [
         "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment",
-        "Role", "RoleBinding", "Service", "ServiceAccount",
+        "NetworkPolicy", "Role", "RoleBinding", "Service", "ServiceAccount",
     ]
     crd = next(o for o in objects if o["kind"] == "CustomResourceDefinition")
     assert crd == yaml.safe_load((ROOT / "crds" / "rustmq.io_rustmqclusters.yaml").read_text())

@@ -113,6 +113,7 @@ app.kubernetes.io/part-of: rustmq
 {{- if .Values.watchNamespaces }}
 {{- fail "clusterWide: true manages every namespace; leave watchNamespaces empty" }}
 {{- end }}
+{{- toJson list }}
 {{- else }}
 {{- toJson (.Values.watchNamespaces | default (list .Release.Namespace)) }}
 {{- end }}
