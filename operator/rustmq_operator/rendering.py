@@ -37,7 +37,7 @@ _ENVIRONMENT: Final = jinja2.Environment(
 )
 
 BROKER_UID: Final = 10001
-CLUSTER_MODE: Final = False  # see Target.cluster_mode
+CLUSTER_MODE: Final = True  # see Target.cluster_mode
 
 DEFAULT_POD_SECURITY_CONTEXT: Final[dict[str, Any]] = {
     "runAsNonRoot": True,
@@ -67,9 +67,9 @@ class Target:
     prometheus_rule: bool = False
     # broker ordinal -> the address of its perBroker LoadBalancer Service (from its status)
     listener_hosts: Mapping[int, str] = dataclasses.field(default_factory=dict)
-    # Tell the brokers to coordinate through the Kubernetes API: the
-    # RUSTMQ_CLUSTER_* environment and a ServiceAccount token. Off until the broker on main
-    # accepts those settings (tests/operator/test_broker_contract.py checks every variable).
+    # Tell the brokers to coordinate through the Kubernetes API: the RUSTMQ_CLUSTER_*
+    # environment and a ServiceAccount token (every cluster, even of one broker, so that scaling
+    # up needs no mode change; tests/operator/test_broker_contract.py checks every variable).
     cluster_mode: bool = CLUSTER_MODE
     certificate: bool = False  # spec.tls.certManager given and cert-manager's CRD served
 

@@ -95,7 +95,9 @@ def test_the_brokers_may_use_exactly_leases_and_configmaps_of_their_namespace(
     assert other.stdout.strip() == "no"  # namespaced: nothing outside its own namespace
     (pod,) = kubectl.pods()
     assert pod["spec"]["serviceAccountName"] == "rustmq-broker"
-    assert pod["spec"]["automountServiceAccountToken"] is False  # no token until cluster mode
+    assert pod["spec"]["automountServiceAccountToken"] is True  # cluster mode coordinates through the API
+    sa = kubectl.get("serviceaccount", "rustmq-broker") or {}
+    assert sa["automountServiceAccountToken"] is False  # only the broker pods, which ask for it
     # Drift: a Role edited by hand is put back.
     kubectl.patch("role", "rustmq-broker", {"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]})
     ops.wait_for("the Role restored", lambda: can(cluster, namespace, "create", "leases.coordination.k8s.io") or None, timeout=60)

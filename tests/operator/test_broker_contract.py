@@ -101,7 +101,13 @@ def test_rendered_environment_starts_a_ready_broker(
     assert env["RUSTMQ_BROKER_ID"] == "2"
     assert env["RUSTMQ_ADVERTISED_HOST"] == "rustmq-2.rustmq-headless.data-pipeline.svc"
     metrics_port = free_port()
+    assert env["RUSTMQ_CLUSTER_MODE"] == "kubernetes"
+    assert env["RUSTMQ_INTERNAL_HOST"] == "rustmq-2.rustmq-headless.data-pipeline.svc"
     env.update(
+        # Cluster mode needs an API server (in a pod: the mounted token); this unit test has
+        # none, so the broker runs standalone here. Cluster mode on a real API server is tested
+        # by the cluster suite (docs/cluster.md).
+        RUSTMQ_CLUSTER_MODE="standalone",
         RUSTMQ_PRODUCER_PORT=str(free_port()),
         RUSTMQ_CONSUMER_PORT=str(free_port()),
         RUSTMQ_METRICS_PORT=str(metrics_port),
