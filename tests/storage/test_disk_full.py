@@ -59,12 +59,26 @@ def test_a_full_disk_fails_the_roll_cleanly_and_recovers_after_retention(tiny_fi
     reopened.close()
 
 
-def test_creating_a_topic_on_a_full_disk_leaves_no_half_topic(tiny_filesystem) -> None:
+def test_topics_reserve_no_segment_space_and_a_full_disk_leaves_no_half_topic(
+        tiny_filesystem) -> None:
     log = Log.open(tiny_filesystem / "data", config.LogConfig(segment_bytes=512 * 1024))
+    # 24 partitions of 512 KiB segments on a 2 MiB file system: nothing is reserved up front
+    log.create_topic("wide", partitions=12)
+    log.create_topic("wider", partitions=12)
+    filler = tiny_filesystem / "filler"
+    with open(filler, "wb") as file, pytest.raises(OSError):
+        while True:
+            file.write(bytes(64 * 1024))
+            file.flush()
     with pytest.raises(errors.StorageFullError):
         log.create_topic("big", partitions=12)
-    assert log.topics() == []
-    assert list((tiny_filesystem / "data" / "topics").iterdir()) == []
+    assert sorted(topic.name for topic in log.topics()) == ["wide", "wider"]
+    assert sorted(p.name for p in (tiny_filesystem / "data" / "topics").iterdir()) == [
+        "wide", "wider"]
+    with pytest.raises(errors.StorageFullError):  # an append that finds no blocks ...
+        log.topic("wide").partitions[0].append(make_batch(0, records=1, body_size=20_000))
+    filler.unlink()
+    log.topic("wide").partitions[0].append(make_batch(0, records=1, body_size=20_000))  # ... retries
     log.create_topic("small", partitions=2)  # the space was given back
     log.close()
 

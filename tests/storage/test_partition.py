@@ -97,7 +97,7 @@ def test_segments_roll_by_size_and_are_named_by_base_offset(tmp_path, small) -> 
     assert bases == sorted(bases) and all(b % 3 == 0 for b in bases)
     sealed = [tmp_path / name for name in logs[:-1]]
     assert all(p.stat().st_size <= small.segment_bytes for p in sealed)  # trimmed on seal
-    assert (tmp_path / logs[-1]).stat().st_size == small.segment_bytes  # active: preallocated
+    assert (tmp_path / logs[-1]).stat().st_size == small.segment_bytes  # active: sized, sparse
     partition.close()
 
 

@@ -5,7 +5,7 @@ the web and Kubernetes frameworks out), so it can be crash-tested on its own.
 
 Modules, bottom up: `errors`, `batch` (the record batch byte format, shared with the wire),
 `config` (LogConfig, FlushPolicy), `index` (sparse offset and time indexes), `segment` (one
-preallocated, mmapped file), `partition` (PartitionLog: append, read, flush, recovery,
+mmapped file, allocated in steps), `partition` (PartitionLog: append, read, flush, recovery,
 retention), `durability` (GroupCommitter, BackgroundFlusher) and `log` (Log: topics).
 docs/storage.md describes the design as a whole.
 """

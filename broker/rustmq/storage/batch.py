@@ -34,7 +34,7 @@ Byte layout (version 1). All integers are big-endian; the header is HEADER_SIZE 
 Why this shape (after Kafka's record batch v2): the fields the broker writes sit before the CRC, so
 an append stamps them (as it writes the batch) without recomputing a checksum, and the CRC covers
 everything the producer wrote. A batch_length of zero never occurs in a valid batch, so the
-zero-filled, preallocated tail of a segment reads as "no more batches". The uncovered fields
+zero-filled tail of a segment reads as "no more batches". The uncovered fields
 are still checked on recovery: magic by value, batch_length by framing and by the CRC over the
 range it delimits, base_offset by the offset sequence, leader_epoch by range.
 """

@@ -57,8 +57,8 @@ class FlushPolicy:
 class LogConfig:
     """Segment, index, retention and flush settings of one topic (all of its partitions).
 
-    Segments are preallocated to `segment_bytes` on disk when created (so disk-full shows up as an
-    error at roll time, never as SIGBUS), so this is also the disk space an idle partition holds.
+    `segment_bytes` bounds a segment; its blocks are allocated in steps ahead of the appends (see
+    rustmq.storage.segment), so an idle partition holds almost no disk space whatever the size.
     Retention deletes whole sealed segments only; None means unlimited.
 
     `cleanup_policy`: "delete" applies the retention limits; "compact" instead keeps, in sealed

@@ -12,9 +12,22 @@ one is a creation that crashed half way and is discarded on open. Topic and part
 live under `topics/` so that no valid topic name (which may start with a dot) can collide with
 the Log's own entries.
 
-The Log owns one BackgroundFlusher thread (see durability) for all partitions. Everything else is
-called from the owner thread (the server's event loop), like PartitionLog itself; that includes
-`enforce_retention`, which the server calls periodically.
+The Log owns one BackgroundFlusher thread (see durability) for all partitions. Reads and appends
+of partitions, `topic`, `topics` and `enforce_retention` (which the server calls periodically)
+run on the owner thread (the server's event loop), like PartitionLog itself.
+
+Topic administration may run on a worker thread, so that creating directories, writing and
+fsyncing files and removing a deleted topic's data never block the owner thread:
+
+* `create_topic`, `add_partitions` and `alter_topic_config` from any thread: they are
+  serialised by one lock, build everything first and publish last (a topic appears in the
+  topic map, copied on write, only once its partitions are open and topic.json is durable; new
+  partitions join a topic's list only once topic.json counts them), so the owner thread sees a
+  topic whole or not at all;
+* deletion in two steps: `detach_topic` on the owner thread (cheap: the topic leaves the map and
+  its partitions refuse every later append, read and flush), then `destroy_topic` on any thread
+  (closes fds and maps, moves the directory to the trash and removes it). `delete_topic` does
+  both on the calling thread.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +45,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from rustmq.storage import durability, errors
-from rustmq.storage.config import LogConfig
+from rustmq.storage.config import MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES, LogConfig
 from rustmq.storage.partition import PartitionLog, _fsync_directory, _write_durably
 
 logger = logging.getLogger("rustmq.storage")
@@ -62,10 +76,13 @@ class Topic:
 class Log:
     """All topics of a broker. Open with `Log.open`; close with `close()`."""
 
-    def __init__(self, data_dir: Path, default_config: LogConfig, flusher: bool) -> None:
+    def __init__(self, data_dir: Path, default_config: LogConfig, flusher: bool,
+                 override_segment_bytes: tuple[int, int]) -> None:
         self.data_dir = data_dir
         self.default_config = default_config
-        self._topics: dict[str, Topic] = {}
+        self.override_segment_bytes = override_segment_bytes
+        self._topics: dict[str, Topic] = {}  # replaced, never mutated: safe to iterate anywhere
+        self._admin_lock = threading.RLock()  # topic creation, change, deletion and close
         self._flusher = durability.BackgroundFlusher() if flusher else None
         self._closed = False
 
@@ -78,10 +95,22 @@ class Log:
         return self.data_dir / "trash"
 
     @classmethod
-    def open(cls, data_dir: Path, default_config: LogConfig, *, background_flusher: bool = True
+    def open(cls, data_dir: Path, default_config: LogConfig, *, background_flusher: bool = True,
+             override_segment_bytes: tuple[int, int] = (MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES)
              ) -> Log:
-        """Open (creating if needed) the data directory and open/recover every partition."""
-        log = cls(Path(data_dir), default_config, background_flusher)
+        """Open (creating if needed) the data directory and open/recover every partition.
+
+        `override_segment_bytes` (low, high): the range a topic's own `segment_bytes` override
+        must lie in (create_topic, alter_topic_config: InvalidConfigError otherwise), narrower
+        than the engine's limits when the broker does not trust its clients with them; the
+        default config itself is not bound by it, nor topics that already exist.
+        """
+        low, high = override_segment_bytes
+        if not MIN_SEGMENT_BYTES <= low <= high <= MAX_SEGMENT_BYTES:
+            raise errors.InvalidConfigError(
+                f"override_segment_bytes must lie within [{MIN_SEGMENT_BYTES}, "
+                f"{MAX_SEGMENT_BYTES}] with low <= high, not {override_segment_bytes!r}")
+        log = cls(Path(data_dir), default_config, background_flusher, (low, high))
         try:
             log._open()
         except BaseException:
@@ -91,8 +120,10 @@ class Log:
 
     def _open(self) -> None:
         try:
-            self.topics_dir.mkdir(parents=True, exist_ok=True)
-            self.trash_dir.mkdir(parents=True, exist_ok=True)
+            for directory in (self.data_dir, self.topics_dir, self.trash_dir):
+                if not directory.is_dir():
+                    directory.mkdir(parents=True, exist_ok=True)
+                    _fsync_directory(directory.parent)  # the new name survives a power loss
             for entry in os.scandir(self.trash_dir):
                 shutil.rmtree(entry.path, ignore_errors=True)
             names = sorted(entry.name for entry in os.scandir(self.topics_dir) if entry.is_dir())
@@ -113,11 +144,10 @@ class Log:
             topic = Topic(name, config, [], overrides)
             self._topics[name] = topic
             for index in range(partition_count):
-                self._open_partition(topic, index)
+                topic.partitions.append(self._open_partition(topic, index))
 
     def _open_partition(self, topic: Topic, index: int) -> PartitionLog:
         partition = PartitionLog.open(self.topics_dir / topic.name / str(index), topic.config)
-        topic.partitions.append(partition)
         if self._flusher is not None:
             self._flusher.register(partition)
         return partition
@@ -135,87 +165,120 @@ class Log:
 
     def create_topic(self, name: str, partitions: int = DEFAULT_PARTITIONS,
                      overrides: dict[str, Any] | None = None) -> Topic:
-        """Create a topic; InvalidConfigError, TopicExistsError or StorageFullError otherwise."""
-        self._check_open()
+        """Create a topic; InvalidConfigError, TopicExistsError or StorageFullError otherwise.
+
+        Any thread (see the module docstring). An empty partition holds a few small files and
+        no data blocks: segments allocate their blocks as appends come (rustmq.storage.segment).
+        """
         validate_topic_name(name)
         _check_partition_count(partitions)
         overrides = dict(overrides or {})
         config = self.default_config.merged(overrides)
-        if name in self._topics:
-            raise errors.TopicExistsError(f"topic {name!r} already exists")
-        directory = self.topics_dir / name
-        if directory.exists():  # left over from a crash; not a known topic
-            self._move_to_trash(directory)
-        topic = Topic(name, config, [], overrides)
-        try:
-            directory.mkdir()
-            for index in range(partitions):
-                self._open_partition(topic, index)
-            self._write_topic_file(topic)
-            _fsync_directory(self.topics_dir)
-        except BaseException as error:
-            for partition in topic.partitions:
-                self._close_partition(partition, clean=False)
-            self._move_to_trash(directory)
-            if isinstance(error, OSError):
-                raise errors.from_os_error(error, f"creating topic {name!r}") from error
-            raise
-        self._topics[name] = topic
+        self._check_override(overrides)
+        with self._admin_lock:
+            self._check_open()
+            if name in self._topics:
+                raise errors.TopicExistsError(f"topic {name!r} already exists")
+            directory = self.topics_dir / name
+            if directory.exists():  # left over from a crash; not a known topic
+                self._move_to_trash(directory)
+            topic = Topic(name, config, [], overrides)
+            try:
+                directory.mkdir()
+                for index in range(partitions):
+                    topic.partitions.append(self._open_partition(topic, index))
+                self._write_topic_file(topic, len(topic.partitions))
+                _fsync_directory(self.topics_dir)
+            except BaseException as error:
+                for partition in topic.partitions:
+                    self._close_partition(partition, clean=False)
+                self._move_to_trash(directory)
+                if isinstance(error, OSError):
+                    raise errors.from_os_error(error, f"creating topic {name!r}") from error
+                raise
+            self._topics = {**self._topics, name: topic}  # published whole (copy on write)
         logger.info("created topic %s with %d partitions", name, partitions)
         return topic
 
     def delete_topic(self, name: str) -> None:
-        """Close the topic's partitions and delete its data (views already handed out stay valid)."""
-        self._check_open()
-        topic = self.topic(name)
-        del self._topics[name]
+        """`detach_topic` then `destroy_topic` on the calling (owner) thread."""
+        self.destroy_topic(self.detach_topic(name))
+
+    def detach_topic(self, name: str) -> Topic:
+        """Owner thread: take the topic out of the map; its partitions refuse every later append,
+        read and flush from here on. Cheap (no I/O). Pass the result to `destroy_topic`."""
+        with self._admin_lock:
+            self._check_open()
+            topic = self.topic(name)
+            self._topics = {key: value for key, value in self._topics.items() if key != name}
         for partition in topic.partitions:
-            self._close_partition(partition, clean=False)
-        self._move_to_trash(self.topics_dir / name)
-        logger.info("deleted topic %s", name)
+            if self._flusher is not None:
+                self._flusher.unregister(partition)
+            partition.detach()
+        return topic
+
+    def destroy_topic(self, topic: Topic) -> None:
+        """Any thread, after `detach_topic`: close the partitions and delete the topic's data
+        (views already handed out stay valid: the unlinked files live while mapped). A topic of
+        the same name created meanwhile is not touched (its directory is the new one)."""
+        with self._admin_lock:
+            for partition in topic.partitions:
+                partition.close(clean=False)
+            if topic.name not in self._topics:
+                self._move_to_trash(self.topics_dir / topic.name)
+        logger.info("deleted topic %s", topic.name)
 
     def alter_topic_config(self, name: str, changes: dict[str, Any], reset: list[str]) -> Topic:
         """Set `changes` and drop `reset` from a topic's overrides; the merged config is checked
         whole before anything changes (InvalidConfigError), then topic.json is rewritten and
-        every partition uses it from its next decision on (roll, flush, retention, compaction)."""
-        self._check_open()
-        topic = self.topic(name)
-        overrides = {key: value for key, value in topic.overrides.items() if key not in set(reset)}
-        overrides.update(changes)
-        config = self.default_config.merged(overrides)
-        previous = topic.overrides, topic.config
-        topic.overrides, topic.config = overrides, config
-        try:
-            self._write_topic_file(topic)
-        except BaseException:
-            topic.overrides, topic.config = previous
-            raise
-        for partition in topic.partitions:
-            partition.config = config
+        every partition uses it from its next decision on (roll, flush, retention, compaction).
+        Any thread."""
+        with self._admin_lock:
+            self._check_open()
+            topic = self.topic(name)
+            overrides = {key: value for key, value in topic.overrides.items()
+                         if key not in set(reset)}
+            overrides.update(changes)
+            config = self.default_config.merged(overrides)
+            if "segment_bytes" in changes:
+                self._check_override(overrides)
+            previous = topic.overrides, topic.config
+            topic.overrides, topic.config = overrides, config
+            try:
+                self._write_topic_file(topic, len(topic.partitions))
+            except BaseException:
+                topic.overrides, topic.config = previous
+                raise
+            for partition in topic.partitions:
+                partition.config = config
         return topic
 
     def add_partitions(self, name: str, total: int) -> Topic:
-        """Grow a topic to `total` partitions (never shrinks: InvalidConfigError)."""
-        self._check_open()
-        topic = self.topic(name)
+        """Grow a topic to `total` partitions (never shrinks: InvalidConfigError). Any thread:
+        the new partitions join the topic's list only once topic.json counts them."""
         _check_partition_count(total)
-        if total <= len(topic.partitions):
-            raise errors.InvalidConfigError(
-                f"topic {name!r} has {len(topic.partitions)} partitions; can only grow, not to {total}"
-            )
-        first_new = len(topic.partitions)
-        try:
-            for index in range(first_new, total):
-                self._open_partition(topic, index)
-            self._write_topic_file(topic)
-        except BaseException as error:
-            for partition in topic.partitions[first_new:]:
-                self._close_partition(partition, clean=False)
-                shutil.rmtree(partition.directory, ignore_errors=True)
-            del topic.partitions[first_new:]
-            if isinstance(error, OSError):
-                raise errors.from_os_error(error, f"adding partitions to {name!r}") from error
-            raise
+        with self._admin_lock:
+            self._check_open()
+            topic = self.topic(name)
+            if total <= len(topic.partitions):
+                raise errors.InvalidConfigError(
+                    f"topic {name!r} has {len(topic.partitions)} partitions; can only grow, "
+                    f"not to {total}"
+                )
+            first_new = len(topic.partitions)
+            added: list[PartitionLog] = []
+            try:
+                for index in range(first_new, total):
+                    added.append(self._open_partition(topic, index))
+                self._write_topic_file(topic, total)
+            except BaseException as error:
+                for partition in added:
+                    self._close_partition(partition, clean=False)
+                    shutil.rmtree(partition.directory, ignore_errors=True)
+                if isinstance(error, OSError):
+                    raise errors.from_os_error(error, f"adding partitions to {name!r}") from error
+                raise
+            topic.partitions.extend(added)
         return topic
 
     def enforce_retention(self, now_ms: int,
@@ -241,14 +304,15 @@ class Log:
 
     def close(self, clean: bool = True) -> None:
         """Stop the flusher and close every partition (clean: flush + clean-shutdown markers)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._flusher is not None:
-            self._flusher.close()
-        for topic in self._topics.values():
-            for partition in topic.partitions:
-                partition.close(clean=clean)
+        with self._admin_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._flusher is not None:
+                self._flusher.close()
+            for topic in self._topics.values():
+                for partition in topic.partitions:
+                    partition.close(clean=clean)
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -261,8 +325,16 @@ class Log:
             self._flusher.unregister(partition)
         partition.close(clean=clean)
 
-    def _write_topic_file(self, topic: Topic) -> None:
-        meta = {"name": topic.name, "partitions": len(topic.partitions), "overrides": topic.overrides}
+    def _check_override(self, overrides: dict[str, Any]) -> None:
+        value = overrides.get("segment_bytes")
+        low, high = self.override_segment_bytes
+        if value is not None and not low <= value <= high:
+            raise errors.InvalidConfigError(
+                f"segment_bytes must be between {low} and {high} (this broker's limit for a "
+                f"topic's own setting), not {value}")
+
+    def _write_topic_file(self, topic: Topic, partitions: int) -> None:
+        meta = {"name": topic.name, "partitions": partitions, "overrides": topic.overrides}
         _write_durably(self.topics_dir / topic.name / TOPIC_FILE,
                        json.dumps(meta, indent=2, sort_keys=True).encode())
 

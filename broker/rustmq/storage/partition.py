@@ -137,7 +137,8 @@ class PartitionLog:
         self._segments_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._failure: errors.StorageError | None = None
-        self._closed = False
+        self._closed = False  # no append, read or flush is accepted any more (owner thread)
+        self._released = False  # fds and maps closed (close(), any thread after detach())
         self.flush_wakeup: Callable[[], None] | None = None  # set by a background flusher
 
     # ----------------------------------------------------------------------------- open/recover
@@ -332,7 +333,7 @@ class PartitionLog:
                     # stale or torn bytes can ever be read back as a batch after new appends.
                     os.ftruncate(fd, state.size)
                 if os.fstat(fd).st_size < capacity:
-                    os.posix_fallocate(fd, 0, capacity)
+                    os.ftruncate(fd, capacity)  # sparse; blocks are reserved as appends come
                 if reason is not None:
                     os.fsync(fd)  # make the cut itself durable before appending after it
                 segment = Segment(directory, base, fd, capacity, state, writable=True,
@@ -422,6 +423,8 @@ class PartitionLog:
             or self._segment_too_old(segment)
         ):
             segment = self._roll(size)
+        # StorageFullError here leaves everything as it was: nothing written, still writable.
+        segment.reserve(segment.size + size)
         try:
             segment.append(view, headers, base_offset, self.config.index_interval_bytes, leader_epoch)
         except OSError as error:
@@ -453,7 +456,8 @@ class PartitionLog:
 
     def _roll(self, needed: int) -> Segment:
         old = self._active
-        new = Segment.create(self.directory, self._end_offset, max(self.config.segment_bytes, needed))
+        new = Segment.create(self.directory, self._end_offset,
+                             max(self.config.segment_bytes, needed), reserve=needed)
         try:
             retired = old.seal()
         except (OSError, ValueError) as error:
@@ -872,8 +876,9 @@ class PartitionLog:
         """Close the partition. `clean`: flush everything, persist indexes and write the marker.
 
         With clean=False nothing is flushed (the next open recovers as after a crash).
+        Owner thread, or any thread once `detach` ran on the owner thread.
         """
-        if self._closed:
+        if self._released:
             return
         with self._flush_lock:
             if clean and self._failure is None:
@@ -897,14 +902,20 @@ class PartitionLog:
                     clean = False
                     logger.error("%s: clean shutdown failed (%s); the next start will recover",
                                  self.directory, error)
-            self._closed = True
+            self._closed = self._released = True
             active = self._active
             unmapped = self._close_segments()
             if clean and unmapped:
                 try:
-                    os.truncate(active.path, active.size)  # give back the preallocated tail
+                    os.truncate(active.path, active.size)  # give back the reserved tail
                 except OSError:
                     pass
+
+    def detach(self) -> None:
+        """Refuse every later append, read and flush (LogClosedError), so that `close` may then
+        run on another thread: call it on the owner thread, which is the only one that appends
+        and reads (views already handed out stay valid)."""
+        self._closed = True
 
     def _close_segments(self) -> bool:
         with self._segments_lock:

@@ -1,9 +1,10 @@
-"""One segment: a preallocated, memory-mapped `.log` file of whole batches plus its two indexes.
+"""One segment: a memory-mapped `.log` file of whole batches plus its two indexes.
 
 Files, named by the segment's base offset (the offset of its first batch), 20 digits::
 
     00000000000000001000.log        batches back to back from position 0; the tail after the last
-                                    batch is preallocated zeros (a zero batch_length ends a scan)
+                                    batch reads as zeros (allocated ahead of the writes, or a hole
+                                    of the sparse file; a zero batch_length ends a scan)
     00000000000000001000.index      sparse offset index  (see rustmq.storage.index)
     00000000000000001000.timeindex  sparse time index
     00000000000000001000.compacted  only for a segment written by compaction: its end offset
@@ -17,14 +18,20 @@ file (the next segment's base, past a possible trailing gap). Only a segment wit
 have gaps: every other segment's scan still demands contiguous offsets, since base_offset is not
 covered by the CRC and the sequence is what catches a damaged one.
 
-Life cycle. `create` preallocates the whole file with posix_fallocate BEFORE mapping it, so a full
-disk is reported (ENOSPC -> StorageFullError) at roll time, before anything of an append is
-written, and never as SIGBUS from a mapped page that cannot be allocated. The active segment is
-appended to with pwritev on its fd and mapped read-only: the map shares the page cache the writes
-fill, so readers' views see the bytes, and no store through a map can ever corrupt a segment.
-`seal` (on roll) swaps in a map of exactly the used size and trims the file to it once the old
-full-size map is unmapped. Files are never truncated while a map
-that covers the cut range is alive, so no reader can touch a page past end of file.
+Life cycle. `create` sizes the new file to its capacity with ftruncate (a sparse file: no
+blocks yet) and maps it read-only; nothing reads the map past `size`, so no reader ever touches
+a hole. Blocks are then allocated in bounded steps AHEAD of the write position (`reserve`,
+posix_fallocate of the next PREALLOCATE_MIN_STEP .. PREALLOCATE_MAX_STEP bytes, doubling while
+the segment is young), always before the bytes are written: a full disk is reported
+(ENOSPC -> StorageFullError) before anything of an append is written, never half way through
+it, and an empty partition holds no data blocks at all instead of a whole preallocated segment.
+The active segment is appended to with pwritev on its fd: the map shares the page cache the
+writes fill, so readers' views see the bytes, and no store through a map can ever corrupt a
+segment. Because the file's size is the capacity from the start, growing the allocation never
+needs a new map (no remap, so no view of an old map to outlive). `seal` (on roll) swaps in a map
+of exactly the used size and trims the file to it once the old capacity-sized map is unmapped.
+Files are never truncated while a map that covers the cut range is alive, so no reader can touch
+a page past end of file.
 
 View lifetime. `read` hands out memoryview slices of the map (zero copy). `mmap.close()` raises
 BufferError while any of them is alive, so closing is deferred: `close` releases our own view and
@@ -59,6 +66,12 @@ _NO_TIMESTAMP: Final = -(1 << 63)
 _ZERO_PREFIX: Final = bytes(batch.LENGTH_FIELDS_SIZE)
 _STAMPED_PREFIX: Final = struct.Struct(">qii")  # base_offset, batch_length, leader_epoch
 _IOV_MAX: Final = 1024
+# Blocks are allocated ahead of the write position in steps that double from the first to the
+# last (a step is never more than the segment's capacity): a young or idle segment holds a few
+# KiB, a busy one pays one posix_fallocate per PREALLOCATE_MAX_STEP bytes appended.
+PREALLOCATE_MIN_STEP: Final = 64 << 10
+PREALLOCATE_MAX_STEP: Final = 8 << 20
+_BLOCK: Final = 4096
 
 
 def _write_fully(fd: int, buffers: list[bytes | memoryview], position: int) -> None:
@@ -124,13 +137,16 @@ def scan_file(fd: int, file_size: int, base_offset: int, index_interval_bytes: i
 
     Every batch is fully validated (`batch.check_batch`: framing, header sanity, CRC32C) and must
     continue the offset sequence. Stops at the end of file, at a zero-filled header (the
-    preallocated tail) or at the first invalid batch, whose reason is returned.
+    tail) or at the first invalid batch, whose reason is returned. Only the file's data is mapped:
+    a sparse tail after the first hole is never read (on tmpfs even a read fault in a hole
+    allocates a page, which a full file system answers with SIGBUS).
 
     `compacted_end`: the segment is compacted (see the module docstring): the first batch must
     start at `base_offset`, later ones may skip offsets but must stay below `compacted_end`, and
     a scan that reaches the end cleanly reports `compacted_end` as its next offset.
     """
     offset_index, time_index = OffsetIndex(), TimeIndex()
+    file_size = data_extent(fd, file_size)
     if file_size == 0:
         return ScanResult(0, base_offset, 0, 0, _NO_TIMESTAMP, _NO_TIMESTAMP, -1, _NO_TIMESTAMP,
                           offset_index, time_index, None)
@@ -155,7 +171,7 @@ def _scan(view: memoryview, end: int, base_offset: int, interval: int,
     stop_reason: str | None = None
     while pos < end:
         if end - pos >= batch.LENGTH_FIELDS_SIZE and view[pos : pos + 12] == _ZERO_PREFIX:
-            break  # the zero-filled, preallocated tail: a clean end
+            break  # the zero-filled tail: a clean end
         try:
             header = batch.check_batch(view, pos, end)
         except errors.CorruptBatchError as error:
@@ -195,6 +211,15 @@ def _scan(view: memoryview, end: int, base_offset: int, interval: int,
         expected = compacted_end
     return ScanResult(pos, expected, batch_count, record_count, max_ts, max_ts_before_last,
                       last_position, first_max_ts, offset_index, time_index, stop_reason)
+
+
+def data_extent(fd: int, file_size: int) -> int:
+    """Where the file's first hole starts (its size if it has none, or if the file system
+    cannot say): segment data is written contiguously from 0, so none lies beyond."""
+    try:
+        return min(file_size, os.lseek(fd, 0, os.SEEK_HOLE))
+    except OSError:
+        return file_size
 
 
 def load_trusted(
@@ -258,7 +283,8 @@ class Segment:
         "directory", "base_offset", "fd", "capacity", "size", "next_offset", "max_timestamp_ms",
         "max_timestamp_before_last", "last_batch_position", "rolling_base_ms", "offset_index",
         "time_index", "bytes_since_index_entry", "sealed", "flushed_size", "dir_synced",
-        "index_persisted", "pending_index_files", "deleted", "compacted", "_mm", "_view",
+        "index_persisted", "pending_index_files", "deleted", "compacted", "allocated", "_mm",
+        "_view",
     )
 
     def __init__(self, directory: Path, base_offset: int, fd: int, capacity: int,
@@ -286,6 +312,7 @@ class Segment:
         self.pending_index_files: tuple[tuple[Path, bytes], ...] = ()
         self.deleted = False
         self.compacted = False  # written by compaction: may have gaps (see the module docstring)
+        self.allocated = state.size  # blocks known allocated from 0 (reserve); more may be
         if writable:
             self._mm = mmap.mmap(fd, capacity, access=mmap.ACCESS_READ)
         else:
@@ -293,8 +320,11 @@ class Segment:
         self._view = memoryview(self._mm)
 
     @classmethod
-    def create(cls, directory: Path, base_offset: int, capacity: int) -> Segment:
-        """Create, preallocate and map a new empty segment; StorageFullError if there is no room."""
+    def create(cls, directory: Path, base_offset: int, capacity: int, reserve: int = 0
+               ) -> Segment:
+        """Create and map a new empty segment of `capacity` bytes (a sparse file) with the first
+        `reserve` bytes allocated (see `reserve`); StorageFullError, and no file left, if the
+        file system cannot give them."""
         path = directory / file_name(base_offset, LOG_SUFFIX)
         for stale in (INDEX_SUFFIX, TIME_INDEX_SUFFIX, COMPACTED_SUFFIX):
             (directory / file_name(base_offset, stale)).unlink(missing_ok=True)
@@ -303,15 +333,40 @@ class Segment:
         except OSError as error:
             raise errors.from_os_error(error, f"creating segment {path}") from error
         try:
-            # Hazard: allocate every block before mapping: ENOSPC here, never mid-append or SIGBUS.
-            os.posix_fallocate(fd, 0, capacity)
+            os.ftruncate(fd, capacity)  # EFBIG here under a file size limit; no blocks used
             empty = ScanResult(0, base_offset, 0, 0, _NO_TIMESTAMP, _NO_TIMESTAMP, -1,
                                _NO_TIMESTAMP, OffsetIndex(), TimeIndex(), None)
-            return cls(directory, base_offset, fd, capacity, empty, writable=True, dir_synced=False)
+            segment = cls(directory, base_offset, fd, capacity, empty, writable=True,
+                          dir_synced=False)
         except OSError as error:
             os.close(fd)
             path.unlink(missing_ok=True)
-            raise errors.from_os_error(error, f"preallocating {capacity} bytes for {path}") from error
+            raise errors.from_os_error(error, f"creating segment {path} of {capacity} bytes"
+                                       ) from error
+        try:
+            segment.reserve(reserve)
+        except BaseException:
+            segment.delete()
+            raise
+        return segment
+
+    def reserve(self, end: int) -> None:
+        """Make sure blocks are allocated up to byte `end` (at most the capacity), allocating a
+        step ahead so that most appends find their blocks already there.
+
+        Raises StorageFullError (ENOSPC, EDQUOT, EFBIG) with nothing written and the segment
+        unchanged, so the caller can refuse the append and keep serving; a later call retries.
+        """
+        if end <= self.allocated:
+            return
+        step = min(max(self.allocated, PREALLOCATE_MIN_STEP), PREALLOCATE_MAX_STEP)
+        target = min(self.capacity, -(-(end + step) // _BLOCK) * _BLOCK)
+        try:
+            os.posix_fallocate(self.fd, self.allocated, target - self.allocated)
+        except OSError as error:
+            raise errors.from_os_error(
+                error, f"allocating {target - self.allocated} bytes for {self.path}") from error
+        self.allocated = target
 
     @property
     def path(self) -> Path:
@@ -438,7 +493,7 @@ class Segment:
         return None
 
     def trim(self) -> None:
-        """Give the preallocated tail of a sealed segment back to the file system."""
+        """Give the tail of a sealed segment (allocated ahead or sparse) back to the file system."""
         if self.deleted:
             return
         try:
@@ -471,12 +526,13 @@ class Segment:
         return self._view[: self.size]
 
     def grow(self, capacity: int) -> None:
-        """Enlarge an EMPTY active segment (for an append larger than segment_bytes)."""
+        """Enlarge an EMPTY active segment (for an append larger than segment_bytes); the
+        caller reserves the blocks."""
         assert self.size == 0 and not self.sealed
         try:
-            os.posix_fallocate(self.fd, 0, capacity)
+            os.ftruncate(self.fd, capacity)
         except OSError as error:
-            raise errors.from_os_error(error, f"preallocating {capacity} bytes for {self.path}") from error
+            raise errors.from_os_error(error, f"growing {self.path} to {capacity} bytes") from error
         # An empty segment never handed out a view, so its map closes without BufferError.
         self._view.release()
         self._mm.close()
