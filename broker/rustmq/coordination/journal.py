@@ -42,7 +42,7 @@ import msgpack
 from rustmq.protocol import records
 from rustmq.storage import batch, errors
 from rustmq.storage.config import FlushPolicy, LogConfig
-from rustmq.storage.partition import PartitionLog
+from rustmq.storage.partition import PartitionLog, make_directories
 
 logger = logging.getLogger("rustmq.coordination")
 
@@ -86,7 +86,7 @@ class Journal:
         return journal
 
     def _open(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_directories(self.directory)  # named durably: a power loss must not lose the store
         generations = sorted(
             (int(entry.name[len(GENERATION_PREFIX):]), entry.name)
             for entry in os.scandir(self.directory)

@@ -46,7 +46,12 @@ from typing import Any, Final
 
 from rustmq.storage import durability, errors
 from rustmq.storage.config import MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES, LogConfig
-from rustmq.storage.partition import PartitionLog, _fsync_directory, _write_durably
+from rustmq.storage.partition import (
+    PartitionLog,
+    _fsync_directory,
+    _write_durably,
+    make_directories,
+)
 
 logger = logging.getLogger("rustmq.storage")
 
@@ -120,10 +125,8 @@ class Log:
 
     def _open(self) -> None:
         try:
-            for directory in (self.data_dir, self.topics_dir, self.trash_dir):
-                if not directory.is_dir():
-                    directory.mkdir(parents=True, exist_ok=True)
-                    _fsync_directory(directory.parent)  # the new name survives a power loss
+            make_directories(self.topics_dir)
+            make_directories(self.trash_dir)
             for entry in os.scandir(self.trash_dir):
                 shutil.rmtree(entry.path, ignore_errors=True)
             names = sorted(entry.name for entry in os.scandir(self.topics_dir) if entry.is_dir())

@@ -163,7 +163,7 @@ class PartitionLog:
     def _open(self) -> None:
         started = time.perf_counter()
         directory = self.directory
-        directory.mkdir(parents=True, exist_ok=True)
+        make_directories(directory)
         _finish_compaction_commit(directory)
         bases: list[int] = []
         for entry in os.scandir(directory):
@@ -1157,6 +1157,21 @@ def _write_durably(path: Path, data: bytes, sync_directory: bool = True) -> None
         os.close(fd)
     os.replace(temporary, path)
     if sync_directory:
+        _fsync_directory(path.parent)
+
+
+def make_directories(directory: Path) -> None:
+    """`mkdir -p` whose result survives a power loss: every directory it creates is named
+    durably (its parent fsynced after the creation). Existing directories are left alone."""
+    missing: list[Path] = []
+    path = directory
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
         _fsync_directory(path.parent)
 
 
