@@ -43,6 +43,7 @@ def decode_batches(topic: str, partition: int, data: bytes | memoryview, positio
     for pos, header in storage_batch.iter_batches(view):
         last = header.base_offset + header.record_count - 1
         if last >= position:
+            storage_batch.verify_crc(view, pos, header, f"{topic}/{partition}")
             entries = records.decode_body(view[pos + storage_batch.HEADER_SIZE : pos + header.size], header.attributes & records.CODEC_MASK)
             base, first_ts = header.base_offset, header.first_timestamp_ms
             skip = max(0, position - base)

@@ -212,6 +212,19 @@ def check_batch(buf: memoryview, pos: int, end: int) -> BatchHeader:
     return header
 
 
+def verify_crc(buf: bytes | bytearray | memoryview, pos: int, header: BatchHeader,
+               where: str = "") -> None:
+    """Raise CorruptBatchError unless the CRC32C of the batch at `pos` (framed by `header`, e.g.
+    from `iter_batches`) matches: what a consumer calls on every batch it fetched, since the
+    broker never verifies on reads (docs/storage.md, "What is verified when")."""
+    actual = crc32c.crc32c(memoryview(buf)[pos + CRC_START : pos + header.size])
+    if actual != header.crc:
+        raise errors.CorruptBatchError(
+            f"{where}{': ' if where else ''}batch at offset {header.base_offset}: CRC32C "
+            f"mismatch (stored 0x{header.crc:08x}, computed 0x{actual:08x}); the stored copy is "
+            "damaged", pos)
+
+
 def scan_batches(buf: bytes | bytearray | memoryview) -> BatchScan:
     """Validate one or more concatenated batches; raise CorruptBatchError at the first bad one.
 
