@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from brokerproc import BrokerProcess, RawClient
-
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey, ErrorCode
 from rustmq.storage import batch

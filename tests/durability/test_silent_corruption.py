@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from brokerproc import BrokerProcess, RawClient
 
+from brokerproc import BrokerProcess, RawClient
 from rustmq.client.consumer import Consumer
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey

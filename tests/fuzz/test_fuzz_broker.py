@@ -17,11 +17,11 @@ from typing import Any
 
 import msgpack
 import pytest
-from brokerproc import BrokerProcess, RawClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from strategies import examples, packable, plausible_requests, requests
 
+from brokerproc import BrokerProcess, RawClient
 from rustmq.protocol import frames, records, simple
 from rustmq.protocol.api import ApiKey, ErrorCode
 from rustmq.storage import batch
