@@ -557,9 +557,9 @@ class PartitionLog:
 
         For a follower whose tail diverged from its new leader (KIP-101): the cut is at a batch
         boundary at or below `offset`. Implemented as a durable cut plus a re-open: the segments
-        after the cut are deleted, the bytes after the cut are overwritten with zeros and
+        after the cut are deleted, the data bytes after the cut are overwritten with zeros and
         fsynced, the segment's index files are dropped and the recovery point moved before it,
-        then the ordinary recovery scan rebuilds the state (it trims and re-preallocates the
+        then the ordinary recovery scan rebuilds the state (it trims and re-sizes the sparse
         file within this call, on the owner thread, where no reader touches a map meanwhile).
         Hazard: views of the cut range handed out before (a fetch response still queued in a
         transport) read zeros afterwards; only replication fetches can hold such views, since
@@ -577,6 +577,7 @@ class PartitionLog:
             raise errors.StorageError("a compacted segment cannot be truncated")
         position = segment.position_of(offset) if offset < segment.next_offset else segment.size
         cut_base = segment.base_offset
+        data_end = segment.size  # past it the file reads as zeros already (allocated or sparse)
         later = [s.base_offset for s in self._segments[i + 1:]]
         wakeup = self.flush_wakeup
         with self._flush_lock:
@@ -586,7 +587,7 @@ class PartitionLog:
             path = self.directory / file_name(cut_base, LOG_SUFFIX)
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
-                size = os.fstat(fd).st_size
+                size = min(os.fstat(fd).st_size, data_end)
                 zeros = bytes(min(_WRITE_CHUNK, max(0, size - position)))
                 at = position
                 while at < size:
