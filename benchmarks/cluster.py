@@ -143,6 +143,7 @@ def main() -> None:
                     report["catch_up"] = catch_up(cluster, args.catchup_mib)
             finally:
                 cluster.stop_all()
+            print(json.dumps({part: report.get(part if part != "catchup" else "catch_up")}), file=sys.stderr, flush=True)
     print(json.dumps(report))
 
 

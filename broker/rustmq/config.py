@@ -126,6 +126,8 @@ class BrokerConfig:
             raise ConfigError(f"tls: {exc}") from None
         if self.cluster_mode not in ("standalone", "kubernetes"):
             raise ConfigError(f"cluster_mode must be 'standalone' or 'kubernetes', not {self.cluster_mode!r}")
+        if self.cluster_mode == "kubernetes" and not 0 <= self.broker_id < 1024:
+            raise ConfigError(f"broker_id must be between 0 and 1023 in cluster mode, not {self.broker_id}")
         try:
             self.lease_timing().check()
         except ValueError as exc:

@@ -172,6 +172,7 @@ async def test_kill_the_leader_under_acks_all_load_loses_nothing(three_brokers: 
     print(json.dumps({**report, "failover_s": round(victim["failover_s"], 2)}))
     assert report["acknowledged"] > 50, report
     assert report["lost"] == 0 and report["inconsistent"] == 0 and report["wrong_offset"] == 0, report
+    assert report["duplicated"] == 0 and report["reordered"] == 0, report  # the producer is idempotent
     assert victim["failover_s"] < 10
     # The killed broker came back as a follower, caught up and rejoined the in-sync set.
     await wait_async(cluster, full_isr, "rejoin",
@@ -202,6 +203,7 @@ async def test_a_paused_leader_comes_back_deposed_without_split_brain(three_brok
     print(json.dumps(report))
     assert paused["zombie_answer"]["error"] in (ErrorCode.NOT_LEADER, ErrorCode.REQUEST_TIMEOUT), paused["zombie_answer"]
     assert report["lost"] == 0 and report["inconsistent"] == 0 and report["wrong_offset"] == 0, report
+    assert report["duplicated"] == 0 and report["reordered"] == 0, report  # the producer is idempotent
     after = await wait_async(cluster, full_isr, "rejoin",
                              timeout=40, topics=["zombie"])
     assert after["topics"][0]["partitions"][0]["leader"] != paused["leader"]
@@ -227,6 +229,7 @@ async def test_restarting_every_broker_at_once_keeps_every_acknowledged_record(t
     print(json.dumps(report))
     assert report["acknowledged"] > 50, report
     assert report["lost"] == 0 and report["inconsistent"] == 0 and report["wrong_offset"] == 0, report
+    assert report["duplicated"] == 0 and report["reordered"] == 0, report  # the producer is idempotent
 
 
 def test_errors_are_clear(three_brokers: BrokerCluster) -> None:
@@ -264,3 +267,43 @@ async def test_brokers_advertise_the_external_addresses_the_operator_publishes(t
         hosts = {host for host, _ in producer._routes._connections}
     assert "localhost" in hosts  # brokers 0 and 1 were reached at their external address
     assert len({m.partition for m in sent}) == 3
+
+
+@pytest.mark.timeout(120)
+def test_a_retry_after_failover_is_stored_once(three_brokers: BrokerCluster) -> None:
+    """The idempotent producer's guarantee across a leader change: the new leader rebuilds its
+    producer table from the replicated log, so a resent batch is answered as a duplicate."""
+    cluster = three_brokers
+    assert call(cluster, 0, {"api": 4, "topic": "dedup", "partitions": 1})["error"] == 0
+    cluster.wait_for(full_isr, "ISR", topics=["dedup"])
+    init = call(cluster, 1, {"api": 20})
+    producer_id = init["producer_id"]
+    assert producer_id % 1024 == 1  # ids carry the broker that handed them out: unique cluster-wide
+    sent = []
+    for seq in range(3):
+        body = records.encode_body([[0, None, b"once-%d" % seq, None]])
+        sent.append(batch.build_batch(body, record_count=1, first_timestamp_ms=1, max_timestamp_ms=1,
+                                      producer_id=producer_id, producer_epoch=0, base_sequence=seq))
+    leader = cluster.partition("dedup", 0)["leader"]
+    answers = [call(cluster, leader, {"api": 35, "topic": "dedup", "partition": 0, "acks": 3}, b) for b in sent]
+    assert [a["base_offset"] for a in answers] == [0, 1, 2] and all(a["error"] == 0 for a in answers)
+    cluster.kill(leader)
+    moved = cluster.wait_for(lambda m: m["topics"][0]["partitions"][0]["leader"] not in (-1, leader), "new leader",
+                             timeout=30, topics=["dedup"])
+    new_leader = moved["topics"][0]["partitions"][0]["leader"]
+    again = call(cluster, new_leader, {"api": 35, "topic": "dedup", "partition": 0, "acks": 3}, sent[2])
+    assert again["error"] == 0 and again["duplicate_batches"] == 1 and again["base_offset"] == 2, again
+    body = records.encode_body([[0, None, b"once-3", None]])
+    following = batch.build_batch(body, record_count=1, first_timestamp_ms=1, max_timestamp_ms=1,
+                                  producer_id=producer_id, producer_epoch=0, base_sequence=3)
+    deadline = time.monotonic() + 30
+    while True:  # acks=all needs the ISR back to min_insync (2): the survivor must be in sync
+        next_answer = call(cluster, new_leader, {"api": 35, "topic": "dedup", "partition": 0, "acks": 3}, following)
+        if next_answer["error"] != ErrorCode.NOT_ENOUGH_REPLICAS or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert next_answer["error"] == 0 and next_answer["base_offset"] == 3, next_answer
+    gap = batch.build_batch(body, record_count=1, first_timestamp_ms=1, max_timestamp_ms=1,
+                            producer_id=producer_id, producer_epoch=0, base_sequence=9)
+    refused = call(cluster, new_leader, {"api": 35, "topic": "dedup", "partition": 0, "acks": 3}, gap)
+    assert refused["error"] == ErrorCode.OUT_OF_ORDER_SEQUENCE

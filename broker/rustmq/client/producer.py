@@ -8,6 +8,13 @@ rustmq.storage.batch and sent as one PRODUCE request; at most ``max_in_flight`` 
 for responses at a time. Delivery errors are raised by ``flush()``/``close()`` as ProduceError
 and by the future returned from ``send_and_wait()``.
 
+Idempotent by default (``idempotent=True``, unless acks is "none"): ``start()`` asks the broker
+for a producer id (INIT_PRODUCER), batches carry it with a per-partition base_sequence numbered
+in dispatch order, and go out as PRODUCE_IDEMPOTENT, so a retry (after NOT_LEADER, a lost
+connection or a timeout: rustmq.client.routing) is stored once; a batch answered
+OUT_OF_ORDER_SEQUENCE waits for its predecessor's retry. Against a cluster the leader's producer
+table is rebuilt from the replicated log when leadership moves, so dedup survives a failover.
+
 Partitioning: an explicit partition wins; a key picks crc32c(key) % partitions (the broker's
 own rule); keyless records stick to one partition per batch and move round-robin to the next
 partition whenever a batch is sealed.
@@ -29,6 +36,7 @@ from rustmq.protocol.api import ApiKey, ErrorCode, partition_for_key
 from rustmq.storage import batch as storage_batch
 
 ACKS = {"none": 0, "leader": 1, "durable": 2, "all": 3}
+SEQUENCE_MODULUS = 1 << 31
 
 
 class RecordMetadata(NamedTuple):
@@ -39,7 +47,7 @@ class RecordMetadata(NamedTuple):
 
 
 class _Batch:
-    __slots__ = ("topic", "partition", "records", "size", "first_ts", "max_ts", "waiters", "timer")
+    __slots__ = ("topic", "partition", "records", "size", "first_ts", "max_ts", "waiters", "timer", "sequence")
 
     def __init__(self, topic: str, partition: int, first_ts: int) -> None:
         self.topic = topic
@@ -50,6 +58,7 @@ class _Batch:
         self.max_ts = first_ts
         self.waiters: list[tuple[int, asyncio.Future[RecordMetadata]]] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.sequence = -1  # idempotent producer: the base_sequence of this batch
 
 
 class Producer:
@@ -66,6 +75,7 @@ class Producer:
         request_timeout_s: float = 30.0,
         delivery_timeout_s: float = 60.0,
         external: bool = False,
+        idempotent: bool = True,
     ) -> None:
         if acks not in ACKS:
             raise ValueError(f"acks must be one of {', '.join(ACKS)}")
@@ -81,6 +91,12 @@ class Producer:
         self.request_timeout_s = request_timeout_s
         self.delivery_timeout_s = delivery_timeout_s  # retries (cluster failover) stop after this
         self.external = external  # cluster outside Kubernetes: use the brokers' external addresses
+        # Idempotent (default unless acks none): a broker-assigned producer id and per-partition
+        # sequence numbers, so a retried batch is stored once (rustmq.coordination.producers).
+        self.idempotent = idempotent and acks != "none"
+        self.producer_id = -1
+        self.producer_epoch = -1
+        self._sequences: dict[tuple[str, int], int] = {}
         self._routes: Routes | None = None
         self._partitions: dict[str, int] = {}
         self._open: dict[tuple[str, int], _Batch] = {}
@@ -97,6 +113,11 @@ class Producer:
     async def start(self) -> Producer:
         self._routes = Routes(self.bootstrap, timeout=self.request_timeout_s, external=self.external)
         await self._routes.metadata([])
+        if self.idempotent:
+            connection = await self._routes.any_connection()
+            response = await connection.request({"api": int(ApiKey.INIT_PRODUCER)}, timeout=self.request_timeout_s)
+            self.producer_id = int(response.header["producer_id"])
+            self.producer_epoch = int(response.header["producer_epoch"])
         self._slots = asyncio.Semaphore(self.max_in_flight)
         return self
 
@@ -251,6 +272,10 @@ class Producer:
         self._dispatch(batch)
 
     def _dispatch(self, batch: _Batch) -> None:
+        if self.idempotent:  # numbered in dispatch order, which is the order within a partition
+            key = (batch.topic, batch.partition)
+            batch.sequence = self._sequences.get(key, 0)
+            self._sequences[key] = (batch.sequence + len(batch.records)) % SEQUENCE_MODULUS
         task = asyncio.get_running_loop().create_task(self._send_batch(batch))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
@@ -265,8 +290,12 @@ class Producer:
                 first_timestamp_ms=batch.first_ts,
                 max_timestamp_ms=batch.max_ts,
                 codec=storage_batch.Codec(self.codec),
+                producer_id=self.producer_id,
+                producer_epoch=self.producer_epoch,
+                base_sequence=batch.sequence,
             )
-            header = {"api": int(ApiKey.PRODUCE), "topic": batch.topic, "partition": batch.partition, "acks": ACKS[self.acks]}
+            api = ApiKey.PRODUCE_IDEMPOTENT if self.idempotent else ApiKey.PRODUCE
+            header = {"api": int(api), "topic": batch.topic, "partition": batch.partition, "acks": ACKS[self.acks]}
             deadline = time.monotonic() + self.delivery_timeout_s
             attempt = 0
             while True:
@@ -284,8 +313,11 @@ class Producer:
                             base = int(response.header["base_offset"])
                     break
                 except Exception as exc:
-                    # Not idempotent yet: a retry after a lost answer may store the batch twice.
-                    if not retriable(exc, routes.clustered) or time.monotonic() >= deadline:
+                    # With idempotence a retry cannot duplicate, and a later batch answered
+                    # OUT_OF_ORDER_SEQUENCE waits for its predecessor's retry to land.
+                    reordered = (self.idempotent and isinstance(exc, BrokerError)
+                                 and exc.code == ErrorCode.OUT_OF_ORDER_SEQUENCE)
+                    if not (retriable(exc, routes.clustered) or reordered) or time.monotonic() >= deadline:
                         raise
                     routes.invalidate(batch.topic)
                     await asyncio.sleep(backoff(attempt))

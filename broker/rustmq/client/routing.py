@@ -96,6 +96,10 @@ class Routes:
             if not entry.get("error"):
                 self.leaders[entry["name"]] = [int(p.get("leader", -1)) for p in entry["partitions"]]
 
+    async def any_connection(self) -> Connection:
+        """A connection to the broker that last answered METADATA (for broker-wide requests)."""
+        return await self.connection(*self._answered)
+
     def invalidate(self, topic: str) -> None:
         self.leaders.pop(topic, None)
 

@@ -376,6 +376,11 @@ class Coordinator:
             self._producer_states[(topic, partition)] = cached
         return cached[1]
 
+    def forget_producer_state(self, topic: str, partition: int) -> None:
+        """Drop the cached producer table (cluster mode: this broker just became the leader and
+        its log holds batches it appended as a follower); the next use rebuilds it from the log."""
+        self._producer_states.pop((topic, partition), None)
+
     def plan_produce(self, topic: str, partition: int, batches: bytes | memoryview
                      ) -> list[Decision]:
         """Idempotence decisions for the (already validated) batches of one produce request."""

@@ -80,6 +80,9 @@ class ClusterNode:
         self.roles = ClusterRoles(settings.broker_id, self._lease_valid, settings.replica_lag_s, broker._wake)
         self.roles.admin = self
         self.roles.isr_changes = self._nudge
+        coordination = getattr(broker, "coordination", None)
+        if coordination is not None:
+            self.roles.became_leader = coordination.coordinator.forget_producer_state
         broker.cluster = self.roles
         self.topics: dict[str, TopicState] = {}
         self.members: dict[int, dict[str, Any]] = {}

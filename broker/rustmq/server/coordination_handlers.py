@@ -37,7 +37,7 @@ from rustmq.coordination.producers import Verdict
 from rustmq.coordination.service import Coordinator, DeadLetterWrite, Durable
 from rustmq.protocol import api, frames, records
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
-from rustmq.server.broker import error_code_for
+from rustmq.server.broker import Produced, error_code_for
 from rustmq.storage import batch as storage_batch
 
 if TYPE_CHECKING:
@@ -410,10 +410,16 @@ def _result_frame(corr: int, fields: dict[str, Any], error: BaseException | None
 
 # -- idempotent produce ------------------------------------------------------------------------
 
+CLUSTER_ID_STRIDE = 1024  # cluster mode: producer id = local id * stride + broker id (ids < 1024)
+
 
 def _init_producer(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     # ProducerIds.allocate fsyncs its block reservation itself (once per 1,000 ids).
     producer_id = service.coordinator.init_producer(_now_ms())
+    if service.broker.cluster is not None:
+        # Each broker allocates from its own journal: the broker id in the low bits keeps ids
+        # unique across the cluster (a producer's id outlives the broker that handed it out).
+        producer_id = producer_id * CLUSTER_ID_STRIDE + service.broker.settings.broker_id
     conn._ok(corr, {"producer_id": producer_id, "producer_epoch": 0})
 
 
@@ -426,6 +432,11 @@ def _produce_idempotent(conn: Connection, service: CoordinationService, corr: in
     index = broker.choose_partition(topic, request.partition, request.key)
     plog = broker.partition_log(topic, index)
     scan = storage_batch.scan_batches(payload)
+    role = None
+    if broker.cluster is not None:  # leader only; the producer table must match the replicated log
+        role = broker.cluster.leader_role(topic.name, index)
+        if request.acks is api.Acks.ALL:
+            broker.cluster.check_insync(role)
     decisions = service.coordinator.plan_produce(topic.name, index, payload)
     bounds = [*scan.positions, scan.size_bytes]
     fresh = [i for i, d in enumerate(decisions) if d.verdict is Verdict.APPEND]
@@ -460,7 +471,12 @@ def _produce_idempotent(conn: Connection, service: CoordinationService, corr: in
     }
     last = max(end for _, end in offsets)
     always = topic.config.flush.mode == "always"
-    if request.acks is api.Acks.LEADER and not always:
+    if request.acks is api.Acks.ALL and role is not None:
+        # Duplicates too: the original may still be above the high watermark on a new leader.
+        conn._when_replicated(corr, request, Produced(index, offsets[0][0], last, plog, always, role),
+                              {"corr": corr, "error": 0, **fields})
+        return
+    if request.acks is not api.Acks.DURABLE and not always:
         conn._ok(corr, fields)
         return
     _answer_durable(conn, service, corr, Durable(plog, last), fields)

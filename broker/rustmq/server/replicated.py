@@ -113,6 +113,7 @@ class ClusterRoles:
         self.controller = -1
         self.admin: ClusterAdmin | None = None
         self.isr_changes: Callable[[], None] | None = None  # the runtime's nudge to store an ISR change
+        self.became_leader: Callable[[str, int], None] | None = None  # e.g. rebuild the producer table
         self._replicated: dict[PartitionRole, list[tuple[int, Callable[[BaseException | None], None]]]] = {}
 
     # -- installed by the runtime -----------------------------------------------------------
@@ -137,6 +138,8 @@ class ClusterRoles:
                 cache.append((leader_epoch, end))
             role.tracker = ReplicaTracker(self.broker_id, leader_epoch, end, replicas, isr, min_insync,
                                           self.lag_s, min(role.high_watermark, end), time.monotonic())
+            if self.became_leader is not None:
+                self.became_leader(role.topic, role.index)
             self.appended(role)
         elif role.tracker is not None:
             role.tracker.replicas, role.tracker.min_insync = replicas, min_insync
