@@ -60,6 +60,7 @@ class BrokerConfig:
     max_long_polls_per_connection: int = _SERVER_DEFAULTS.max_long_polls_per_connection
     fd_headroom: int = _SERVER_DEFAULTS.fd_headroom
     map_headroom: int = _SERVER_DEFAULTS.map_headroom
+    readiness_min_free_bytes: int = _SERVER_DEFAULTS.readiness_min_free_bytes
     max_groups: int = 10_000  # consumer groups per broker (members or committed offsets)
     max_subscriptions: int = 10_000  # queue subscriptions (subscription, topic) per broker
     auto_create_topics: bool = True
@@ -171,6 +172,7 @@ class BrokerConfig:
             max_long_polls_per_connection=self.max_long_polls_per_connection,
             fd_headroom=self.fd_headroom,
             map_headroom=self.map_headroom,
+            readiness_min_free_bytes=self.readiness_min_free_bytes,
             auto_create_topics=self.auto_create_topics,
             default_partitions=self.partitions,
             default_topic=self.default_topic,

@@ -182,3 +182,32 @@ def test_a_failed_dead_letter_write_is_retried_once_the_disk_is_back(tmp_path: P
     finally:
         coord.close()
         log.close()
+
+
+def test_producer_ids_are_allocated_without_an_fsync_and_survive_once_durable(tmp_path: Path, monkeypatch) -> None:
+    from rustmq.storage.partition import PartitionLog
+
+    log, coord = _open(tmp_path)
+    real_flush = PartitionLog.flush
+    flushes = []
+
+    def counting_flush(self):
+        flushes.append(self.directory)
+        return real_flush(self)
+
+    monkeypatch.setattr(PartitionLog, "flush", counting_flush)
+    first, durable = coord.allocate_producer(0)
+    assert flushes == []  # the caller (the server's committer thread) makes it durable
+    assert durable.partition.durable_offset <= durable.offset
+    durable.partition.flush()
+    second, again = coord.allocate_producer(1)
+    assert second == first + 1 and again.partition.durable_offset > again.offset  # same block: nothing to wait for
+    monkeypatch.undo()
+    coord.close(clean=False)  # a crash after the answer: the reservation was durable
+    log.close(clean=False)
+    log, coord = _open(tmp_path)
+    try:
+        assert coord.init_producer(2) > second
+    finally:
+        coord.close()
+        log.close()

@@ -74,3 +74,42 @@ def test_a_full_disk_answers_storage_full_and_keeps_what_was_stored(tiny_dir, ra
         assert seen == [b"%04d" % index for index in range(stored)]
     finally:
         assert broker.stop() == 0
+
+
+def _readyz(broker) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{broker.metrics_port}/readyz", timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.timeout(120)
+def test_readyz_reports_a_broker_that_can_no_longer_write(tiny_dir, raw) -> None:
+    from brokerproc import BrokerProcess
+
+    broker = BrokerProcess(tiny_dir / "data", "--partitions", "1", "--log", json.dumps({"segment_bytes": 1 << 20}),
+                           "--readiness-min-free-bytes", str(4 << 20)).start()
+    try:
+        assert _readyz(broker)[0] == 200
+        client = raw(broker.producer_port)
+        for index in range(400):
+            response, _ = client.call({"api": ApiKey.PRODUCE, "topic": "default", "partition": 0, "acks": 2}, make_batch(index))
+            if response["error"]:
+                assert response["error"] == ErrorCode.STORAGE_FULL, response
+                break
+        else:
+            pytest.fail("the 40 MiB disk never filled up")
+        status, body = _readyz(broker)
+        assert status == 503 and body["status"] == "cannot write", body
+        assert "no space left" in body["reason"]
+        # Space comes back (the topic holding it is deleted): ready again, writes work.
+        assert client.call({"api": ApiKey.DELETE_TOPIC, "topic": "default"})[0]["error"] == 0
+        assert _readyz(broker) == (200, {"status": "ready"})
+        response, _ = client.call({"api": ApiKey.PRODUCE, "topic": "again", "acks": 2}, make_batch(0))
+        assert response["error"] == 0
+    finally:
+        assert broker.stop() == 0

@@ -3,7 +3,9 @@
 Routes (all JSON except /metrics):
 
 * ``GET /healthz``: 200 while the process serves HTTP at all (liveness).
-* ``GET /readyz``: 200 once every partition is recovered and both TCP ports listen, else 503
+* ``GET /readyz``: 200 once every partition is recovered and both TCP ports listen, else 503;
+  also 503 (``"cannot write"`` with the reason) after a failed write while the disk stays full or
+  a coordination journal refuses writes (``Broker.write_health``)
   (also 503 again from the start of a shutdown).
 * ``GET /metrics``: Prometheus text exposition from the broker's own registry.
 * ``GET /v1/broker``: broker id, bound ports, RSS, connection count.
@@ -106,9 +108,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    if state.ready:
-        return web.json_response({"status": "ready"})
-    return web.json_response({"status": "not ready"}, status=503)
+    if not state.ready:
+        return web.json_response({"status": "not ready"}, status=503)
+    cannot_write = state.broker.write_health() if state.broker is not None else None
+    if cannot_write is not None:
+        return web.json_response({"status": "cannot write", "reason": cannot_write}, status=503)
+    return web.json_response({"status": "ready"})
 
 
 async def broker_info(request: web.Request) -> web.Response:

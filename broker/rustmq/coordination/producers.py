@@ -272,17 +272,24 @@ class ProducerIds:
         ids._next = ids._reserved_end  # ids of a block reserved before a restart are skipped
         return ids
 
-    def allocate(self, now_ms: int) -> int:
-        """A fresh producer id. Blocks (fsync) when a new block has to be reserved."""
+    def allocate(self, now_ms: int, *, flush: bool = True) -> int:
+        """A fresh producer id. With flush, blocks (fsync) when a new block has to be reserved;
+        without, the caller must not hand the id out before `reservation_position()` is durable
+        (a crash before that would reuse the ids of the unrecorded block)."""
         if self._next >= self._reserved_end:
             end = self._next + ID_BLOCK
             self.journal.append([(_ID_KEY, msgpack.packb(end))], now_ms)
-            self.journal.flush()
+            if flush:
+                self.journal.flush()
             self._reserved_end = end
             self.journal.maybe_compact(lambda: [(_ID_KEY, msgpack.packb(end))], now_ms)
         producer_id = self._next
         self._next += 1
         return producer_id
+
+    def reservation_position(self) -> tuple[PartitionLog, int]:
+        """The journal position covering the current block's reservation (see `Journal.position`)."""
+        return self.journal.position()
 
     def close(self, clean: bool = True) -> None:
         self.journal.close(clean)

@@ -359,7 +359,14 @@ class Coordinator:
     # ------------------------------------------------------------------------------- producers
 
     def init_producer(self, now_ms: int) -> int:
+        """A fresh producer id, its block reservation fsynced here (blocking; standalone use)."""
         return self.producer_ids.allocate(now_ms)
+
+    def allocate_producer(self, now_ms: int) -> tuple[int, Durable]:
+        """A fresh producer id and the position to wait for before handing it out (the server:
+        no fsync on the event loop; cheap when the block's reservation is durable already)."""
+        producer_id = self.producer_ids.allocate(now_ms, flush=False)
+        return producer_id, Durable(*self.producer_ids.reservation_position())
 
     def producer_state(self, topic: str, partition: int) -> ProducerStateTable:
         """The partition's producer table, rebuilt from its batch headers on first use (and

@@ -83,6 +83,9 @@ class Broker:
                  resources: ResourceGuard | None = None) -> None:
         self.log = storage_log
         self.resources = resources or ResourceGuard(None, None, settings.fd_headroom, settings.map_headroom)
+        self._background: set[asyncio.Task[None]] = set()  # file removals in worker threads
+        self.write_failure: str | None = None  # the last failed write, until one succeeds (write_health)
+        self._write_failure_sticky = False
         self.committer = committer
         self.settings = settings
         self.stats = stats
@@ -163,10 +166,15 @@ class Broker:
                                f"segment_bytes may be at most {limit} (max_segment_bytes), not {segment_bytes}")
 
     def delete_topic(self, name: str) -> None:
-        topic = self.topic(name)
-        self.log.delete_topic(name)
+        self.topic(name)
+        topic = self.log.detach_topic(name)  # no I/O: the topic is gone for every later request
         for partition_log in topic.partitions:
             self._wake(partition_log)
+        self.resources.forget()
+        # Closing and removing a topic's files (GBs of segments) blocks: a worker thread does it.
+        task = self._loop.create_task(asyncio.to_thread(self.log.destroy_topic, topic))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _not_in_cluster_mode(self, what: str) -> None:
         if self.cluster is not None:
@@ -250,7 +258,7 @@ class Broker:
     def _cluster_metadata(self, names: list[str] | None) -> dict[str, Any]:
         cluster = self.cluster
         states = cluster.topics
-        topics = []
+        topics: list[dict[str, Any]] = []
         for name in sorted(states) if names is None else names:
             topic = states.get(name)
             if topic is None:
@@ -315,13 +323,19 @@ class Broker:
             record_count, batch_count = scan.record_count, scan.batch_count
         cluster = self.cluster
         role = None
-        if cluster is None:
-            result = plog.append(batches)
-        else:
-            role = cluster.leader_role(topic.name, index)
-            if require_insync:
-                cluster.check_insync(role)
-            result = plog.append(batches, role.leader_epoch)
+        try:
+            if cluster is None:
+                result = plog.append(batches)
+            else:
+                role = cluster.leader_role(topic.name, index)
+                if require_insync:
+                    cluster.check_insync(role)
+                result = plog.append(batches, role.leader_epoch)
+        except storage_errors.StorageError as exc:
+            self.note_write_failure(exc, f"{topic.name}/{index}")
+            raise
+        if self.write_failure is not None and not self._write_failure_sticky:
+            self.write_failure = None
         stats = self.stats.topic(topic.name)
         stats.messages_in += record_count
         stats.bytes_in += result.size_bytes
@@ -333,6 +347,30 @@ class Broker:
         if role is not None:
             cluster.appended(role)
         return Produced(index, result.base_offset, result.last_offset, plog, topic.config.flush.mode == "always", role)
+
+    def note_write_failure(self, error: BaseException, where: str, *, sticky: bool = False) -> None:
+        """A write failed (produce, a journal); /readyz consults `write_health`. sticky: the
+        failure lasts until a restart (a coordination journal that refuses writes)."""
+        self.write_failure = f"write to {where} failed: {error}"
+        self._write_failure_sticky = self._write_failure_sticky or sticky
+
+    def write_health(self) -> str | None:
+        """Why this broker cannot write now, or None (/readyz). After a failed write: a
+        coordination journal refusing writes, or less than readiness_min_free_bytes free on the
+        data directory's filesystem; a later successful append clears it."""
+        failure = self.write_failure
+        if failure is None:
+            return None
+        if self._write_failure_sticky:
+            return failure
+        try:
+            stat = os.statvfs(self.log.data_dir)
+        except OSError as exc:
+            return f"{failure}; cannot stat the data directory: {exc}"
+        free = stat.f_bavail * stat.f_frsize
+        if free < self.settings.readiness_min_free_bytes:
+            return f"{failure}; {free} bytes free on the data directory's filesystem"
+        return None
 
     def when_durable(self, plog: PartitionLog, offset: int, done: Callable[[BaseException | None], None]) -> None:
         """Call done(error) on the loop thread once offset is fsynced (or the flush failed)."""

@@ -516,7 +516,7 @@ class Connection(asyncio.BufferedProtocol):
         async def run() -> None:
             try:
                 fields = await work
-                buffers = [frames.encode_frame({"corr": corr, "error": 0, **fields})]
+                buffers: list[bytes | memoryview] = [frames.encode_frame({"corr": corr, "error": 0, **fields})]
             except Exception as exc:
                 code = error_code_for(exc)
                 if code is ErrorCode.INTERNAL_ERROR:

@@ -39,6 +39,7 @@ from rustmq.protocol import api, frames, records
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.server.broker import Produced, error_code_for
 from rustmq.storage import batch as storage_batch
+from rustmq.storage import errors as storage_errors
 
 if TYPE_CHECKING:
     from rustmq.server.broker import Broker
@@ -202,6 +203,8 @@ class CoordinationService:
             durable = self.coordinator.persist(_now_ms())
         except Exception as exc:
             log.exception("persisting queue state failed")
+            self.broker.note_write_failure(exc, "the queue state journal",
+                                           sticky=not isinstance(exc, storage_errors.StorageFullError))
             for done in waiters:
                 done(exc)
             return
@@ -414,13 +417,14 @@ CLUSTER_ID_STRIDE = 1024  # cluster mode: producer id = local id * stride + brok
 
 
 def _init_producer(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
-    # ProducerIds.allocate fsyncs its block reservation itself (once per 1,000 ids).
-    producer_id = service.coordinator.init_producer(_now_ms())
+    # Answered once the id block's reservation is durable (fsynced by the committer thread once
+    # per 1,000 ids; the other requests find it durable already).
+    producer_id, durable = service.coordinator.allocate_producer(_now_ms())
     if service.broker.cluster is not None:
         # Each broker allocates from its own journal: the broker id in the low bits keeps ids
         # unique across the cluster (a producer's id outlives the broker that handed it out).
         producer_id = producer_id * CLUSTER_ID_STRIDE + service.broker.settings.broker_id
-    conn._ok(corr, {"producer_id": producer_id, "producer_epoch": 0})
+    _answer_durable(conn, service, corr, durable, {"producer_id": producer_id, "producer_epoch": 0})
 
 
 def _produce_idempotent(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:

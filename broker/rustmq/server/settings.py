@@ -42,6 +42,9 @@ class ServerSettings:
     fd_headroom: int = 64
     map_headroom: int = 1000
 
+    # After a failed write, /readyz answers 503 while the data directory has less free space.
+    readiness_min_free_bytes: int = 16 << 20
+
     auto_create_topics: bool = True  # produce to an unknown topic creates it with default_partitions
     default_partitions: int = 12
     default_topic: str = "default"  # where simple produce messages without a topic go
