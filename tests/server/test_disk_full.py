@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def test_readyz_reports_a_broker_that_can_no_longer_write(tiny_dir, raw) -> None
         assert "no space left" in body["reason"]
         # Space comes back (the topic holding it is deleted): ready again, writes work.
         assert client.call({"api": ApiKey.DELETE_TOPIC, "topic": "default"})[0]["error"] == 0
+        deadline = time.monotonic() + 10  # the files are removed by a worker thread
+        while _readyz(broker)[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert _readyz(broker) == (200, {"status": "ready"})
         response, _ = client.call({"api": ApiKey.PRODUCE, "topic": "again", "acks": 2}, make_batch(0))
         assert response["error"] == 0
