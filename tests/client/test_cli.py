@@ -60,6 +60,19 @@ def test_bench_produce_and_consume_print_json(broker) -> None:
     assert latency["messages"] > 300 and latency["p99_ms"] > 0
 
 
+def test_bench_latency_with_acks_none_finishes_and_refuses_flags_it_does_not_use(broker) -> None:
+    common = ("--rate", "500", "--duration", "1", "--warmup", "0.2", "--bootstrap", broker.bootstrap, "--json")
+    done = rustmq("bench", "latency", "--acks", "none", *common, timeout=40)  # it waited for answers forever
+    assert done.returncode == 0, done.stderr
+    latency = json.loads(done.stdout)
+    assert latency["messages"] > 300
+    assert 0.5 < latency["seconds"] < 5 and latency["requested_duration_s"] == 1
+    for flag in (["--in-flight", "4"], ["--batch-bytes", "1000"], ["--codec", "zstd"], ["--concurrency", "2"],
+                 ["--partitions", "3"], ["--messages", "10"]):
+        refused = rustmq("bench", "latency", *flag, *common)
+        assert refused.returncode == 2 and "unrecognized arguments" in refused.stderr, (flag, refused.stderr)
+
+
 def test_unreachable_broker_is_a_clear_error() -> None:
     result = rustmq("topic", "list", "--bootstrap", "127.0.0.1:1")
     assert result.returncode == 1 and "rustmq:" in result.stderr and "Traceback" not in result.stderr

@@ -42,20 +42,29 @@ ACKS = {"none": 0, "leader": 1, "durable": 2}
 
 
 def add_arguments(commands: Any, client_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Each subcommand takes only the flags it uses: a flag it would ignore is refused by argparse
+    (``unrecognized arguments``) instead of being silently dropped from the figures."""
     for name in ("produce", "consume", "latency", "stall"):
         parser = commands.add_parser(name)
         client_flags(parser)
         parser.add_argument("--topic", default=f"bench-{name}")
-        parser.add_argument("--partitions", type=int, default=1, help="partitions of a topic the bench creates")
         parser.add_argument("--size", type=int, default=1024, help="value bytes per record")
-        parser.add_argument("--messages", type=int, default=1_000_000)
         parser.add_argument("--duration", type=float, help="seconds (instead of --messages)")
-        parser.add_argument("--batch-bytes", type=int, default=1 << 20)
         parser.add_argument("--acks", choices=list(ACKS), default="leader")
+        parser.add_argument("--keep-topic", action="store_true", help="do not delete and recreate the topic")
+        if name == "latency":
+            # One producer connection on partition 0, one batch per 1 ms tick: the rate decides
+            # batch sizes, and nothing else would change what is measured.
+            parser.set_defaults(partitions=1)
+            parser.add_argument("--rate", type=int, default=10_000, help="records per second")
+            parser.add_argument("--warmup", type=float, default=2.0, help="seconds excluded from the figures")
+            continue
+        parser.add_argument("--partitions", type=int, default=1, help="partitions of a topic the bench creates")
+        parser.add_argument("--messages", type=int, default=1_000_000)
+        parser.add_argument("--batch-bytes", type=int, default=1 << 20)
         parser.add_argument("--in-flight", type=int, default=8)
         parser.add_argument("--concurrency", type=int, default=1, help="producer connections")
         parser.add_argument("--codec", choices=list(records.CODEC_NAMES), default="none")
-        parser.add_argument("--keep-topic", action="store_true", help="do not delete and recreate the topic")
         if name == "produce":
             parser.add_argument("--simple", action="store_true", help="seed-style single-message frames")
         if name == "consume":
@@ -64,9 +73,6 @@ def add_arguments(commands: Any, client_flags: Callable[[argparse.ArgumentParser
             parser.add_argument("--decode", choices=["messages", "bodies", "none"], default="bodies",
                                 help="messages: build a Message per record; bodies: unpack batch bodies "
                                      "(default); none: count from batch headers only")
-        if name == "latency":
-            parser.add_argument("--rate", type=int, default=10_000, help="records per second")
-            parser.add_argument("--warmup", type=float, default=2.0, help="seconds excluded from the figures")
 
 
 class Progress:
@@ -387,6 +393,7 @@ async def bench_latency(admin: Admin, args: argparse.Namespace) -> dict[str, Any
     end = started + args.warmup + duration
     stop = asyncio.Event()
     errors: list[BaseException] = []
+    produced_until = end
 
     async def consume() -> None:
         nonlocal received
@@ -409,11 +416,16 @@ async def bench_latency(admin: Admin, args: argparse.Namespace) -> dict[str, Any
         window = asyncio.Semaphore(64)
         pending: set[asyncio.Task[None]] = set()
 
+        acks = ACKS[args.acks]
+
         async def send(payload: bytes) -> None:
             try:
-                future = producer_conn.send({"api": int(ApiKey.PRODUCE), "topic": args.topic, "partition": 0, "acks": ACKS[args.acks]}, payload)
-                assert future is not None
-                check(await future)
+                header = {"api": int(ApiKey.PRODUCE), "topic": args.topic, "partition": 0, "acks": acks}
+                # acks=none: the broker never answers, so there is nothing to wait for (the
+                # consumer's receive time still measures the latency end to end).
+                future = producer_conn.send(header, payload, expect_response=acks != 0)
+                if future is not None:
+                    check(await future)
             except BaseException as exc:
                 errors.append(exc)
             finally:
@@ -438,6 +450,8 @@ async def bench_latency(admin: Admin, args: argparse.Namespace) -> dict[str, Any
             next_tick += interval
             delay = next_tick - time.perf_counter()
             await asyncio.sleep(max(0.0, delay))
+        nonlocal produced_until
+        produced_until = time.perf_counter()
         if pending:
             await asyncio.gather(*pending)
 
@@ -453,7 +467,11 @@ async def bench_latency(admin: Admin, args: argparse.Namespace) -> dict[str, Any
     if errors:
         raise errors[0]
     measured = len(latencies)
-    return _result("latency", args, measured, duration, latencies, {
+    # The window the figures cover: from the end of the warm-up to the last tick produced (a
+    # stalled producer loop makes it differ from the requested duration).
+    seconds = max(0.0, produced_until - warm_until)
+    return _result("latency", args, measured, seconds, latencies, {
+        "requested_duration_s": duration,
         "rate": args.rate, "sent": sent, "received": received, "warmup_s": args.warmup,
         "latency_is": "end to end: consumer receive time minus intended send time",
         "from_write_p50_ms": _percentile_ms(from_send, 0.50), "from_write_p99_ms": _percentile_ms(from_send, 0.99),

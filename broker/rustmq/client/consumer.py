@@ -3,7 +3,8 @@
 ``async for message in consumer`` yields Message tuples in offset order per partition;
 ``async for batch in consumer.batches()`` yields whole decoded batches (lists of Message), which
 is what throughput-minded code should iterate. Positions are kept client-side, one integer per
-partition (there are no consumer groups yet). While the caller works on one response the next
+partition; for committed positions and partitions shared by a group use ``GroupConsumer``
+(rustmq.client.groups, docs/semantics.md). While the caller works on one response the next
 fetch is already on its way (one fetch of prefetch), so the broker and the decoder overlap.
 
 ``start`` is 'earliest', 'latest', an offset (int, applied to every partition) or
