@@ -45,6 +45,8 @@ def _wait(committer: durability.GroupCommitter, durable) -> BaseException | None
 
 def test_a_commit_that_triggers_journal_compaction_is_answered_as_durable(tmp_path: Path) -> None:
     log = Log.open(tmp_path, CONFIG, background_flusher=False)
+    for t in range(7):
+        log.create_topic(f"t{t}", 3)
     coord = _coordinator(tmp_path, log, compact_bytes=4096)
     committer = durability.GroupCommitter(max_wait_ms=0)
     try:

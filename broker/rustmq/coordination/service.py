@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from rustmq.coordination import group as group_mod
 from rustmq.coordination import queue, queue_log
-from rustmq.coordination.offsets import OffsetStore
+from rustmq.coordination.offsets import InvalidCommitError, OffsetStore
 from rustmq.coordination.producers import Decision, ProducerIds, ProducerSnapshots, ProducerStateTable
 from rustmq.storage import batch, errors
 from rustmq.storage.log import Log
@@ -178,7 +178,13 @@ class Coordinator:
 
     def commit_offsets(self, now_ms: int, group: str, member_id: str | None, generation: int,
                        offsets: Mapping[TopicPartition, int], metadata: str = "") -> Durable:
-        """Fenced commit (GroupError subclasses, InvalidCommitError); answer once durable."""
+        """Fenced commit (GroupError subclasses, InvalidCommitError); answer once durable.
+        Offsets below 0 and topics or partitions that do not exist are InvalidCommitError."""
+        for (topic, partition), offset in offsets.items():
+            if offset < 0:
+                raise InvalidCommitError(f"{topic}/{partition}: offset must be >= 0, not {offset}")
+            if not 0 <= partition < self._partition_count(topic):
+                raise InvalidCommitError(f"{topic}/{partition}: no such topic or partition on this broker")
         self._group(group).check_commit(member_id, generation, offsets)
         self.offsets.commit(now_ms, group, offsets, metadata)
         return Durable(*self.offsets.journal.position())

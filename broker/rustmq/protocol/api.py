@@ -208,7 +208,8 @@ def parse_fetch(header: dict[str, Any], broker_max_bytes: int) -> FetchRequest:
             FetchPartition(
                 topic=_field(item, "topic", str),
                 partition=_int(item, "partition", 0, MAX_PARTITIONS_PER_TOPIC - 1),
-                offset=_int(item, "offset", 0, 2**63 - 1),
+                # A negative offset is that partition's OFFSET_OUT_OF_RANGE, not the request's error.
+                offset=_int(item, "offset", -(2**63), 2**63 - 1),
                 max_bytes=min(_int(item, "max_bytes", 1, 2**31 - 1, max_bytes), max_bytes),
                 leader_epoch=_int(item, "leader_epoch", -1, 2**31 - 1, -1),
                 last_fetched_epoch=_int(item, "last_fetched_epoch", -1, 2**31 - 1, -1),

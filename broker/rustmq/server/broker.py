@@ -413,6 +413,8 @@ class Broker:
                 cluster.replica_fetched(role, replica_id, request.offset)
                 header["high_watermark"] = role.tracker.high_watermark
             header["log_start_offset"] = plog.start_offset
+            if request.offset < 0:
+                raise storage_errors.OffsetOutOfRangeError(request.offset, plog.start_offset, plog.end_offset)
             if budget <= 0:
                 header["size"] = 0
                 return FetchedPartition(header, [], 0)

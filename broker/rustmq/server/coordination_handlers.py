@@ -539,9 +539,12 @@ def _leave_group(conn: Connection, service: CoordinationService, corr: int, head
 
 def _commit_offsets(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     group = _name(header, "group")
-    raw = _topic_partitions(header, "offsets", True)
-    if not raw:
+    raw = api._field(header, "offsets", list)
+    if not raw or not all(isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                          and all(isinstance(v, int) and not isinstance(v, bool) for v in item[1:]) for item in raw):
         raise RequestError(ErrorCode.INVALID_REQUEST, "field 'offsets' must list [topic, partition, offset]")
+    # Well-formed but wrong values (a negative offset, a topic or partition that does not exist)
+    # are the commit's own error, INVALID_COMMIT, checked by the coordinator.
     offsets = {(t, p): o for t, p, o in raw}
     durable = service.coordinator.commit_offsets(
         _now_ms(), group,
