@@ -8,7 +8,10 @@ here (with --mutual it also requires a client certificate, and the bench present
 `rustmq bench produce --acks leader` (1 KiB values, batched) and `rustmq bench consume` (a
 backlog of the same size) run against each, alternating plaintext and TLS so that the shared
 machine's drifts hit both alike; every run is kept. `ratio` is the TLS median over the plaintext
-median (1.0 = free; issue 15's goal for batched produce: at least 0.75).
+median (1.0 = free; issue 15's goal for batched produce: at least 0.75). On a loaded machine
+wall time exaggerates any extra CPU, so each run also records the CPU seconds the broker and the
+bench client spent (from /proc and getrusage): `cpu_ratio` is plaintext CPU over TLS CPU, the
+throughput ratio a CPU-bound run would see.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -82,14 +86,27 @@ def start_broker(directory: Path, extra: list[str]) -> tuple[subprocess.Popen[by
     return process, json.loads(ports_file.read_text())
 
 
-def bench(kind: str, port: int, messages: int, tls: list[str]) -> dict[str, object]:
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench(kind: str, port: int, messages: int, tls: list[str], broker_pid: int) -> tuple[dict[str, object], float]:
+    """One `rustmq bench` run: its JSON and the CPU seconds it and the broker spent."""
     command = [*RUSTMQ, "bench", kind, "--messages", str(messages), "--bootstrap", f"localhost:{port}", "--json", *tls]
     if kind == "produce":
         command += ["--acks", "leader"]
+    before = process_cpu_s(broker_pid) + children_cpu_s()
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    spent = process_cpu_s(broker_pid) + children_cpu_s() - before
+    return json.loads(result.stdout.strip().splitlines()[-1]), spent
 
 
 def main() -> None:
@@ -111,14 +128,17 @@ def main() -> None:
             (root / mode).mkdir()
             brokers[mode] = start_broker(root / mode, flags)
         runs: dict[str, dict[str, list[int]]] = {kind: {"plaintext": [], "tls": []} for kind in ("produce", "consume")}
+        cpu: dict[str, dict[str, list[float]]] = {kind: {"plaintext": [], "tls": []} for kind in ("produce", "consume")}
         try:
             for repeat in range(args.repeat):
                 order = ("plaintext", "tls") if repeat % 2 == 0 else ("tls", "plaintext")
                 for kind in ("produce", "consume"):
                     for mode in order:
                         port = brokers[mode][1]["producer_port"]  # bench consume fills its backlog first
-                        found = bench(kind, port, args.messages, tls_client_flags if mode == "tls" else [])
+                        found, spent = bench(kind, port, args.messages, tls_client_flags if mode == "tls" else [],
+                                             brokers[mode][0].pid)
                         runs[kind][mode].append(int(found["msg_per_s"]))  # type: ignore[call-overload]
+                        cpu[kind][mode].append(round(spent, 2))
         finally:
             for process, _ in brokers.values():
                 process.terminate()
@@ -139,6 +159,9 @@ def main() -> None:
             "plaintext_median": round(plain),
             "tls_median": round(secured),
             "ratio": round(secured / plain, 3) if plain else None,
+            "plaintext_cpu_s": cpu[kind]["plaintext"],
+            "tls_cpu_s": cpu[kind]["tls"],
+            "cpu_ratio": round(statistics.median(cpu[kind]["plaintext"]) / statistics.median(cpu[kind]["tls"]), 3),
         }
     print(json.dumps(summary))
 
