@@ -29,6 +29,7 @@ from aiohttp import web
 
 from rustmq import compaction, eventloop
 from rustmq.admin.app import AdminState, make_admin_app
+from rustmq.client import connection
 from rustmq.config import BrokerConfig
 from rustmq.coordination.service import CoordinationLimits, Coordinator
 from rustmq.kube import KubeStore
@@ -84,6 +85,11 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         ports = await listener.start()
         broker.ports["metrics"] = metrics_port
         if config.cluster_mode == "kubernetes":
+            if listener.tls is not None:
+                # Replica fetches dial the other brokers' TLS ports: as a client with this
+                # broker's own certificate, re-read on every connect since it reloads.
+                tls_state = listener.tls
+                connection.use_tls(lambda: tls_state.peer)
             node = await _start_cluster_node(config, broker)
         state.broker = broker
         state.ready = True

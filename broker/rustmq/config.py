@@ -78,6 +78,7 @@ class BrokerConfig:
     tls_client_ca_file: Path | None = None  # CAs of client certificates (mutual TLS)
     tls_client_auth: str = "none"  # none | optional | required (fixed at start-up)
     tls_reload_s: float = 10.0  # how often the TLS files are checked for a change
+    tls_peer_ca_file: Path | None = None  # cluster mode: CAs of the other brokers' certificates
     # Cluster mode (docs/cluster.md; the operator contract in docs/operator.md). "standalone": no
     # coordination at all; "kubernetes": one replicated cluster coordinated through the API server.
     cluster_mode: str = "standalone"
@@ -119,8 +120,9 @@ class BrokerConfig:
             raise ConfigError(f"log: {exc}") from None
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("tls_cert_file and tls_key_file go together: give both or neither")
-        if self.tls_cert_file is None and (self.tls_client_ca_file is not None or self.tls_client_auth != "none"):
-            raise ConfigError("tls_client_ca_file and tls_client_auth need TLS (tls_cert_file and tls_key_file)")
+        if self.tls_cert_file is None and (self.tls_client_ca_file is not None or self.tls_peer_ca_file is not None
+                                           or self.tls_client_auth != "none"):
+            raise ConfigError("tls_client_ca_file, tls_peer_ca_file and tls_client_auth need TLS (tls_cert_file and tls_key_file)")
         try:
             self.tls_settings()
         except ValueError as exc:
@@ -146,6 +148,7 @@ class BrokerConfig:
             client_ca_file=self.tls_client_ca_file,
             client_auth=self.tls_client_auth,
             reload_s=self.tls_reload_s,
+            peer_ca_file=self.tls_peer_ca_file,
         )
 
     def lease_timing(self) -> LeaseTiming:

@@ -127,6 +127,10 @@ def broker_environment(
         if tls["mutual"]:
             env["RUSTMQ_TLS_CLIENT_CA_FILE"] = f"{naming.TLS_DIR}/ca.crt"
             env["RUSTMQ_TLS_CLIENT_AUTH"] = "required"
+        if tls["mutual"] or tls.get("certManager"):
+            # Brokers check each other (replica fetches) against the Secret's CA, which both
+            # cases guarantee; otherwise against the system's CAs (a publicly signed certificate).
+            env["RUSTMQ_TLS_PEER_CA_FILE"] = f"{naming.TLS_DIR}/ca.crt"
     for field, variable in specs.CONFIG_ENV.items():
         if config.get(field) is not None:
             env[variable] = str(config[field])

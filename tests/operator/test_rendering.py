@@ -349,6 +349,7 @@ def test_tls_mounts_the_secret_and_points_the_broker_at_it(render_cr: Callable[.
         "RUSTMQ_TLS_KEY_FILE": "/etc/rustmq/tls/tls.key",
         "RUSTMQ_TLS_CLIENT_CA_FILE": "/etc/rustmq/tls/ca.crt",
         "RUSTMQ_TLS_CLIENT_AUTH": "required",
+        "RUSTMQ_TLS_PEER_CA_FILE": "/etc/rustmq/tls/ca.crt",
     }
     pod = rendered.statefulset()["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
@@ -362,6 +363,7 @@ def test_tls_mounts_the_secret_and_points_the_broker_at_it(render_cr: Callable[.
     assert "*.rustmq-headless.data-pipeline.svc" in certificate["spec"]["dnsNames"]
     assert "rustmq.example.net" in certificate["spec"]["dnsNames"]
     assert certificate["spec"]["ipAddresses"] == ["10.0.50.10"]
+    assert "client auth" in certificate["spec"]["usages"]  # brokers present it to their peers
     # Without cert-manager's CRD no Certificate is rendered (the reconciler reports Stalled).
     assert not render_cr(CASES[case]).by_kind("Certificate")
     # The Secret's content is not in the pod template: a renewal restarts nothing. Its name is.

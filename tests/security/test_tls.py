@@ -12,10 +12,7 @@ renewals look like from inside the pod.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
-import os
 import socket
 import ssl
 import struct
@@ -29,93 +26,13 @@ from pathlib import Path
 import msgpack
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 import brokerproc
 from rustmq.client import Consumer, Producer
 from rustmq.client.connection import tls_context, use_tls
+from tlspki import Authority, Issued, SecretVolume
 
 RUSTMQ = [sys.executable, "-m", "rustmq"]
-
-
-@dataclass
-class Issued:
-    cert: bytes
-    key: bytes
-    serial: int
-
-
-class Authority:
-    def __init__(self, name: str) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
-
-    def issue(self, name: str, *, server: bool) -> Issued:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        serial = x509.random_serial_number()
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(serial)
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([x509.OID_SERVER_AUTH if server else x509.OID_CLIENT_AUTH]), critical=False
-            )
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False,
-            )
-        cert = builder.sign(self.key, hashes.SHA256())
-        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        return Issued(cert.public_bytes(serialization.Encoding.PEM), key_pem, serial)
-
-
-class SecretVolume:
-    """A directory laid out like a mounted Kubernetes Secret (tls.crt, tls.key, ca.crt)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.generation = 0
-
-    def write(self, files: dict[str, bytes]) -> None:
-        self.generation += 1
-        target = self.root / f"..{self.generation:04d}"
-        target.mkdir()
-        for name, data in files.items():
-            (target / name).write_bytes(data)
-            link = self.root / name
-            if not link.is_symlink():
-                link.symlink_to(Path("..data") / name)
-        swap = self.root / "..data_tmp"
-        swap.symlink_to(target.name)
-        os.replace(swap, self.root / "..data")  # atomic, as the kubelet does it
-
-    def path(self, name: str) -> Path:
-        return self.root / name
 
 
 @dataclass

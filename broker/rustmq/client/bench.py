@@ -31,7 +31,7 @@ from typing import Any
 
 from rustmq import eventloop
 from rustmq.client.admin import Admin
-from rustmq.client.connection import Connection, check, parse_address
+from rustmq.client.connection import Connection, check, default_tls, parse_address
 from rustmq.client.consumer import decode_batches
 from rustmq.client.routing import Routes
 from rustmq.protocol import records, simple
@@ -260,7 +260,8 @@ async def bench_produce(admin: Admin, args: argparse.Namespace) -> dict[str, Any
 
 async def bench_simple(admin: Admin, args: argparse.Namespace) -> dict[str, Any]:
     """Seed-style produce: one frame per message, up to --in-flight unanswered, replies u64."""
-    reader, writer = await asyncio.open_connection(admin.host, admin.port)
+    context, name = default_tls()  # --tls* flags: seed-style produce over TLS too
+    reader, writer = await asyncio.open_connection(admin.host, admin.port, ssl=context, server_hostname=name)
     frame = simple.encode_message(_payload(args.size), None, args.topic)
     target = args.messages if not args.duration else None
     deadline = time.perf_counter() + args.duration if args.duration else None
@@ -490,7 +491,8 @@ async def bench_stall(admin: Admin, args: argparse.Namespace) -> dict[str, Any]:
     # A consumer that asks for the whole backlog 200 times over and never reads: its socket
     # receive buffer fills, then the broker's send buffer, then the broker must stop reading
     # its requests (pause) instead of queueing 200 x 8 MiB of responses.
-    reader, writer = await asyncio.open_connection(host, consumer_port)
+    context, name = default_tls()
+    reader, writer = await asyncio.open_connection(host, consumer_port, ssl=context, server_hostname=name)
     from rustmq.protocol import frames
 
     for corr in range(1, 201):

@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import ssl as ssl_module
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,16 +31,27 @@ MAX_RESPONSE_BYTES = 1 << 30
 _MIN_READ = 256 << 10
 
 
-_default_ssl: ssl_module.SSLContext | None = None
+_default_ssl: ssl_module.SSLContext | Callable[[], ssl_module.SSLContext] | None = None
 _default_server_name: str | None = None
 
 
-def use_tls(context: ssl_module.SSLContext | None, *, server_hostname: str | None = None) -> None:
+def use_tls(
+    context: ssl_module.SSLContext | Callable[[], ssl_module.SSLContext] | None,
+    *,
+    server_hostname: str | None = None,
+) -> None:
     """Make every connection this process opens without an explicit ``ssl`` speak TLS with
-    ``context`` (None: plaintext again). ``server_hostname``: the name the broker's certificate
-    is checked for, when it is not the host dialled (an IP address, a port-forward)."""
+    ``context`` (None: plaintext again), or with what the callable returns at each connect (a
+    broker's reloaded peer context). ``server_hostname``: the name the broker's certificate is
+    checked for, when it is not the host dialled (an IP address, a port-forward)."""
     global _default_ssl, _default_server_name
     _default_ssl, _default_server_name = context, server_hostname
+
+
+def default_tls() -> tuple[ssl_module.SSLContext | None, str | None]:
+    """The process-wide TLS context and server name of ``use_tls`` (for raw streams)."""
+    context = _default_ssl() if callable(_default_ssl) else _default_ssl
+    return context, _default_server_name if context is not None else None
 
 
 def tls_context(
@@ -188,10 +200,13 @@ class Connection:
     ) -> Connection:
         connection = cls()
         loop = asyncio.get_running_loop()
-        context = ssl if ssl is not None else _default_ssl
         extra: dict[str, Any] = {}
-        if context is not None and ssl is None and _default_server_name:
-            extra["server_hostname"] = _default_server_name
+        if ssl is not None:
+            context: ssl_module.SSLContext | None = ssl
+        else:
+            context, name = default_tls()
+            if name:
+                extra["server_hostname"] = name
         try:
             transport, _ = await asyncio.wait_for(
                 loop.create_connection(lambda: _Protocol(connection), host, port, ssl=context, **extra), timeout

@@ -40,6 +40,7 @@ class TlsSettings:
     client_ca_file: Path | None = None  # CAs that sign client certificates (mutual TLS)
     client_auth: str = "none"  # none | optional | required
     reload_s: float = 10.0  # how often the files are checked for a change
+    peer_ca_file: Path | None = None  # CAs of the other brokers' certificates (None: the system's)
     handshake_timeout_s: float = 10.0  # a client that has not finished its handshake by then is dropped
 
     def __post_init__(self) -> None:
@@ -51,7 +52,8 @@ class TlsSettings:
             raise ValueError("reload_s must be positive")
 
     def files(self) -> tuple[Path, ...]:
-        return (self.cert_file, self.key_file) + ((self.client_ca_file,) if self.client_ca_file else ())
+        optional = tuple(path for path in (self.client_ca_file, self.peer_ca_file) if path is not None)
+        return (self.cert_file, self.key_file, *optional)
 
 
 def build_context(settings: TlsSettings) -> ssl.SSLContext:
@@ -63,6 +65,17 @@ def build_context(settings: TlsSettings) -> ssl.SSLContext:
         assert settings.client_ca_file is not None
         context.load_verify_locations(cafile=settings.client_ca_file)
         context.verify_mode = ssl.CERT_REQUIRED if settings.client_auth == "required" else ssl.CERT_OPTIONAL
+    return context
+
+
+def build_peer_context(settings: TlsSettings) -> ssl.SSLContext:
+    """The client side of broker-to-broker connections (replica fetches): other brokers'
+    certificates are checked against ``peer_ca_file`` and the name dialled (their internal
+    host), and this broker presents its own certificate, which mutual TLS requires (so it
+    needs the client-auth usage too; cert-manager's, as the operator asks for it, has it)."""
+    context = ssl.create_default_context(cafile=str(settings.peer_ca_file) if settings.peer_ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.cert_file, settings.key_file)
     return context
 
 
@@ -86,10 +99,12 @@ class ReloadingContext:
         self._seen = _fingerprint(settings.files())
         try:
             self.current = build_context(settings)
+            self.peer = build_peer_context(settings)
         except (OSError, ssl.SSLError) as exc:  # at start-up a broken file is an error
             raise TlsError(
                 f"cannot load the TLS certificate {settings.cert_file} and key {settings.key_file}"
                 + (f" or the client CA file {settings.client_ca_file}" if settings.client_ca_file else "")
+            + (f" or the peer CA file {settings.peer_ca_file}" if settings.peer_ca_file else "")
                 + f": {exc}"
             ) from None
         self.reloads = 0  # successful reloads, for tests and logs
@@ -104,11 +119,12 @@ class ReloadingContext:
         self._seen = seen
         try:
             fresh = await asyncio.to_thread(build_context, self.settings)
+            peer = await asyncio.to_thread(build_peer_context, self.settings)
         except (OSError, ssl.SSLError, ValueError) as exc:
             self.failures += 1
             log.error("TLS files changed but do not load (%s); still serving the previous certificate", exc)
             return False
-        self.current = fresh
+        self.current, self.peer = fresh, peer
         self.reloads += 1
         log.info("TLS certificate reloaded from %s; new connections use it", self.settings.cert_file)
         return True
