@@ -132,14 +132,17 @@ def test_cli_produces_and_consumes_over_mutual_tls(tls_broker: tuple[brokerproc.
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        ("no client certificate", "requires a client certificate (--tls-cert, --tls-key) or refused the one presented"),
-        ("client certificate of another CA", "requires a client certificate (--tls-cert, --tls-key) or refused the one presented"),
-        ("broker not trusted", "the broker's certificate is not trusted"),
-        ("plaintext", "if this port speaks TLS, use --tls"),
+        # TLS 1.3 ends the client's handshake before the broker has checked its certificate: the
+        # broker's alert then arrives either as a readable TLS error or as a plain close, and the
+        # client words each clearly (either wording below is right for both cases).
+        ("no client certificate", ("requires a client certificate",)),
+        ("client certificate of another CA", ("refused the one presented", "refused the client certificate")),
+        ("broker not trusted", ("the broker's certificate is not trusted",)),
+        ("plaintext", ("if this port speaks TLS, use --tls",)),
     ],
 )
 def test_clients_the_broker_must_refuse_get_a_clear_error(
-    case: str, expected: str, tls_broker: tuple[brokerproc.BrokerProcess, SecretVolume, Issued], pki: Pki
+    case: str, expected: tuple[str, ...], tls_broker: tuple[brokerproc.BrokerProcess, SecretVolume, Issued], pki: Pki
 ) -> None:
     broker, _, _ = tls_broker
     flags = {
@@ -150,7 +153,7 @@ def test_clients_the_broker_must_refuse_get_a_clear_error(
     }[case]
     refused = cli("topic", "list", "--bootstrap", broker.bootstrap, *flags)
     assert refused.returncode == 1, refused.stdout
-    assert expected in refused.stderr, refused.stderr
+    assert any(text in refused.stderr for text in expected), refused.stderr
     assert "Traceback" not in refused.stderr
     # The broker keeps serving the others.
     fine = cli("topic", "list", "--bootstrap", broker.bootstrap, *tls_flags(pki, cert=pki.client_cert, key=pki.client_key))

@@ -165,8 +165,10 @@ class _Protocol(asyncio.BufferedProtocol):
             # finished its handshake, in an alert that arrives on the first read.
             self._connection._abort(ConnectionClosedError(f"connection lost: {_tls_reason(exc)}"))
             return
-        if exc is None and self._connection._tls and not self._connection._answered:
-            # Neither loop surfaces the alert: say what a close before any answer means here.
+        closed = exc is None or isinstance(exc, (ConnectionResetError, BrokenPipeError))
+        if closed and self._connection._tls and not self._connection._answered:
+            # The alert is often not surfaced (a plain close, or a reset when our request
+            # crossed it): say what a close before any answer means on a TLS connection.
             self._connection._abort(ConnectionClosedError(
                 "the broker closed the TLS connection before answering: it requires a client "
                 "certificate (--tls-cert, --tls-key) or refused the one presented (not signed "
