@@ -165,6 +165,11 @@ async def test_kill_the_leader_under_acks_all_load_loses_nothing(three_brokers: 
                                  "a new leader", timeout=20, topics=["jepsen"])
         victim["failover_s"] = time.monotonic() - killed_at
         assert after["topics"][0]["partitions"][0]["leader_epoch"] > before["leader_epoch"]
+        # Topic administration keeps working while a broker is down (RF defaults to the live brokers).
+        survivor = next(b for b in (0, 1, 2) if b != before["leader"])
+        created = await asyncio.to_thread(call, cluster, survivor, {"api": 4, "topic": "during-failover", "partitions": 2})
+        assert created["error"] == 0 and created["replication_factor"] == 2, created
+        assert (await asyncio.to_thread(call, cluster, survivor, {"api": 5, "topic": "during-failover"}))["error"] == 0
         await asyncio.sleep(2)
         await asyncio.to_thread(cluster.start, before["leader"])
 

@@ -38,7 +38,7 @@ from rustmq.protocol import records, simple
 from rustmq.protocol.api import ApiKey
 from rustmq.storage import batch as storage_batch
 
-ACKS = {"none": 0, "leader": 1, "durable": 2}
+ACKS = {"none": 0, "leader": 1, "durable": 2, "all": 3}
 
 
 def add_arguments(commands: Any, client_flags: Callable[[argparse.ArgumentParser], None]) -> None:
