@@ -144,7 +144,7 @@ class BrokerCluster:
                 metadata = self.metadata(topics)
                 if condition(metadata):
                     return metadata
-            except (RuntimeError, OSError, EOFError):
+            except (RuntimeError, OSError, EOFError, IndexError, KeyError):  # a broker that has not synced yet
                 pass
             time.sleep(0.1)
         raise AssertionError(f"timed out after {timeout} s waiting for {what}; last metadata: {metadata}\n{self.logs()}")

@@ -33,6 +33,7 @@ from rustmq import eventloop
 from rustmq.client.admin import Admin
 from rustmq.client.connection import Connection, check, default_tls, parse_address
 from rustmq.client.consumer import decode_batches
+from rustmq.client.errors import BrokerError
 from rustmq.client.routing import Routes
 from rustmq.protocol import records, simple
 from rustmq.protocol.api import ApiKey
@@ -218,6 +219,22 @@ async def _produce_batches(connection: Connection, args: argparse.Namespace, pay
         await asyncio.gather(*tasks)
 
 
+async def _wait_for_leaders(routes: Routes, args: argparse.Namespace) -> None:
+    """A new topic's leaders take a poll period to start leading: ask each until it answers."""
+    deadline = time.monotonic() + 30
+    for partition in range(args.partitions):
+        while True:
+            connection = await routes.leader_connection(args.topic, partition, "consumer")
+            try:
+                await connection.request(
+                    {"api": int(ApiKey.LIST_OFFSETS), "topic": args.topic, "partition": partition, "at": -1}, timeout=10)
+                break
+            except BrokerError:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.1)
+
+
 async def bench_produce(admin: Admin, args: argparse.Namespace) -> dict[str, Any]:
     await _prepare_topic(admin, args)
     if args.simple:
@@ -235,6 +252,7 @@ async def bench_produce(admin: Admin, args: argparse.Namespace) -> dict[str, Any
             for index in range(args.concurrency):
                 broker = routes.brokers[routes.leader_of(args.topic, index % args.partitions)]
                 addresses[index] = (broker["host"], broker["producer_port"])
+            await _wait_for_leaders(routes, args)
     finally:
         routes.close()
     connections = [await Connection.open(host, port) for host, port in addresses]
