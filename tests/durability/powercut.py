@@ -3,13 +3,15 @@
 `power_cut_cycle` runs one cycle: mount powerfs over the disk image, start a broker whose data
 directory is the mount, produce to a topic from one thread per partition (every request's
 records are remembered in order; two requests in three ask for durable acks, the third for
-leader acks) while another thread commits a consumer group's offsets, cut the power at a
+leader acks) while another thread commits a consumer group's offsets and a third creates topics
+and deletes every other one, cut the power at a
 random moment (SIGKILL the broker, SIGKILL powerfs, unmount: everything not fsynced is gone,
 the kernel's page cache included), mount the image again, start a broker on it and read
 everything back. `check` then compares: every record of a durably acknowledged produce must be
 there, everything served must be exactly what was sent at that offset (whole batches, CRC-valid,
-nothing torn or foreign), and the group's committed offset must be at least the last commit the
-broker acknowledged.
+nothing torn or foreign), the group's committed offset must be at least the last commit the
+broker acknowledged, every topic whose creation was acknowledged must exist and no topic whose
+deletion was acknowledged may come back.
 
 Each partition has one producer that waits for each answer before the next request, so the
 partition's log is exactly that producer's requests in order, and the log after the cut must
@@ -50,7 +52,7 @@ class PowerFS:
         self.log_path = log
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def mount(self, timeout: float = 30.0) -> None:
+    def mount(self, timeout: float = 90.0) -> None:
         self.mount_point.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
@@ -98,8 +100,19 @@ class Sent:
 
 
 @dataclass
+class Admin:
+    """Topics created and deleted while producing: only acknowledged changes are remembered."""
+
+    created: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Cycle:
     sent: list[Sent]
+    admin: Admin
+    topics_after: list[str]
     committed_acked: int  # the last group offset whose commit the broker acknowledged
     recovered: list[list[bytes]]  # per partition, the values served after the cut
     committed_after: int | None
@@ -166,6 +179,35 @@ def _commit(port: int, acked: list[int], stop: threading.Event) -> None:
                 return
             acked[0] = offset
             time.sleep(0.01)
+    except (OSError, EOFError):
+        pass
+    finally:
+        client.close()
+
+
+def _administer(port: int, cycle: int, admin: Admin, stop: threading.Event) -> None:
+    """Create topic after topic; delete every other one right after it was created."""
+    try:
+        client = RawClient(port, timeout=30.0)
+    except OSError:
+        return
+    number = 0
+    try:
+        while not stop.is_set():
+            name = f"admin-{cycle}-{number}"
+            response, _ = client.call({"api": ApiKey.CREATE_TOPIC, "topic": name, "partitions": 2})
+            if response["error"] != 0:
+                admin.errors.append(f"create {name}: {response}")
+                return
+            admin.created.append(name)
+            if number % 2:
+                response, _ = client.call({"api": ApiKey.DELETE_TOPIC, "topic": name})
+                if response["error"] != 0:
+                    admin.errors.append(f"delete {name}: {response}")
+                    return
+                admin.deleted.append(name)
+            number += 1
+            time.sleep(0.05)
     except (OSError, EOFError):
         pass
     finally:
@@ -240,6 +282,9 @@ def power_cut_cycle(root: Path, env: dict[str, str] | None, run_s: float, number
                    for p in range(PARTITIONS)]
         threads.append(threading.Thread(target=_commit, args=(broker.producer_port, committed,
                                                               stop)))
+        admin = Admin()
+        threads.append(threading.Thread(target=_administer,
+                                        args=(broker.producer_port, number, admin, stop)))
         started = time.monotonic()
         for thread in threads:
             thread.start()
@@ -254,9 +299,13 @@ def power_cut_cycle(root: Path, env: dict[str, str] | None, run_s: float, number
         fs.mount()
         broker = start_broker(mount_point, env)
         recovered, corrupt, committed_after = read_back(broker.producer_port)
+        client = RawClient(broker.producer_port, timeout=60.0)
+        listed, _ = client.call({"api": ApiKey.LIST_TOPICS})
+        client.close()
         broker.stop()
         broker = None
-        return Cycle(sent, committed[0], recovered, committed_after, corrupt, uptime)
+        return Cycle(sent, admin, list(listed["topics"]), committed[0], recovered,
+                     committed_after, corrupt, uptime)
     finally:
         if broker is not None:
             broker.kill()
@@ -299,6 +348,14 @@ def check(cycle: Cycle, previous: list[list[bytes]] | None = None) -> Report:
         notes.append(f"partition {partition}: sent {len(sent.values)}, acknowledged "
                      f"{sent.acknowledged}, durably {sent.durable}, recovered "
                      f"{len(got) - len(before)}")
+    wrong.extend(cycle.admin.errors)
+    missing = set(cycle.admin.created) - set(cycle.admin.deleted) - set(cycle.topics_after)
+    if missing:
+        lost.append(f"topics whose creation was acknowledged are gone: {sorted(missing)}")
+    back = set(cycle.admin.deleted) & set(cycle.topics_after)
+    if back:
+        wrong.append(f"topics whose deletion was acknowledged are back: {sorted(back)}")
+    notes.append(f"topics created {len(cycle.admin.created)}, deleted {len(cycle.admin.deleted)}")
     if cycle.committed_acked and (cycle.committed_after or 0) < cycle.committed_acked:
         lost.append(f"group commit: offset {cycle.committed_acked} was acknowledged, "
                     f"{cycle.committed_after} survived")

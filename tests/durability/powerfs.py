@@ -118,7 +118,7 @@ class PowerFS(mfusepy.Operations):
         self.image = image
         (image / "files").mkdir(parents=True, exist_ok=True)
         (image / "dirs").mkdir(parents=True, exist_ok=True)
-        self.lock = threading.Lock()
+        self.mutex = threading.Lock()
         self.handles: dict[int, Node] = {}
         self.next_handle = 1
         self.next_ino = ROOT + 1
@@ -147,16 +147,29 @@ class PowerFS(mfusepy.Operations):
                 if kind == "d":
                     node.nlink += 1
             return node
-        path = self.image / "files" / str(ino)
         try:
-            data = path.read_bytes()
+            fd = os.open(self.image / "files" / str(ino), os.O_RDONLY)
         except FileNotFoundError:
-            data = b""  # named durably but never synced: an empty file
-        for index in range(0, len(data), CHUNK):
-            piece = data[index : index + CHUNK]
-            if piece.strip(b"\0"):
-                node.chunks[index // CHUNK] = bytearray(piece.ljust(CHUNK, b"\0"))
-        node.size = node.synced_size = node.low_size = len(data)
+            return node  # named durably but never synced: an empty file
+        try:
+            size = os.fstat(fd).st_size
+            position = 0
+            while position < size:  # read the data regions only: segment images are sparse
+                try:
+                    start = os.lseek(fd, position, os.SEEK_DATA) // CHUNK * CHUNK
+                except OSError as error:
+                    if error.errno != errno.ENXIO:
+                        raise
+                    break  # nothing but a hole up to the end
+                end = os.lseek(fd, start, os.SEEK_HOLE)
+                for index in range(start, end, CHUNK):
+                    piece = os.pread(fd, CHUNK, index)
+                    if piece.strip(b"\0"):
+                        node.chunks[index // CHUNK] = bytearray(piece.ljust(CHUNK, b"\0"))
+                position = max(end, start + CHUNK)
+        finally:
+            os.close(fd)
+        node.size = node.synced_size = node.low_size = size
         return node
 
     def _sync_file(self, node: Node) -> None:
@@ -224,7 +237,7 @@ class PowerFS(mfusepy.Operations):
     # -- operations ---------------------------------------------------------------------------
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        with self.lock:
+        with self.mutex:
             node = self._node(path, fh)
             mode = (stat.S_IFDIR | 0o755) if node.is_dir else (stat.S_IFREG | 0o644)
             return {"st_mode": mode, "st_nlink": node.nlink, "st_size": node.size,
@@ -233,11 +246,11 @@ class PowerFS(mfusepy.Operations):
                     "st_uid": os.getuid(), "st_gid": os.getgid()}
 
     def readdir(self, path: str, fh: int) -> list[str]:
-        with self.lock:
+        with self.mutex:
             return [".", "..", *self._node(path).entries]
 
     def mkdir(self, path: str, mode: int) -> int:
-        with self.lock:
+        with self.mutex:
             parent, name = self._parent(path)
             if name in parent.entries:
                 raise mfusepy.FuseOSError(errno.EEXIST)
@@ -246,7 +259,7 @@ class PowerFS(mfusepy.Operations):
             return 0
 
     def rmdir(self, path: str) -> int:
-        with self.lock:
+        with self.mutex:
             parent, name = self._parent(path)
             node = parent.entries.get(name)
             if node is None:
@@ -260,7 +273,7 @@ class PowerFS(mfusepy.Operations):
             return 0
 
     def create(self, path: str, mode: int, fi: Any = None) -> int:
-        with self.lock:
+        with self.mutex:
             parent, name = self._parent(path)
             node = parent.entries.get(name)
             if node is None:
@@ -268,18 +281,18 @@ class PowerFS(mfusepy.Operations):
             return self._handle(node)
 
     def open(self, path: str, flags: int) -> int:
-        with self.lock:
+        with self.mutex:
             node = self._node(path)
             if flags & os.O_TRUNC:
                 node.truncate(0)
             return self._handle(node)
 
     def opendir(self, path: str) -> int:
-        with self.lock:
+        with self.mutex:
             return self._handle(self._node(path))
 
     def release(self, path: str, fh: int) -> int:
-        with self.lock:
+        with self.mutex:
             self.handles.pop(fh, None)
             return 0
 
@@ -287,21 +300,21 @@ class PowerFS(mfusepy.Operations):
         return self.release(path, fh)
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        with self.lock:
+        with self.mutex:
             return self._node(path, fh).read(size, offset)
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-        with self.lock:
+        with self.mutex:
             self._node(path, fh).write(data, offset)
             return len(data)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
-        with self.lock:
+        with self.mutex:
             self._node(path, fh).truncate(length)
             return 0
 
     def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
-        with self.lock:
+        with self.mutex:
             node = self._node(path, fh)
             if mode & ~0x01:  # only plain allocation and FALLOC_FL_KEEP_SIZE
                 raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
@@ -310,7 +323,7 @@ class PowerFS(mfusepy.Operations):
             return 0
 
     def unlink(self, path: str) -> int:
-        with self.lock:
+        with self.mutex:
             parent, name = self._parent(path)
             node = parent.entries.get(name)
             if node is None:
@@ -321,7 +334,7 @@ class PowerFS(mfusepy.Operations):
             return 0
 
     def rename(self, old: str, new: str) -> int:
-        with self.lock:
+        with self.mutex:
             old_parent, old_name = self._parent(old)
             new_parent, new_name = self._parent(new)
             node = old_parent.entries.get(old_name)
@@ -338,7 +351,7 @@ class PowerFS(mfusepy.Operations):
             return 0
 
     def fsync(self, path: str, datasync: int, fh: int) -> int:
-        with self.lock:
+        with self.mutex:
             node = self._node(path, fh)
             if node.is_dir:
                 self._sync_dir(node)
@@ -347,7 +360,7 @@ class PowerFS(mfusepy.Operations):
             return 0
 
     def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
-        with self.lock:
+        with self.mutex:
             self._sync_dir(self._node(path, fh))
             return 0
 
@@ -368,7 +381,7 @@ class PowerFS(mfusepy.Operations):
         return 0
 
     def access(self, path: str, amode: int) -> int:
-        with self.lock:
+        with self.mutex:
             self._node(path)
             return 0
 
