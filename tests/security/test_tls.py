@@ -242,3 +242,27 @@ async def test_rotation_under_load_loses_nothing_and_drops_no_connection(
             if len(seen) >= len(acked):
                 break
     assert seen == acked  # nothing lost, nothing duplicated, in order
+
+
+@pytest.mark.slow
+def test_silent_clients_cannot_pile_up_handshakes(tmp_path: Path, pki: Pki) -> None:
+    volume = SecretVolume(tmp_path / "secret")
+    server = pki.ca.issue("localhost", server=True)
+    volume.write({"tls.crt": server.cert, "tls.key": server.key})
+    broker = brokerproc.BrokerProcess(
+        tmp_path / "data", "--tls-cert-file", str(volume.path("tls.crt")),
+        "--tls-key-file", str(volume.path("tls.key")), "--max-connections", "2",
+    ).start()
+    try:
+        silent = [socket.create_connection(("127.0.0.1", broker.producer_port), timeout=5) for _ in range(2)]
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", broker.producer_port), timeout=5)
+        assert extra.recv(1) == b""  # closed at once: two handshakes already wait
+        extra.close()
+        for sock in silent:
+            sock.close()
+        time.sleep(0.3)
+        fine = cli("topic", "list", "--bootstrap", broker.bootstrap, "--tls-ca", str(pki.ca_file))
+        assert fine.returncode == 0, fine.stderr
+    finally:
+        assert broker.stop() == 0, broker.log()

@@ -162,6 +162,12 @@ class _TlsPort:
                 log.error("accepting a TLS connection failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            if len(self._handshakes) >= self._listener._settings.max_connections:
+                # Handshakes in progress are not connections yet; bound them by the same limit
+                # so a flood of silent clients cannot pile up until their handshake timeout.
+                self._listener.tls.handshake_failures += 1  # type: ignore[union-attr]
+                client.close()
+                continue
             task = loop.create_task(self._handshake(client, address))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
