@@ -239,6 +239,9 @@ async def test_restarting_every_broker_at_once_keeps_every_acknowledged_record(t
 
 def test_errors_are_clear(three_brokers: BrokerCluster) -> None:
     cluster = three_brokers
+    # The controller creates the default topic (simple produce) with the full replication factor.
+    default = cluster.wait_for(full_isr, "the default topic", timeout=40, topics=["default"])
+    assert len(default["topics"][0]["partitions"]) == 12 and default["topics"][0]["replication_factor"] == 3
     response = call(cluster, 0, {"api": 4, "topic": "big", "partitions": 1, "replication_factor": 5})
     assert response["error"] == ErrorCode.INVALID_CONFIG and "needs 5 live brokers" in response["message"]
     assert call(cluster, 0, {"api": 4, "topic": "ok", "partitions": 1})["error"] == 0

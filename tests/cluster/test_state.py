@@ -165,3 +165,18 @@ def test_tracker_expands_a_follower_that_caught_up() -> None:
     tracker.follower_fetched(1, 12, 12, now=1.1)
     tracker.follower_fetched(2, 12, 12, now=1.2)
     assert tracker.proposed_isr(12, now=1.2) == (0, 1, 2)
+
+
+def test_a_follower_trailing_a_steady_stream_by_one_fetch_stays_in_sync() -> None:
+    tracker = ReplicaTracker(0, 1, 0, (0, 1), (0, 1), 1, lag_s=2.0, high_watermark=0, now=0.0)
+    end = 0
+    for step in range(1, 40):  # the leader appends 10 every 0.5 s; each fetch reaches the previous end
+        fetched_to = end
+        end += 10
+        tracker.follower_fetched(1, fetched_to, end, now=step * 0.5)
+    assert tracker.proposed_isr(end, now=20.0) is None
+    # A follower that stops advancing is caught up no more and leaves after lag_s.
+    for step in range(40, 50):
+        end += 10
+        tracker.follower_fetched(1, 300, end, now=step * 0.5)
+    assert tracker.proposed_isr(end, now=25.0) == (0,)

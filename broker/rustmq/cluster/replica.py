@@ -4,7 +4,9 @@ Kafka's rules, on the leader's monotonic clock:
 
 - A follower's fetch offset is its acknowledgement of everything below it (followers fetch
   whole batches, so it is always a batch boundary). A follower is caught up at a fetch whose
-  offset reaches the leader's log end at that moment.
+  offset reaches the leader's log end at that moment, and was caught up at the time of its
+  previous fetch when this fetch reaches the leader's log end of that time (Kafka's rule: under
+  a steady stream of appends a follower is never exactly at the end, yet never falls behind).
 - High watermark = the smallest log end over the stored ISR (the leader's own included); it only
   grows. Consumers read below it; an acks=all produce is answered once it passes the batch.
 - Shrink: an ISR follower not caught up for ``lag_s`` leaves the ISR. Expand: a replica outside
@@ -23,7 +25,7 @@ from collections.abc import Iterable
 class ReplicaTracker:
     __slots__ = (
         "broker_id", "leader_epoch", "epoch_start_offset", "replicas", "isr", "min_insync",
-        "lag_s", "high_watermark", "_leo", "_caught_up",
+        "lag_s", "high_watermark", "_leo", "_caught_up", "_last_fetch",
     )
 
     def __init__(self, broker_id: int, leader_epoch: int, epoch_start_offset: int, replicas: Iterable[int],
@@ -39,14 +41,19 @@ class ReplicaTracker:
         self._leo: dict[int, int] = {}
         # A new leader gives every follower a full lag period to show up before shrinking.
         self._caught_up: dict[int, float] = {r: now for r in self.replicas if r != broker_id}
+        self._last_fetch: dict[int, tuple[int, float]] = {}  # follower -> (leader end, time) of its last fetch
 
     def follower_fetched(self, follower: int, offset: int, leader_end: int, now: float) -> bool:
         """Record a follower fetch; True when the high watermark moved."""
         if follower not in self._caught_up:
             return False
         self._leo[follower] = offset
+        previous = self._last_fetch.get(follower)
         if offset >= leader_end:
             self._caught_up[follower] = now
+        elif previous is not None and offset >= previous[0]:
+            self._caught_up[follower] = max(self._caught_up[follower], previous[1])
+        self._last_fetch[follower] = (leader_end, now)
         return self.advance(leader_end)
 
     def advance(self, leader_end: int) -> bool:

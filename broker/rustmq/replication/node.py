@@ -76,6 +76,9 @@ class ClusterNode:
         self.held = HeldLease(settings.timing)
         self.controlling = HeldLease(settings.timing)
         self.controller_epoch = 0
+        self._controller_since = 0.0
+        self._members_since = 0.0
+        self._last_alive: set[int] = set()
         self.observer = LeaseObserver()
         self.roles = ClusterRoles(settings.broker_id, self._lease_valid, settings.replica_lag_s, broker._wake)
         self.roles.admin = self
@@ -227,8 +230,26 @@ class ClusterNode:
             self.controlling.lost()
             return
         self.controller_epoch = int(written.value.annotations.get(ANNOTATION + "controller-epoch", "0"))
+        if not self.controlling.valid(started):
+            self._controller_since = started
         self.controlling.renewed(started)
         await self._elect()
+        await self._ensure_default_topic(started)
+
+    async def _ensure_default_topic(self, now: float) -> None:
+        """The controller creates the default topic (where simple produce messages without a topic
+        go) once it has been controller, and the set of live brokers has not changed, for two
+        lease durations: the brokers of a starting StatefulSet have registered by then and the
+        topic gets its full replication factor."""
+        name = self.broker.settings.default_topic
+        settle = 2 * self.settings.timing.lease_duration_s
+        if name in self.topics or now - self._controller_since < settle or now - self._members_since < settle:
+            return
+        try:
+            await self.create_topic(name, None, {}, None, None)
+        except RequestError as exc:
+            if exc.code is not ErrorCode.TOPIC_EXISTS:
+                log.warning("creating the default topic %r: %s", name, exc.message)
 
     async def _elect(self) -> None:
         leases = await self.store.list_leases(self._broker_prefix)
@@ -241,6 +262,8 @@ class ClusterNode:
             if broker_id is not None and self.observer.holder(name, now) is not None:
                 alive.add(broker_id)
                 incarnations[broker_id] = lease.value.annotations.get(ANNOTATION + "incarnation", "")
+        if alive != self._last_alive:
+            self._last_alive, self._members_since = alive, now
         known = await self.store.get_map(self._brokers_map)
         recorded = dict(known.value) if known is not None else {}
         restarted = {b for b, inc in incarnations.items() if recorded.get(f"broker-{b}", inc) != inc}
