@@ -124,7 +124,9 @@ class Routes:
                 await self.metadata([topic])
         leaders = self.leaders.get(topic)
         if not leaders or partition >= len(leaders):
-            raise BrokerError(ErrorCode.UNKNOWN_PARTITION, f"{topic}/{partition} is not in the metadata")
+            # A broker that has not read the cluster state yet (just restarted) may answer without
+            # the topic: retriable, unlike a partition the topic really lacks.
+            raise BrokerError(ErrorCode.NOT_LEADER, f"{topic}/{partition} is not in the metadata yet")
         leader = leaders[partition]
         broker = self.brokers.get(leader)
         if leader < 0 or broker is None:

@@ -117,10 +117,15 @@ class ClusterNode:
                     raise
                 log.warning("registering broker lease failed (%s); retrying", exc)
                 await asyncio.sleep(self.settings.timing.renew_period_s)
-        try:
-            await self._sync()
-        except StoreUnavailable as exc:
-            log.warning("first state sync failed: %s", exc)
+        while True:  # serve only once the cluster state is known (else METADATA would be empty)
+            try:
+                await self._sync()
+                break
+            except (StoreUnavailable, Conflict) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("first state sync failed (%s); retrying", exc)
+                await asyncio.sleep(self.settings.timing.renew_period_s)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._loop(self._renew_round, self.settings.timing.renew_period_s, "renew")),
                        loop.create_task(self._loop(self._controller_round, self.settings.timing.renew_period_s, "controller")),
