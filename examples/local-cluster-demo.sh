@@ -43,7 +43,8 @@ metrics=$(free_port)
 .venv/bin/rustmq-operator --liveness="http://127.0.0.1:$liveness/healthz" --metrics-port="$metrics" \
   >"$state/operator.log" 2>&1 &
 pids+=($!)
-.venv/bin/python tests/e2e/lbipam.py >"$state/lbipam.log" 2>&1 &
+# LoadBalancer addresses: `scripts/local-cluster up` runs an allocator; other clusters get one here.
+.venv/bin/python tools/controlplane/lbipam.py --unless-running >"$state/lbipam.log" 2>&1 &
 pids+=($!)
 
 kubectl create namespace "$namespace" --dry-run=client -o yaml | kubectl apply -f - >/dev/null

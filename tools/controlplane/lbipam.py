@@ -13,13 +13,22 @@ writes that status from an address pool, following LB-IPAM's rules:
 - otherwise the lowest free address of the pool; an address returns to the pool when its Service
   is deleted or stops being a LoadBalancer.
 
-The default pool is 192.0.2.0/24 (TEST-NET-1, RFC 5737: documentation only, never routed). The
-helper only writes Service status: it never sends a packet to those addresses.
+`scripts/local-cluster up` runs it (as kind's cloud provider gives kind clusters addresses), so a
+local cluster hands out LoadBalancer addresses by itself. The default pool is 10.89.0.0/24: not
+TEST-NET-1 (192.0.2.0/24), which is our machines' own uplink subnet, nor TEST-NET-3, where their
+registry proxy answers. On the real node (`up --runtime containerd`) the pool is routed into the
+node's network namespace and bound on its bridge, where kube-proxy answers for the addresses, so
+traffic to them never leaves the machine; on kwok nothing answers there and nothing is sent. The
+helper itself only writes Service status.
+
+While it runs as a process it holds the Lease `kube-system/rustmq-lbipam` (renewed every 10 s),
+so that tests find out that a cluster already has an allocator and do not start a second one
+(`running_allocator`).
 
 Use it as a background thread (`LBIPAM(api_client).start()` ... `.stop()`; the e2e fixture
-`lb_ipam` does this) or as a script against any kubeconfig:
+`lb_ipam` does this where the cluster has none) or as a script against any kubeconfig:
 
-    .venv/bin/python tests/e2e/lbipam.py [--kubeconfig PATH] [--pool CIDR] [--class NAME ...]
+    .venv/bin/python tools/controlplane/lbipam.py [--kubeconfig PATH] [--pool CIDR] [--class NAME ...]
 """
 
 from __future__ import annotations
@@ -30,11 +39,14 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from datetime import datetime, timezone
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-DEFAULT_POOL = "192.0.2.0/24"
+DEFAULT_POOL = "10.89.0.0/24"
+LEASE_NAMESPACE, LEASE_NAME = "kube-system", "rustmq-lbipam"
+LEASE_SECONDS = 30
 DEFAULT_CLASSES: frozenset[str | None] = frozenset({None, "io.cilium/l2-announcer", "io.cilium/bgp-control-plane"})
 REQUEST_ANNOTATION = "lbipam.cilium.io/ips"
 CONDITION_TYPE = "cilium.io/IPAMRequestSatisfied"
@@ -77,8 +89,12 @@ class LBIPAM:
         pool: str = DEFAULT_POOL,
         classes: Iterable[str | None] = DEFAULT_CLASSES,
         namespace: str | None = None,
+        announce: bool = False,
     ) -> None:
         self.core = client.CoreV1Api(api_client)
+        self.coordination = client.CoordinationV1Api(api_client)
+        self.announce = announce
+        self._renewed = 0.0
         self.network = ipaddress.ip_network(pool)
         self.classes = frozenset(classes)
         self.namespace = namespace
@@ -182,11 +198,31 @@ class LBIPAM:
 
     # -- running --
 
+    def renew_lease(self) -> None:
+        """Say that this cluster has an allocator (see `running_allocator`); every 10 s at most."""
+        if not self.announce or time.monotonic() - self._renewed < 10:
+            return
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": LEASE_NAME, "namespace": LEASE_NAMESPACE},
+            "spec": {"holderIdentity": f"lbipam {self.network}", "leaseDurationSeconds": LEASE_SECONDS, "renewTime": now},
+        }
+        try:
+            self.coordination.patch_namespaced_lease(LEASE_NAME, LEASE_NAMESPACE, body)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            self.coordination.create_namespaced_lease(LEASE_NAMESPACE, body)
+        self._renewed = time.monotonic()
+
     def run(self) -> None:
         """Reconcile until stop(); errors are logged and retried, never raised into the thread."""
         resource_version = None
         while not self._stop.is_set():
             try:
+                self.renew_lease()
                 if resource_version is None:
                     resource_version = self.reconcile_all()
                 self._watch = watch.Watch()
@@ -239,6 +275,43 @@ class LBIPAM:
             self._thread = None
 
 
+def running_allocator(api_client: client.ApiClient) -> str | None:
+    """The pool of an LB-IPAM process that serves this cluster now (its Lease is fresh), or None."""
+    try:
+        lease = client.CoordinationV1Api(api_client).read_namespaced_lease(LEASE_NAME, LEASE_NAMESPACE)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+    renewed = lease.spec.renew_time
+    if renewed is None or (datetime.now(timezone.utc) - renewed).total_seconds() > (lease.spec.lease_duration_seconds or 0):
+        return None
+    return (lease.spec.holder_identity or "").removeprefix("lbipam ") or DEFAULT_POOL
+
+
+class ObservedLBIPAM:
+    """Stands in for LBIPAM where the cluster runs its own allocator: reads what it assigned."""
+
+    def __init__(self, api_client: client.ApiClient, pool: str, classes: Iterable[str | None] = DEFAULT_CLASSES) -> None:
+        self.core = client.CoreV1Api(api_client)
+        self.network = ipaddress.ip_network(pool)
+        self.classes = frozenset(classes)
+
+    def assigned(self) -> dict[str, tuple[str, ...]]:
+        result = {}
+        for service in self.core.list_service_for_all_namespaces().items:
+            ips = current_ips(service)
+            if wanted(service, self.classes) and ips and all(ipaddress.ip_address(ip) in self.network for ip in ips):
+                result[f"{service.metadata.namespace}/{service.metadata.name}"] = tuple(ips)
+        return result
+
+    def start(self) -> ObservedLBIPAM:
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG or ~/.kube/config")
@@ -248,11 +321,17 @@ def main(argv: list[str] | None = None) -> int:
         help="loadBalancerClass to serve besides unset ones (repeatable; default: Cilium's two)",
     )
     parser.add_argument("--namespace", default=None, help="only this namespace (default: all)")
+    parser.add_argument("--unless-running", action="store_true",
+                        help="exit at once if the cluster already has an LB-IPAM (e.g. the one `scripts/local-cluster up` starts)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     api_client = config.new_client_from_config(config_file=args.kubeconfig)
+    if args.unless_running and (pool := running_allocator(api_client)) is not None:
+        logger.info("the cluster already has an LB-IPAM (pool %s); not starting another", pool)
+        api_client.close()
+        return 0
     classes = DEFAULT_CLASSES if args.classes is None else frozenset([None, *args.classes])
-    ipam = LBIPAM(api_client, pool=args.pool, classes=classes, namespace=args.namespace)
+    ipam = LBIPAM(api_client, pool=args.pool, classes=classes, namespace=args.namespace, announce=args.namespace is None)
     try:
         ipam.run()
     except KeyboardInterrupt:
