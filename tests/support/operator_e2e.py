@@ -32,89 +32,12 @@ OPERATOR = Path(sys.executable).with_name("rustmq-operator")
 T = TypeVar("T")
 RUNNING: list[OperatorProcess] = []  # the operator of the current module, for failure messages
 
-# A trimmed ServiceMonitor CRD (the fields the operator writes) standing in for the Prometheus
-# Operator's, which cannot be downloaded here; the API server treats it like the real one.
-SERVICE_MONITOR_CRD = """
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: servicemonitors.monitoring.coreos.com
-spec:
-  group: monitoring.coreos.com
-  scope: Namespaced
-  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor, shortNames: [smon]}
-  versions:
-    - name: v1
-      served: true
-      storage: true
-      schema:
-        openAPIV3Schema:
-          type: object
-          properties:
-            spec:
-              type: object
-              required: [selector, endpoints]
-              properties:
-                selector:
-                  type: object
-                  properties:
-                    matchLabels: {type: object, additionalProperties: {type: string}}
-                namespaceSelector:
-                  type: object
-                  properties:
-                    any: {type: boolean}
-                    matchNames: {type: array, items: {type: string}}
-                endpoints:
-                  type: array
-                  items:
-                    type: object
-                    properties:
-                      port: {type: string}
-                      path: {type: string}
-                      interval: {type: string, pattern: "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
-                      scrapeTimeout: {type: string, pattern: "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
-"""
-
-PROMETHEUS_RULE_CRD = """
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: prometheusrules.monitoring.coreos.com
-spec:
-  group: monitoring.coreos.com
-  scope: Namespaced
-  names: {kind: PrometheusRule, listKind: PrometheusRuleList, plural: prometheusrules, singular: prometheusrule, shortNames: [promrule]}
-  versions:
-    - name: v1
-      served: true
-      storage: true
-      schema:
-        openAPIV3Schema:
-          type: object
-          properties:
-            spec:
-              type: object
-              properties:
-                groups:
-                  type: array
-                  items:
-                    type: object
-                    required: [name, rules]
-                    properties:
-                      name: {type: string, minLength: 1}
-                      rules:
-                        type: array
-                        items:
-                          type: object
-                          required: [expr]
-                          properties:
-                            alert: {type: string}
-                            record: {type: string}
-                            expr: {x-kubernetes-int-or-string: true, anyOf: [{type: integer}, {type: string}]}
-                            for: {type: string, pattern: "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
-                            labels: {type: object, additionalProperties: {type: string}}
-                            annotations: {type: object, additionalProperties: {type: string}}
-"""
+# The Prometheus Operator's own ServiceMonitor and PrometheusRule CRDs (its full schemas, which
+# prune or refuse what a hand-written subset would let through), copied from its Go module by
+# tools/controlplane/fetch-monitoring-crds at the version pinned in tools/controlplane/versions.env.
+CRDS = Path(__file__).resolve().parent / "crds"
+SERVICE_MONITOR_CRD = (CRDS / "monitoring.coreos.com_servicemonitors.yaml").read_text()
+PROMETHEUS_RULE_CRD = (CRDS / "monitoring.coreos.com_prometheusrules.yaml").read_text()
 
 
 def free_port() -> int:
@@ -303,7 +226,7 @@ def pod_ready(pod: dict[str, Any]) -> bool:
 def installed_crd(cluster: Any, manifest: str) -> Iterator[None]:
     """A CRD installed for the duration of the block (cluster-scoped: removed afterwards)."""
     name = yaml.safe_load(manifest)["metadata"]["name"]
-    cluster.kubectl("apply", "-f", "-", input=manifest)
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=manifest)
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     try:
         yield

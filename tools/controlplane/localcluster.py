@@ -865,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
         "--owner-pid", type=int, default=None,
         help="up: tear the cluster down when this process dies (the test session passes its pid)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cluster = Cluster((args.dir or default_state_dir()).resolve())
     try:
         if args.command == "build":
