@@ -154,22 +154,38 @@ def preflight() -> None:
             )
         raise NodeError(f"another real node runs on this machine (state directory {owner}); only one can")
     routes = json.loads(run("ip", "-j", "route", "show").stdout or "[]")
-    for wanted in (TRANSIT, POD_CIDR, LB_POOL, SERVICE_CIDR):
-        for route in routes:
-            dst = route.get("dst", "")
-            if dst in ("default", ""):
-                continue
-            if ipaddress.ip_network(dst if "/" in dst else dst + "/32", strict=False).overlaps(wanted):
-                raise NodeError(f"{wanted} overlaps the machine's route {dst} ({route.get('dev')}); pick other ranges")
-    for line in Path("/etc/resolv.conf").read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
-            try:
-                address = ipaddress.ip_address(parts[1])
-            except ValueError:
-                continue
-            if any(address in net for net in (TRANSIT, POD_CIDR, LB_POOL, SERVICE_CIDR)):
-                raise NodeError(f"the machine's DNS server {address} is inside the node's address ranges")
+    nameservers = [
+        parts[1] for parts in (line.split() for line in Path("/etc/resolv.conf").read_text().splitlines())
+        if len(parts) >= 2 and parts[0] == "nameserver"
+    ]
+    problems = range_conflicts(routes, nameservers)
+    if problems:
+        raise NodeError("; ".join(problems) + "; the node's address ranges would capture them")
+
+
+NODE_RANGES = (TRANSIT, POD_CIDR, LB_POOL, SERVICE_CIDR)
+
+
+def range_conflicts(routes: list[dict], nameservers: list[str]) -> list[str]:
+    """Routes (`ip -j route` objects) more specific than the default one, and DNS servers, that
+    fall in the node's ranges: traffic to them would end up in the node instead. Pure."""
+    problems = []
+    for route in routes:
+        dst = route.get("dst", "")
+        if dst in ("default", ""):
+            continue
+        network = ipaddress.ip_network(dst if "/" in dst else dst + "/32", strict=False)
+        for wanted in NODE_RANGES:
+            if network.version == wanted.version and network.overlaps(wanted):
+                problems.append(f"{wanted} overlaps the machine's route {dst} ({route.get('dev')})")
+    for server in nameservers:
+        try:
+            address = ipaddress.ip_address(server)
+        except ValueError:
+            continue
+        if any(address in net for net in NODE_RANGES):
+            problems.append(f"the machine's DNS server {address} is inside the node's ranges")
+    return problems
 
 
 # --- namespaces, network, cgroups -------------------------------------------------------------

@@ -19,7 +19,8 @@ import yaml
 
 from .test_real_pods import RESOURCES, client_pod, wait_ready
 
-pytestmark = pytest.mark.slow
+# The first test of the tier also waits for its package fixtures: the images, the node, the chart.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def promtool() -> str:
@@ -32,7 +33,6 @@ def promtool() -> str:
     return found
 
 
-@pytest.mark.timeout(600)
 def test_service_monitor_and_rules_pass_the_real_crds_promtool_and_a_scrape(
     chart_operator: dict[str, Any], cluster: Any, namespace: str, tmp_path: Path
 ) -> None:
