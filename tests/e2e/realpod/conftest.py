@@ -113,6 +113,7 @@ def chart_operator(cluster: Cluster) -> Iterator[dict]:
         "upgrade", "--install", "rustmq-operator", str(REPO / "charts" / "rustmq-operator"),
         "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
         "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+        "--set", "clusterWide=true",  # each test has a namespace of its own
         "--wait", "--timeout", "5m", timeout=330,
     )
     cluster.kubectl("-n", OPERATOR_NAMESPACE, "scale", "deployment", "--all", "--replicas=1")
