@@ -45,9 +45,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -549,8 +547,7 @@ def export_engine_image(image: str, out: Path) -> Path:
     if shutil.which("buildah") is None:
         raise NodeError("neither docker nor buildah is installed: run scripts/build-images first")
     storage = os.environ.get("STORAGE_DRIVER", "vfs")
-    name = image if "/" in image.split("/")[0] or "." in image.split("/")[0] else image
-    result = run("buildah", "--storage-driver", storage, "push", "--quiet", name, f"docker-archive:{archive}:{image}", check=False)
+    result = run("buildah", "--storage-driver", storage, "push", "--quiet", image, f"docker-archive:{archive}:{image}", check=False)
     if result.returncode != 0:
         raise NodeError(f"exporting {image} from buildah failed (was it built by scripts/build-images?): {result.stderr.strip()}")
     return archive
@@ -638,24 +635,3 @@ def leftovers(state_dir: Path) -> list[str]:
     if OWNER_FILE.exists() and OWNER_FILE.read_text().strip() == str(state_dir):
         found.append(str(OWNER_FILE))
     return found
-
-
-def wait_for(what: str, check, timeout: float, log_hint: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise NodeError(f"{what} not within {timeout:.0f} s{'; ' + log_hint if log_hint else ''}")
-
-
-def api_ok(call) -> bool:
-    try:
-        call()
-        return True
-    except (OSError, urllib.error.URLError, ValueError, KeyError):
-        return False
-
-
-def temp_dir() -> Path:
-    return Path(tempfile.gettempdir())

@@ -7,7 +7,7 @@ along the same path."""
 
 from __future__ import annotations
 
-import json
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -78,7 +78,7 @@ def test_service_monitor_and_rules_pass_the_real_crds_the_rule_parser_and_a_scra
         addresses = sorted(a for s in slices for e in s["endpoints"] if e["conditions"].get("ready") for a in e["addresses"])
         assert len(addresses) == 2, slices
         path = endpoint.get("path", "/metrics")
-        script = "python3 -c " + json.dumps(
+        script = "python3 -c " + shlex.quote(
             "import urllib.request, sys\n"
             f"for ip in {addresses!r}:\n"
             f"    body = urllib.request.urlopen(f'http://{{ip}}:{port}{path}', timeout=10).read().decode()\n"
