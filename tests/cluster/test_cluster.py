@@ -15,8 +15,8 @@ from brokerproc import RawClient
 from checker import History
 from clusterproc import BrokerCluster
 from rustmq.client import Admin, Consumer, Producer
-from rustmq.protocol import records
-from rustmq.protocol.api import ErrorCode
+from rustmq.protocol import records, simple
+from rustmq.protocol.api import ErrorCode, RequestError
 from rustmq.storage import batch
 
 pytestmark = [pytest.mark.slow]
@@ -242,6 +242,23 @@ def test_errors_are_clear(three_brokers: BrokerCluster) -> None:
     # The controller creates the default topic (simple produce) with the full replication factor.
     default = cluster.wait_for(full_isr, "the default topic", timeout=40, topics=["default"])
     assert len(default["topics"][0]["partitions"]) == 12 and default["topics"][0]["replication_factor"] == 3
+    # A client that cannot route (seed-style simple produce, one load balancer): keyless messages
+    # are accepted by any broker, onto a partition it leads.
+    for broker_id in (0, 1, 2):
+        client = RawClient(cluster.brokers[broker_id].producer_port, timeout=10)
+        try:
+            for _ in range(20):  # until this broker leads its partitions of the new topic
+                client.send_raw(simple.encode_message(b"seed-%d" % broker_id))
+                try:
+                    offset = simple.decode_reply(client.recv_exact(8))
+                    break
+                except RequestError:
+                    time.sleep(0.25)
+            else:
+                raise AssertionError(f"broker {broker_id} refused every simple produce")
+        finally:
+            client.close()
+        assert offset >= 0
     response = call(cluster, 0, {"api": 4, "topic": "big", "partitions": 1, "replication_factor": 5})
     assert response["error"] == ErrorCode.INVALID_CONFIG and "needs 5 live brokers" in response["message"]
     assert call(cluster, 0, {"api": 4, "topic": "ok", "partitions": 1})["error"] == 0

@@ -297,6 +297,14 @@ class Broker:
             return partition
         if key is not None:
             return api.partition_for_key(key, count)
+        if self.cluster is not None:
+            # A client that cannot route (the seed's simple produce behind one load balancer):
+            # keyless records go to the partitions this broker leads, round-robin.
+            led = self.cluster.led_partitions(topic.name)
+            if led:
+                turn = self._next_partition.get(topic.name, 0)
+                self._next_partition[topic.name] = turn + 1
+                return led[turn % len(led)]
         chosen = self._next_partition.get(topic.name, 0) % count
         self._next_partition[topic.name] = chosen + 1
         return chosen

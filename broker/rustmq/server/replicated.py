@@ -153,6 +153,10 @@ class ClusterRoles:
 
     # -- produce ----------------------------------------------------------------------------
 
+    def led_partitions(self, topic: str) -> list[int]:
+        """The partitions of topic this broker leads now, in order."""
+        return sorted(i for (t, i), role in self.roles.items() if t == topic and role.tracker is not None)
+
     def leader_role(self, topic: str, index: int) -> PartitionRole:
         role = self.roles.get((topic, index))
         if role is None or role.tracker is None or role.leader != self.broker_id:
