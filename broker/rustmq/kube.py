@@ -17,7 +17,6 @@ StoreUnavailable, 409 is Conflict.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import ssl
@@ -78,7 +77,7 @@ def load_credentials(kubeconfig: Path | None) -> _Credentials:
         current = config.get("current-context")
         context_entry = next(c["context"] for c in config["contexts"] if c["name"] == current) if current else config["contexts"][0]["context"]
         cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context_entry["cluster"])
-        user = next((u["user"] for u in config.get("users", []) if u["name"] == context_entry.get("user")), {}) or {}
+        user: dict[str, Any] = next((u["user"] for u in config.get("users", []) if u["name"] == context_entry.get("user")), {}) or {}
     except (OSError, yaml.YAMLError, KeyError, TypeError, StopIteration, IndexError) as exc:
         raise KubeConfigError(f"cannot use kubeconfig {kubeconfig}: {exc!r}") from None
     scratch = Path(tempfile.mkdtemp(prefix="rustmq-kube-"))
@@ -152,8 +151,8 @@ class KubeStore:
                 if response.status >= 300:
                     text = (await response.text())[:500]
                     raise StoreUnavailable(f"{method} {path}: HTTP {response.status}: {text}")
-                return await response.json()  # type: ignore[no-any-return]
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                return await response.json()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise StoreUnavailable(f"{method} {path}: {exc!r}") from None
 
     def _leases(self) -> str:

@@ -28,10 +28,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import e2e_cluster
 import pytest
-from e2e_cluster import Cluster, CommandError  # noqa: F401 - re-exported for the tests
 from kubernetes import client, config
+
+import e2e_cluster
+from e2e_cluster import Cluster, CommandError  # noqa: F401 - re-exported for the tests
 
 HERE = Path(__file__).resolve().parent
 REALPOD = HERE / "realpod"

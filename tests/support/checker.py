@@ -49,7 +49,7 @@ class History:
         inconsistent = sorted(k for k, values in self.reads.items() if len(values) > 1)
         aborted = sorted(v for v in self.failed if v in self.read_at)
         reordered = []
-        for writer, values in self.writer_order.items():
+        for values in self.writer_order.values():
             last: dict[int, int] = {}
             for value in values:
                 partition, offset = self.ok[value]

@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
@@ -202,7 +202,7 @@ class LBIPAM:
         """Say that this cluster has an allocator (see `running_allocator`); every 10 s at most."""
         if not self.announce or time.monotonic() - self._renewed < 10:
             return
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         body = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
@@ -284,7 +284,7 @@ def running_allocator(api_client: client.ApiClient) -> str | None:
             return None
         raise
     renewed = lease.spec.renew_time
-    if renewed is None or (datetime.now(timezone.utc) - renewed).total_seconds() > (lease.spec.lease_duration_seconds or 0):
+    if renewed is None or (datetime.now(UTC) - renewed).total_seconds() > (lease.spec.lease_duration_seconds or 0):
         return None
     return (lease.spec.holder_identity or "").removeprefix("lbipam ") or DEFAULT_POOL
 

@@ -21,14 +21,12 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
-import e2e_cluster
 import pytest
-from e2e_cluster import Cluster
 from kubernetes import client, config
 
-from e2e_cluster import BROKER_IMAGE, LOCAL_CLUSTER, OPERATOR_IMAGE, REPO, VERSION
+import e2e_cluster
+from e2e_cluster import BROKER_IMAGE, LOCAL_CLUSTER, OPERATOR_IMAGE, REPO, VERSION, Cluster
 
 OPERATOR_NAMESPACE = "rustmq-system"
 lbipam = e2e_cluster.load_lbipam()

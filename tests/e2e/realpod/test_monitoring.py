@@ -13,10 +13,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import e2e_cluster
-import operator_e2e as ops
 import pytest
 import yaml
+
+import e2e_cluster
+import operator_e2e as ops
 
 from .test_real_pods import RESOURCES, client_pod, wait_ready
 

@@ -22,8 +22,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import operator_e2e as ops
 import pytest
+
+import operator_e2e as ops
 from e2e_cluster import BROKER_IMAGE, OPERATOR_IMAGE
 from rustmq.client.admin import Admin
 from rustmq.client.consumer import Consumer
