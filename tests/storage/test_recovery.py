@@ -12,7 +12,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from rustmq.storage import batch
@@ -105,6 +105,15 @@ def test_recovery_from_a_flipped_byte(data) -> None:
         position = data.draw(st.integers(0, min(path.stat().st_size - 1, used + 64)),
                              label="position")
         xor = data.draw(st.integers(1, 255), label="xor")
+        last = max((p, d) for n, p, _, d in layout if n == name)
+        # Documented weakening (docs/storage.md, Recovery): leader_epoch is outside the CRC and
+        # epochs may rise (cluster mode), so a flip that raises the epoch of a segment's last
+        # batch is not detected: nothing after it in that segment is below it.
+        raised = (last[0] + 12 <= position < last[0] + 16 and batch.HEADER_STRUCT.unpack_from(
+            bytes(last[1][:12]) + bytes(b ^ (xor if last[0] + 12 + i == position else 0)
+                                        for i, b in enumerate(last[1][12:16]))
+            + bytes(last[1][16:batch.HEADER_SIZE]))[2] >= batch.NO_LEADER_EPOCH)
+        assume(not raised)
         raw = bytearray(path.read_bytes())
         raw[position] ^= xor
         path.write_bytes(raw)

@@ -169,6 +169,7 @@ def _scan(view: memoryview, end: int, base_offset: int, interval: int,
     last_position = -1
     bytes_since_entry = 0
     stop_reason: str | None = None
+    epoch_runs: list[tuple[int, int]] = []  # (leader_epoch, position) where each epoch starts
     while pos < end:
         if end - pos >= batch.LENGTH_FIELDS_SIZE and view[pos : pos + 12] == _ZERO_PREFIX:
             break  # the zero-filled tail: a clean end
@@ -188,6 +189,19 @@ def _scan(view: memoryview, end: int, base_offset: int, interval: int,
         if header.leader_epoch < batch.NO_LEADER_EPOCH:
             stop_reason = f"leader_epoch {header.leader_epoch} was never stamped by a broker"
             break
+        if epoch_runs and header.leader_epoch < epoch_runs[-1][0]:
+            # Epochs never decrease along a log, and leader_epoch is outside the CRC: a batch
+            # whose epoch is above a later one's was damaged, or the later one was. Cut at the
+            # start of the first run above it (in standalone mode, where every epoch is -1, that
+            # is exactly the damaged batch).
+            cut = next(position for epoch, position in epoch_runs if epoch > header.leader_epoch)
+            result = _scan(view, cut, base_offset, interval, OffsetIndex(), TimeIndex(),
+                           compacted_end)
+            return result._replace(stop_reason=(
+                f"leader_epoch {header.leader_epoch} at byte {pos} follows "
+                f"{epoch_runs[-1][0]}: epochs never decrease, so the log is cut at byte {cut}"))
+        if not epoch_runs or header.leader_epoch > epoch_runs[-1][0]:
+            epoch_runs.append((header.leader_epoch, pos))
         if header.base_offset + header.record_count - 1 - base_offset > MAX_RELATIVE_OFFSET:
             stop_reason = "offsets overflow the segment's 32-bit relative offsets"
             break
