@@ -46,13 +46,23 @@ def decode_batches(topic: str, partition: int, data: bytes | memoryview, positio
         if last >= position:
             storage_batch.verify_crc(view, pos, header, f"{topic}/{partition}")
             entries = records.decode_body(view[pos + storage_batch.HEADER_SIZE : pos + header.size], header.attributes & records.CODEC_MASK)
+            if len(entries) != header.record_count:
+                raise records.RecordDecodeError(
+                    f"{topic}/{partition}: batch at offset {header.base_offset} holds {len(entries)} records, "
+                    f"its header says {header.record_count}")
             base, first_ts = header.base_offset, header.first_timestamp_ms
             skip = max(0, position - base)
             make = tuple.__new__  # Message(...) without the Python-level __new__ frame per record
-            out += [
-                make(Message, (topic, partition, base + index, first_ts + entry[0], entry[1], entry[2], entry[3]))
-                for index, entry in enumerate(entries[skip:] if skip else entries, skip)
-            ]
+            try:
+                out += [
+                    make(Message, (topic, partition, base + index, first_ts + entry[0], entry[1], entry[2], entry[3]))
+                    for index, entry in enumerate(entries[skip:] if skip else entries, skip)
+                ]
+            except (TypeError, IndexError, KeyError):
+                # Valid msgpack, wrong shape: a record must be [timestamp_delta, key, value, headers].
+                raise records.RecordDecodeError(
+                    f"{topic}/{partition}: batch at offset {header.base_offset} holds a record that is not "
+                    "[timestamp_delta, key, value, headers]") from None
             position = last + 1
     return out, position
 
