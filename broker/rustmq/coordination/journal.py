@@ -16,14 +16,34 @@ live state at compaction time; later batches are the changes since.
 Why generations instead of in-place compaction: the storage engine deletes whole segments by
 retention only, so the journal compacts by writing the live state as the first batch of a fresh
 PartitionLog and then deleting the old one. A batch is atomic (CRC-checked, a torn tail is
-truncated by recovery), so a generation either starts with its complete snapshot or is
-invalid. `open` uses the newest valid generation and deletes the rest:
+truncated by recovery), so a generation either starts with its complete snapshot or is invalid.
 
-* crash while writing gen N+1: gen N+1 has no (complete) first batch -> discarded, gen N used;
-* crash after gen N+1 was fsynced but before gen N was deleted: gen N+1 is used, gen N deleted.
+Format versions (the snapshot marker's ``"format"`` field): a generation written by older code
+has none (format 1) and is valid once its first batch is complete. A format-2 generation is valid
+only once its directory also holds the file ``journal-committed`` (empty, fsynced, directory
+fsynced): it is written last, after the generation holds everything the old one acknowledged.
+`open` uses the newest valid generation and deletes the rest (older ones and invalid newer ones).
+
+Compaction off the event loop (`maybe_compact`), all on the owner thread except where noted:
+
+1. snapshot the live state in memory (cheap) at old-generation offset T; start a worker thread;
+2. worker thread: create gen N+1, append the snapshot batch, fsync it and the journal directory.
+   Appends keep going to gen N meanwhile;
+3. a later `maybe_compact` finds the thread done: copy gen N's batches from T on into gen N+1
+   (the tail since the snapshot: small), fsync gen N+1, write ``journal-committed``; then
+   switch appends to gen N+1 and close gen N;
+4. worker thread: delete gen N's directory and fsync the journal directory.
+
+Crash outcomes: before step 3's marker is durable gen N+1 is ignored (and deleted) and gen N,
+which holds everything acknowledged, is used; after it, gen N+1 holds everything gen N held at
+the switch, so it is used and gen N deleted. Step 3's fsyncs are the only blocking file work
+left on the owner thread; they cover the tail written during step 2, not the whole state.
 
 Appends go to the current generation. Durability is the caller's choice: `flush()` blocks until
 everything appended is on disk; a server can instead hand `partition` to its GroupCommitter.
+An append whose `position()` was taken before a switch waits on gen N, which stays open (its
+files deleted) until the next switch: gen N+1 held it durably before the switch, so the
+acknowledgement is true either way.
 Replay reads the generation from its first batch, so restart time is bounded by the live state
 plus the tail since the last compaction (`compact_bytes`).
 """
@@ -33,6 +53,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
@@ -50,6 +71,8 @@ GENERATION_KEY: Final = b"\x00rustmq.generation"
 GENERATION_PREFIX: Final = "gen-"
 READ_CHUNK_BYTES: Final = 4 << 20
 DEFAULT_COMPACT_BYTES: Final = 16 << 20
+FORMAT_VERSION: Final = 2
+COMMITTED_FILE: Final = "journal-committed"
 
 Entry = tuple[bytes, bytes | None]
 
@@ -77,6 +100,11 @@ class Journal:
         self._retry_at_tail = 0  # after a failed compaction, wait for this much more tail
         self.compactions = 0
         self.compaction_failures = 0
+        self._pending: _PendingGeneration | None = None
+        # The generation before the last switch: its files are deleted, but it stays open until
+        # the next switch so that durability requests made on it before the switch still succeed.
+        self._retired: PartitionLog | None = None
+        self._removing: threading.Thread | None = None
 
     @classmethod
     def open(cls, directory: Path, *, config: LogConfig = JOURNAL_CONFIG,
@@ -102,14 +130,14 @@ class Journal:
                 continue
             partition = PartitionLog.open(path, self.config)
             first = _first_batch_size(partition)
-            if first is None:
-                logger.warning("%s: journal generation %s has no complete snapshot; discarding",
-                               self.directory, name)
+            if first is None or (first[1] >= 2 and not (path / COMMITTED_FILE).exists()):
+                logger.warning("%s: journal generation %s has no complete snapshot or was not "
+                               "committed; discarding", self.directory, name)
                 partition.close(clean=False)
                 shutil.rmtree(path, ignore_errors=True)
                 continue
             chosen = (number, partition)
-            self._snapshot_bytes = first
+            self._snapshot_bytes = first[0]
         if chosen is None:
             self.generation = 0
             self.partition = self._create_generation(1, [], now_ms=0)
@@ -161,55 +189,196 @@ class Journal:
         return tail > max(self.compact_bytes, self._snapshot_bytes, self._retry_at_tail)
 
     def maybe_compact(self, live: Callable[[], Sequence[Entry]], now_ms: int) -> bool:
-        """Compact if due. A failure (disk full...) is logged and retried after another
-        `compact_bytes` of tail: the current generation stays valid, so nothing is lost."""
+        """Advance a compaction (see the module docstring): finish one whose new generation the
+        worker thread has written, or start one if due. True when this call switched generations.
+        A failure (disk full...) is logged and retried after another `compact_bytes` of tail:
+        the current generation stays valid, so nothing is lost."""
+        pending = self._pending
+        if pending is not None:
+            if pending.thread.is_alive():
+                return False
+            self._pending = None
+            try:
+                self._install(pending)
+            except (OSError, errors.StorageError) as error:
+                self._compaction_failed(error)
+                return False
+            self._retry_at_tail = 0
+            return True
         if not self.wants_compaction():
             return False
-        try:
-            self.compact(live(), now_ms)
-        except (OSError, errors.StorageError) as error:
-            self.compaction_failures += 1
-            self._retry_at_tail = self.tail_bytes + self.compact_bytes
-            logger.error("%s: compaction failed (%s); keeping generation %d",
-                         self.directory, error, self.generation)
-            return False
-        self._retry_at_tail = 0
-        return True
-
-    def compact(self, live: Sequence[Entry], now_ms: int) -> None:
-        """Start a new generation holding exactly `live`, then delete the old one.
-
-        `live` must be the complete state as of everything appended so far.
-        """
         number = self.generation + 1
-        new_partition = self._create_generation(number, live, now_ms)
+        pending = _PendingGeneration(self.directory / _generation_name(number), number,
+                                     self.partition.end_offset, self.config,
+                                     _build(_snapshot_entries(number, live(), now_ms), now_ms))
+        self._pending = pending
+        pending.thread.start()
+        return False
+
+    @property
+    def compacting(self) -> bool:
+        return self._pending is not None
+
+    def _compaction_failed(self, error: BaseException) -> None:
+        self.compaction_failures += 1
+        self._retry_at_tail = self.tail_bytes + self.compact_bytes
+        logger.error("%s: compaction failed (%s); keeping generation %d",
+                     self.directory, error, self.generation)
+
+    def _install(self, pending: _PendingGeneration) -> None:
+        """Step 3 (owner thread): catch the new generation up, commit it, switch to it."""
+        if pending.error is not None:
+            raise pending.error
+        new_partition = pending.partition
+        assert new_partition is not None
+        try:
+            snapshot_bytes = new_partition.size_bytes
+            _copy_batches(self.partition, pending.snapshot_offset, new_partition)
+            # Hazard (compaction ordering): everything gen N acknowledged must be durable in
+            # gen N+1 before the marker makes recovery choose gen N+1.
+            new_partition.flush()
+            _commit(pending.path)
+        except BaseException:
+            new_partition.close(clean=False)
+            self._removing = _remove_generation_async(pending.path, self.directory)
+            raise
+        self._switch(new_partition, pending.number, snapshot_bytes, remove_in_thread=True)
+
+    def _switch(self, new_partition: PartitionLog, number: int, snapshot_bytes: int,
+                remove_in_thread: bool) -> None:
         old_partition, old_generation = self.partition, self.generation
         self.partition, self.generation = new_partition, number
-        self._snapshot_bytes = new_partition.size_bytes
-        old_partition.close(clean=False)
-        shutil.rmtree(self.directory / _generation_name(old_generation), ignore_errors=True)
-        _fsync_directory(self.directory)
+        self._snapshot_bytes = snapshot_bytes
+        if self._retired is not None:
+            self._retired.close(clean=False)
+        self._retired = old_partition
+        old_path = self.directory / _generation_name(old_generation)
+        if remove_in_thread:
+            self._removing = _remove_generation_async(old_path, self.directory)
+        else:
+            _remove_generation(old_path, self.directory)
         self.compactions += 1
 
+    def compact(self, live: Sequence[Entry], now_ms: int) -> None:
+        """Start a new generation holding exactly `live`, then delete the old one, all on the
+        calling thread (blocking). `live` must be the complete state as of everything appended
+        so far."""
+        self.wait_compaction()
+        number = self.generation + 1
+        new_partition = self._create_generation(number, live, now_ms)
+        self._switch(new_partition, number, new_partition.size_bytes, remove_in_thread=False)
+
+    def wait_compaction(self) -> None:
+        """Block until a compaction in progress has finished (or failed) and is installed."""
+        pending = self._pending
+        if pending is not None:
+            pending.thread.join()
+            self.maybe_compact(lambda: [], 0)
+        if self._removing is not None:
+            self._removing.join()
+
     def _create_generation(self, number: int, live: Sequence[Entry], now_ms: int) -> PartitionLog:
+        """A new, committed generation holding `live` (blocking: calling thread)."""
         path = self.directory / _generation_name(number)
-        shutil.rmtree(path, ignore_errors=True)  # a leftover of a crashed compaction
-        marker = msgpack.packb({"generation": number, "created_ms": now_ms})
-        partition = PartitionLog.open(path, self.config)
+        partition = _write_snapshot(path, self.config,
+                                    _build(_snapshot_entries(number, live, now_ms), now_ms))
         try:
-            partition.append(_build([(GENERATION_KEY, marker), *live], now_ms))
-            # Hazard (compaction ordering): the new generation must be durable, and its directory
-            # entry too, before the old generation is deleted.
-            partition.flush()
-            _fsync_directory(self.directory)
+            _commit(path)
         except BaseException:
             partition.close(clean=False)
             raise
         return partition
 
     def close(self, clean: bool = True) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:  # never committed: the next open discards it
+            pending.thread.join()
+            if pending.partition is not None:
+                pending.partition.close(clean=False)
+        if self._retired is not None:
+            self._retired.close(clean=False)
+            self._retired = None
+        if self._removing is not None:
+            self._removing.join()
         if self.partition is not None:
             self.partition.close(clean=clean)
+
+
+class _PendingGeneration:
+    """Step 2 of a compaction: a worker thread writes the snapshot batch into a new generation.
+    The partition belongs to that thread until `thread` ended, then to the owner thread."""
+
+    def __init__(self, path: Path, number: int, snapshot_offset: int, config: LogConfig,
+                 snapshot: bytes) -> None:
+        self.path = path
+        self.number = number
+        self.snapshot_offset = snapshot_offset  # the old generation's offset the snapshot covers
+        self.partition: PartitionLog | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(config, snapshot),
+                                       name=f"journal-compaction-{number}", daemon=True)
+
+    def _run(self, config: LogConfig, snapshot: bytes) -> None:
+        try:
+            self.partition = _write_snapshot(self.path, config, snapshot)
+        except (OSError, errors.StorageError) as error:
+            self.error = error
+
+
+def _snapshot_entries(number: int, live: Sequence[Entry], now_ms: int) -> list[Entry]:
+    marker = msgpack.packb({"generation": number, "created_ms": now_ms, "format": FORMAT_VERSION})
+    return [(GENERATION_KEY, marker), *live]
+
+
+def _write_snapshot(path: Path, config: LogConfig, snapshot: bytes) -> PartitionLog:
+    """Create the generation at `path` holding the snapshot batch, durably (any thread)."""
+    shutil.rmtree(path, ignore_errors=True)  # a leftover of a crashed compaction
+    partition = PartitionLog.open(path, config)
+    try:
+        partition.append(snapshot)
+        partition.flush()
+        _fsync_directory(path.parent)
+    except BaseException:
+        partition.close(clean=False)
+        raise
+    return partition
+
+
+def _commit(path: Path) -> None:
+    """Make the generation at `path` the one recovery picks (format 2)."""
+    fd = os.open(path / COMMITTED_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_directory(path)
+
+
+def _copy_batches(source: PartitionLog, offset: int, target: PartitionLog) -> None:
+    """Append source's batches from `offset` on to target (new offsets, same records)."""
+    while offset < source.end_offset:
+        fetched = source.read(offset, READ_CHUNK_BYTES)
+        for view in fetched.views:
+            try:
+                target.append(view)
+            finally:
+                view.release()
+        offset = fetched.next_offset
+
+
+def _remove_generation(path: Path, directory: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        _fsync_directory(directory)
+    except OSError as error:  # the next open removes it again if it came back
+        logger.warning("%s: fsync after removing %s failed: %s", directory, path.name, error)
+
+
+def _remove_generation_async(path: Path, directory: Path) -> threading.Thread:
+    thread = threading.Thread(target=_remove_generation, args=(path, directory),
+                              name="journal-remove-generation", daemon=True)
+    thread.start()
+    return thread
 
 
 def _generation_name(number: int) -> str:
@@ -242,8 +411,9 @@ def _decode_batches(view: memoryview) -> Iterator[Entry]:
         pos += header.size
 
 
-def _first_batch_size(partition: PartitionLog) -> int | None:
-    """Size of the generation's first batch if it is a valid snapshot batch, else None."""
+def _first_batch_size(partition: PartitionLog) -> tuple[int, int] | None:
+    """(size, format version) of the generation's first batch if it is a valid snapshot batch,
+    else None. Format 1: written by code that predates the version field."""
     if partition.end_offset == partition.start_offset:
         return None
     fetched = partition.read(partition.start_offset, 1)
@@ -259,7 +429,12 @@ def _first_batch_size(partition: PartitionLog) -> int | None:
             body.release()
         if not decoded or decoded[0][1] != GENERATION_KEY:
             return None
-        return header.size
+        try:
+            info = msgpack.unpackb(decoded[0][2])
+        except (ValueError, msgpack.UnpackException):
+            return None
+        version = info.get("format", 1) if isinstance(info, dict) else 1
+        return header.size, version if isinstance(version, int) else 1
     finally:
         for v in fetched.views:
             v.release()
