@@ -573,6 +573,10 @@ class ClusterNode:
             return
         raise RequestError(ErrorCode.CLUSTER_UNAVAILABLE, f"deleting {name!r}: too many concurrent changes, retry")
 
+    async def refresh(self) -> None:
+        """Read the cluster state now (a topic another broker just created)."""
+        await self._store_call(self._sync())
+
     async def _store_call(self, call: Any) -> Any:
         try:
             return await call

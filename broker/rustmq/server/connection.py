@@ -640,6 +640,7 @@ class Connection(asyncio.BufferedProtocol):
             except RequestError as exc:
                 if exc.code is not ErrorCode.TOPIC_EXISTS:
                     raise
+                await admin.refresh()  # created elsewhere and not read here yet
         return self._broker.metadata(names)
 
     def _create_topic(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:

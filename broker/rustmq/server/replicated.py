@@ -41,6 +41,8 @@ class ClusterAdmin(Protocol):
 
     async def delete_topic(self, name: str) -> None: ...
 
+    async def refresh(self) -> None: ...
+
 
 class Diverging(NamedTuple):
     epoch: int
