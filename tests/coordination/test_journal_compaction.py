@@ -219,3 +219,33 @@ def test_a_crash_at_each_step_of_the_switch_keeps_every_acknowledged_entry(
     journal.append([(b"after", b"crash")], 0)  # and it keeps working
     journal.flush()
     journal.close()
+
+
+def test_a_failed_commit_removes_the_new_generation_before_more_appends(
+        tmp_path: Path, monkeypatch) -> None:
+    """If writing the marker fails after it reached the disk, the new generation must not be
+    left for recovery to choose: entries appended afterwards live only in the old one."""
+    journal = Journal.open(tmp_path / "j", compact_bytes=1024)
+    original = journal_mod._commit
+
+    def marker_then_fail(path: Path) -> None:
+        original(path)
+        raise OSError(5, "input/output error (simulated, after the marker was written)")
+
+    monkeypatch.setattr(journal_mod, "_commit", marker_then_fail)
+    # A removal left to a thread that has not run yet (a crash now would find the marker).
+    monkeypatch.setattr(journal_mod, "_remove_generation_async", lambda *args: None)
+    state = _fill(journal, 0, 200)
+    journal.maybe_compact(_live(state), 200)
+    pending = journal._pending
+    assert pending is not None
+    pending.thread.join()
+    journal.maybe_compact(_live(state), 200)  # installs: the commit fails
+    assert journal.compaction_failures == 1 and journal.generation == 1
+    assert not (tmp_path / "j" / journal_mod._generation_name(2)).exists()
+    state.update(_fill(journal, 300, 10))
+    journal.flush()
+    journal.close(clean=False)
+    reopened = Journal.open(tmp_path / "j")
+    assert reopened.generation == 1 and _state(reopened) == state
+    reopened.close()

@@ -240,7 +240,10 @@ class Journal:
             _commit(pending.path)
         except BaseException:
             new_partition.close(clean=False)
-            self._removing = _remove_generation_async(pending.path, self.directory)
+            # Hazard: the marker may have reached the disk before the failure. Remove gen N+1
+            # before anything more is acknowledged on gen N, or recovery could choose it and
+            # lose those entries. Blocking, but only on this error path.
+            _remove_generation(pending.path, self.directory)
             raise
         self._switch(new_partition, pending.number, snapshot_bytes, remove_in_thread=True)
 
@@ -286,6 +289,7 @@ class Journal:
             _commit(path)
         except BaseException:
             partition.close(clean=False)
+            _remove_generation(path, self.directory)  # the marker may be on disk (see _install)
             raise
         return partition
 
