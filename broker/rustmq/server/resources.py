@@ -12,6 +12,7 @@ a burst of accepts or produces does not re-read it every time; elsewhere nothing
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -48,7 +49,11 @@ def read_max_map_count() -> int | None:
 def _count_fds() -> int | None:
     try:
         return len(os.listdir("/proc/self/fd"))
-    except OSError:
+    except OSError as error:
+        if error.errno in (errno.EMFILE, errno.ENFILE):
+            # Hazard: listing the directory itself needs a descriptor, so a process at its limit
+            # cannot count; that is the case the guard exists for, so report it as full.
+            return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         return None
 
 
@@ -80,7 +85,12 @@ class ResourceGuard:
 
     def fds_in_use(self) -> int | None:
         now = time.monotonic()
-        if now - self._fds[0] >= FD_COUNT_TTL_S:
+        checked, used = self._fds
+        # Near the limit the cached count is not trusted: a burst of connections within one TTL
+        # could otherwise carry the process past the headroom to the limit itself.
+        near = (used is not None and self.fd_limit is not None
+                and used + 2 * self.fd_headroom >= self.fd_limit)
+        if near or now - checked >= FD_COUNT_TTL_S:
             self._fds = (now, _count_fds())
         return self._fds[1]
 
