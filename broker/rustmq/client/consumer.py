@@ -130,33 +130,32 @@ class Consumer:
         if self._routes.clustered:
             return await self._start_clustered(metadata)
         await self._admin.start()
-        (entry,) = metadata["topics"]
-        if entry["error"]:
-            raise BrokerError(entry["error"], f"topic {self.topic!r}")
-        available = [p["partition"] for p in entry["partitions"]]
-        self.partitions = available if self.partitions is None else self.partitions
-        for partition in self.partitions:
-            if partition not in available:
-                raise BrokerError(ErrorCode.UNKNOWN_PARTITION, f"topic {self.topic!r} has no partition {partition}")
+        partitions = self._choose_partitions(metadata)
         broker = metadata["brokers"][0]
         host = broker.get("host") or self._admin.host
         port = broker.get("consumer_port") or self._admin.port
         self._connection = await Connection.open(host, port)
-        for partition in self.partitions:
+        for partition in partitions:
             self.positions[partition] = await self._resolve(partition, self.start_at)
         return self
 
     async def _start_clustered(self, metadata: dict[str, Any]) -> Consumer:
+        for partition in self._choose_partitions(metadata):
+            self.positions[partition] = await self._resolve(partition, self.start_at)
+        return self
+
+    def _choose_partitions(self, metadata: dict[str, Any]) -> list[int]:
+        """Check the topic and the requested partitions against METADATA (default: all of them)."""
         (entry,) = metadata["topics"]
         if entry["error"]:
             raise BrokerError(entry["error"], f"topic {self.topic!r}")
         available = [p["partition"] for p in entry["partitions"]]
-        self.partitions = available if self.partitions is None else self.partitions
-        for partition in self.partitions:
+        chosen = available if self.partitions is None else self.partitions
+        for partition in chosen:
             if partition not in available:
                 raise BrokerError(ErrorCode.UNKNOWN_PARTITION, f"topic {self.topic!r} has no partition {partition}")
-            self.positions[partition] = await self._resolve(partition, self.start_at)
-        return self
+        self.partitions = chosen
+        return chosen
 
     async def _list_offset(self, partition: int, at: int | str) -> int:
         if not self._routes.clustered:
