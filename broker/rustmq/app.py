@@ -130,6 +130,7 @@ async def _start_cluster_node(config: BrokerConfig, broker: Broker) -> ClusterNo
         poll_s=config.cluster_poll_s,
         replica_lag_s=config.replica_lag_s,
         unclean_leader_election=config.unclean_leader_election,
+        forward_timeout_s=config.forward_timeout_s,
     )
     node = ClusterNode(broker, store, settings, incarnation=secrets.token_hex(8))
     await node.start()

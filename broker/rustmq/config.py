@@ -92,6 +92,7 @@ class BrokerConfig:
     cluster_poll_s: float = 0.5  # how often a broker re-reads the cluster state
     replica_lag_s: float = 5.0  # a follower not caught up for this long leaves the ISR
     unclean_leader_election: bool = False  # True: elect an out-of-sync replica rather than stay offline (data loss)
+    forward_timeout_s: float = 10.0  # a simple produce forwarded to its partition's leader waits at most this long
 
     def __post_init__(self) -> None:
         for name in ("producer_port", "consumer_port", "metrics_port"):
@@ -135,7 +136,7 @@ class BrokerConfig:
             self.lease_timing().check()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        for name in ("cluster_poll_s", "replica_lag_s"):
+        for name in ("cluster_poll_s", "replica_lag_s", "forward_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
 

@@ -36,6 +36,7 @@ from rustmq.cluster.lease import HeldLease, LeaseObserver, LeaseTiming
 from rustmq.cluster.state import TopicState
 from rustmq.cluster.store import Conflict, LeaseRecord, ObjectStore, StoreUnavailable, Versioned
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
+from rustmq.replication.forward import Forwarder
 from rustmq.server.broker import Broker
 from rustmq.server.replicated import ClusterRoles, PartitionRole
 from rustmq.storage import errors as storage_errors
@@ -59,6 +60,8 @@ class ClusterSettings:
     unclean_leader_election: bool = False
     replica_fetch_wait_ms: int = 250
     replica_fetch_max_bytes: int = 4 << 20
+    forward_timeout_s: float = 10.0  # a forwarded simple produce waits at most this long for its leader
+    forward_max_inflight: int = 256  # forwarded PRODUCE requests outstanding at once, all leaders together
 
 
 def _now_rfc3339() -> str:
@@ -83,6 +86,8 @@ class ClusterNode:
         self.roles = ClusterRoles(settings.broker_id, self._lease_valid, settings.replica_lag_s, broker._wake)
         self.roles.admin = self
         self.roles.isr_changes = self._nudge
+        self.forwarder = Forwarder(self, timeout_s=settings.forward_timeout_s, max_inflight=settings.forward_max_inflight)
+        self.roles.placer = self.forwarder
         coordination = getattr(broker, "coordination", None)
         if coordination is not None:
             self.roles.became_leader = coordination.coordinator.forget_producer_state
@@ -137,6 +142,7 @@ class ClusterNode:
         for task in [*self._tasks, *self._fetchers.values()]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._fetchers.values(), return_exceptions=True)
+        self.forwarder.close()
         self.held.lost()
         for name in (self._controller_name, self._lease_name):
             try:
@@ -153,6 +159,10 @@ class ClusterNode:
         return self.held.valid(time.monotonic())
 
     def _nudge(self) -> None:
+        self._wakeup.set()
+
+    def request_sync(self) -> None:
+        """Read the cluster state soon (a forward found the leader it knew gone)."""
         self._wakeup.set()
 
     async def _loop(self, body: Any, period: float, name: str) -> None:

@@ -83,6 +83,8 @@ class Connection(asyncio.BufferedProtocol):
         # (topic, partition) -> (records, where each reply goes: (list, index) of a placeholder)
         self._simple_groups: dict[tuple[str, int], tuple[list[list[Any]], list[tuple[list[Any], int]]]] = {}
         self._simple_sticky: dict[str, int] = {}
+        # cluster mode: (topic, partition) -> (records, the reserved reply slot of each)
+        self._simple_routed: dict[tuple[str, int], tuple[list[list[Any]], list[_Slot]]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._completions_scheduled = False
         self._last_active = time.monotonic()  # last bytes received or response completed
@@ -355,6 +357,8 @@ class Connection(asyncio.BufferedProtocol):
     def _flush_out(self) -> None:
         if self._simple_groups:
             self._append_simple_groups()
+        if self._simple_routed:
+            self._place_simple_groups()
         out = self._out
         transport = self._transport
         if not out or transport is None or transport.is_closing():
@@ -534,6 +538,10 @@ class Connection(asyncio.BufferedProtocol):
         # per group when the pass ends; each reply keeps its place in the output through a
         # placeholder, so replies still leave in request order.
         self._broker.stats.requests["SIMPLE_PRODUCE"] += 1
+        cluster = self._broker.cluster
+        if cluster is not None:
+            self._route_simple(cluster, body)
+            return
         try:
             message = simple.decode_message(body)
             topic = self._broker.topic_for_produce(message.topic or self._settings.default_topic)
@@ -559,6 +567,57 @@ class Connection(asyncio.BufferedProtocol):
         else:
             group[1].append((self._out, len(self._out)))
             self._out.append(b"")  # placeholder for this message's reply
+
+    def _route_simple(self, cluster: Any, body: memoryview) -> None:
+        """Cluster mode: the partition comes from the cluster state, every reply waits in a slot,
+        and each pass's messages go as one batch per partition to its leader, here or forwarded
+        (rustmq.replication.forward), answered once the in-sync replicas have them."""
+        try:
+            message = simple.decode_message(body)
+            name = message.topic or self._settings.default_topic
+            if message.partition is None and message.key is None:
+                partition = self._simple_sticky.get(name)
+                if partition is None:
+                    partition = self._simple_sticky[name] = cluster.route(name, None, None)
+            else:
+                partition = cluster.route(name, message.partition, message.key)
+        except Exception as exc:
+            self._simple_error(exc)
+            return
+        group = self._simple_routed.get((name, partition))
+        if group is None:
+            group = self._simple_routed[(name, partition)] = ([], [])
+        group[0].append([0, message.key, message.value, message.headers])
+        group[1].append(self._reserve())
+
+    def _place_simple_groups(self) -> None:
+        groups, self._simple_routed = self._simple_routed, {}
+        self._simple_sticky.clear()
+        placer = self._broker.cluster.placer
+        now = int(time.time() * 1000)
+        loop = asyncio.get_running_loop()
+        for (topic, partition), (entries, slots) in groups.items():
+            batch = storage_batch.build_batch(
+                records.encode_body(entries), record_count=len(entries), first_timestamp_ms=now, max_timestamp_ms=now)
+            task = loop.create_task(self._place_simple(placer.place(topic, partition, batch, len(entries)), slots))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _place_simple(self, placing: Any, slots: list[_Slot]) -> None:
+        try:
+            base = await placing
+        except Exception as exc:
+            code = error_code_for(exc)
+            if code is ErrorCode.INTERNAL_ERROR:
+                log.error("simple produce from %s failed", self._peer, exc_info=exc)
+            self._broker.stats.request_errors[code.name] += len(slots)
+            reply = simple.encode_error_reply(code)
+            for slot in slots:
+                self._complete(slot, [reply])
+            return
+        pack = simple.REPLY.pack
+        for offset, slot in enumerate(slots, base):
+            self._complete(slot, [pack(offset)])
 
     def _simple_error(self, exc: BaseException) -> None:
         code = error_code_for(exc)

@@ -44,6 +44,13 @@ class ClusterAdmin(Protocol):
     async def refresh(self) -> None: ...
 
 
+class Placer(Protocol):
+    """Places a batch built here on the partition's leader, this broker or another one
+    (rustmq.replication.forward); for clients that cannot route (simple produce)."""
+
+    async def place(self, topic: str, partition: int, batch: bytes, record_count: int) -> int: ...
+
+
 class Diverging(NamedTuple):
     epoch: int
     end_offset: int
@@ -114,6 +121,8 @@ class ClusterRoles:
         self.topics: dict[str, Any] = {}  # name -> rustmq.cluster.state.TopicState
         self.controller = -1
         self.admin: ClusterAdmin | None = None
+        self.placer: Placer | None = None
+        self._turn: dict[str, int] = {}  # keyless simple produce: round-robin position per topic
         self.isr_changes: Callable[[], None] | None = None  # the runtime's nudge to store an ISR change
         self.became_leader: Callable[[str, int], None] | None = None  # e.g. rebuild the producer table
         self._replicated: dict[PartitionRole, list[tuple[int, Callable[[BaseException | None], None]]]] = {}
@@ -158,6 +167,25 @@ class ClusterRoles:
     def led_partitions(self, topic: str) -> list[int]:
         """The partitions of topic this broker leads now, in order."""
         return sorted(i for (t, i), role in self.roles.items() if t == topic and role.tracker is not None)
+
+    def route(self, name: str, partition: int | None, key: bytes | None) -> int:
+        """The partition of a simple produce message, from the cluster state (this broker need
+        not hold the topic): as given, by key, or keyless round-robin over the partitions this
+        broker leads (over all when it leads none; they are forwarded)."""
+        topic = self.topics.get(name)
+        if topic is None:
+            raise RequestError(ErrorCode.UNKNOWN_TOPIC, f"unknown topic {name!r}")
+        count = len(topic.partitions)
+        if partition is not None:
+            if partition >= count:
+                raise RequestError(ErrorCode.UNKNOWN_PARTITION, f"topic {name!r} has {count} partitions, no partition {partition}")
+            return partition
+        if key is not None:
+            return api.partition_for_key(key, count)
+        led = self.led_partitions(name)
+        turn = self._turn.get(name, 0)
+        self._turn[name] = turn + 1
+        return led[turn % len(led)] if led else turn % count
 
     def leader_role(self, topic: str, index: int) -> PartitionRole:
         role = self.roles.get((topic, index))
