@@ -9,6 +9,14 @@ their committed offset (or ``start`` when the group never committed). A commit a
 rebalance the member has not seen yet fails with ILLEGAL_GENERATION; that progress is then
 redelivered to the partition's next owner: at-least-once (docs/semantics.md).
 
+Against a cluster (METADATA says ``cluster``) membership and commits go to the group's
+coordinator, found with FIND_COORDINATOR (the leader of the group's partition of the internal
+topic, docs/cluster.md), and fetches go to each partition's leader. NOT_COORDINATOR, a lost
+connection or a timeout find the coordinator again and retry with backoff (a commit until
+``timeout_s``); after a coordinator failover the member joins again (UNKNOWN_MEMBER at the new
+coordinator), keeps the positions of the partitions it keeps and reads the committed offsets of
+the ones it gains, so nothing committed is lost and at most uncommitted progress is redelivered.
+
 ``auto_commit`` (default on) commits the positions of everything yielded so far before each
 fetch and on close, i.e. a message counts as processed once the next one is asked for::
 
@@ -29,8 +37,9 @@ from rustmq.client.admin import Admin
 from rustmq.client.connection import Connection, check, response_within
 from rustmq.client.consumer import Message, decode_batches
 from rustmq.client.errors import BrokerError, ConnectionClosedError
+from rustmq.client.routing import Routes, backoff, retriable
 from rustmq.client.sync import SyncClient
-from rustmq.protocol.api import ApiKey, ErrorCode
+from rustmq.protocol.api import EARLIEST, LATEST, ApiKey, ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,8 @@ class GroupConsumer:
         self.rebalances = 0
         self._committed: dict[tuple[str, int], int] = {}
         self._admin = Admin(bootstrap, timeout=timeout_s)
+        self._routes = Routes(bootstrap, timeout=timeout_s)
+        self.clustered = False
         self._data: Connection | None = None
         self._membership: Connection | None = None
         self._heartbeats: asyncio.Task[None] | None = None
@@ -74,12 +85,18 @@ class GroupConsumer:
             for entry in metadata["topics"]:
                 if entry["error"]:
                     raise BrokerError(entry["error"], f"topic {entry['name']!r}")
-            broker = metadata["brokers"][0]
-            host = broker.get("host") or self._admin.host
-            port = broker.get("consumer_port") or self._admin.port
-            self._data = await Connection.open(host, port)
-            self._membership = await Connection.open(host, port)
-            view = await self._join()
+            self.clustered = bool(metadata.get("cluster"))
+            if self.clustered:
+                await self._routes.metadata(self.topics)
+                self._data = await self._coordinator_connection()
+                self._membership = await self._coordinator_connection()
+            else:
+                broker = metadata["brokers"][0]
+                host = broker.get("host") or self._admin.host
+                port = broker.get("consumer_port") or self._admin.port
+                self._data = await Connection.open(host, port)
+                self._membership = await Connection.open(host, port)
+            view = await self._first_join()
             await self._adopt(view)
             self._heartbeats = asyncio.get_running_loop().create_task(self._heartbeat_loop())
             return self
@@ -99,13 +116,61 @@ class GroupConsumer:
                 if self.auto_commit:
                     with contextlib.suppress(BrokerError):
                         await self.commit()
-                await self._data.request({"api": int(ApiKey.LEAVE_GROUP), "group": self.group, "member_id": self.member_id},
-                                         timeout=self.timeout_s)
+                try:
+                    await self._data.request({"api": int(ApiKey.LEAVE_GROUP), "group": self.group,
+                                              "member_id": self.member_id}, timeout=self.timeout_s)
+                except Exception as exc:
+                    if not self.clustered or not self._retriable(exc):
+                        raise
+                    # the coordinator moved: it forgot this member already
         finally:
             for connection in (self._data, self._membership):
                 if connection is not None:
                     connection.close()
             await self._admin.close()
+            self._routes.close()
+
+    # -- cluster: the coordinator ---------------------------------------------------------------
+
+    async def _coordinator_connection(self) -> Connection:
+        """A new connection to the group's coordinator (FIND_COORDINATOR on any broker), retried
+        with backoff until timeout_s while the coordinator moves or is not elected yet."""
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        attempt = 0
+        while True:
+            try:
+                connection = await self._routes.any_connection()
+                found = (await connection.request({"api": int(ApiKey.FIND_COORDINATOR), "group": self.group},
+                                                  timeout=self.timeout_s)).header
+                return await Connection.open(found["host"], found["consumer_port"], timeout=min(self.timeout_s, 10.0))
+            except Exception as exc:
+                if not self._retriable(exc) or asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
+                with contextlib.suppress(Exception):
+                    await self._routes.metadata()  # the broker asked may be the one that died
+
+    @staticmethod
+    def _retriable(exc: BaseException) -> bool:
+        return retriable(exc, True) or (isinstance(exc, BrokerError) and exc.code == ErrorCode.NOT_COORDINATOR)
+
+    async def _data_request(self, header: dict[str, Any]) -> dict[str, Any]:
+        """A request on the data connection; against a cluster retried at the (new) coordinator."""
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        attempt = 0
+        while True:
+            try:
+                if self._data is None or self._data.closed:
+                    self._data = await self._coordinator_connection()
+                return (await self._data.request(header, timeout=self.timeout_s)).header
+            except Exception as exc:
+                if not self.clustered or not self._retriable(exc) or asyncio.get_running_loop().time() > deadline:
+                    raise
+                if self._data is not None:
+                    self._data.close()
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
 
     async def __aenter__(self) -> GroupConsumer:
         return await self.start()
@@ -124,6 +189,16 @@ class GroupConsumer:
         response = await self._membership.request(header, timeout=self.timeout_s)
         return response.header
 
+    async def _first_join(self) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        while True:
+            try:
+                return await self._join()
+            except Exception as exc:
+                if not self.clustered or not self._retriable(exc) or asyncio.get_running_loop().time() > deadline:
+                    raise
+                await self._membership_moved(exc)
+
     async def _heartbeat_loop(self) -> None:
         assert self._membership is not None
         # Heartbeats carry the newest generation seen (adopted or pending), so a pending
@@ -131,23 +206,45 @@ class GroupConsumer:
         seen_generation, member_id = self.generation, self.member_id
         while True:
             try:
-                response = await self._membership.request(
-                    {"api": int(ApiKey.HEARTBEAT), "group": self.group, "member_id": member_id,
-                     "generation": seen_generation, "max_wait_ms": self.heartbeat_wait_ms},
-                    timeout=self.timeout_s + self.heartbeat_wait_ms / 1000,
-                )
-                view = response.header
-            except BrokerError as exc:
-                if exc.code is not ErrorCode.UNKNOWN_MEMBER:
+                try:
+                    response = await self._membership.request(
+                        {"api": int(ApiKey.HEARTBEAT), "group": self.group, "member_id": member_id,
+                         "generation": seen_generation, "max_wait_ms": self.heartbeat_wait_ms},
+                        timeout=self.timeout_s + self.heartbeat_wait_ms / 1000,
+                    )
+                    view = response.header
+                except BrokerError as exc:
+                    if exc.code is not ErrorCode.UNKNOWN_MEMBER:
+                        raise
+                    log.warning("group %s: %s; joining again", self.group, exc.message)
+                    view = await self._join()
+            except Exception as exc:
+                if not self.clustered:
+                    if isinstance(exc, TimeoutError | ConnectionClosedError):
+                        self._failure = exc
+                        return
                     raise
-                log.warning("group %s: %s; joining again", self.group, exc.message)
-                view = await self._join()
-            except (TimeoutError, ConnectionClosedError) as exc:
-                self._failure = exc
-                return
+                if not self._retriable(exc):
+                    self._failure = exc
+                    raise
+                await self._membership_moved(exc)
+                continue
             if view["status"] != "ok" or view["generation"] != seen_generation:
                 self._pending_view = view
                 seen_generation, member_id = view["generation"], view["member_id"]
+
+    async def _membership_moved(self, error: BaseException) -> None:
+        """Cluster: the coordinator moved or died; reconnect to the new one (the next heartbeat
+        there gets UNKNOWN_MEMBER and joins again)."""
+        log.warning("group %s: coordinator lost (%s); finding it again", self.group, error)
+        if self._membership is not None:
+            self._membership.close()
+        await asyncio.sleep(backoff(0))
+        try:
+            self._membership = await self._coordinator_connection()
+        except Exception as exc:
+            self._failure = exc
+            raise
 
     async def _adopt(self, view: dict[str, Any]) -> None:
         """Take a new generation and assignment: kept partitions keep their positions."""
@@ -165,7 +262,26 @@ class GroupConsumer:
                 if tp in committed:
                     self.positions[tp] = self._committed[tp] = committed[tp]
                 else:
-                    self.positions[tp] = await self._admin.list_offset(tp[0], tp[1], self.start_at)
+                    self.positions[tp] = await self._list_offset(tp[0], tp[1], self.start_at)
+
+    async def _list_offset(self, topic: str, partition: int, at: str) -> int:
+        if not self.clustered:
+            return await self._admin.list_offset(topic, partition, at)
+        where = {"earliest": EARLIEST, "latest": LATEST}[at]
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        attempt = 0
+        while True:
+            try:
+                connection = await self._routes.leader_connection(topic, partition, "consumer")
+                response = await connection.request({"api": int(ApiKey.LIST_OFFSETS), "topic": topic,
+                                                     "partition": partition, "at": where}, timeout=self.timeout_s)
+                return int(response.header["offset"])
+            except Exception as exc:
+                if not retriable(exc, True) or asyncio.get_running_loop().time() > deadline:
+                    raise
+                self._routes.invalidate(topic)
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
 
     async def _maybe_adopt(self) -> None:
         if self._failure is not None:
@@ -177,25 +293,21 @@ class GroupConsumer:
     # -- offsets --------------------------------------------------------------------------------
 
     async def committed(self, partitions: list[tuple[str, int]] | None = None) -> dict[tuple[str, int], int]:
-        assert self._data is not None
         header: dict[str, Any] = {"api": int(ApiKey.FETCH_OFFSETS), "group": self.group}
         if partitions is not None:
             header["partitions"] = [list(tp) for tp in partitions]
-        response = await self._data.request(header, timeout=self.timeout_s)
-        return {(t, p): o for t, p, o in response.header["offsets"]}
+        response = await self._data_request(header)
+        return {(t, p): o for t, p, o in response["offsets"]}
 
     async def commit(self, offsets: dict[tuple[str, int], int] | None = None) -> None:
         """Commit `offsets` (default: the current positions of the assigned partitions)."""
-        assert self._data is not None
         wanted = dict(self.positions) if offsets is None else offsets
         changed = {tp: o for tp, o in wanted.items() if self._committed.get(tp) != o}
         if not changed:
             return
-        await self._data.request(
+        await self._data_request(
             {"api": int(ApiKey.COMMIT_OFFSETS), "group": self.group, "member_id": self.member_id,
-             "generation": self.generation, "offsets": [[t, p, o] for (t, p), o in changed.items()]},
-            timeout=self.timeout_s,
-        )
+             "generation": self.generation, "offsets": [[t, p, o] for (t, p), o in changed.items()]})
         self._committed.update(changed)
 
     async def seek(self, topic: str, partition: int, offset: int) -> None:
@@ -218,6 +330,8 @@ class GroupConsumer:
             await asyncio.sleep(self.max_wait_ms / 1000)
             return []
         wait = self.max_wait_ms if timeout_s is None else int(timeout_s * 1000)
+        if self.clustered:
+            return await self._fetch_clustered(wait)
         response = check(await response_within(self._data.send({  # type: ignore[arg-type]
             "api": int(ApiKey.FETCH), "max_wait_ms": wait, "min_bytes": 1, "max_bytes": self.max_bytes,
             "partitions": [{"topic": t, "partition": p, "offset": o} for (t, p), o in self.positions.items()],
@@ -239,6 +353,64 @@ class GroupConsumer:
                 self.positions[tp] = next_position
                 out.extend(messages)
         return out
+
+    async def _fetch_clustered(self, wait: int) -> list[Message]:
+        """One fetch per partition leader, at once; a retriable error refreshes the metadata and
+        the partitions it concerned are fetched again by the next call."""
+        by_leader: dict[int, list[tuple[str, int]]] = {}
+        for topic, partition in self.positions:
+            if topic not in self._routes.leaders:
+                with contextlib.suppress(Exception):
+                    await self._routes.metadata(self.topics)
+            by_leader.setdefault(self._routes.leader_of(topic, partition), []).append((topic, partition))
+        results = await asyncio.gather(*(self._fetch_from(tps, wait) for tps in by_leader.values()),
+                                       return_exceptions=True)
+        out: list[Message] = []
+        failed = False
+        for result in results:
+            if isinstance(result, BaseException):
+                if not retriable(result, True):
+                    raise result
+                failed = True
+            else:
+                got, stale = result
+                out += got
+                failed = failed or stale
+        if failed:
+            for topic in self.topics:
+                self._routes.invalidate(topic)
+            if not out:
+                await asyncio.sleep(backoff(1))
+        return out
+
+    async def _fetch_from(self, partitions: list[tuple[str, int]], wait: int) -> tuple[list[Message], bool]:
+        connection = await self._routes.leader_connection(partitions[0][0], partitions[0][1], "consumer")
+        response = await connection.request({
+            "api": int(ApiKey.FETCH), "max_wait_ms": wait, "min_bytes": 1, "max_bytes": self.max_bytes,
+            "partitions": [{"topic": t, "partition": p, "offset": self.positions[(t, p)]} for t, p in partitions
+                           if (t, p) in self.positions],
+        }, timeout=self.timeout_s + wait / 1000)
+        payload = memoryview(response.payload)
+        out: list[Message] = []
+        pos = 0
+        stale = False
+        for entry in response.header["partitions"]:
+            tp, size = (entry["topic"], entry["partition"]), entry.get("size", 0)
+            data = payload[pos : pos + size]
+            pos += size
+            if entry["error"]:
+                if retriable(BrokerError(entry["error"], ""), True):
+                    stale = True
+                elif entry["error"] == ErrorCode.OFFSET_OUT_OF_RANGE:
+                    self.positions[tp] = await self._list_offset(tp[0], tp[1], "earliest")
+                else:
+                    raise BrokerError(entry["error"], entry.get("message", ""))
+                continue
+            if size and tp in self.positions:
+                messages, next_position = decode_batches(tp[0], tp[1], data, self.positions[tp])
+                self.positions[tp] = next_position
+                out.extend(messages)
+        return out, stale
 
     async def __aiter__(self) -> AsyncIterator[Message]:
         while True:

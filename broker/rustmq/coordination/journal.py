@@ -46,6 +46,14 @@ files deleted) until the next switch: gen N+1 held it durably before the switch,
 acknowledgement is true either way.
 Replay reads the generation from its first batch, so restart time is bounded by the live state
 plus the tail since the last compaction (`compact_bytes`).
+
+`LogJournal` is the second backend of the same stores (cluster mode, docs/cluster.md): the
+entries go, in the same batch format, to one partition of the replicated internal topic
+``__rustmq_coordination`` instead of a private directory, stamped with the leader epoch of the
+broker that writes them. That partition is replicated like any topic and the caller waits for
+its high watermark (acks=all) instead of an fsync; a new leader replays the partition. It does
+not compact (the storage engine cannot rewrite a replicated log in place): replay time grows
+with the number of commits since the topic was created (see docs/cluster.md, "Not done yet").
 """
 
 from __future__ import annotations
@@ -306,6 +314,52 @@ class Journal:
             self._removing.join()
         if self.partition is not None:
             self.partition.close(clean=clean)
+
+
+class LogJournal:
+    """A Journal's append/replay/position on a partition the caller owns and replicates.
+
+    ``on_append`` runs after every append (the server advances the high watermark and wakes
+    follower fetches there). Compaction is a no-op; closing leaves the partition open."""
+
+    def __init__(self, partition: PartitionLog, leader_epoch: int,
+                 on_append: Callable[[], None] | None = None) -> None:
+        self.partition = partition
+        self.leader_epoch = leader_epoch
+        self.on_append = on_append
+
+    def replay(self) -> Iterator[Entry]:
+        """Every (key, value) of the partition in order (snapshot markers skipped)."""
+        partition = self.partition
+        offset = partition.start_offset
+        while offset < partition.end_offset:
+            fetched = partition.read(offset, READ_CHUNK_BYTES)
+            for view in fetched.views:
+                try:
+                    yield from _decode_batches(view)
+                finally:
+                    view.release()
+            offset = fetched.next_offset
+
+    def append(self, entries: Sequence[Entry], now_ms: int) -> int:
+        if not entries:
+            raise ValueError("nothing to append")
+        result = self.partition.append(_build(entries, now_ms), self.leader_epoch)
+        if self.on_append is not None:
+            self.on_append()
+        return result.last_offset
+
+    def position(self) -> tuple[PartitionLog, int]:
+        return self.partition, self.partition.end_offset - 1
+
+    def maybe_compact(self, live: Callable[[], Sequence[Entry]], now_ms: int) -> bool:
+        return False
+
+    def flush(self) -> int:
+        return self.partition.flush()
+
+    def close(self, clean: bool = True) -> None:
+        """The partition belongs to the broker's Log: nothing to close here."""
 
 
 class _PendingGeneration:

@@ -1,5 +1,8 @@
 """Committed offsets of stream consumer groups, kept durably in the broker's own journal.
 
+(Cluster mode: the same store on a `LogJournal`, one per partition of the replicated internal
+topic this broker leads; docs/cluster.md.)
+
 One `Journal` (``<data_dir>/coordination/consumer_offsets``) holds one record per committed
 (group, topic, partition). Record format (msgpack, inside the journal's record batches)::
 
@@ -25,7 +28,7 @@ from typing import Final, NamedTuple
 
 import msgpack
 
-from rustmq.coordination.journal import DEFAULT_COMPACT_BYTES, Entry, Journal
+from rustmq.coordination.journal import DEFAULT_COMPACT_BYTES, Entry, Journal, LogJournal
 
 MAX_METADATA_BYTES: Final = 4096
 KEY_VERSION: Final = 1
@@ -48,13 +51,18 @@ class Committed(NamedTuple):
 class OffsetStore:
     """group -> (topic, partition) -> Committed, restored from and persisted to a Journal."""
 
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal | LogJournal) -> None:
         self.journal = journal
         self._groups: dict[str, dict[TopicPartition, Committed]] = {}
 
     @classmethod
     def open(cls, directory: Path, *, compact_bytes: int = DEFAULT_COMPACT_BYTES) -> OffsetStore:
-        store = cls(Journal.open(directory, compact_bytes=compact_bytes))
+        return cls.replayed(Journal.open(directory, compact_bytes=compact_bytes))
+
+    @classmethod
+    def replayed(cls, journal: Journal | LogJournal) -> OffsetStore:
+        """The store rebuilt from everything `journal` holds (either backend)."""
+        store = cls(journal)
         for key, value in store.journal.replay():
             store._apply(key, value)
         return store

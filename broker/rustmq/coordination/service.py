@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from rustmq.coordination import group as group_mod
 from rustmq.coordination import queue, queue_log
@@ -52,6 +52,31 @@ class Durable(NamedTuple):
 
     partition: PartitionLog
     offset: int
+
+
+class NotCoordinatorError(LookupError):
+    """Cluster mode: this broker does not lead the coordination partition of the group now."""
+
+    code = "NOT_COORDINATOR"
+
+
+class GroupStores(Protocol):
+    """Cluster mode (installed by the server, docs/cluster.md): committed offsets live in one
+    `OffsetStore` per partition of the replicated internal topic; a group's store is that of
+    the partition it hashes to, served only by that partition's leader."""
+
+    def store_for(self, group: str) -> OffsetStore:
+        """The group's store, replayed from the partition if leadership changed since;
+        NotCoordinatorError when this broker does not lead that partition."""
+        ...
+
+    def stores(self) -> list[OffsetStore]:
+        """The stores of the partitions this broker leads now."""
+        ...
+
+    def partition_count(self, topic: str) -> int:
+        """Partitions of a topic in the cluster state (0: no such topic)."""
+        ...
 
 
 class LimitReachedError(Exception):
@@ -89,6 +114,8 @@ class Coordinator:
         self.queues = queues
         self.producer_ids = producer_ids
         self.groups = group_mod.GroupCoordinator(self._partition_count, incarnation)
+        # Cluster mode: where the committed offsets of each group live (None: `offsets`).
+        self.group_stores: GroupStores | None = None
         self._producer_states: dict[TopicPartition, tuple[PartitionLog, ProducerStateTable]] = {}
         self._producer_snapshots = producer_snapshots
         self._dlq_writes: list[DeadLetterWrite] = []
@@ -150,6 +177,8 @@ class Coordinator:
                 (topic, partition, end, table) for (topic, partition), (_, end, table) in tables.items())
 
     def _partition_count(self, topic: str) -> int:
+        if self.group_stores is not None:
+            return self.group_stores.partition_count(topic)
         try:
             return len(self.log.topic(topic).partitions)
         except errors.UnknownTopicError:
@@ -186,25 +215,38 @@ class Coordinator:
             if not 0 <= partition < self._partition_count(topic):
                 raise InvalidCommitError(f"{topic}/{partition}: no such topic or partition on this broker")
         self._group(group).check_commit(member_id, generation, offsets)
-        self.offsets.commit(now_ms, group, offsets, metadata)
-        return Durable(*self.offsets.journal.position())
+        store = self.offsets_for(group)
+        store.commit(now_ms, group, offsets, metadata)
+        return Durable(*store.journal.position())
+
+    def offsets_for(self, group: str) -> OffsetStore:
+        """The store of the group's committed offsets (cluster mode: NotCoordinatorError when
+        another broker coordinates the group)."""
+        if self.group_stores is None:
+            return self.offsets
+        return self.group_stores.store_for(group)
+
+    def _offset_stores(self) -> list[OffsetStore]:
+        return [self.offsets] if self.group_stores is None else self.group_stores.stores()
 
     def _group(self, group: str) -> group_mod.Group:
         """The group, created if new unless max_groups groups exist (LimitReachedError)."""
-        if group not in self.groups.groups and group not in self.offsets.fetch_groups_view():
-            count = len(set(self.groups.groups) | set(self.offsets.groups()))
+        store = self.offsets_for(group)
+        if group not in self.groups.groups and group not in store.fetch_groups_view():
+            count = len(set(self.groups.groups).union(*(s.groups() for s in self._offset_stores())))
             if count >= self.limits.max_groups:
                 raise LimitReachedError(f"the broker allows {self.limits.max_groups} groups (max_groups)")
         return self.groups.group(group)
 
     def fetch_offsets(self, group: str, partitions: Iterable[TopicPartition] | None = None
                       ) -> dict[TopicPartition, int]:
-        return {tp: c.offset for tp, c in self.offsets.fetch(group, partitions).items()}
+        return {tp: c.offset for tp, c in self.offsets_for(group).fetch(group, partitions).items()}
 
     def group_lag(self, group: str) -> dict[TopicPartition, int]:
         """Lag of every partition of every topic the group has members for or committed on."""
+        store = self.offsets_for(group)
         topics = set(self.groups.groups[group].topics()) if group in self.groups.groups else set()
-        topics.update(t for t, _ in self.offsets.fetch(group))
+        topics.update(t for t, _ in store.fetch(group))
         ends: dict[TopicPartition, int] = {}
         starts: dict[TopicPartition, int] = {}
         for topic in sorted(topics):
@@ -215,7 +257,7 @@ class Coordinator:
             for index, plog in enumerate(partitions):
                 ends[(topic, index)] = plog.end_offset
                 starts[(topic, index)] = plog.start_offset
-        return self.offsets.lag(group, ends, starts)
+        return store.lag(group, ends, starts)
 
     def describe_group(self, group: str) -> dict[str, object]:
         described = (self.groups.groups[group].describe() if group in self.groups.groups
@@ -224,7 +266,18 @@ class Coordinator:
         return described
 
     def list_groups(self) -> list[str]:
-        return sorted(set(self.groups.groups) | set(self.offsets.groups()))
+        """Every group known here (cluster mode: the groups this broker coordinates now)."""
+        names = set(self.groups.groups).union(*(s.groups() for s in self._offset_stores()))
+        if self.group_stores is not None:
+            names = {g for g in names if self._coordinates(g)}
+        return sorted(names)
+
+    def _coordinates(self, group: str) -> bool:
+        try:
+            self.offsets_for(group)
+        except NotCoordinatorError:
+            return False
+        return True
 
     # ------------------------------------------------------------------------------- queues
 

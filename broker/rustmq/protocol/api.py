@@ -39,6 +39,7 @@ class ApiKey(IntEnum):
     FETCH_OFFSETS = 25
     DESCRIBE_GROUP = 26
     LIST_GROUPS = 27
+    FIND_COORDINATOR = 28  # cluster mode: which broker coordinates a group (docs/cluster.md)
     QUEUE_FETCH = 30
     QUEUE_ACK = 31
     QUEUE_NACK = 32
@@ -86,6 +87,7 @@ class ErrorCode(IntEnum):
     NOT_ENOUGH_REPLICAS = 41  # acks=all refused: the in-sync set is below min_insync_replicas
     FENCED_LEADER_EPOCH = 42  # a request carried an older leader epoch than the partition's
     CLUSTER_UNAVAILABLE = 43  # the coordination store (Kubernetes API) did not answer; retry
+    NOT_COORDINATOR = 44  # another broker coordinates this group now: FIND_COORDINATOR again, retry
     INTERNAL_ERROR = 99
 
 

@@ -35,6 +35,7 @@ from rustmq.cluster import state as cstate
 from rustmq.cluster.lease import HeldLease, LeaseObserver, LeaseTiming
 from rustmq.cluster.state import TopicState
 from rustmq.cluster.store import Conflict, LeaseRecord, ObjectStore, StoreUnavailable, Versioned
+from rustmq.coordination import internal_topic
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.replication.forward import Forwarder
 from rustmq.server.broker import Broker
@@ -91,6 +92,7 @@ class ClusterNode:
         coordination = getattr(broker, "coordination", None)
         if coordination is not None:
             self.roles.became_leader = coordination.coordinator.forget_producer_state
+            coordination.use_cluster(self.roles)
         broker.cluster = self.roles
         self.topics: dict[str, TopicState] = {}
         self.members: dict[int, dict[str, Any]] = {}
@@ -250,18 +252,25 @@ class ClusterNode:
         self.controlling.renewed(started)
         await self._elect()
         await self._ensure_default_topic(started)
+        await self._ensure_default_topic(started, internal_topic.TOPIC)
 
-    async def _ensure_default_topic(self, now: float) -> None:
+    async def _ensure_default_topic(self, now: float, name: str | None = None) -> None:
         """The controller creates the default topic (where simple produce messages without a topic
         go) once it has been controller, and the set of live brokers has not changed, for two
         lease durations: the brokers of a starting StatefulSet have registered by then and the
-        topic gets its full replication factor."""
-        name = self.broker.settings.default_topic
+        topic gets its full replication factor. The same for the internal coordination topic
+        (`name`, rustmq.coordination.internal_topic)."""
+        internal = name is not None
+        name = name or self.broker.settings.default_topic
         settle = 2 * self.settings.timing.lease_duration_s
         if name in self.topics or now - self._controller_since < settle or now - self._members_since < settle:
             return
         try:
-            await self.create_topic(name, None, {}, None, None)
+            if internal:
+                await self.create_topic(name, internal_topic.PARTITIONS, dict(internal_topic.CONFIG), None, None,
+                                        internal=True)
+            else:
+                await self.create_topic(name, None, {}, None, None)
         except RequestError as exc:
             if exc.code is not ErrorCode.TOPIC_EXISTS:
                 log.warning("creating the default topic %r: %s", name, exc.message)
@@ -534,9 +543,12 @@ class ClusterNode:
     # -- admin (rustmq.server.replicated.ClusterAdmin) ---------------------------------------
 
     async def create_topic(self, name: str, partitions: int | None, config: dict[str, Any],
-                           replication_factor: int | None, min_insync: int | None) -> TopicState:
+                           replication_factor: int | None, min_insync: int | None, *,
+                           internal: bool = False) -> TopicState:
         try:
             validate_topic_name(name)
+            if internal_topic.is_internal(name) and not internal:
+                raise ValueError(f"topic names starting with {internal_topic.INTERNAL_PREFIX!r} are reserved for the broker")
             self.broker.log.default_config.merged(config)
         except (storage_errors.InvalidConfigError, ValueError, TypeError) as exc:
             raise RequestError(ErrorCode.INVALID_CONFIG, str(exc)) from None
@@ -568,6 +580,8 @@ class ClusterNode:
         raise RequestError(ErrorCode.CLUSTER_UNAVAILABLE, f"creating {name!r}: too many concurrent changes, retry")
 
     async def delete_topic(self, name: str) -> None:
+        if internal_topic.is_internal(name):
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"{name!r} is internal to the cluster and cannot be deleted")
         shard = cstate.shard_name(self.settings.cluster_name, cstate.shard_of(name))
         for _ in range(CAS_ATTEMPTS):
             current = await self._store_call(self.store.get_map(shard))

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from rustmq.coordination import internal_topic
 from rustmq.protocol import api
 from rustmq.protocol.api import ErrorCode, RequestError
 from rustmq.server import replicated
@@ -259,7 +260,7 @@ class Broker:
         cluster = self.cluster
         states = cluster.topics
         topics: list[dict[str, Any]] = []
-        for name in sorted(states) if names is None else names:
+        for name in sorted(n for n in states if not internal_topic.is_internal(n)) if names is None else names:
             topic = states.get(name)
             if topic is None:
                 topics.append({"name": name, "error": int(ErrorCode.UNKNOWN_TOPIC), "partitions": []})
@@ -336,6 +337,8 @@ class Broker:
                 result = plog.append(batches)
             else:
                 role = cluster.leader_role(topic.name, index)
+                if internal_topic.is_internal(topic.name):
+                    raise RequestError(ErrorCode.INVALID_REQUEST, f"{topic.name!r} is written by the brokers only")
                 if require_insync:
                     cluster.check_insync(role)
                 result = plog.append(batches, role.leader_epoch)

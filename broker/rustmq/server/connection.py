@@ -29,6 +29,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
+from rustmq.coordination import internal_topic
 from rustmq.protocol import api, frames, records, simple
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.server import coordination_handlers
@@ -736,7 +737,7 @@ class Connection(asyncio.BufferedProtocol):
     def _list_topics(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         cluster = self._broker.cluster
         names = cluster.topics if cluster is not None else (topic.name for topic in self._broker.log.topics())
-        self._ok(corr, {"topics": sorted(names)})
+        self._ok(corr, {"topics": sorted(n for n in names if not internal_topic.is_internal(n))})
 
     def _broker_stats(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         loop = asyncio.get_running_loop()

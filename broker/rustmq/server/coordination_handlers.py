@@ -38,12 +38,14 @@ from rustmq.coordination.service import Coordinator, DeadLetterWrite, Durable
 from rustmq.protocol import api, frames, records
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.server.broker import Produced, error_code_for
+from rustmq.server.group_stores import ClusterGroupStores
 from rustmq.storage import batch as storage_batch
 from rustmq.storage import errors as storage_errors
 
 if TYPE_CHECKING:
     from rustmq.server.broker import Broker
     from rustmq.server.connection import Connection
+    from rustmq.server.replicated import ClusterRoles
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,12 @@ class CoordinationService:
         self._rotation: dict[tuple[str, str], int] = {}
         self._dlq_in_flight: list[DeadLetterWrite] = []
         self._closed = False
+        self.group_stores: ClusterGroupStores | None = None  # cluster mode: groups on the internal topic
+
+    def use_cluster(self, roles: ClusterRoles) -> None:
+        """Cluster mode: groups and committed offsets move to the replicated internal topic."""
+        self.group_stores = ClusterGroupStores(self.broker, self.coordinator, roles)
+        self.coordinator.group_stores = self.group_stores
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -154,6 +162,11 @@ class CoordinationService:
         if durable is None:
             done(None)
             return
+        if self.group_stores is not None:
+            role = self.group_stores.replicated_role(durable.partition)
+            if role is not None:  # a write to the internal topic: acks=all, not an fsync
+                self.group_stores.when_replicated(role, durable.offset, done)
+                return
         try:
             self.broker.when_durable(durable.partition, durable.offset, done)
         except Exception as exc:
@@ -365,6 +378,7 @@ def handlers(conn: Connection) -> dict[int, Handler]:
         ApiKey.FETCH_OFFSETS: _fetch_offsets,
         ApiKey.DESCRIBE_GROUP: _describe_group,
         ApiKey.LIST_GROUPS: _list_groups,
+        ApiKey.FIND_COORDINATOR: _find_coordinator,
         ApiKey.QUEUE_FETCH: _queue_fetch,
         ApiKey.QUEUE_ACK: _queue_ack,
         ApiKey.QUEUE_NACK: _queue_nack,
@@ -546,6 +560,8 @@ def _commit_offsets(conn: Connection, service: CoordinationService, corr: int, h
     # Well-formed but wrong values (a negative offset, a topic or partition that does not exist)
     # are the commit's own error, INVALID_COMMIT, checked by the coordinator.
     offsets = {(t, p): o for t, p, o in raw}
+    if service.group_stores is not None:
+        service.group_stores.check_replicas(group)
     durable = service.coordinator.commit_offsets(
         _now_ms(), group,
         api._field(header, "member_id", str, None),
@@ -569,6 +585,16 @@ def _describe_group(conn: Connection, service: CoordinationService, corr: int, h
 
 def _list_groups(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     conn._ok(corr, {"groups": service.coordinator.list_groups()})
+
+
+def _find_coordinator(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    """The broker that coordinates a group: in cluster mode the leader of its partition of the
+    internal topic (NOT_COORDINATOR while it has none); standalone, this broker (host "")."""
+    group = _name(header, "group")
+    if service.group_stores is None:
+        conn._ok(corr, {"coordinator": service.broker.settings.broker_id, "partition": -1, "host": ""})
+        return
+    conn._ok(corr, service.group_stores.find(group))
 
 
 class _HeartbeatWait:

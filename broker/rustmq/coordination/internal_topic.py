@@ -1,0 +1,32 @@
+"""The internal replicated topic that holds the coordination state in cluster mode.
+
+``__rustmq_coordination`` (Kafka's ``__consumer_offsets`` idea, docs/cluster.md) is created by
+the controller with `PARTITIONS` partitions and the default replication factor; the coordinator
+of a consumer group is the leader of partition `partition_for(group)`. Records are the offset
+store's journal entries (rustmq.coordination.offsets, rustmq.coordination.journal). Clients
+cannot create, delete or write it, and it is left out of topic listings.
+
+The hash is crc32c of the UTF-8 key, so every broker (and any tool) maps a key to the same
+partition; the partition count is read from the cluster state, never from this constant, once
+the topic exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import crc32c
+
+TOPIC: Final = "__rustmq_coordination"
+INTERNAL_PREFIX: Final = "__rustmq"
+PARTITIONS: Final = 8
+# Nothing in it may expire: the state is the whole log (it is not compacted yet).
+CONFIG: Final[dict[str, Any]] = {"retention_ms": None, "retention_bytes": None, "retention_messages": None}
+
+
+def partition_for(key: str, partitions: int) -> int:
+    return crc32c.crc32c(key.encode()) % partitions
+
+
+def is_internal(topic: str) -> bool:
+    return topic.startswith(INTERNAL_PREFIX)
