@@ -24,11 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 from rustmq.client import Admin
-from rustmq.client.connection import Connection
 from rustmq.client.consumer import Consumer
-from rustmq.client.groups import GroupConsumer
+from rustmq.client.groups import GroupConsumer, describe_group, list_groups
 from rustmq.client.queues import QueueConsumer, replay_dead_letters
-from rustmq.protocol.api import ApiKey
 
 COMMANDS = ("group", "queue", "dlq")
 DLQ_SUFFIX = ".dlq"
@@ -121,22 +119,14 @@ async def run(args: argparse.Namespace) -> int:
     return await run_dlq_replay(args)
 
 
-async def _call(bootstrap: str, header: dict[str, Any]) -> dict[str, Any]:
-    async with Admin(bootstrap) as admin:
-        connection: Connection | None = admin._connection
-        assert connection is not None
-        response = await connection.request(header)
-        return {k: v for k, v in response.header.items() if k not in ("corr", "error")}
-
-
 async def run_group_list(args: argparse.Namespace) -> int:
-    groups = (await _call(args.bootstrap, {"api": int(ApiKey.LIST_GROUPS)}))["groups"]
+    groups = await list_groups(args.bootstrap)
     print(json.dumps({"groups": groups}) if args.json else "\n".join(groups))
     return 0
 
 
 async def run_group_describe(args: argparse.Namespace) -> int:
-    described = await _call(args.bootstrap, {"api": int(ApiKey.DESCRIBE_GROUP), "group": args.group})
+    described = await describe_group(args.bootstrap, args.group)
     if args.json:
         print(json.dumps(described))
         return 0

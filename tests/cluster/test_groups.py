@@ -16,6 +16,7 @@ from brokerproc import RawClient
 from checker import History
 from clusterproc import BrokerCluster
 from rustmq.client import Admin, GroupConsumer, Producer
+from rustmq.client.groups import describe_group, list_groups
 from rustmq.protocol.api import ApiKey, ErrorCode
 
 pytestmark = [pytest.mark.slow]
@@ -93,6 +94,10 @@ async def test_members_on_different_brokers_form_one_group(three_brokers: Broker
             assert time.monotonic() < deadline, (first.assignment, second.assignment)
         described = call(cluster, coordinator, {"api": int(ApiKey.DESCRIBE_GROUP), "group": "billing"})
         assert len(described["members"]) == 2, described
+        # What `rustmq group describe/list` use: routed to the coordinator from any broker.
+        described = await describe_group(cluster.brokers[other].bootstrap, "billing")
+        assert len(described["members"]) == 2 and described["generation"] == first.generation, described
+        assert "billing" in await list_groups(cluster.brokers[other].bootstrap)
 
         # Together they read everything once the split is stable.
         for consumer in (first, second):

@@ -418,6 +418,53 @@ class GroupConsumer:
                 yield message
 
 
+async def describe_group(bootstrap: str, group: str, *, timeout_s: float = 30.0) -> dict[str, Any]:
+    """DESCRIBE_GROUP at the group's coordinator (against a cluster: found with FIND_COORDINATOR,
+    retried with backoff while it moves)."""
+    routes = Routes(bootstrap, timeout=timeout_s)
+    try:
+        await routes.metadata([])
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        attempt = 0
+        while True:
+            try:
+                connection = await routes.any_connection()
+                if routes.clustered:
+                    found = (await connection.request({"api": int(ApiKey.FIND_COORDINATOR), "group": group},
+                                                      timeout=timeout_s)).header
+                    connection = await routes.connection(found["host"], found["producer_port"])
+                header = (await connection.request({"api": int(ApiKey.DESCRIBE_GROUP), "group": group},
+                                                   timeout=timeout_s)).header
+                return {k: v for k, v in header.items() if k not in ("corr", "error")}
+            except Exception as exc:
+                if not (routes.clustered and GroupConsumer._retriable(exc)) or asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
+                with contextlib.suppress(Exception):
+                    await routes.metadata([])
+    finally:
+        routes.close()
+
+
+async def list_groups(bootstrap: str, *, timeout_s: float = 30.0) -> list[str]:
+    """Every group with members or committed offsets (against a cluster: the union of what each
+    live broker coordinates)."""
+    routes = Routes(bootstrap, timeout=timeout_s)
+    try:
+        await routes.metadata([])
+        if not routes.clustered:
+            connection = await routes.any_connection()
+            return list((await connection.request({"api": int(ApiKey.LIST_GROUPS)}, timeout=timeout_s)).header["groups"])
+        names: set[str] = set()
+        for broker in routes.brokers.values():
+            connection = await routes.connection(broker["host"], broker["producer_port"])
+            names.update((await connection.request({"api": int(ApiKey.LIST_GROUPS)}, timeout=timeout_s)).header["groups"])
+        return sorted(names)
+    finally:
+        routes.close()
+
+
 class SyncGroupConsumer(SyncClient):
     """Blocking GroupConsumer for scripts. Membership heartbeats run only while a call is in
     progress (the private event loop is idle otherwise), so call poll() at least every
