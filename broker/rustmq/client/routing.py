@@ -66,6 +66,10 @@ class Routes:
         connection = self._connections.get(key)
         if connection is None or connection.closed:
             connection = await Connection.open(host, port, timeout=min(self.timeout, 10.0))
+            raced = self._connections.get(key)
+            if raced is not None and not raced.closed:  # a concurrent caller opened one first: keep one
+                connection.close()
+                return raced
             self._connections[key] = connection
         return connection
 
