@@ -180,3 +180,20 @@ def test_a_follower_trailing_a_steady_stream_by_one_fetch_stays_in_sync() -> Non
         end += 10
         tracker.follower_fetched(1, 300, end, now=step * 0.5)
     assert tracker.proposed_isr(end, now=25.0) == (0,)
+
+
+def test_grow_places_new_partitions_like_a_new_topic_and_never_shrinks() -> None:
+    topic = state.new_topic("g", "id", 2, 3, 2, [0, 1, 2])
+    other = state.new_topic("o", "id2", 4, 1, 1, [0, 1, 2], [topic])
+    grown = state.grow(topic, 5, [0, 1, 2], [topic, other])
+    assert grown.partitions[:2] == topic.partitions
+    added = grown.partitions[2:]
+    assert all(p.leader == p.replicas[0] and p.leader_epoch == 0 and p.isr == p.replicas for p in added)
+    assert all(len(set(p.replicas)) == 3 for p in added)
+    # Leaders over both topics stay balanced: 2 + 4 + 3 = 9 partitions, 3 per broker.
+    leaders = Counter(p.leader for t in (grown, other) for p in t.partitions)
+    assert sorted(leaders.values()) == [3, 3, 3], leaders
+    with pytest.raises(ValueError, match="can only grow"):
+        state.grow(topic, 2, [0, 1, 2])
+    with pytest.raises(ValueError, match="needs 3 live brokers"):
+        state.grow(topic, 3, [0, 1])

@@ -198,6 +198,17 @@ def new_topic(
     )
 
 
+def grow(topic: TopicState, total: int, live_brokers: Iterable[int], existing: Iterable[TopicState] = ()) -> TopicState:
+    """ADD_PARTITIONS: partitions len(topic.partitions)..total-1 placed as a new topic's are
+    (``existing`` should include topic itself), each led by its first replica at epoch 0 with
+    every replica in sync (they are all empty). ValueError unless total grows the topic."""
+    have = len(topic.partitions)
+    if total <= have:
+        raise ValueError(f"topic {topic.name!r} has {have} partitions; can only grow, not to {total}")
+    placed = place(total - have, topic.replication_factor, live_brokers, existing, first_index=have)
+    return replace(topic, partitions=topic.partitions + tuple(PartitionState(r, r[0], 0, r) for r in placed))
+
+
 # -- controller decisions -----------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from rustmq.cluster.store import Conflict, LeaseRecord, ObjectStore, StoreUnavai
 from rustmq.coordination import internal_topic
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.replication.forward import Forwarder
+from rustmq.replication.topics import TopicChanges, apply_local, check_config
 from rustmq.server.broker import Broker
 from rustmq.server.replicated import ClusterRoles, PartitionRole
 from rustmq.storage import errors as storage_errors
@@ -89,6 +90,7 @@ class ClusterNode:
         self.roles.isr_changes = self._nudge
         self.forwarder = Forwarder(self, timeout_s=settings.forward_timeout_s, max_inflight=settings.forward_max_inflight)
         self.roles.placer = self.forwarder
+        self.roles.topic_changes = TopicChanges(self)
         coordination = getattr(broker, "coordination", None)
         if coordination is not None:
             self.roles.became_leader = coordination.coordinator.forget_producer_state
@@ -397,6 +399,8 @@ class ClusterNode:
                 local = storage.topic(name)
             except storage_errors.UnknownTopicError:
                 local = storage.create_topic(name, len(topic.partitions), topic.config or None)
+            else:  # ADD_PARTITIONS, ALTER_TOPIC_CONFIG (rustmq.replication.topics)
+                apply_local(storage, topic)
             self._applied.add(name)
             for i in mine:
                 p = topic.partitions[i]
@@ -549,9 +553,9 @@ class ClusterNode:
             validate_topic_name(name)
             if internal_topic.is_internal(name) and not internal:
                 raise ValueError(f"topic names starting with {internal_topic.INTERNAL_PREFIX!r} are reserved for the broker")
-            self.broker.log.default_config.merged(config)
         except (storage_errors.InvalidConfigError, ValueError, TypeError) as exc:
             raise RequestError(ErrorCode.INVALID_CONFIG, str(exc)) from None
+        check_config(self.broker.log.default_config, config)
         count = partitions or self.broker.settings.default_partitions
         live = sorted(self.members)
         rf = replication_factor or cstate.default_replication_factor(len(live))

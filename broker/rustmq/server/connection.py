@@ -746,13 +746,29 @@ class Connection(asyncio.BufferedProtocol):
 
     def _add_partitions(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         name, total = api.parse_add_partitions(header)
+        cluster = self._broker.cluster
+        if cluster is not None:
+            self._later(corr, self._add_cluster_partitions(cluster, name, total))
+            return
         topic = self._broker.add_partitions(name, total)
         self._ok(corr, {"topic": name, "partitions": len(topic.partitions)})
 
     def _alter_topic_config(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         request = api.parse_alter_topic_config(header)
+        cluster = self._broker.cluster
+        if cluster is not None:
+            self._later(corr, self._alter_cluster_topic_config(cluster, request))
+            return
         topic = self._broker.alter_topic_config(request.topic, request.changes, request.reset)
         self._ok(corr, {**self._broker.describe(topic), "overrides": topic.overrides})
+
+    async def _add_cluster_partitions(self, cluster: Any, name: str, total: int) -> dict[str, Any]:
+        topic = await cluster.topic_changes.add_partitions(name, total)
+        return {"topic": name, "partitions": len(topic.partitions)}
+
+    async def _alter_cluster_topic_config(self, cluster: Any, request: api.AlterTopicConfigRequest) -> dict[str, Any]:
+        topic, config = await cluster.topic_changes.alter_topic_config(request.topic, request.changes, request.reset)
+        return {"topic": topic.name, "config": config.to_dict(), "overrides": topic.config}
 
     def _ok(self, corr: int, fields: dict[str, Any]) -> None:
         self._respond([frames.encode_frame({"corr": corr, "error": 0, **fields})])

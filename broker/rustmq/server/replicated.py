@@ -122,6 +122,7 @@ class ClusterRoles:
         self.controller = -1
         self.admin: ClusterAdmin | None = None
         self.placer: Placer | None = None
+        self.topic_changes: Any = None  # rustmq.replication.topics.TopicChanges: ADD_PARTITIONS, ALTER_TOPIC_CONFIG
         self._turn: dict[str, int] = {}  # keyless simple produce: round-robin position per topic
         self.isr_changes: Callable[[], None] | None = None  # the runtime's nudge to store an ISR change
         self.became_leader: Callable[[str, int], None] | None = None  # e.g. rebuild the producer table
