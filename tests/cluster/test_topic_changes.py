@@ -15,6 +15,7 @@ import pytest
 from brokerproc import RawClient
 from clusterproc import BrokerCluster, create_namespace
 from rustmq.client import Consumer, Producer
+from rustmq.coordination import internal_topic
 from rustmq.protocol.api import ErrorCode
 
 pytestmark = [pytest.mark.slow]
@@ -113,6 +114,8 @@ def test_topic_changes_refuse_clearly(three_brokers: BrokerCluster) -> None:
     assert hold["error"] == ErrorCode.INVALID_CONFIG and "retention holds" in hold["message"]
     created = call(cluster, 0, {"api": 4, "topic": "c", "partitions": 1, "config": {"cleanup_policy": "compact,delete"}})
     assert created["error"] == ErrorCode.INVALID_CONFIG
+    internal = call(cluster, 1, {"api": 9, "topic": internal_topic.TOPIC, "partitions": 99})
+    assert internal["error"] == ErrorCode.INVALID_REQUEST and "internal" in internal["message"]
     # Nothing of the refused changes was stored.
     metadata = cluster.wait_for(lambda m: True, "metadata", topics=["t", "held", "c"])
     assert len(metadata["topics"][0]["partitions"]) == 3
