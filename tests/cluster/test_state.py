@@ -197,3 +197,20 @@ def test_grow_places_new_partitions_like_a_new_topic_and_never_shrinks() -> None
         state.grow(topic, 2, [0, 1, 2])
     with pytest.raises(ValueError, match="needs 3 live brokers"):
         state.grow(topic, 3, [0, 1])
+
+
+def test_an_observer_that_was_blind_gives_holders_a_fresh_duration() -> None:
+    # Blind for longer than max_gap_s (an API outage): the unchanged record is not judged on the
+    # time nobody could renew; a holder that stays silent afterwards still expires.
+    observer = LeaseObserver(max_gap_s=5.0)
+    observer.observe("l", LeaseRecord("me", 6, "t1"), now=0.0)
+    observer.observe("l", LeaseRecord("me", 6, "t1"), now=1.0)
+    observer.observe("l", LeaseRecord("me", 6, "t1"), now=20.0)  # first look after 19 s
+    assert observer.holder("l", 20.0) == "me"
+    observer.observe("l", LeaseRecord("me", 6, "t1"), now=24.0)  # normal gap: the clock keeps running
+    assert observer.holder("l", 25.9) == "me" and observer.holder("l", 26.1) is None
+    # Without max_gap_s the time blind counts (the old rule, kept for callers that want it).
+    strict = LeaseObserver()
+    strict.observe("l", LeaseRecord("me", 6, "t1"), now=0.0)
+    strict.observe("l", LeaseRecord("me", 6, "t1"), now=20.0)
+    assert strict.holder("l", 20.0) is None

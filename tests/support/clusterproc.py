@@ -49,6 +49,20 @@ def control_plane() -> Iterator[Path]:
         subprocess.run([str(LOCAL_CLUSTER), "down", "--dir", str(state_dir)], capture_output=True, timeout=60)
 
 
+def api_server_pid(kubeconfig: Path) -> int:
+    """The kube-apiserver process of the local control plane that wrote this kubeconfig
+    (scripts/local-cluster keeps <state dir>/run/kube-apiserver.pid beside it)."""
+    pid_file = kubeconfig.parent / "run" / "kube-apiserver.pid"
+    if not pid_file.is_file():
+        raise RuntimeError(f"{kubeconfig} is not from scripts/local-cluster (no {pid_file}): the test needs "
+                           "its own local control plane's API server to pause it (unset KUBECONFIG)")
+    pid = int(pid_file.read_text().strip())
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    if not cmdline or not cmdline[0].endswith(b"kube-apiserver"):
+        raise RuntimeError(f"pid {pid} from {pid_file} is not a kube-apiserver")
+    return pid
+
+
 def create_namespace(kubeconfig: Path) -> str:
     from kubernetes import client, config
 

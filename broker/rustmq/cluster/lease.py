@@ -13,6 +13,11 @@ monotonic clock (client-go's and Patroni's way), never by comparing remote times
 - Observing. An observer stamps the moment it first sees a lease record change (holder,
   renewTime, annotations); the lease is expired when ``lease_duration_s`` passed on the
   observer's clock since then with no change. An empty holder means released: expired at once.
+  An observer that could not look for longer than ``max_gap_s`` (the API server unreachable
+  for it, or its own process frozen) restarts the count at its next look instead of judging
+  the time it was blind: holders could not renew then either, and all of them would otherwise
+  look expired at once after an API outage (a failover of everything for nothing). This only
+  ever delays a takeover, which is safe: holders stop acting on their own clocks.
 
 ``LeaseTiming.check`` raises ValueError for timings that break the rule.
 """
@@ -77,18 +82,24 @@ class HeldLease:
 class LeaseObserver:
     """Liveness of leases held by others, on this process's clock."""
 
-    __slots__ = ("_seen",)
+    __slots__ = ("_looked", "_seen", "max_gap_s")
 
-    def __init__(self) -> None:
+    def __init__(self, max_gap_s: float | None = None) -> None:
+        self.max_gap_s = max_gap_s
         self._seen: dict[str, tuple[tuple[object, ...], float, float]] = {}  # name -> (fingerprint, since, duration)
+        self._looked: dict[str, float] = {}  # name -> when it was last observed
 
     def observe(self, name: str, record: LeaseRecord | None, now: float) -> None:
         if record is None:
             self._seen.pop(name, None)
+            self._looked.pop(name, None)
             return
         fingerprint = (record.holder, record.renew_time, record.transitions, tuple(sorted(record.annotations.items())))
         previous = self._seen.get(name)
-        if previous is None or previous[0] != fingerprint:
+        looked = self._looked.get(name)
+        self._looked[name] = now
+        blind = self.max_gap_s is not None and looked is not None and now - looked > self.max_gap_s
+        if previous is None or previous[0] != fingerprint or blind:
             self._seen[name] = (fingerprint, now, float(record.duration_s))
 
     def holder(self, name: str, now: float) -> str | None:
@@ -105,3 +116,4 @@ class LeaseObserver:
     def forget(self, names: set[str]) -> None:
         for name in set(self._seen) - names:
             del self._seen[name]
+            self._looked.pop(name, None)

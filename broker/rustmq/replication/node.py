@@ -84,7 +84,7 @@ class ClusterNode:
         self._controller_since = 0.0
         self._members_since = 0.0
         self._last_alive: set[int] = set()
-        self.observer = LeaseObserver()
+        self.observer = LeaseObserver(max_gap_s=settings.timing.holder_validity_s)
         self.roles = ClusterRoles(settings.broker_id, self._lease_valid, settings.replica_lag_s, broker._wake)
         self.roles.admin = self
         self.roles.isr_changes = self._nudge
