@@ -131,6 +131,10 @@ async def _start_cluster_node(config: BrokerConfig, broker: Broker) -> ClusterNo
         replica_lag_s=config.replica_lag_s,
         unclean_leader_election=config.unclean_leader_election,
         forward_timeout_s=config.forward_timeout_s,
+        reassign_bytes_per_s=config.reassign_bytes_per_s,
+        max_reassignments=config.max_reassignments,
+        controlled_shutdown_s=config.controlled_shutdown_s,
+        preferred_leader_delay_s=config.preferred_leader_delay_s,
     )
     node = ClusterNode(broker, store, settings, incarnation=secrets.token_hex(8))
     await node.start()

@@ -93,6 +93,13 @@ class BrokerConfig:
     replica_lag_s: float = 5.0  # a follower not caught up for this long leaves the ISR
     unclean_leader_election: bool = False  # True: elect an out-of-sync replica rather than stay offline (data loss)
     forward_timeout_s: float = 10.0  # a simple produce forwarded to its partition's leader waits at most this long
+    # Scaling (docs/cluster.md "Scaling"): the reassignments the controller runs at once, the
+    # byte rate of catch-up fetches of replicas being added, how long a stopping broker waits
+    # for its leaderships to move, and how long a returning broker waits to lead again.
+    reassign_bytes_per_s: int = 50 << 20  # 0: unthrottled
+    max_reassignments: int = 4
+    controlled_shutdown_s: float = 20.0
+    preferred_leader_delay_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("producer_port", "consumer_port", "metrics_port"):
@@ -136,6 +143,11 @@ class BrokerConfig:
             self.lease_timing().check()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.reassign_bytes_per_s < 0 or self.max_reassignments < 1:
+            raise ConfigError("reassign_bytes_per_s must be at least 0 (0: unthrottled) and max_reassignments at least 1")
+        for name in ("controlled_shutdown_s", "preferred_leader_delay_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be at least 0, not {getattr(self, name)}")
         for name in ("cluster_poll_s", "replica_lag_s", "forward_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")

@@ -28,7 +28,8 @@ LOCAL_CLUSTER = REPO / "scripts" / "local-cluster"
 
 # Fast failover for tests; the documented defaults are 6 / 1 / 2 s (docs/cluster.md).
 FAST_TIMING = {"RUSTMQ_LEASE_DURATION_S": "4", "RUSTMQ_LEASE_RENEW_S": "0.5", "RUSTMQ_API_TIMEOUT_S": "1.5",
-               "RUSTMQ_REPLICA_LAG_S": "3", "RUSTMQ_CLUSTER_POLL_S": "0.25"}
+               "RUSTMQ_REPLICA_LAG_S": "3", "RUSTMQ_CLUSTER_POLL_S": "0.25",
+               "RUSTMQ_CONTROLLED_SHUTDOWN_S": "8", "RUSTMQ_PREFERRED_LEADER_DELAY_S": "3"}
 
 
 @contextmanager

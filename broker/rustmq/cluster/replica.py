@@ -46,7 +46,10 @@ class ReplicaTracker:
     def follower_fetched(self, follower: int, offset: int, leader_end: int, now: float) -> bool:
         """Record a follower fetch; True when the high watermark moved."""
         if follower not in self._caught_up:
-            return False
+            if follower not in self.replicas or follower == self.broker_id:
+                return False
+            # A replica added after this leader took over (a reassignment): not caught up yet.
+            self._caught_up[follower] = float("-inf")
         self._leo[follower] = offset
         previous = self._last_fetch.get(follower)
         if offset >= leader_end:

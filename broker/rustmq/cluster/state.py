@@ -12,6 +12,12 @@ topic name (topic names are [A-Za-z0-9._-], valid ConfigMap keys), its value one
      "cepoch": 4,                    controller epoch of the last controller write (fencing)
      "p": [[replicas, leader, leader_epoch, isr], ...]}   one entry per partition
 
+A partition being reassigned (rustmq.cluster.reassign) carries a fifth element, its target
+replica list: ``[replicas, leader, leader_epoch, isr, target]``. Its ``replicas`` are then the old
+ones plus the new ones being added (the new replicas fetch and join the ISR like any follower);
+once every target replica is in the ISR the controller sets ``replicas`` to the target and drops
+the fifth element, so a partition not being moved is encoded exactly as before.
+
 and ``<cluster>-state-brokers`` maps ``broker-<id>`` to the incarnation the controller last saw,
 so a restarted broker (new incarnation) is never counted in sync before it caught up again.
 
@@ -40,14 +46,24 @@ class PartitionState:
     leader: int
     leader_epoch: int
     isr: tuple[int, ...]
+    target: tuple[int, ...] = ()  # reassignment in progress: the replica list it ends with
 
     def to_json(self) -> list[Any]:
-        return [list(self.replicas), self.leader, self.leader_epoch, list(self.isr)]
+        out = [list(self.replicas), self.leader, self.leader_epoch, list(self.isr)]
+        if self.target:
+            out.append(list(self.target))
+        return out
 
     @classmethod
     def from_json(cls, raw: list[Any]) -> PartitionState:
-        replicas, leader, epoch, isr = raw
-        return cls(tuple(replicas), int(leader), int(epoch), tuple(isr))
+        replicas, leader, epoch, isr = raw[:4]
+        target = tuple(raw[4]) if len(raw) > 4 else ()
+        return cls(tuple(replicas), int(leader), int(epoch), tuple(isr), target)
+
+    @property
+    def final_replicas(self) -> tuple[int, ...]:
+        """The replicas this partition has once any reassignment in progress is done."""
+        return self.target or self.replicas
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +174,10 @@ def place(
     replicas_load: Counter[int] = Counter({b: 0 for b in ring})
     for topic in existing:
         for p in topic.partitions:
-            if p.replicas and p.replicas[0] in leaders:
-                leaders[p.replicas[0]] += 1
-            for r in p.replicas:
+            final = p.final_replicas
+            if final and final[0] in leaders:
+                leaders[final[0]] += 1
+            for r in final:
                 if r in replicas_load:
                     replicas_load[r] += 1
     out = []
@@ -249,7 +266,7 @@ def elect(
                 leader, epoch = new_leader, epoch + 1
         if leader != NO_LEADER and leader not in isr:
             isr = (leader,) + tuple(r for r in isr if r != leader)
-        new = PartitionState(p.replicas, leader, epoch, isr)
+        new = replace(p, leader=leader, leader_epoch=epoch, isr=isr)
         if new != p:
             changed = True
         parts.append(new)

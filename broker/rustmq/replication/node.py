@@ -16,7 +16,15 @@ Loops (each bounded by the store's api_timeout_s per call; docs/cluster.md has t
   leader and epoch), and run one fetcher per leader this broker follows.
 - fetchers: a replica FETCH (replica_id, leader_epoch, last_fetched_epoch per partition) in a
   loop; batches are appended with the leader's offsets and epochs; a ``diverging`` answer
-  truncates the local log to the leader's end of that epoch first (KIP-101/279).
+  truncates the local log to the leader's end of that epoch first (KIP-101/279). Replicas being
+  added by a reassignment fetch within the ``reassign_bytes_per_s`` token bucket.
+
+Scaling (rustmq.cluster.reassign, docs/cluster.md "Scaling"): the controller reads the
+operator's ``<cluster>-membership``, plans reassignments, controlled-shutdown and preferred-leader
+moves in the same CAS writes as its election, and publishes ``<cluster>-health``. Each broker
+reports its log bytes (and, as a leader, the bytes its reassigned followers still lack) in its
+Lease annotations. On stop a broker first asks for a controlled shutdown (Lease annotation
+``rustmq.io/shutting-down``) and waits until its leaderships have moved to in-sync followers.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any
 
 from rustmq.client.connection import Connection
 from rustmq.client.errors import BrokerError, ClientError
+from rustmq.cluster import reassign
 from rustmq.cluster import state as cstate
 from rustmq.cluster.lease import HeldLease, LeaseObserver, LeaseTiming
 from rustmq.cluster.state import TopicState
@@ -64,6 +73,10 @@ class ClusterSettings:
     replica_fetch_max_bytes: int = 4 << 20
     forward_timeout_s: float = 10.0  # a forwarded simple produce waits at most this long for its leader
     forward_max_inflight: int = 256  # forwarded PRODUCE requests outstanding at once, all leaders together
+    reassign_bytes_per_s: int = 50 << 20  # catch-up fetches of replicas being added; 0: unlimited
+    max_reassignments: int = 4  # partitions moving at once
+    controlled_shutdown_s: float = 20.0  # how long a stopping broker waits for its leaderships to move
+    preferred_leader_delay_s: float = 10.0  # a returning broker leads its preferred partitions after this
 
 
 def _now_rfc3339() -> str:
@@ -106,6 +119,13 @@ class ClusterNode:
         self._wakeup = asyncio.Event()
         self._sync_lock = asyncio.Lock()
         self._stopping = False
+        self._shutting_down = False
+        self._throttle = reassign.Throttle(settings.reassign_bytes_per_s, time.monotonic())
+        self._since: dict[int, tuple[str, float]] = {}  # broker -> (incarnation, first seen), for preferred leaders
+        self._health: dict[str, Any] | None = None
+        self._health_version: str | None = None
+        self._health_written = float("-inf")
+        self._membership_error = ""
         c = settings.cluster_name
         self._lease_name = cstate.broker_lease_name(c, settings.broker_id)
         self._controller_name = cstate.controller_lease_name(c)
@@ -141,7 +161,9 @@ class ClusterNode:
                        loop.create_task(self._sync_loop())]
 
     async def stop(self) -> None:
-        """Stop every loop and fetcher, then release the leases so peers need not wait them out."""
+        """Controlled shutdown first (leaderships move to in-sync followers), then stop every loop
+        and fetcher and release the leases so peers need not wait them out."""
+        await self.controlled_shutdown()
         self._stopping = True
         for task in [*self._tasks, *self._fetchers.values()]:
             task.cancel()
@@ -158,6 +180,34 @@ class ClusterNode:
             except (StoreUnavailable, Conflict) as exc:
                 log.warning("releasing %s failed: %s", name, exc)
         await self.store.close()
+
+    async def controlled_shutdown(self) -> None:
+        """Ask the controller (Lease annotation) to move this broker's leaderships away and wait,
+        bounded by controlled_shutdown_s, until none is left that another live in-sync replica
+        could take. The broker keeps serving meanwhile: requests for partitions it still leads
+        are answered, the others get NOT_LEADER and clients follow the new leader."""
+        if self._stopping or self._shutting_down or not self._tasks:
+            return
+        self._shutting_down = True
+        started = time.monotonic()
+        try:
+            await self._renew()
+        except (StoreUnavailable, Conflict) as exc:
+            log.warning("announcing the controlled shutdown: %s", exc)
+        while time.monotonic() - started < self.settings.controlled_shutdown_s:
+            left = self._movable_leaderships()
+            if not left:
+                log.info("controlled shutdown: no leadership left to hand over after %.1f s", time.monotonic() - started)
+                return
+            self._nudge()
+            await asyncio.sleep(self.settings.poll_s)
+        log.warning("controlled shutdown: %d leadership(s) not moved within %.0f s", len(self._movable_leaderships()),
+                    self.settings.controlled_shutdown_s)
+
+    def _movable_leaderships(self) -> list[tuple[str, int]]:
+        me = self.settings.broker_id
+        return [key for key, role in self.roles.roles.items()
+                if role.tracker is not None and any(b != me and b in self.members for b in role.isr)]
 
     def _lease_valid(self) -> bool:
         return self.held.valid(time.monotonic())
@@ -186,6 +236,10 @@ class ClusterNode:
 
     def _own_record(self, transitions: int) -> LeaseRecord:
         ports = self.broker.ports
+        scaling = {ANNOTATION + "log-bytes": str(self._log_bytes()),
+                   ANNOTATION + "reassign-bytes": str(self._reassign_bytes())}
+        if self._shutting_down:
+            scaling[ANNOTATION + "shutting-down"] = "true"
         return LeaseRecord(
             holder=self.holder,
             duration_s=self.settings.timing.duration_seconds,
@@ -196,8 +250,34 @@ class ClusterNode:
                 ANNOTATION + "producer-port": str(ports.get("producer", 0)),
                 ANNOTATION + "consumer-port": str(ports.get("consumer", 0)),
                 ANNOTATION + "incarnation": self.incarnation,
+                **scaling,
             },
         )
+
+    def _log_bytes(self) -> int:
+        return sum(plog.size_bytes for topic in self.broker.log.topics() for plog in topic.partitions)
+
+    def _reassign_bytes(self) -> int:
+        """As a leader: the bytes the replicas being added to its partitions still have to copy,
+        estimated from offsets (log bytes x the share of offsets the follower lacks)."""
+        total = 0
+        for (name, index), role in self.roles.roles.items():
+            tracker = role.tracker
+            topic = self.topics.get(name)
+            if tracker is None or topic is None or index >= len(topic.partitions):
+                continue
+            p = topic.partitions[index]
+            lagging = [b for b in p.target if b not in p.isr]
+            if not lagging:
+                continue
+            plog = role.plog
+            start, end = plog.start_offset, plog.end_offset
+            if end <= start:
+                continue
+            for b in lagging:
+                have = max(start, min(end, tracker.follower_end(b) or start))
+                total += plog.size_bytes * (end - have) // (end - start)
+        return total
 
     async def _renew(self) -> None:
         started = time.monotonic()
@@ -282,23 +362,27 @@ class ClusterNode:
         now = time.monotonic()
         alive: set[int] = set()
         incarnations: dict[int, str] = {}
+        notes: dict[int, dict[str, str]] = {}
         for name, lease in leases.items():
             self.observer.observe(name, lease.value, now)
             broker_id = _broker_id(name, self._broker_prefix)
             if broker_id is not None and self.observer.holder(name, now) is not None:
                 alive.add(broker_id)
+                notes[broker_id] = lease.value.annotations
                 incarnations[broker_id] = lease.value.annotations.get(ANNOTATION + "incarnation", "")
         if alive != self._last_alive:
             self._last_alive, self._members_since = alive, now
         known = await self.store.get_map(self._brokers_map)
         recorded = dict(known.value) if known is not None else {}
         restarted = {b for b, inc in incarnations.items() if recorded.get(f"broker-{b}", inc) != inc}
+        membership = await self._membership()
         shards = await self.store.list_maps(self._state_prefix)
+        by_shard: dict[str, dict[str, TopicState]] = {}
+        changed: set[str] = set()
         for name, shard in shards.items():
             if name == self._brokers_map:
                 continue
-            topics = cstate.decode_shard(shard.value)
-            changed = False
+            topics = by_shard[name] = cstate.decode_shard(shard.value)
             for topic_name, topic in list(topics.items()):
                 if topic.controller_epoch > self.controller_epoch:
                     self.controlling.lost()
@@ -307,13 +391,40 @@ class ClusterNode:
                 new = cstate.elect(topic, alive, restarted, self.controller_epoch, self.settings.unclean_leader_election)
                 if new is not None:
                     topics[topic_name] = new
-                    changed = True
-            if changed:
-                if not self.controlling.valid(time.monotonic()):
-                    return
-                await self.store.replace_map(name, cstate.encode_shard(topics.values()), shard.version)
-                log.info("controller epoch %d: elected in %s (alive %s, restarted %s)", self.controller_epoch, name,
-                         sorted(alive), sorted(restarted))
+                    changed.add(name)
+        # Scaling: reassignments, controlled shutdown, preferred leaders (rustmq.cluster.reassign).
+        for b in set(self._since) - alive:
+            del self._since[b]  # back after an absence (or a pause past its Lease): waits again
+        for b, inc in incarnations.items():
+            if self._since.get(b, ("",))[0] != inc:
+                self._since[b] = (inc, now)
+        eligible = alive - restarted
+        delay = self.settings.preferred_leader_delay_s
+        avoid = {b for b in alive if notes[b].get(ANNOTATION + "shutting-down") == "true"}
+        if membership is not None and membership.shutdown is not None:
+            avoid.add(membership.shutdown)
+        given = reassign.RoundInput(
+            alive=frozenset(alive), eligible=frozenset(eligible), avoid=frozenset(avoid),
+            stable=frozenset(b for b in eligible if now - self._since[b][1] >= delay),
+            members=membership.brokers if membership is not None else None,
+            max_moves=self.settings.max_reassignments)
+        everything = {t: topic for topics in by_shard.values() for t, topic in topics.items()}
+        for topic_name, topic in reassign.plan(everything, given, self.controller_epoch).items():
+            shard_name = cstate.shard_name(self.settings.cluster_name, cstate.shard_of(topic_name))
+            by_shard[shard_name][topic_name] = everything[topic_name] = topic
+            changed.add(shard_name)
+        conflicts = 0
+        for name in sorted(changed):
+            if not self.controlling.valid(time.monotonic()):
+                return
+            try:
+                await self.store.replace_map(name, cstate.encode_shard(by_shard[name].values()), shards[name].version)
+            except Conflict:
+                conflicts += 1  # a topic created or an ISR changed meanwhile: decided again next round
+                continue
+            log.info("controller epoch %d: wrote %s (alive %s, restarted %s, avoid %s, members %s)", self.controller_epoch,
+                     name, sorted(alive), sorted(restarted), sorted(avoid),
+                     sorted(membership.brokers) if membership is not None else "-")
         wanted = {**recorded, **{f"broker-{b}": inc for b, inc in incarnations.items()}}
         if wanted != recorded:
             if known is None:
@@ -322,6 +433,57 @@ class ClusterNode:
                 await self.store.replace_map(self._brokers_map, wanted, known.version)
         if restarted or shards:
             self._nudge()
+        await self._publish_health(everything, alive, membership if not conflicts else None, notes, now)
+
+    async def _membership(self) -> reassign.Membership | None:
+        """The operator's membership ConfigMap, or None (absent or unusable: move nothing)."""
+        current = await self.store.get_map(reassign.membership_name(self.settings.cluster_name))
+        if current is None:
+            self._membership_error = ""
+            return None
+        try:
+            membership = reassign.parse_membership(current.value)
+        except ValueError as exc:
+            if str(exc) != self._membership_error:
+                log.error("ignoring %s: %s", reassign.membership_name(self.settings.cluster_name), exc)
+            self._membership_error = str(exc)
+            return None
+        self._membership_error = ""
+        return membership
+
+    async def _publish_health(self, topics: dict[str, TopicState], alive: set[int],
+                              membership: reassign.Membership | None, notes: dict[int, dict[str, str]], now: float) -> None:
+        """Write ``<cluster>-health`` (CAS) when it changed, and at least every 5 s so the
+        operator can tell a live report from a dead controller's."""
+        def number(b: int, key: str) -> int:
+            text = notes.get(b, {}).get(ANNOTATION + key, "0")
+            return int(text) if text.isdigit() else 0
+
+        observed = membership.generation if membership is not None else (
+            self._health or {}).get("observedMembershipGeneration")
+        report = reassign.health(
+            topics.values(), alive=alive, members=membership.brokers if membership is not None else None,
+            log_bytes={b: number(b, "log-bytes") for b in alive}, bytes_to_move=sum(number(b, "reassign-bytes") for b in alive),
+            controller=self.settings.broker_id, controller_epoch=self.controller_epoch,
+            observed_generation=observed, updated_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        self.roles.health = report
+        if reassign.same_health(self._health, report) and now - self._health_written < 5.0:
+            return
+        name = reassign.health_name(self.settings.cluster_name)
+        data = reassign.encode_health(report)
+        if not self.controlling.valid(time.monotonic()):
+            return
+        try:
+            if self._health_version is None:
+                current = await self.store.get_map(name)
+                written = await (self.store.create_map(name, data) if current is None
+                                 else self.store.replace_map(name, data, current.version))
+            else:
+                written = await self.store.replace_map(name, data, self._health_version)
+        except Conflict:
+            self._health_version = None  # another controller wrote it meanwhile: re-read next round
+            return
+        self._health_version, self._health, self._health_written = written.version, report, now
 
     # -- state sync -------------------------------------------------------------------------
 
@@ -394,6 +556,7 @@ class ClusterNode:
         for name, topic in topics.items():
             mine = [i for i, p in enumerate(topic.partitions) if me in p.replicas]
             if not mine:
+                self._drop_local(name)
                 continue
             try:
                 local = storage.topic(name)
@@ -427,6 +590,24 @@ class ClusterNode:
             task = self._fetchers.get(leader)
             if task is None or task.done():
                 self._fetchers[leader] = asyncio.get_running_loop().create_task(self._fetch_loop(leader))
+
+    def _drop_local(self, name: str) -> None:
+        """A topic this broker holds no replica of any more (moved away by a reassignment): its
+        local copy goes, since nothing reads it and the state may hand it back only as a new
+        replica that copies from the leader again."""
+        storage = self.broker.log
+        try:
+            storage.topic(name)
+        except storage_errors.UnknownTopicError:
+            return
+        self._applied.discard(name)
+        for key in [k for k in self.roles.roles if k[0] == name]:
+            self.roles.remove(*key)
+        try:
+            self.broker.delete_topic(name)
+            log.info("deleted the local replicas of %s: this broker holds none of its partitions any more", name)
+        except RequestError as exc:
+            log.warning("deleting the local replicas of %s: %s", name, exc.message)
 
     async def _store_isr_changes(self, versions: dict[str, Versioned[dict[str, str]]]) -> None:
         now = time.monotonic()
@@ -492,8 +673,26 @@ class ClusterNode:
             if connection is not None:
                 connection.close()
 
+    def _being_added(self, role: PartitionRole) -> bool:
+        """This replica is being added by a reassignment and is not in sync yet (throttled)."""
+        topic = self.topics.get(role.topic)
+        if topic is None or role.index >= len(topic.partitions):
+            return False
+        p = topic.partitions[role.index]
+        return bool(p.target) and self.settings.broker_id not in p.isr
+
     async def _fetch_once(self, connection: Connection, leader: int, parts: dict[tuple[str, int], PartitionRole]) -> None:
         roles = list(parts.values())
+        limit = self.settings.replica_fetch_max_bytes
+        throttled = {id(r) for r in roles if self._being_added(r)} if self.settings.reassign_bytes_per_s > 0 else set()
+        if throttled:
+            allowance = self._throttle.allowance(time.monotonic())
+            if allowance <= 0:
+                roles = [r for r in roles if id(r) not in throttled]
+                if not roles:
+                    await asyncio.sleep(min(1.0, self._throttle.wait_s(time.monotonic())))
+                    return
+            limit = min(limit, max(allowance, 1))
         request = {
             "api": int(ApiKey.FETCH),
             "replica_id": self.settings.broker_id,
@@ -502,7 +701,8 @@ class ClusterNode:
             "max_bytes": self.settings.replica_fetch_max_bytes,
             "partitions": [
                 {"topic": r.topic, "partition": r.index, "offset": r.plog.end_offset, "leader_epoch": r.leader_epoch,
-                 "last_fetched_epoch": r.last_epoch(), "max_bytes": self.settings.replica_fetch_max_bytes}
+                 "last_fetched_epoch": r.last_epoch(),
+                 "max_bytes": limit if id(r) in throttled else self.settings.replica_fetch_max_bytes}
                 for r in roles
             ],
         }
@@ -519,6 +719,8 @@ class ClusterNode:
             size = int(entry.get("size", 0))
             chunk = payload[position:position + size]
             position += size
+            if size and id(role) in throttled:
+                self._throttle.spent(size, time.monotonic())
             if role.leader != leader or role.plog.closed:
                 continue  # the state moved while the fetch was out
             if entry.get("error"):
@@ -558,6 +760,9 @@ class ClusterNode:
         check_config(self.broker.log.default_config, config)
         count = partitions or self.broker.settings.default_partitions
         live = sorted(self.members)
+        membership = await self._store_call(self._membership())
+        if membership is not None:  # not on brokers being drained, nor on ones not added yet
+            live = [b for b in live if b in membership.brokers]
         rf = replication_factor or cstate.default_replication_factor(len(live))
         min_isr = min_insync or cstate.default_min_insync(rf)
         shard = cstate.shard_name(self.settings.cluster_name, cstate.shard_of(name))

@@ -273,12 +273,15 @@ class Broker:
                 "min_insync_replicas": topic.min_insync,
                 "partitions": [
                     {"partition": index, "leader": p.leader, "leader_epoch": p.leader_epoch,
-                     "replicas": list(p.replicas), "isr": list(p.isr)}
+                     "replicas": list(p.replicas), "isr": list(p.isr),
+                     **({"target": list(p.target)} if p.target else {})}
                     for index, p in enumerate(topic.partitions)
                 ],
             })
-        return {"brokers": list(cluster.brokers), "controller": cluster.controller, "topics": topics,
-                "cluster": True}
+        answer = {"brokers": list(cluster.brokers), "controller": cluster.controller, "topics": topics, "cluster": True}
+        if cluster.health is not None and cluster.controller == cluster.broker_id:
+            answer["health"] = cluster.health  # the scaling report (docs/cluster.md); the controller has it
+        return answer
 
     def broker_stats(self) -> dict[str, Any]:
         return {

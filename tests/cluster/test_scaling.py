@@ -1,0 +1,263 @@
+"""Scaling with real brokers on the real API server: the controller reconciles placement to the
+membership ConfigMap (the operator's side of the contract is written here by hand), reports in
+the health ConfigMap, and a stopping broker hands its leaderships over first. Every scenario
+runs under a steady acks=all load checked by the history checker (tests/support/checker.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from checker import History
+from clusterproc import BrokerCluster
+from rustmq.client import Admin, Consumer, Producer
+
+pytestmark = [pytest.mark.slow]
+
+
+def core_api(cluster: BrokerCluster) -> Any:
+    from kubernetes import client, config
+
+    return client.CoreV1Api(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+
+
+def write_membership(cluster: BrokerCluster, brokers: list[int], generation: int, shutdown: int | None = None) -> None:
+    """What the operator does (SCALING contract 1.)."""
+    from kubernetes.client.exceptions import ApiException
+
+    api = core_api(cluster)
+    name = f"{cluster.name}-membership"
+    body = {"metadata": {"name": name, "labels": {"app.kubernetes.io/instance": cluster.name}},
+            "data": {"brokers": ",".join(map(str, sorted(brokers))), "generation": str(generation),
+                     "shutdown": "" if shutdown is None else str(shutdown)}}
+    try:
+        try:
+            api.replace_namespaced_config_map(name, cluster.namespace, body)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            api.create_namespaced_config_map(cluster.namespace, body)
+    finally:
+        api.api_client.close()
+
+
+def read_health(cluster: BrokerCluster) -> dict[str, Any] | None:
+    from kubernetes.client.exceptions import ApiException
+
+    api = core_api(cluster)
+    try:
+        found = api.read_namespaced_config_map(f"{cluster.name}-health", cluster.namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    finally:
+        api.api_client.close()
+    return json.loads(found.data["health"])
+
+
+async def wait_health(cluster: BrokerCluster, condition: Callable[[dict[str, Any]], bool], what: str,
+                      timeout: float = 90.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    report: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        report = await asyncio.to_thread(read_health, cluster)
+        if report is not None and condition(report):
+            return report
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last health: {report}\n{cluster.logs()}")
+
+
+def placement(cluster: BrokerCluster, topic: str) -> list[dict[str, Any]]:
+    return list(cluster.metadata([topic])["topics"][0]["partitions"])
+
+
+async def under_load(cluster: BrokerCluster, topic: str, writers: int, nemesis: Callable[[], Awaitable[None]],
+                     settle_s: float = 3.0) -> dict[str, Any]:
+    """acks=all writers (one key each) and a consumer reading everything while nemesis runs.
+
+    A send that raises after the producer's own retries is a failed request (``failed_sends``);
+    its value is recorded as of unknown outcome for the loss check."""
+    history = History()
+    stop = asyncio.Event()
+    failures: list[str] = []
+
+    async def writer(index: int) -> None:
+        async with Producer(cluster.bootstrap, acks="all", linger_ms=0, request_timeout_s=5,
+                            delivery_timeout_s=30) as producer:
+            seq = 0
+            while not stop.is_set():
+                value = b"w%d-%d" % (index, seq)
+                seq += 1
+                try:
+                    meta = await producer.send_and_wait(topic, value, key=b"writer-%d" % index)
+                    history.acked(f"w{index}", value, meta.partition, meta.offset)
+                except Exception as exc:
+                    failures.append(repr(exc))
+                    history.info(value)
+                    producer._errors.clear()
+
+    async def reader(consumer: Consumer) -> None:
+        async for got in consumer.batches():
+            for m in got:
+                history.read(m.partition, m.offset, m.value)
+
+    consumer = await Consumer(cluster.bootstrap, topic, start="earliest", max_wait_ms=200, timeout_s=5).start()
+    loop = asyncio.get_running_loop()
+    reading = loop.create_task(reader(consumer))
+    tasks = [loop.create_task(writer(i)) for i in range(writers)]
+    try:
+        await asyncio.sleep(2)
+        await nemesis()
+        await asyncio.sleep(settle_s)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and any(v not in history.read_at for v in history.ok):
+            await asyncio.sleep(0.2)
+            if reading.done():
+                reading.result()
+    finally:
+        stop.set()
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await consumer.close()
+    report = history.check()
+    report["failed_sends"] = len(failures)
+    report["failure_examples"] = failures[:3]
+    return report
+
+
+def assert_no_loss(report: dict[str, Any]) -> None:
+    assert report["acknowledged"] > 50, report
+    assert report["lost"] == 0 and report["inconsistent"] == 0 and report["wrong_offset"] == 0, report
+    assert report["duplicated"] == 0 and report["reordered"] == 0, report
+
+
+def full(parts: list[dict[str, Any]], rf: int = 3) -> bool:
+    return bool(parts) and all(len(p["isr"]) == rf and len(p["replicas"]) == rf and p["leader"] >= 0
+                               and "target" not in p for p in parts)
+
+
+@pytest.mark.timeout(300)
+async def test_scale_up_rebalances_replicas_and_leaders_under_acks_all_load(three_brokers: BrokerCluster) -> None:
+    cluster = three_brokers
+    async with Admin(cluster.bootstrap) as admin:
+        await admin.create_topic("grow", 4)
+    await asyncio.to_thread(cluster.wait_for, lambda m: full(m["topics"][0]["partitions"]), "ISR", 30, ["grow"])
+    seen: dict[str, Any] = {}
+
+    async def add_broker() -> None:
+        cluster.size = 4
+        await asyncio.to_thread(cluster.start, 3)
+        await asyncio.to_thread(cluster.wait_until_sees_all, 3)
+        write_membership(cluster, [0, 1, 2, 3], generation=1)
+        started = time.monotonic()
+        seen["health"] = await wait_health(
+            cluster, lambda h: h["observedMembershipGeneration"] == 1 and h["reassigning"] == 0
+            and h["brokers"].get("3", {}).get("replicas", 0) > 0 and h["underReplicated"] == 0, "the rebalance")
+        seen["rebalance_s"] = time.monotonic() - started
+
+    report = await under_load(cluster, "grow", writers=3, nemesis=add_broker)
+    print(json.dumps({**report, "rebalance_s": round(seen["rebalance_s"], 1)}))
+    assert_no_loss(report)
+    parts = placement(cluster, "grow")
+    assert full(parts), parts
+    health = seen["health"]
+    replicas = {b: health["brokers"][str(b)]["replicas"] for b in range(4)}
+    assert max(replicas.values()) - min(replicas.values()) <= 1, health  # every topic, the default one included
+    # Leaders follow the preferred replicas once broker 3 is stable.
+    final = await wait_health(cluster, lambda h: max(h["brokers"][str(b)]["leaders"] for b in range(4))
+                              - min(h["brokers"][str(b)]["leaders"] for b in range(4)) <= 1, "leader balance", 60)
+    assert final["offline"] == 0 and final["maxReplicationFactor"] == 3
+    assert Counter(b for p in placement(cluster, "grow") for b in p["replicas"])[3] >= 2
+
+
+@pytest.mark.timeout(300)
+async def test_drain_moves_every_replica_off_a_broker_under_acks_all_load(three_brokers: BrokerCluster) -> None:
+    cluster = three_brokers
+    async with Admin(cluster.bootstrap) as admin:
+        await admin.create_topic("drain", 3)
+    await asyncio.to_thread(cluster.wait_for, lambda m: full(m["topics"][0]["partitions"]), "ISR", 30, ["drain"])
+    cluster.size = 4
+    await asyncio.to_thread(cluster.start, 3)
+    await asyncio.to_thread(cluster.wait_until_sees_all, 3)
+    drained_dir = cluster.brokers[2].data_dir / "topics"
+    assert (drained_dir / "drain").exists()
+    seen: dict[str, Any] = {}
+
+    async def drain_broker_2() -> None:
+        write_membership(cluster, [0, 1, 3], generation=1)
+        started = time.monotonic()
+        seen["health"] = await wait_health(
+            cluster, lambda h: h["observedMembershipGeneration"] == 1 and h["reassigning"] == 0
+            and h["brokers"].get("2", {}).get("replicas", 0) == 0 and h["underReplicated"] == 0, "the drain")
+        seen["drain_s"] = time.monotonic() - started
+
+    report = await under_load(cluster, "drain", writers=3, nemesis=drain_broker_2)
+    print(json.dumps({**report, "drain_s": round(seen["drain_s"], 1)}))
+    assert_no_loss(report)
+    parts = placement(cluster, "drain")
+    assert full(parts) and all(2 not in p["replicas"] for p in parts), parts
+    # The drained broker deleted what it no longer holds (and new topics avoid it).
+    for _ in range(100):
+        if not (drained_dir / "drain").exists():
+            break
+        await asyncio.sleep(0.2)
+    assert not (drained_dir / "drain").exists()
+    async with Admin(cluster.bootstrap) as admin:
+        await admin.create_topic("after-drain", 3)
+    assert all(2 not in p["replicas"] for p in placement(cluster, "after-drain"))
+
+
+@pytest.mark.timeout(300)
+async def test_sigterm_of_a_leader_hands_leadership_over_without_failing_acks_all(three_brokers: BrokerCluster) -> None:
+    cluster = three_brokers
+    async with Admin(cluster.bootstrap) as admin:
+        await admin.create_topic("roll", 3)
+    await asyncio.to_thread(cluster.wait_for, lambda m: full(m["topics"][0]["partitions"]), "ISR", 30, ["roll"])
+    before = placement(cluster, "roll")
+    victim = before[0]["leader"]
+    seen: dict[str, Any] = {}
+
+    async def rolling_restart_of_the_leader() -> None:
+        started = time.monotonic()
+        code = await asyncio.to_thread(cluster.brokers[victim].stop, 30)
+        seen["stop_s"], seen["exit"] = time.monotonic() - started, code
+        seen["log"] = cluster.brokers[victim].log()
+        await asyncio.to_thread(cluster.start, victim)
+
+    report = await under_load(cluster, "roll", writers=3, nemesis=rolling_restart_of_the_leader, settle_s=4)
+    print(json.dumps({**report, "stop_s": round(seen["stop_s"], 1)}))
+    assert seen["exit"] == 0
+    assert "controlled shutdown: no leadership left to hand over" in seen["log"], seen["log"][-3000:]
+    assert report["failed_sends"] == 0, report  # NOT_LEADER answers were retried by the producer
+    assert_no_loss(report)
+    # The restarted broker catches up and gets its preferred leaderships back.
+    preferred = [p["partition"] for p in before if p["replicas"][0] == victim]
+    await asyncio.to_thread(
+        cluster.wait_for, lambda m: full(m["topics"][0]["partitions"])
+        and all(m["topics"][0]["partitions"][i]["leader"] == victim for i in preferred), "preferred leaders back", 60, ["roll"])
+
+
+@pytest.mark.timeout(180)
+async def test_membership_shutdown_moves_leaderships_and_health_reports_it(three_brokers: BrokerCluster) -> None:
+    cluster = three_brokers
+    async with Admin(cluster.bootstrap) as admin:
+        await admin.create_topic("planned", 6)
+    await asyncio.to_thread(cluster.wait_for, lambda m: full(m["topics"][0]["partitions"]), "ISR", 30, ["planned"])
+    write_membership(cluster, [0, 1, 2], generation=1, shutdown=1)
+    report = await wait_health(cluster, lambda h: h["observedMembershipGeneration"] == 1
+                               and h["brokers"]["1"]["leaders"] == 0, "broker 1 leading nothing", 30)
+    assert report["offline"] == 0 and report["partitions"] >= 6 and report["brokers"]["1"]["alive"]
+    assert report["brokers"]["1"]["bytes"] >= 0 and report["controllerEpoch"] >= 1
+    assert all(p["leader"] != 1 for p in placement(cluster, "planned"))
+    write_membership(cluster, [0, 1, 2], generation=2)  # the operator clears it: leadership returns
+    await wait_health(cluster, lambda h: h["observedMembershipGeneration"] == 2 and h["brokers"]["1"]["leaders"] > 0,
+                      "broker 1 leading again", 30)
