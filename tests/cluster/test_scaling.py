@@ -140,6 +140,11 @@ def assert_no_loss(report: dict[str, Any]) -> None:
     assert report["duplicated"] == 0 and report["reordered"] == 0, report
 
 
+def spread(health: dict[str, Any], field: str, brokers: range = range(4)) -> int:
+    counts = [health["brokers"].get(str(b), {}).get(field, 0) for b in brokers]
+    return max(counts) - min(counts)
+
+
 def full(parts: list[dict[str, Any]], rf: int = 3) -> bool:
     return bool(parts) and all(len(p["isr"]) == rf and len(p["replicas"]) == rf and p["leader"] >= 0
                                and "target" not in p for p in parts)
@@ -160,8 +165,8 @@ async def test_scale_up_rebalances_replicas_and_leaders_under_acks_all_load(thre
         write_membership(cluster, [0, 1, 2, 3], generation=1)
         started = time.monotonic()
         seen["health"] = await wait_health(
-            cluster, lambda h: h["observedMembershipGeneration"] == 1 and h["reassigning"] == 0
-            and h["brokers"].get("3", {}).get("replicas", 0) > 0 and h["underReplicated"] == 0, "the rebalance")
+            cluster, lambda h: h["observedMembershipGeneration"] == 1 and h["reassigning"] == 0 and spread(h, "replicas") <= 1
+            and h["underReplicated"] == 0, "the rebalance")
         seen["rebalance_s"] = time.monotonic() - started
 
     report = await under_load(cluster, "grow", writers=3, nemesis=add_broker)
@@ -169,12 +174,10 @@ async def test_scale_up_rebalances_replicas_and_leaders_under_acks_all_load(thre
     assert_no_loss(report)
     parts = placement(cluster, "grow")
     assert full(parts), parts
-    health = seen["health"]
-    replicas = {b: health["brokers"][str(b)]["replicas"] for b in range(4)}
-    assert max(replicas.values()) - min(replicas.values()) <= 1, health  # every topic, the default one included
-    # Leaders follow the preferred replicas once broker 3 is stable.
-    final = await wait_health(cluster, lambda h: max(h["brokers"][str(b)]["leaders"] for b in range(4))
-                              - min(h["brokers"][str(b)]["leaders"] for b in range(4)) <= 1, "leader balance", 60)
+    # Every topic (the default and internal ones included) spread evenly; leaders follow the
+    # preferred replicas once broker 3 is stable.
+    final = await wait_health(cluster, lambda h: spread(h, "leaders") <= 1 and spread(h, "replicas") <= 1,
+                              "leader balance", 60)
     assert final["offline"] == 0 and final["maxReplicationFactor"] == 3
     assert Counter(b for p in placement(cluster, "grow") for b in p["replicas"])[3] >= 2
 
