@@ -1,5 +1,5 @@
 -- ArgoCD health check for rustmq.io/RustMQCluster, following the kstatus conventions
--- (observedGeneration, Ready, Reconciling, Stalled) that rustmq-operator writes.
+-- (observedGeneration, Ready, Reconciling, Stalled) and the Degraded condition that rustmq-operator writes.
 -- Install it as resource.customizations.health.rustmq.io_RustMQCluster in argocd-cm.
 local hs = {}
 
@@ -42,6 +42,17 @@ if stalled ~= nil and stalled.status == "True" then
   return hs
 end
 
+-- The data (from the brokers' health report): partitions without a leader are always Degraded;
+-- under-replicated ones only when nothing is in progress (a roll or a drain catches up by itself).
+local degraded = condition("Degraded")
+local reconciling = condition("Reconciling")
+local converging = reconciling ~= nil and reconciling.status == "True"
+if degraded ~= nil and degraded.status == "True" and (degraded.reason == "OfflinePartitions" or not converging) then
+  hs.status = "Degraded"
+  hs.message = (degraded.reason or "Degraded") .. ": " .. (degraded.message or "")
+  return hs
+end
+
 local ready = condition("Ready")
 if ready ~= nil and ready.status == "True" then
   if ready.reason == "Hibernated" then
@@ -53,10 +64,9 @@ if ready ~= nil and ready.status == "True" then
   return hs
 end
 
--- A rolling restart or a scale-up is progress, not degradation.
-local reconciling = condition("Reconciling")
+-- A rolling restart, a drain or a scale-up is progress, not degradation.
 hs.status = "Progressing"
-if reconciling ~= nil and reconciling.status == "True" then
+if converging then
   hs.message = (reconciling.reason or "Reconciling") .. ": " .. (reconciling.message or "")
 elseif ready ~= nil then
   hs.message = (ready.reason or "NotReady") .. ": " .. (ready.message or "")

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from rustmq_operator import k8s, naming, planning, rendering
+from rustmq_operator import health, k8s, naming, planning, rendering
 from rustmq_operator import spec as specs
 from rustmq_operator import status as statuses
 
@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 RESYNC_SECONDS: Final = 30.0  # drift check even when no watch event arrives
 PROGRESS_SECONDS: Final = 2.0  # while converging
 STALLED_SECONDS: Final = 15.0
+# While the brokers publish a health report: the report is rewritten at least every 10 s and its
+# ConfigMap is not watched (it is the brokers', not the operator's), so Available and Degraded
+# follow it within this delay; and a report that stops changing turns stale by time alone.
+HEALTH_SECONDS: Final = 10.0
 
 # Kinds the operator prunes when the spec stops asking for them (never the StatefulSet or claims);
 # _OPTIONAL_KINDS only where their CRD is served.
@@ -99,6 +103,8 @@ def observe(kube: k8s.Kube, namespace: str, name: str, spec: Mapping[str, Any]) 
             spec["storage"].get("storageClassName"),
         )
         storage_class, expandable = kube.storage_class_expandable(class_name)
+    membership = kube.get("v1", "ConfigMap", namespace, health.membership_name(name))
+    health_map = kube.get("v1", "ConfigMap", namespace, health.health_name(name))
     monitoring_api = kube.served("monitoring.coreos.com/v1")
     # Always asked, so that a Certificate is pruned once the spec stops asking for it.
     certificate_crd = "certificates" in kube.served("cert-manager.io/v1")
@@ -113,6 +119,8 @@ def observe(kube: k8s.Kube, namespace: str, name: str, spec: Mapping[str, Any]) 
         service_monitor_crd="servicemonitors" in monitoring_api,
         prometheus_rule_crd="prometheusrules" in monitoring_api,
         certificate_crd=certificate_crd,
+        membership=membership,
+        health=health_map,
     )
 
 
@@ -158,9 +166,22 @@ def reconcile(
     generation = int(metadata.get("generation", 0))
     paused = specs.is_paused(metadata)
     observed = observe(kube, namespace, name, spec)
+    stamp = now()
+    moment = health.parse_time(stamp)
+    membership = health.parse_membership(observed.membership)
+    report = health.parse_health(observed.health, moment, health.stale_after_s(spec))
 
     invalid = specs.problems(spec)
-    scale = planning.plan_scale(name, spec["replicas"], observed, previous.get("lastNonZeroReplicas"))
+    scale = planning.plan_scale(
+        name,
+        spec,
+        observed,
+        previous.get("lastNonZeroReplicas"),
+        report=report,
+        membership=membership,
+        previous_drain=previous.get("drain"),
+        now=moment,
+    )
     storage = planning.plan_storage(spec["storage"]["size"], observed)
     monitoring = monitoring_verdict(spec, observed)
     stalled = (
@@ -197,6 +218,7 @@ def reconcile(
     actions: list[str] = []
     events: list[planning.Event] = []
     config_hash = rendered.config_hash if rendered else str(previous.get("configHash", ""))
+    members_written = membership.brokers if membership is not None else None
 
     acting = rendered is not None and not paused and not invalid
     applied_statefulset: dict[str, Any] | None = None
@@ -236,9 +258,58 @@ def reconcile(
         if not storage.recreate_statefulset:
             live = dataclasses.replace(observed, statefulset=applied_statefulset or observed.statefulset)
             roll = planning.plan_roll(
-                name, scale.replicas, rendered.config_hash, live, applied_statefulset is not None
+                name,
+                scale.replicas,
+                rendered.config_hash,
+                live,
+                applied_statefulset is not None,
+                report=report,
+                membership=membership,
+                draining=scale.drain is not None,
             )
             progressing = progressing or roll.progressing
+            wanted = _membership_wanted(membership, scale.members, roll.shutdown)
+            if wanted is not None:
+                try:
+                    kube.apply(_membership_object(namespace, name, metadata["uid"], wanted))
+                except k8s.KubeError as error:
+                    if error.status != 409:
+                        raise
+                    # Changed since this pass read it (another operator replica, a hand edit):
+                    # the next pass decides again from what it holds.
+                    logger.warning("%s/%s: membership changed meanwhile: %s", namespace, name, error.message)
+                    roll = dataclasses.replace(roll, evict=None, delete=None)
+                else:
+                    members_written = wanted.brokers
+                    actions.append(
+                        f"membership brokers={','.join(map(str, wanted.brokers))} "
+                        f"shutdown={'' if wanted.shutdown is None else wanted.shutdown} "
+                        f"generation={wanted.generation}"
+                    )
+                    # A new shutdown must be acted on by the controller before any eviction.
+                    if membership is None or wanted.shutdown != membership.shutdown:
+                        roll = dataclasses.replace(roll, evict=None)
+                        if wanted.shutdown is not None:
+                            events.extend(roll.events)
+            if applied_statefulset is not None:
+                claims = {claim["metadata"]["name"]: claim for claim in observed.claims}
+                for claim_name in planning.claims_to_release(
+                    name, spec, observed, scale.replicas, members_written, report
+                ):
+                    kube.delete(
+                        "v1",
+                        "PersistentVolumeClaim",
+                        namespace,
+                        claim_name,
+                        uid=claims[claim_name]["metadata"]["uid"],
+                    )
+                    actions.append(f"delete claim {claim_name}")
+                    events.append(planning.Event(
+                        "Normal",
+                        "ReleasedClaim",
+                        f"deleted {claim_name} of a drained broker "
+                        f"(retentionPolicy.whenScaled {spec['storage']['retentionPolicy']['whenScaled']})",
+                    ))
             if roll.delete is not None:
                 kube.delete("v1", "Pod", namespace, roll.delete)
                 actions.append(f"delete pod {roll.delete}")
@@ -274,11 +345,20 @@ def reconcile(
         stalled=stalled,
         progressing=progressing,
         monitoring=monitoring,
+        report=report,
+        drain=scale.drain if acting else previous.get("drain"),
+        members=members_written,
     )
-    new_status = statuses.compute(inputs, previous, now())
+    new_status = statuses.compute(inputs, previous, stamp)
     patch = statuses.merge_patch(previous, new_status)
     if stalled is not None and stalled.reason not in statuses.stalled_reasons(previous):
         events.append(planning.Event("Warning", stalled.reason, stalled.message))
+    degraded = statuses.condition(new_status, "Degraded") or {}
+    before = statuses.condition(previous, "Degraded") or {}
+    if degraded.get("status") == "True" and (
+        before.get("status") != "True" or before.get("reason") != degraded.get("reason")
+    ):
+        events.append(planning.Event("Warning", str(degraded["reason"]), str(degraded.get("message", ""))))
     for event in events:
         kube.post_event(cr, event.type, event.reason, event.message)
     if patch:
@@ -292,6 +372,8 @@ def reconcile(
         delay = PROGRESS_SECONDS
     else:
         delay = RESYNC_SECONDS
+    if observed.health is not None:
+        delay = min(delay, HEALTH_SECONDS)
     return Outcome(
         requeue_after=delay,
         applied=tuple(applied),
@@ -302,6 +384,46 @@ def reconcile(
             (str(found["type"]), found["status"] == "True") for found in new_status["conditions"]
         ),
     )
+
+
+def _membership_wanted(
+    membership: health.Membership | None, members: tuple[int, ...] | None, shutdown: int | None
+) -> health.Membership | None:
+    """The membership to write this pass (generation + 1), or None when nothing changes."""
+    if members is None and membership is None:
+        return None
+    brokers = members if members is not None else membership.brokers if membership is not None else ()
+    if membership is not None and membership.brokers == brokers and membership.shutdown == shutdown:
+        return None
+    generation = (membership.generation if membership is not None else 0) + 1
+    return health.Membership(
+        brokers=brokers,
+        shutdown=shutdown,
+        generation=generation,
+        resource_version=membership.resource_version if membership is not None else None,
+    )
+
+
+def _membership_object(namespace: str, name: str, uid: str, wanted: health.Membership) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": health.membership_name(name),
+        "namespace": namespace,
+        "labels": naming.labels(name),
+        "ownerReferences": [
+            {
+                "apiVersion": specs.API_VERSION,
+                "kind": specs.KIND,
+                "name": name,
+                "uid": uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+    if wanted.resource_version:
+        # Server-side apply with a resourceVersion is a compare-and-swap: 409 if it changed.
+        metadata["resourceVersion"] = wanted.resource_version
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": wanted.data()}
 
 
 def _apply(kube: k8s.Kube, obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -330,6 +452,8 @@ def _prune(
     observed: planning.Observed,
 ) -> list[str]:
     wanted = {(obj["kind"], obj["metadata"]["name"]) for obj in rendered.objects}
+    # Written by the pass itself, not rendered: never pruned while the cluster exists.
+    wanted.add(("ConfigMap", health.membership_name(name)))
     selector = {naming.CLUSTER_LABEL: name, "app.kubernetes.io/managed-by": naming.MANAGED_BY}
     kinds = list(_PRUNABLE)
     served = {

@@ -45,7 +45,7 @@ DEFAULTS: Final[dict[str, Any]] = {
     },
     "storage": {
         "size": "10Gi",
-        "retentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+        "retentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Drain"},
     },
     "services": {
         "headless": {"publishNotReadyAddresses": True},
@@ -65,6 +65,7 @@ DEFAULTS: Final[dict[str, Any]] = {
         "prometheusRule": {"enabled": False},
     },
     "podTemplate": {"terminationGracePeriodSeconds": 60},
+    "scaling": {"drainTimeoutSeconds": 3600},
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
     "networkPolicy": {"enabled": False, "clients": [{"podSelector": {}}], "monitoringNamespace": "monitoring"},
     "tls": {"enabled": False, "mutual": False},

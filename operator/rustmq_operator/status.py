@@ -8,9 +8,13 @@ check (examples/argocd) read:
   single word for ``kubectl get rmq`` (Reconciled, RollingUpdate, ScaleDownBlocked, ...).
 * ``Reconciling`` (abnormal-true) while the operator is still converging.
 * ``Stalled`` (abnormal-true) when it cannot progress without a person changing something.
-* ``Available`` while at least one broker serves clients; ``MonitoringReady`` says whether the
-  ServiceMonitor exists (its absence never makes the cluster un-Ready); ``Paused`` mirrors the
-  pause annotation.
+* ``Available`` iff the brokers' health report (``<cluster>-health``) is fresh and every
+  partition has a leader: Ready pods say nothing about data (one Ready broker of three can
+  leave two thirds of the partitions offline). No report, or a stale one, is not Available.
+* ``Degraded`` (abnormal-true) when the fresh report shows partitions offline
+  (OfflinePartitions) or under-replicated (UnderReplicated); Unknown without a fresh report.
+  ``MonitoringReady`` says whether the ServiceMonitor exists (its absence never makes the
+  cluster un-Ready); ``Paused`` mirrors the pause annotation.
 
 The status is rebuilt whole on every pass and compared with the stored one; a condition's
 ``lastTransitionTime`` moves only when its status flips, and every list is sorted, so a pass
@@ -24,7 +28,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rustmq_operator import naming, planning
+from rustmq_operator import health, naming, planning
 from rustmq_operator import spec as specs
 
 
@@ -45,6 +49,9 @@ class Inputs:
     stalled: planning.Verdict | None = None
     progressing: planning.Verdict | None = None
     monitoring: planning.Verdict | None = None  # None: ServiceMonitor in place
+    report: health.Report = health.Report(None, "no health report from the brokers' controller yet")
+    drain: Mapping[str, Any] | None = None
+    members: tuple[int, ...] | None = None  # the membership as written after this pass
 
 
 def endpoints(inputs: Inputs) -> dict[str, Any]:
@@ -137,22 +144,12 @@ def conditions(inputs: Inputs, ready: int, updated: int, existing: int) -> list[
         ready_condition = _condition(
             "Ready", True, "Reconciled", f"{ready}/{replicas} broker(s) Ready", generation
         )
-    if replicas == 0:
-        available = _condition(
-            "Available", False, "Hibernated", "replicas is 0; no broker serves clients", generation
-        )
-    elif ready > 0:
-        available = _condition(
-            "Available", True, "BrokersReady", f"{ready}/{replicas} broker(s) Ready", generation
-        )
-    else:
-        available = _condition(
-            "Available", False, "NoBrokerReady", f"0/{replicas} broker(s) Ready", generation
-        )
+    available, degraded = data_conditions(inputs, ready)
     monitoring = inputs.monitoring
     return [
         ready_condition,
         available,
+        degraded,
         _condition(
             "Reconciling",
             progressing is not None and not inputs.paused,
@@ -182,6 +179,66 @@ def conditions(inputs: Inputs, ready: int, updated: int, existing: int) -> list[
             generation,
         ),
     ]
+
+
+def data_conditions(inputs: Inputs, ready: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``Available`` and ``Degraded``, from the health report (what the data looks like)."""
+    generation, replicas = inputs.generation, inputs.replicas
+    fresh = inputs.report.fresh
+    if replicas == 0:
+        available = _condition(
+            "Available", False, "Hibernated", "replicas is 0; no broker serves clients", generation
+        )
+    elif fresh is None:
+        reason = "HealthReportStale" if inputs.report.health is not None else "NoHealthReport"
+        available = _condition(
+            "Available",
+            False,
+            reason,
+            f"{inputs.report.problem}; {ready}/{replicas} broker pod(s) Ready",
+            generation,
+        )
+    elif fresh.offline:
+        available = _condition(
+            "Available",
+            False,
+            "OfflinePartitions",
+            f"{fresh.offline} of {fresh.partitions} partition(s) have no leader",
+            generation,
+        )
+    else:
+        available = _condition(
+            "Available",
+            True,
+            "AllPartitionsLed",
+            f"each of {fresh.partitions} partition(s) has a leader; {ready}/{replicas} broker(s) Ready",
+            generation,
+        )
+    if fresh is None:
+        degraded = _condition("Degraded", False, "HealthUnknown", str(inputs.report.problem), generation)
+        degraded["status"] = "Unknown"
+    elif fresh.offline:
+        degraded = _condition(
+            "Degraded",
+            True,
+            "OfflinePartitions",
+            f"{fresh.offline} of {fresh.partitions} partition(s) have no leader: no broker serves them",
+            generation,
+        )
+    elif fresh.under_replicated:
+        degraded = _condition(
+            "Degraded",
+            True,
+            "UnderReplicated",
+            f"{fresh.under_replicated} of {fresh.partitions} partition(s) have fewer in-sync "
+            f"replicas than replicas ({fresh.under_min_isr} below min.insync.replicas)",
+            generation,
+        )
+    else:
+        degraded = _condition(
+            "Degraded", False, "AllInSync", f"every replica of {fresh.partitions} partition(s) is in sync", generation
+        )
+    return available, degraded
 
 
 def compute(
@@ -218,6 +275,15 @@ def compute(
     }
     if inputs.last_non_zero:
         status["lastNonZeroReplicas"] = inputs.last_non_zero
+    fresh = inputs.report.fresh
+    if fresh is not None:
+        status["partitions"] = fresh.partitions
+        status["offlinePartitions"] = fresh.offline
+        status["underReplicatedPartitions"] = fresh.under_replicated
+    if inputs.members is not None:
+        status["members"] = ",".join(str(member) for member in inputs.members)
+    if inputs.drain:
+        status["drain"] = dict(inputs.drain)
     return status
 
 

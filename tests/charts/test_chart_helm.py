@@ -121,7 +121,11 @@ def test_rbac_is_least_privilege(helm: str, values: Path) -> None:
     assert ("rustmq.io", "rustmqclusters", "patch") not in granted
     assert ("rustmq.io", "rustmqclusters/status", "patch") in granted
     assert ("", "pods/eviction", "create") in granted
-    assert ("", "persistentvolumeclaims", "delete") not in granted  # data is never deleted
+    # A claim is deleted only after its broker was drained empty (retentionPolicy.whenScaled).
+    assert ("", "persistentvolumeclaims", "delete") in granted
+    assert ("", "persistentvolumeclaims", "update") not in granted
+    # The membership ConfigMap (written) and the health ConfigMap (read): nothing beyond configmaps.
+    assert {("", "configmaps", v) for v in ("get", "watch", "create", "patch")} <= granted
     assert ("rbac.authorization.k8s.io", "roles", "escalate") not in granted
     assert ("rbac.authorization.k8s.io", "roles", "bind") not in granted
     # Everything the brokers' Role grants, the operator holds (RBAC lets it grant nothing more).

@@ -63,9 +63,9 @@ def test_ready_is_healthy() -> None:
 def test_stalled_is_degraded_with_the_reason() -> None:
     stalled = cr(
         observedGeneration=2,
-        conditions=[cond("Ready", "False", "ScaleDownBlocked"), cond("Stalled", "True", "ScaleDownBlocked", "refused")],
+        conditions=[cond("Ready", "False", "InsufficientBrokers"), cond("Stalled", "True", "InsufficientBrokers", "refused")],
     )
-    assert health(stalled) == ("Degraded", "ScaleDownBlocked: refused")
+    assert health(stalled) == ("Degraded", "InsufficientBrokers: refused")
 
 
 def test_rolling_update_is_progressing_not_degraded() -> None:
@@ -95,7 +95,7 @@ def test_statuses_computed_by_the_operator_map_to_argocd_health(scenario: str, e
         {"metadata": {"name": "rustmq-0", "annotations": {"rustmq.io/config-hash": "h"}},
          "status": {"conditions": [{"type": "Ready", "status": "False" if scenario == "starting" else "True"}]}}
     ]
-    stalled = planning.Verdict("ScaleDownBlocked", "refused") if scenario == "blocked" else None
+    stalled = planning.Verdict("DrainTimedOut", "refused") if scenario == "blocked" else None
     computed = status.compute(
         status.Inputs(
             name="rustmq", namespace="ns", generation=2, spec=spec, replicas=spec["replicas"], config_hash="h",
@@ -110,3 +110,54 @@ def test_statuses_computed_by_the_operator_map_to_argocd_health(scenario: str, e
 def test_argocd_cm_example_carries_the_same_lua() -> None:
     configmap = yaml.safe_load((ROOT / "examples" / "argocd" / "argocd-cm.yaml").read_text())
     assert configmap["data"]["resource.customizations.health.rustmq.io_RustMQCluster"] == HEALTH_LUA.read_text()
+
+
+def test_offline_partitions_are_degraded_even_while_converging() -> None:
+    offline = cr(
+        observedGeneration=2,
+        conditions=[
+            cond("Ready", "False", "Draining"),
+            cond("Reconciling", "True", "Draining", "draining rustmq-2"),
+            cond("Degraded", "True", "OfflinePartitions", "4 of 12 partition(s) have no leader"),
+        ],
+    )
+    assert health(offline) == ("Degraded", "OfflinePartitions: 4 of 12 partition(s) have no leader")
+
+
+def test_under_replicated_is_degraded_only_when_nothing_is_in_progress() -> None:
+    lagging = cond("Degraded", "True", "UnderReplicated", "2 of 12 partition(s) ...")
+    settled = cr(observedGeneration=2, conditions=[cond("Ready", "True", "Reconciled"), lagging])
+    assert health(settled)[0] == "Degraded"
+    rolling = cr(observedGeneration=2, conditions=[
+        cond("Ready", "False", "RollingUpdate"), cond("Reconciling", "True", "RollingUpdate", "restarted rustmq-2"), lagging,
+    ])
+    assert health(rolling)[0] == "Progressing"
+
+
+def test_a_degraded_status_computed_by_the_operator_is_degraded_in_argocd() -> None:
+    import datetime
+    import json
+
+    from rustmq_operator import health as healths
+
+    spec = specs.with_defaults({"replicas": 3})
+    pods = [
+        {"metadata": {"name": f"rustmq-{i}", "annotations": {"rustmq.io/config-hash": "h"}},
+         "status": {"conditions": [{"type": "Ready", "status": "True" if i == 0 else "False"}]}}
+        for i in range(3)
+    ]
+    now = "2026-11-23T10:00:00Z"
+    report = healths.parse_health(
+        {"data": {"health": json.dumps({"updatedAt": now, "partitions": 12, "offline": 8, "underReplicated": 12})}},
+        datetime.datetime(2026, 11, 23, 10, 0, 5, tzinfo=datetime.UTC),
+        18.0,
+    )
+    computed = status.compute(
+        status.Inputs(
+            name="rustmq", namespace="ns", generation=2, spec=spec, replicas=3, config_hash="h",
+            claim_size="10Gi", last_non_zero=3, observed=planning.Observed(pods=pods), report=report,
+        ),
+        None,
+        now,
+    )
+    assert health(cr(**computed)) == ("Degraded", "OfflinePartitions: 8 of 12 partition(s) have no leader: no broker serves them")

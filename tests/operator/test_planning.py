@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
-from rustmq_operator import naming, planning
+from rustmq_operator import health, naming, planning
+from rustmq_operator import spec as specs
 
 
 def pod(ordinal: int, *, ready: bool = True, config_hash: str = "h1", deleting: bool = False) -> dict[str, Any]:
@@ -32,63 +34,76 @@ def claim(ordinal: int, size: str) -> dict[str, Any]:
     return {"metadata": {"name": naming.claim("rustmq", ordinal)}, "spec": {"resources": {"requests": {"storage": size}}}}
 
 
-# -- scaling -------------------------------------------------------------------------------
+# -- scaling (the drain state machine has its own tests in test_draining.py) ---------------
+
+NOW = datetime.datetime(2026, 12, 6, 7, 0, 0, tzinfo=datetime.UTC)
+NO_REPORT = health.Report(None, "no health report from the brokers' controller yet")
+
+
+def scale(desired: int, observed: planning.Observed, last_non_zero: int | None) -> planning.ScalePlan:
+    spec = specs.with_defaults({"replicas": desired})
+    return planning.plan_scale(
+        "rustmq", spec, observed, last_non_zero, report=NO_REPORT, membership=None, previous_drain=None, now=NOW
+    )
 
 
 def test_first_creation_uses_the_spec() -> None:
-    plan = planning.plan_scale("rustmq", 3, planning.Observed(), None)
-    assert plan.replicas == 3 and plan.stalled is None
+    plan = scale(3, planning.Observed(), None)
+    assert plan.replicas == 3 and plan.stalled is None and plan.members is None
 
 
 def test_scale_up_is_not_gated_on_health() -> None:
     observed = planning.Observed(statefulset=statefulset(1), pods=[pod(0, ready=False)])
-    plan = planning.plan_scale("rustmq", 3, observed, 1)
+    plan = scale(3, observed, 1)
     assert plan.replicas == 3
     assert plan.stalled is None
     assert plan.progressing is not None and plan.progressing.reason == "ScalingUp"
     assert [e.reason for e in plan.events] == ["ScalingUp"]
-
-
-def test_scale_down_is_refused_and_the_set_keeps_its_size() -> None:
-    observed = planning.Observed(statefulset=statefulset(3), pods=[pod(0), pod(1), pod(2)])
-    plan = planning.plan_scale("rustmq", 1, observed, 3)
-    assert plan.replicas == 3
-    assert plan.stalled is not None and plan.stalled.reason == "ScaleDownBlocked"
-    assert "rustmq-1, rustmq-2" in plan.stalled.message
-    assert "from 3 to 1" in plan.stalled.message
+    assert plan.members is None  # no broker was ever Ready: nothing to tell the controller yet
 
 
 def test_zero_hibernates_and_remembers_the_size() -> None:
     observed = planning.Observed(statefulset=statefulset(3), pods=[pod(0), pod(1), pod(2)])
-    plan = planning.plan_scale("rustmq", 0, observed, 3)
+    plan = scale(0, observed, 3)
     assert plan.replicas == 0 and plan.stalled is None and plan.last_non_zero == 3
     assert [e.reason for e in plan.events] == ["Hibernating"]
+    assert plan.drain is None
 
 
-def test_waking_up_smaller_than_before_is_refused() -> None:
+def test_waking_up_smaller_than_before_brings_every_broker_back_first() -> None:
+    """The hibernated brokers' volumes hold data: all of them start, then the drain shrinks."""
     observed = planning.Observed(statefulset=statefulset(0))
-    refused = planning.plan_scale("rustmq", 1, observed, 3)
-    assert refused.replicas == 0 and refused.stalled is not None
-    assert refused.stalled.reason == "ScaleDownBlocked"
-    woken = planning.plan_scale("rustmq", 3, observed, 3)
-    assert woken.replicas == 3 and woken.stalled is None
+    woken = scale(1, observed, 3)
+    assert woken.replicas == 3 and woken.stalled is None and woken.last_non_zero == 3
+    assert scale(3, observed, 3).replicas == 3
+    assert scale(5, observed, 3).replicas == 5
 
 
 def test_a_missing_statefulset_with_running_pods_counts_as_their_size() -> None:
-    """While the set is re-created for a resize, its orphaned pods still define the size."""
+    """While the set is re-created for a resize, its orphaned pods still define the size; a
+    smaller spec is then a drain, never an immediate shrink."""
     observed = planning.Observed(pods=[pod(0), pod(1), pod(2)])
-    assert planning.plan_scale("rustmq", 1, observed, None).replicas == 3
+    assert scale(1, observed, None).replicas == 3
 
 
-def test_a_statefulset_resized_by_hand_is_restored_to_the_operators_size() -> None:
+def test_a_statefulset_shrunk_by_hand_grows_back() -> None:
+    observed = planning.Observed(statefulset=statefulset(1), pods=[pod(0)])
+    plan = scale(3, observed, 3)
+    assert plan.replicas == 3 and plan.stalled is None
+    assert [e.reason for e in plan.events][:1] == ["StatefulSetResized"]
+
+
+def test_a_statefulset_grown_by_hand_is_drained_back_not_shrunk() -> None:
     observed = planning.Observed(statefulset=statefulset(4), pods=[pod(0), pod(1), pod(2), pod(3)])
-    plan = planning.plan_scale("rustmq", 1, observed, 1)
-    assert plan.replicas == 1 and plan.stalled is None
-    assert [e.reason for e in plan.events] == ["StatefulSetResized"]
+    plan = scale(1, observed, 1)
+    assert plan.replicas == 4  # brokers 1..3 may hold data: they are drained first
+    assert plan.last_non_zero == 4
+    assert plan.drain is not None and plan.drain["broker"] == 3
+    assert [e.reason for e in plan.events][:1] == ["StatefulSetResized"]
 
 
 def test_a_statefulset_emptied_by_hand_comes_back() -> None:
-    plan = planning.plan_scale("rustmq", 3, planning.Observed(statefulset=statefulset(0)), 3)
+    plan = scale(3, planning.Observed(statefulset=statefulset(0)), 3)
     assert plan.replicas == 3 and plan.stalled is None
 
 

@@ -121,7 +121,10 @@ def test_rendered_monitoring_objects_have_the_fields_prometheus_operator_require
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     (rule,) = rendered.by_kind("PrometheusRule")
     alerts = [r["alert"] for group in rule["spec"]["groups"] for r in group["rules"]]
-    assert {"RustMQBrokerDown", "RustMQVolumeFillingUp"} <= set(alerts)
+    assert {"RustMQBrokerDown", "RustMQVolumeFillingUp", "RustMQOfflinePartitions", "RustMQUnderReplicatedPartitions"} <= set(alerts)
+    exprs = {r["alert"]: r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert exprs["RustMQOfflinePartitions"].startswith("max(rustmq_offline_partitions{")
+    assert exprs["RustMQUnderReplicatedPartitions"].startswith("max(rustmq_under_replicated_partitions{")
 
 
 def test_same_cr_renders_byte_identical_children(render_cr: Callable[..., rendering.Rendered]) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 from typing import Any
 
-from rustmq_operator import naming, planning, status
+from rustmq_operator import health, naming, planning, status
 from rustmq_operator import spec as specs
 
 NOW = "2026-11-23T10:00:00Z"
@@ -16,6 +18,22 @@ def pod(ordinal: int, ready: bool = True, config_hash: str = "h1") -> dict[str, 
         "metadata": {"name": f"rustmq-{ordinal}", "annotations": {naming.CONFIG_HASH_ANNOTATION: config_hash}},
         "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
     }
+
+
+def report(**fields: Any) -> health.Report:
+    """A health report written at NOW, read at NOW (fresh unless ``age_s`` says otherwise)."""
+    age = float(fields.pop("age_s", 0))
+    body = {
+        "updatedAt": NOW,
+        "observedMembershipGeneration": 1,
+        "partitions": 12,
+        "offline": 0,
+        "underReplicated": 0,
+        "brokers": {"0": {"alive": True, "replicas": 12, "leaders": 12, "inSyncReplicas": 12, "bytes": 0}},
+        **fields,
+    }
+    read_at = datetime.datetime.fromisoformat(NOW.replace("Z", "+00:00")) + datetime.timedelta(seconds=age)
+    return health.parse_health({"data": {"health": json.dumps(body)}}, read_at, 18.0)
 
 
 def inputs(**overrides: Any) -> status.Inputs:
@@ -30,6 +48,7 @@ def inputs(**overrides: Any) -> status.Inputs:
         "claim_size": "10Gi",
         "last_non_zero": spec["replicas"] or None,
         "observed": planning.Observed(pods=[pod(i) for i in range(spec["replicas"])], service_monitor_crd=True),
+        "report": report(),
     }
     values.update(overrides)
     return status.Inputs(**values)
@@ -43,7 +62,8 @@ def test_a_converged_cluster_is_ready() -> None:
     computed = status.compute(inputs(), None, NOW)
     assert conditions(computed) == {
         "Ready": ("True", "Reconciled"),
-        "Available": ("True", "BrokersReady"),
+        "Available": ("True", "AllPartitionsLed"),
+        "Degraded": ("False", "AllInSync"),
         "Reconciling": ("False", "Reconciled"),
         "Stalled": ("False", "NotStalled"),
         "MonitoringReady": ("True", "ServiceMonitorApplied"),
@@ -67,14 +87,15 @@ def test_pods_not_ready_mean_reconciling() -> None:
     found = conditions(computed)
     assert found["Ready"] == ("False", "WaitingForBrokers")
     assert found["Reconciling"] == ("True", "WaitingForBrokers")
-    assert found["Available"] == ("False", "NoBrokerReady")
+    # Available follows the data, not the pods: the (fresh) report says every partition is led.
+    assert found["Available"] == ("True", "AllPartitionsLed")
 
 
 def test_outdated_pods_mean_rolling() -> None:
     observed = planning.Observed(pods=[pod(0, config_hash="old")], service_monitor_crd=True)
     found = conditions(status.compute(inputs(observed=observed), None, NOW))
     assert found["Ready"] == ("False", "RollingUpdate")
-    assert found["Available"] == ("True", "BrokersReady")
+    assert found["Available"] == ("True", "AllPartitionsLed")
 
 
 def test_stalled_wins_and_names_its_reason() -> None:
@@ -141,3 +162,59 @@ def test_merge_patch_removes_vanished_fields() -> None:
     old = {"a": 1, "endpoints": {"external": {"ip": "1.2.3.4"}, "headless": "h"}}
     new = {"a": 1, "endpoints": {"headless": "h"}}
     assert status.merge_patch(old, new) == {"endpoints": {"external": None}}
+
+
+# -- data truth from the health report (issue 14) ----------------------------------------------
+
+
+def test_offline_partitions_make_the_cluster_unavailable_and_degraded() -> None:
+    computed = status.compute(inputs(report=report(offline=8, underReplicated=8)), None, NOW)
+    found = conditions(computed)
+    assert found["Available"] == ("False", "OfflinePartitions")
+    assert found["Degraded"] == ("True", "OfflinePartitions")
+    assert (computed["partitions"], computed["offlinePartitions"], computed["underReplicatedPartitions"]) == (12, 8, 8)
+    # Ready says whether the operator converged, which it did: the data problem is Degraded's.
+    assert found["Ready"] == ("True", "Reconciled")
+
+
+def test_under_replicated_partitions_are_degraded_but_available() -> None:
+    found = conditions(status.compute(inputs(report=report(underReplicated=3, underMinIsr=1)), None, NOW))
+    assert found["Available"] == ("True", "AllPartitionsLed")
+    assert found["Degraded"] == ("True", "UnderReplicated")
+
+
+def test_without_a_report_nothing_is_claimed_about_the_data() -> None:
+    absent = health.Report(None, "no health report from the brokers' controller yet")
+    computed = status.compute(inputs(report=absent), None, NOW)
+    found = conditions(computed)
+    assert found["Available"] == ("False", "NoHealthReport")
+    assert found["Degraded"] == ("Unknown", "HealthUnknown")
+    assert "partitions" not in computed and "offlinePartitions" not in computed
+
+
+def test_a_stale_report_is_not_believed() -> None:
+    stale = report(age_s=60)
+    assert stale.health is not None and stale.fresh is None
+    found = conditions(status.compute(inputs(report=stale), None, NOW))
+    assert found["Available"] == ("False", "HealthReportStale")
+    assert found["Degraded"] == ("Unknown", "HealthUnknown")
+
+
+def test_an_unparsable_report_counts_as_absent() -> None:
+    for text in ("{", "[]", '{"updatedAt": "2026-11-23T10:00:00Z", "offline": -1}', '{"partitions": 3}'):
+        parsed = health.parse_health({"data": {"health": text}}, datetime.datetime.now(datetime.UTC), 18.0)
+        assert parsed.health is None and parsed.problem is not None and "does not parse" in parsed.problem
+
+
+def test_the_drain_and_the_members_are_reported() -> None:
+    drain = {"broker": 2, "phase": "Draining", "partitionsLeft": 4, "bytesLeft": 1024, "startedAt": NOW}
+    computed = status.compute(inputs(drain=drain, members=(0, 1)), None, NOW)
+    assert computed["drain"] == drain
+    assert computed["members"] == "0,1"
+    assert "drain" not in status.compute(inputs(), None, NOW)
+
+
+def test_a_stale_report_does_not_rewrite_the_status_on_every_pass() -> None:
+    first = status.compute(inputs(report=report(age_s=60)), None, NOW)
+    again = status.compute(inputs(report=report(age_s=90)), first, LATER)
+    assert status.merge_patch(first, again) == {}

@@ -79,9 +79,11 @@ app.kubernetes.io/part-of: rustmq
 - apiGroups: [""]
   resources: [pods/eviction]
   verbs: [create]
+# patch: storage growth; delete: only the claim of a broker drained empty by a scale-down, per
+# storage.retentionPolicy.whenScaled (Drain, Delete), never on hibernation or cluster deletion.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, patch, delete]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]
