@@ -279,7 +279,7 @@ def _plan_drain(
     same = previous_drain is not None and previous_drain.get("broker") == leaving
     started_at = str((previous_drain or {}).get("startedAt") or "") if same else ""
     started_at = started_at or _stamp(now)
-    started = same or (membership is not None and leaving not in base)
+    started = membership is not None and leaving not in base  # the controller was told
     fresh = report.fresh
     new_events: list[Event] = list(events)
     if not same:

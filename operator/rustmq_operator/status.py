@@ -5,7 +5,7 @@ check (examples/argocd) read:
 
 * ``Ready`` means converged: the operator has acted on this generation, every broker runs the
   current configuration and is Ready, and nothing is stalled. Its reason is the most useful
-  single word for ``kubectl get rmq`` (Reconciled, RollingUpdate, ScaleDownBlocked, ...).
+  single word for ``kubectl get rmq`` (Reconciled, RollingUpdate, Draining, ...).
 * ``Reconciling`` (abnormal-true) while the operator is still converging.
 * ``Stalled`` (abnormal-true) when it cannot progress without a person changing something.
 * ``Available`` iff the brokers' health report (``<cluster>-health``) is fresh and every

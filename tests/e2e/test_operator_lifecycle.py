@@ -136,7 +136,10 @@ def test_prometheus_rule_is_optional_and_follows_its_crd(cluster: Any, namespace
     with ops.installed_crd(cluster, ops.PROMETHEUS_RULE_CRD):
         rule = ops.wait_for("the PrometheusRule", lambda: kubectl.get("prometheusrule", "rustmq"), timeout=60)
         alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
-        assert set(alerts) == {"RustMQBrokerDown", "RustMQBrokersMissing", "RustMQVolumeFillingUp"}
+        assert set(alerts) == {
+            "RustMQBrokerDown", "RustMQBrokersMissing", "RustMQOfflinePartitions",
+            "RustMQUnderReplicatedPartitions", "RustMQVolumeFillingUp",
+        }
         assert f'namespace="{namespace}"' in alerts["RustMQBrokerDown"]["expr"]
         assert alerts["RustMQBrokersMissing"]["expr"].endswith("< 2")
         assert rule["metadata"]["labels"]["release"] == "kps"

@@ -99,10 +99,10 @@ def test_outdated_pods_mean_rolling() -> None:
 
 
 def test_stalled_wins_and_names_its_reason() -> None:
-    verdict = planning.Verdict("ScaleDownBlocked", "scale-down from 3 to 1 refused")
+    verdict = planning.Verdict("DrainTimedOut", "the drain of rustmq-2 has not finished")
     found = conditions(status.compute(inputs(stalled=verdict), None, NOW))
-    assert found["Stalled"] == ("True", "ScaleDownBlocked")
-    assert found["Ready"] == ("False", "ScaleDownBlocked")
+    assert found["Stalled"] == ("True", "DrainTimedOut")
+    assert found["Ready"] == ("False", "DrainTimedOut")
 
 
 def test_missing_servicemonitor_crd_does_not_make_the_cluster_unready() -> None:

@@ -1,0 +1,205 @@
+"""The operator and real brokers together: scaling 3 -> 5 -> 2 -> 3 and a configuration roll of
+3 brokers under a steady acks=all load with a consumer reading, checked by the history checker
+(tests/support/checker.py: nothing acknowledged lost, nothing duplicated or inconsistent).
+
+Everything is real except the kubelet: the real `rustmq-operator` process against the local
+control plane's API server, and one real broker process per kwok pod of the StatefulSet with the
+pod's identity (tests/support/podbrokers.py: started when the pod appears, SIGTERMed when it is
+deleted, its data directory kept per claim and wiped when the operator deletes the claim). The
+brokers' controller writes `<name>-health` and reads the operator's `<name>-membership`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+import operator_e2e as ops
+from checker import History
+from clusterproc import FAST_TIMING
+from podbrokers import PodBrokers
+from rustmq.client import Admin, Consumer, Producer
+
+pytestmark = pytest.mark.slow
+crd_installed = ops.crd_installed
+operator = ops.operator
+
+TOPIC = "orders"
+# The brokers read RUSTMQ_* from the environment the harness gives them; the CR carries the same
+# timing so that the operator believes a health report for 3 lease durations of these brokers.
+EXTRA = {key.removeprefix("RUSTMQ_"): value for key, value in FAST_TIMING.items()}
+
+
+def health_of(kubectl: Any) -> dict[str, Any] | None:
+    found = kubectl.get("configmap", "rustmq-health")
+    return None if found is None else dict(json.loads(found["data"]["health"]))
+
+
+def sts_replicas(kubectl: Any) -> int:
+    return int((kubectl.get("statefulset", "rustmq") or {})["spec"]["replicas"])
+
+
+async def settled(kubectl: Any, brokers: PodBrokers, size: int, timeout: float) -> dict[str, Any]:
+    """The cluster at ``size`` brokers, every one a member and running, Ready, and a fresh report
+    without under-replicated partitions."""
+    def probe() -> dict[str, Any] | None:
+        status = kubectl.cluster_status()
+        conditions = {c["type"]: c for c in status.get("conditions", [])}
+        if (status.get("observedGeneration") != (kubectl.get("rmq", "rustmq") or {}).get("metadata", {}).get("generation")
+                or conditions.get("Ready", {}).get("status") != "True" or status.get("members") != ",".join(map(str, range(size)))
+                or status.get("underReplicatedPartitions") != 0 or sts_replicas(kubectl) != size
+                or sorted(brokers.running()) != list(range(size))):
+            return None
+        return status
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = await asyncio.to_thread(probe)
+        if found:
+            return found
+        if brokers.error is not None:
+            raise brokers.error
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"not settled at {size} brokers in {timeout} s: {kubectl.cluster_status()}\n"
+                         f"health: {health_of(kubectl)}\n{brokers.logs()}\n{ops.RUNNING[-1].log_tail(40) if ops.RUNNING else ''}")
+
+
+async def under_load(brokers: PodBrokers, scenario: Callable[[], Awaitable[None]], writers: int = 3) -> dict[str, Any]:
+    """acks=all writers (one key each) and a consumer reading, while ``scenario`` runs."""
+    history = History()
+    stop = asyncio.Event()
+    bootstrap = brokers.bootstrap
+
+    async def writer(index: int) -> None:
+        async with Producer(bootstrap, acks="all", linger_ms=0, request_timeout_s=5, delivery_timeout_s=30) as producer:
+            seq = 0
+            while not stop.is_set():
+                value = b"w%d-%d" % (index, seq)
+                seq += 1
+                try:
+                    meta = await producer.send_and_wait(TOPIC, value, key=b"writer-%d" % index)
+                    history.acked(f"w{index}", value, meta.partition, meta.offset)
+                except Exception:
+                    history.info(value)  # outcome unknown: may or may not be stored
+                    producer._errors.clear()
+                await asyncio.sleep(0.01)  # steady, not flat out: the machine is shared
+
+    consumer = await Consumer(bootstrap, TOPIC, start="earliest", max_wait_ms=200, timeout_s=5).start()
+
+    async def reader() -> None:
+        async for got in consumer.batches():
+            for message in got:
+                history.read(message.partition, message.offset, message.value)
+
+    reading = asyncio.get_running_loop().create_task(reader())
+    tasks = [asyncio.get_running_loop().create_task(writer(i)) for i in range(writers)]
+    try:
+        await asyncio.sleep(2)
+        await scenario()
+        await asyncio.sleep(2)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(v not in history.read_at for v in history.ok):
+            await asyncio.sleep(0.2)
+            if reading.done():
+                reading.result()
+    finally:
+        stop.set()
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await consumer.close()
+    return history.check()
+
+
+async def start_cluster(kubectl: Any, namespace: str, brokers: PodBrokers) -> None:
+    kubectl.apply(ops.cluster_cr(namespace, replicas=3, config={"extra": EXTRA}))
+    ops.wait_for("three running brokers", lambda: len(brokers.running()) == 3 or None, timeout=120)
+    # Every topic at replication factor 2, so that 2 brokers can hold the data (with the default
+    # min(3, brokers) the drain to 2 is refused: Stalled/InsufficientBrokers). The default topic
+    # is created by the controller only after two stable lease durations: it is created here first.
+    async with Admin(brokers.bootstrap) as admin:
+        for name, partitions in (("default", 3), (TOPIC, 6)):
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    await admin.create_topic(name, partitions, replication_factor=2, min_insync_replicas=2)
+                    break
+                except Exception as error:
+                    if "exists" in str(error).lower() or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+        found = await admin.metadata(["default", TOPIC])
+    factors = {t["name"]: len(t["partitions"][0]["replicas"]) for t in found["topics"]}
+    assert factors == {"default": 2, TOPIC: 2}, found
+
+
+@pytest.mark.timeout(900)
+def test_scaling_3_5_2_3_under_acks_all_load_loses_nothing(
+    cluster: Any, namespace: str, operator: Any, api_client: client.ApiClient, tmp_path: Path
+) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    timings: dict[str, float] = {}
+    with PodBrokers(api_client, cluster.kubeconfig, namespace, tmp_path, env=FAST_TIMING) as brokers:
+
+        async def scenario() -> None:
+            for size in (5, 2, 3):
+                started = time.monotonic()
+                await asyncio.to_thread(kubectl.patch, "rmq", "rustmq", {"spec": {"replicas": size}})
+                await settled(kubectl, brokers, size, timeout=240)
+                timings[f"to {size}"] = round(time.monotonic() - started, 1)
+
+        async def main() -> dict[str, Any]:
+            await start_cluster(kubectl, namespace, brokers)
+            await settled(kubectl, brokers, 3, timeout=120)
+            return await under_load(brokers, scenario)
+
+        report = asyncio.run(main())
+        print(json.dumps({"timings_s": timings, "checker": report}))
+        assert report["lost"] == 0 and report["duplicated"] == 0 and report["inconsistent"] == 0, report
+        assert report["wrong_offset"] == 0 and report["reordered"] == 0, report
+        assert report["acknowledged"] > 100, report  # the load was steady, not stalled
+        assert [o for _, o, _ in brokers.stopped if o >= 2] == [4, 3, 2], brokers.stopped  # one at a time, highest first
+        assert sorted(brokers.wiped) == ["data-rustmq-2", "data-rustmq-3", "data-rustmq-4"]
+        reasons = [e["reason"] for e in kubectl.list("events")]
+        assert reasons.count("BrokerDrained") == 3 and "StatefulSetResized" not in reasons
+        assert brokers.error is None
+
+
+@pytest.mark.timeout(600)
+def test_a_configuration_roll_under_acks_all_load_loses_nothing(
+    cluster: Any, namespace: str, operator: Any, api_client: client.ApiClient, tmp_path: Path
+) -> None:
+    kubectl = ops.Kubectl(cluster, namespace)
+    with PodBrokers(api_client, cluster.kubeconfig, namespace, tmp_path, env=FAST_TIMING) as brokers:
+
+        async def scenario() -> None:
+            before = {o: uid for _, o, uid in brokers.started}
+            await asyncio.to_thread(kubectl.patch, "rmq", "rustmq", {"spec": {"config": {"logLevel": "DEBUG", "extra": EXTRA}}})
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                status = await asyncio.to_thread(kubectl.cluster_status)
+                ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+                restarted = {o for _, o, uid in brokers.started if uid != before.get(o)}
+                if restarted == {0, 1, 2} and status.get("updatedReplicas") == 3 and ready.get("status") == "True":
+                    return
+                await asyncio.sleep(0.5)
+            raise AssertionError(f"the roll did not finish: {kubectl.cluster_status()}\n{brokers.logs()}")
+
+        async def main() -> dict[str, Any]:
+            await start_cluster(kubectl, namespace, brokers)
+            await settled(kubectl, brokers, 3, timeout=120)
+            return await under_load(brokers, scenario)
+
+        report = asyncio.run(main())
+        print(json.dumps({"checker": report}))
+        assert report["lost"] == 0 and report["duplicated"] == 0 and report["inconsistent"] == 0, report
+        assert report["acknowledged"] > 100, report
+        assert [e["reason"] for e in kubectl.list("events")].count("ControlledShutdown") == 3
+        assert brokers.error is None
