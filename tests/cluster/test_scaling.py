@@ -145,6 +145,21 @@ def spread(health: dict[str, Any], field: str, brokers: range = range(4)) -> int
     return max(counts) - min(counts)
 
 
+def scrape(cluster: BrokerCluster, broker_id: int) -> dict[str, float | None]:
+    """The broker's /metrics as {'name{labels}': value} (missing series: None)."""
+    from collections import defaultdict
+    from urllib.request import urlopen
+
+    with urlopen(f"http://127.0.0.1:{cluster.brokers[broker_id].metrics_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    out: dict[str, float | None] = defaultdict(lambda: None)
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def full(parts: list[dict[str, Any]], rf: int = 3) -> bool:
     return bool(parts) and all(len(p["isr"]) == rf and len(p["replicas"]) == rf and p["leader"] >= 0
                                and "target" not in p for p in parts)
@@ -261,6 +276,23 @@ async def test_membership_shutdown_moves_leaderships_and_health_reports_it(three
     assert report["offline"] == 0 and report["partitions"] >= 6 and report["brokers"]["1"]["alive"]
     assert report["brokers"]["1"]["bytes"] >= 0 and report["controllerEpoch"] >= 1
     assert all(p["leader"] != 1 for p in placement(cluster, "planned"))
+    # The same facts on /metrics: per broker what it leads, cluster-wide on the controller only.
+    for _ in range(50):  # until every broker has read the moved leaderships
+        scraped = {b: await asyncio.to_thread(scrape, cluster, b) for b in (0, 1, 2)}
+        if sum(m["rustmq_cluster_leader_partitions"] or 0 for m in scraped.values()) == report["partitions"]:
+            break
+        await asyncio.sleep(0.2)
+    assert scraped[1]["rustmq_cluster_leader_partitions"] == 0
+    assert sum(m["rustmq_cluster_leader_partitions"] or 0 for m in scraped.values()) == report["partitions"], scraped
+    assert sum(m["rustmq_cluster_replica_partitions"] or 0 for m in scraped.values()) == 3 * report["partitions"]
+    assert sum(m["rustmq_cluster_under_replicated_partitions"] or 0 for m in scraped.values()) == 0
+    controllers = [m for m in scraped.values() if m["rustmq_cluster_controller"] == 1]
+    assert len(controllers) == 1
+    assert controllers[0]["rustmq_cluster_offline_partitions"] == 0
+    assert controllers[0]['rustmq_cluster_broker_leaders{broker="1"}'] == 0
+    assert controllers[0]["rustmq_cluster_partitions"] == report["partitions"]
+    assert scraped[0]['rustmq_cluster_partition_in_sync_replicas{partition="0",topic="planned"}'] in (3, None) or \
+        scraped[2]['rustmq_cluster_partition_in_sync_replicas{partition="0",topic="planned"}'] == 3
     write_membership(cluster, [0, 1, 2], generation=2)  # the operator clears it: leadership returns
     await wait_health(cluster, lambda h: h["observedMembershipGeneration"] == 2 and h["brokers"]["1"]["leaders"] > 0,
                       "broker 1 leading again", 30)

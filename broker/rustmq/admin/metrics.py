@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from rustmq.admin import coordination_metrics
+from rustmq.admin import cluster_metrics, coordination_metrics
 from rustmq.server.stats import BrokerStats, Histogram
 
 
@@ -95,6 +95,7 @@ class BrokerCollector(Collector):
                     families[name].add_metric([topic.name, str(index)], float(getattr(plog, attribute)))
         yield from families.values()
         yield from coordination_metrics.collect(getattr(broker, "coordination", None))
+        yield from cluster_metrics.collect(broker.cluster)
 
 
 def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
