@@ -237,13 +237,51 @@ async def run_cluster(args: argparse.Namespace) -> int:
         metadata["mode"] = "standalone"
         _emit(args, metadata, f"standalone broker {metadata['brokers'][0]['id']} (no cluster mode)")
         return 0
-    lines = [f"controller: broker {metadata['controller']}", "brokers:"]
-    lines += [f"  {b['id']}: {b['host']}:{b['producer_port']} (consumer port {b['consumer_port']})" for b in metadata["brokers"]]
+    if "health" not in metadata:  # the scaling report lives on the controller: ask it
+        controller = next((b for b in metadata["brokers"] if b["id"] == metadata["controller"]), None)
+        if controller is not None:
+            try:
+                async with Admin(f"{controller['host']}:{controller['producer_port']}") as admin:
+                    answer = await admin.metadata([])
+                for key in ("health", "membership"):
+                    if key in answer:
+                        metadata[key] = answer[key]
+            except (ClientError, OSError):
+                pass  # shown as unavailable below
+    health = metadata.get("health")
+    per_broker = (health or {}).get("brokers", {})
+    lines = [f"controller: broker {metadata['controller']}"]
+    membership = metadata.get("membership")
+    if membership is None:
+        lines.append("membership: none (no <cluster>-membership ConfigMap: data stays where it is)")
+    else:
+        shutdown = membership.get("shutdown")
+        lines.append(f"membership: brokers {membership['brokers']} generation {membership['generation']}"
+                     + (f", controlled shutdown of broker {shutdown}" if shutdown is not None else ""))
+    if health is None:
+        lines.append("health: unavailable (the controller has not reported yet)")
+    else:
+        lines.append(f"health: {health['partitions']} partitions, {health['offline']} offline, "
+                     f"{health['underReplicated']} under-replicated, {health['underMinIsr']} under min ISR, "
+                     f"{health['reassigning']} reassigning ({health['bytesToMove']} bytes left to copy), "
+                     f"observed membership generation {health['observedMembershipGeneration']}")
+    lines.append("brokers:")
+    for b in metadata["brokers"]:
+        line = f"  {b['id']}: {b['host']}:{b['producer_port']} (consumer port {b['consumer_port']})"
+        facts = per_broker.get(str(b["id"]))
+        if facts is not None:
+            line += (f": {facts['replicas']} replicas, {facts['leaders']} leaders, "
+                     f"{facts['inSyncReplicas']} in sync, {facts['bytes']} log bytes")
+        lines.append(line)
+    for broker_id, facts in per_broker.items():
+        if int(broker_id) not in {b["id"] for b in metadata["brokers"]}:
+            lines.append(f"  {broker_id}: not live: {facts['replicas']} replicas, {facts['inSyncReplicas']} in sync")
     for topic in metadata["topics"]:
         lines.append(f"topic {topic['name']} (replication factor {topic['replication_factor']}, "
                      f"min in-sync {topic['min_insync_replicas']})")
         lines += [f"  partition {p['partition']}: leader {p['leader']} epoch {p['leader_epoch']} "
-                  f"replicas {p['replicas']} isr {p['isr']}" for p in topic["partitions"]]
+                  f"replicas {p['replicas']} isr {p['isr']}"
+                  + (f" reassigning to {p['target']}" if p.get("target") else "") for p in topic["partitions"]]
     _emit(args, metadata, "\n".join(lines))
     return 0
 

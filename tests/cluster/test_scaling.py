@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -293,6 +295,15 @@ async def test_membership_shutdown_moves_leaderships_and_health_reports_it(three
     assert controllers[0]["rustmq_cluster_partitions"] == report["partitions"]
     assert scraped[0]['rustmq_cluster_partition_in_sync_replicas{partition="0",topic="planned"}'] in (3, None) or \
         scraped[2]['rustmq_cluster_partition_in_sync_replicas{partition="0",topic="planned"}'] == 3
+    # `rustmq cluster describe` on a broker that is not the controller shows the controller's view.
+    other = next(b for b in (0, 1, 2) if scraped[b]["rustmq_cluster_controller"] != 1)
+    described = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "rustmq", "cluster", "describe", "--bootstrap", cluster.brokers[other].bootstrap],
+        capture_output=True, text=True, timeout=60)
+    assert described.returncode == 0, described.stderr
+    assert "membership: brokers [0, 1, 2] generation 1, controlled shutdown of broker 1" in described.stdout, described.stdout
+    assert "0 offline" in described.stdout and "observed membership generation 1" in described.stdout
+    assert "  1: 127.0.0.1:" in described.stdout and "0 leaders" in described.stdout
     write_membership(cluster, [0, 1, 2], generation=2)  # the operator clears it: leadership returns
     await wait_health(cluster, lambda h: h["observedMembershipGeneration"] == 2 and h["brokers"]["1"]["leaders"] > 0,
                       "broker 1 leading again", 30)

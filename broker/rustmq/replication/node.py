@@ -433,7 +433,7 @@ class ClusterNode:
                 await self.store.replace_map(self._brokers_map, wanted, known.version)
         if restarted or shards:
             self._nudge()
-        await self._publish_health(everything, alive, membership if not conflicts else None, notes, now)
+        await self._publish_health(everything, alive, membership, notes, now, acted=not conflicts)
 
     async def _membership(self) -> reassign.Membership | None:
         """The operator's membership ConfigMap, or None (absent or unusable: move nothing)."""
@@ -452,14 +452,16 @@ class ClusterNode:
         return membership
 
     async def _publish_health(self, topics: dict[str, TopicState], alive: set[int],
-                              membership: reassign.Membership | None, notes: dict[int, dict[str, str]], now: float) -> None:
+                              membership: reassign.Membership | None, notes: dict[int, dict[str, str]], now: float,
+                              acted: bool) -> None:
         """Write ``<cluster>-health`` (CAS) when it changed, and at least every 5 s so the
         operator can tell a live report from a dead controller's."""
         def number(b: int, key: str) -> int:
             text = notes.get(b, {}).get(ANNOTATION + key, "0")
             return int(text) if text.isdigit() else 0
 
-        observed = membership.generation if membership is not None else (
+        # The generation is echoed once a round acted on it with every write stored.
+        observed = membership.generation if membership is not None and acted else (
             self._health or {}).get("observedMembershipGeneration")
         report = reassign.health(
             topics.values(), alive=alive, members=membership.brokers if membership is not None else None,
@@ -467,6 +469,8 @@ class ClusterNode:
             controller=self.settings.broker_id, controller_epoch=self.controller_epoch,
             observed_generation=observed, updated_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
         self.roles.health = report
+        self.roles.membership = None if membership is None else {
+            "brokers": sorted(membership.brokers), "shutdown": membership.shutdown, "generation": membership.generation}
         if reassign.same_health(self._health, report) and now - self._health_written < 5.0:
             return
         name = reassign.health_name(self.settings.cluster_name)

@@ -281,6 +281,8 @@ class Broker:
         answer = {"brokers": list(cluster.brokers), "controller": cluster.controller, "topics": topics, "cluster": True}
         if cluster.health is not None and cluster.controller == cluster.broker_id:
             answer["health"] = cluster.health  # the scaling report (docs/cluster.md); the controller has it
+            if cluster.membership is not None:
+                answer["membership"] = cluster.membership
         return answer
 
     def broker_stats(self) -> dict[str, Any]:

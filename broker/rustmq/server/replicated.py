@@ -121,6 +121,7 @@ class ClusterRoles:
         self.topics: dict[str, Any] = {}  # name -> rustmq.cluster.state.TopicState
         self.controller = -1
         self.health: dict[str, Any] | None = None  # the controller's scaling report (only on the controller)
+        self.membership: dict[str, Any] | None = None  # the membership the controller acts on (only there)
         self.admin: ClusterAdmin | None = None
         self.placer: Placer | None = None
         self.topic_changes: Any = None  # rustmq.replication.topics.TopicChanges: ADD_PARTITIONS, ALTER_TOPIC_CONFIG
