@@ -25,8 +25,11 @@ from rustmq.protocol import frames
 
 class BrokerProcess:
     def __init__(self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
+                 preexec_fn: Callable[[], None] | None = None, host: str = "127.0.0.1",
+                 command_prefix: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
+        self.host = host  # the address it listens on and clients dial
+        self.command_prefix = command_prefix  # e.g. ("ip", "netns", "exec", name): exec'd, so pid stays the broker's
         self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. to set rlimits)
         self.extra_args = extra_args
         self.env = {**os.environ, **(env or {})}
@@ -38,8 +41,8 @@ class BrokerProcess:
         ports_file = self.data_dir.parent / f"{self.data_dir.name}-ports.json"
         ports_file.unlink(missing_ok=True)
         command = [
-            sys.executable, "-m", "rustmq", "broker",
-            "--host", "127.0.0.1", "--producer-port", "0", "--consumer-port", "0", "--metrics-port", "0",
+            *self.command_prefix, sys.executable, "-m", "rustmq", "broker",
+            "--host", self.host, "--producer-port", "0", "--consumer-port", "0", "--metrics-port", "0",
             "--data-dir", str(self.data_dir), "--ports-file", str(ports_file), *self.extra_args,
         ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
@@ -70,7 +73,7 @@ class BrokerProcess:
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.producer_port}"
+        return f"{self.host}:{self.producer_port}"
 
     @property
     def pid(self) -> int:
@@ -113,8 +116,8 @@ class BrokerProcess:
 class RawClient:
     """A blocking socket speaking raw frames, for byte-exact protocol tests."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
         self.corr = 0
 
     def close(self) -> None:

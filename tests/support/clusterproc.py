@@ -92,9 +92,16 @@ class BrokerCluster:
         return {
             "RUSTMQ_CLUSTER_MODE": "kubernetes", "RUSTMQ_CLUSTER_NAME": self.name,
             "RUSTMQ_CLUSTER_NAMESPACE": self.namespace, "RUSTMQ_BROKER_ID": str(broker_id),
-            "RUSTMQ_INTERNAL_HOST": "127.0.0.1", "RUSTMQ_KUBECONFIG": str(self.kubeconfig),
+            "RUSTMQ_INTERNAL_HOST": self.broker_host(broker_id), "RUSTMQ_KUBECONFIG": str(self.kubeconfig),
             "RUSTMQ_UVLOOP": "true", **self.env,
         }
+
+    def broker_host(self, broker_id: int) -> str:
+        """The address broker_id listens on (tests/support/netns.py gives each its own)."""
+        return "127.0.0.1"
+
+    def command_prefix(self, broker_id: int) -> tuple[str, ...]:
+        return ()
 
     def start(self, broker_id: int) -> BrokerProcess:
         old = self.brokers.get(broker_id)
@@ -104,7 +111,8 @@ class BrokerCluster:
             old._log.close()
             same_ports = ("--producer-port", str(old.producer_port), "--consumer-port", str(old.consumer_port))
         process = BrokerProcess(self.root / f"broker-{broker_id}", "--log", '{"segment_bytes": 1048576}',
-                                *same_ports, *self.extra_args, env=self.broker_env(broker_id))
+                                *same_ports, *self.extra_args, env=self.broker_env(broker_id),
+                                host=self.broker_host(broker_id), command_prefix=self.command_prefix(broker_id))
         self.brokers[broker_id] = process.start()
         return process
 
@@ -119,7 +127,7 @@ class BrokerCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                client = RawClient(self.brokers[broker_id].producer_port, timeout=5)
+                client = RawClient(self.brokers[broker_id].producer_port, timeout=5, host=self.brokers[broker_id].host)
                 try:
                     header, _ = client.call({"api": 3, "topics": []})
                 finally:
@@ -141,7 +149,7 @@ class BrokerCluster:
             if not process.alive():
                 continue
             try:
-                client = RawClient(process.producer_port, timeout=5)
+                client = RawClient(process.producer_port, timeout=5, host=process.host)
                 try:
                     header, _ = client.call({"api": 3, "topics": topics})
                 finally:
