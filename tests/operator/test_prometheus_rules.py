@@ -80,14 +80,21 @@ def unit_tests(rule: dict[str, Any], job: str, namespace: str, replicas: int) ->
     volume = alerts["RustMQVolumeFillingUp"]
     pods = [f"rustmq-{i}" for i in range(replicas)]
 
-    def annotations(alert: dict[str, Any], pod: str = "") -> dict[str, str]:
-        return {k: v.replace("{{ $labels.pod }}", pod) for k, v in alert["annotations"].items()}
+    def silent(at: str, name: str) -> dict[str, Any]:
+        return {"eval_time": at, "alertname": name, "exp_alerts": []}
+
+    def fires(at: str, alert: dict[str, Any], labels: dict[str, str], pod: str = "") -> dict[str, Any]:
+        """`alert` firing once at `at` with the series' `labels` and its own, its annotations templated."""
+        annotations = {k: v.replace("{{ $labels.pod }}", pod) for k, v in alert["annotations"].items()}
+        expected = {"exp_labels": {**labels, **alert["labels"]}, "exp_annotations": annotations}
+        return {"eval_time": at, "alertname": alert["alert"], "exp_alerts": [expected]}
 
     # rustmq-0 stops answering at minute 2; the others stay up; the same pod name in another
     # namespace is down all along (another cluster's, not this rule's).
     one_down = [up(job, namespace, pods[0], "1 1 0x30")] + [up(job, namespace, p, "1x32") for p in pods[1:]]
     one_down.append(up(job, "elsewhere", pods[0], "0x32"))
     claim = 'kubelet_volume_stats_{}_bytes{{namespace="%s", persistentvolumeclaim="%s", job="kubelet"}}'
+    full_claim = {"namespace": namespace, "persistentvolumeclaim": "data-rustmq-0", "job": "kubelet"}
     return {
         "evaluation_interval": "1m",
         "tests": [
@@ -96,37 +103,24 @@ def unit_tests(rule: dict[str, Any], job: str, namespace: str, replicas: int) ->
                 "interval": "1m",
                 "input_series": one_down,
                 "alert_rule_test": [
-                    {"eval_time": "1m", "alertname": "RustMQBrokerDown", "exp_alerts": []},
-                    # Down since minute 2: pending, not yet firing, one minute before `for` elapses.
-                    {"eval_time": "6m", "alertname": "RustMQBrokerDown", "exp_alerts": []},
-                    {"eval_time": "7m", "alertname": "RustMQBrokerDown", "exp_alerts": [{
-                        "exp_labels": {**down_labels(job, namespace, pods[0]), **broker_down["labels"]},
-                        "exp_annotations": annotations(broker_down, pods[0]),
-                    }]},
-                    {"eval_time": "16m", "alertname": "RustMQBrokersMissing", "exp_alerts": []},
-                    {"eval_time": "17m", "alertname": "RustMQBrokersMissing", "exp_alerts": [{
-                        "exp_labels": dict(missing["labels"]), "exp_annotations": annotations(missing),
-                    }]},
+                    silent("1m", "RustMQBrokerDown"),
+                    silent("6m", "RustMQBrokerDown"),  # down since minute 2: still pending
+                    fires("7m", broker_down, down_labels(job, namespace, pods[0]), pods[0]),
+                    silent("16m", "RustMQBrokersMissing"),
+                    fires("17m", missing, {}),
                 ],
             },
             {
                 "name": "every broker down: RustMQBrokersMissing fires too (a count of nothing is no sample)",
                 "interval": "1m",
                 "input_series": [up(job, namespace, p, "0x20") for p in pods],
-                "alert_rule_test": [
-                    {"eval_time": "16m", "alertname": "RustMQBrokersMissing", "exp_alerts": [{
-                        "exp_labels": dict(missing["labels"]), "exp_annotations": annotations(missing),
-                    }]},
-                ],
+                "alert_rule_test": [fires("16m", missing, {})],
             },
             {
                 "name": "all brokers up: nothing fires",
                 "interval": "1m",
                 "input_series": [up(job, namespace, p, "1x30") for p in pods],
-                "alert_rule_test": [
-                    {"eval_time": "30m", "alertname": name, "exp_alerts": []}
-                    for name in ("RustMQBrokerDown", "RustMQBrokersMissing", "RustMQVolumeFillingUp")
-                ],
+                "alert_rule_test": [silent("30m", name) for name in alerts],
             },
             {
                 "name": "a claim of this cluster below 15% free for 10 minutes; one at 20%; another cluster's",
@@ -139,14 +133,7 @@ def unit_tests(rule: dict[str, Any], job: str, namespace: str, replicas: int) ->
                     {"series": claim.format("capacity") % (namespace, "data-other-0"), "values": "100x20"},
                     {"series": claim.format("available") % (namespace, "data-other-0"), "values": "1x20"},
                 ],
-                "alert_rule_test": [
-                    {"eval_time": "9m", "alertname": "RustMQVolumeFillingUp", "exp_alerts": []},
-                    {"eval_time": "10m", "alertname": "RustMQVolumeFillingUp", "exp_alerts": [{
-                        "exp_labels": {"namespace": namespace, "persistentvolumeclaim": "data-rustmq-0", "job": "kubelet",
-                                       **volume["labels"]},
-                        "exp_annotations": annotations(volume),
-                    }]},
-                ],
+                "alert_rule_test": [silent("9m", "RustMQVolumeFillingUp"), fires("10m", volume, full_claim)],
             },
         ],
     }
