@@ -7,7 +7,8 @@ LoadBalancer addresses the cluster's LB-IPAM handed out (the per-broker ones the
 advertise to outside clients); a broker killed by SIGKILL is restarted by
 the kubelet and the operator reports what the kubelet reports (not Ready, then a crash loop, then
 Ready again); a config change rolls three real brokers one at a time, never two down at once,
-and the data written before is all there after; a claim is a real directory that outlives the pod and grows online.
+and the data written before is all there after; a claim is a real directory that outlives the pod and grows online
+(where its StorageClass allows it; kind's does not, and the operator says so).
 """
 
 from __future__ import annotations
@@ -326,7 +327,16 @@ def test_claims_are_real_directories_that_outlive_the_pod_and_grow_online(
     assert messages(out) == ["one", "two"], "the data outlived the pod"
 
     pod_uid = broker_pod(kubectl)["metadata"]["uid"]
+    storage_class = json.loads(cluster.kubectl("get", "storageclass", claim["spec"]["storageClassName"], "-o", "json").stdout)
     kubectl.patch("rustmqcluster", "rustmq", {"spec": {"storage": {"size": "2Gi"}}})
+    if not storage_class.get("allowVolumeExpansion"):
+        # kind's default class (local-path) cannot grow volumes; our node's can (the branch below).
+        # The operator says so, and the broker keeps its claim and keeps serving.
+        stalled = kubectl.wait_condition("Stalled", "True", "StorageExpansionUnsupported")
+        assert "does not allow volume expansion" in stalled["message"], stalled
+        assert kubectl.get("pvc", "data-rustmq-0")["spec"]["resources"]["requests"]["storage"] == "1Gi"
+        assert broker_pod(kubectl)["metadata"]["uid"] == pod_uid
+        return
     ops.wait_for(
         "the claim to report 2Gi",
         lambda: (kubectl.get("pvc", "data-rustmq-0")["status"].get("capacity") or {}).get("storage") == "2Gi", 180,
