@@ -287,10 +287,10 @@ async def test_membership_shutdown_moves_leaderships_and_health_reports_it(three
     assert scraped[1]["rustmq_cluster_leader_partitions"] == 0
     assert sum(m["rustmq_cluster_leader_partitions"] or 0 for m in scraped.values()) == report["partitions"], scraped
     assert sum(m["rustmq_cluster_replica_partitions"] or 0 for m in scraped.values()) == 3 * report["partitions"]
-    assert sum(m["rustmq_cluster_under_replicated_partitions"] or 0 for m in scraped.values()) == 0
+    assert sum(m["rustmq_under_replicated_partitions"] or 0 for m in scraped.values()) == 0
     controllers = [m for m in scraped.values() if m["rustmq_cluster_controller"] == 1]
     assert len(controllers) == 1
-    assert controllers[0]["rustmq_cluster_offline_partitions"] == 0
+    assert controllers[0]["rustmq_offline_partitions"] == 0
     assert controllers[0]['rustmq_cluster_broker_leaders{broker="1"}'] == 0
     assert controllers[0]["rustmq_cluster_partitions"] == report["partitions"]
     assert scraped[0]['rustmq_cluster_partition_in_sync_replicas{partition="0",topic="planned"}'] in (3, None) or \

@@ -8,14 +8,17 @@ Two kinds, so that a sum over brokers never counts a partition twice (Kafka's co
   operator reads in ``<cluster>-health``): offline and reassigning partitions, bytes left to
   move, replicas/leaders/in-sync replicas per broker. Elsewhere these families are empty.
 
+``rustmq_offline_partitions`` and ``rustmq_under_replicated_partitions`` are the names the
+operator's PrometheusRule alerts on with ``max(...) > 0`` (docs/operator.md).
+
     rustmq_cluster_leader_partitions                       partitions this broker leads
     rustmq_cluster_replica_partitions                      replicas this broker hosts
-    rustmq_cluster_under_replicated_partitions             led here, in-sync replicas < replication factor
+    rustmq_under_replicated_partitions             led here, in-sync replicas < replication factor
     rustmq_cluster_under_min_isr_partitions                led here, in-sync replicas < min_insync_replicas
     rustmq_cluster_partition_in_sync_replicas{topic,partition}   led here
     rustmq_cluster_partition_replicas{topic,partition}           led here (reassignment: old + new)
     rustmq_cluster_controller                              1 on the controller, else 0
-    rustmq_cluster_offline_partitions                      controller only: partitions without a leader
+    rustmq_offline_partitions                      controller only: partitions without a leader
     rustmq_cluster_partitions                              controller only
     rustmq_cluster_reassigning_partitions                  controller only
     rustmq_cluster_reassign_bytes_remaining                controller only (estimate, docs/cluster.md)
@@ -60,7 +63,7 @@ def collect(cluster: Any) -> Iterator[Any]:
         replicas.add_metric([name, str(index)], float(len(role.replicas)))
     yield _gauge("rustmq_cluster_leader_partitions", "Partitions this broker leads", led)
     yield _gauge("rustmq_cluster_replica_partitions", "Partition replicas this broker hosts", hosted)
-    yield _gauge("rustmq_cluster_under_replicated_partitions",
+    yield _gauge("rustmq_under_replicated_partitions",
                  "Partitions led here with fewer in-sync replicas than their replication factor", under)
     yield _gauge("rustmq_cluster_under_min_isr_partitions",
                  "Partitions led here with fewer in-sync replicas than min_insync_replicas (acks=all refused)", under_min)
@@ -71,7 +74,7 @@ def collect(cluster: Any) -> Iterator[Any]:
     if health is None:
         return
     yield _gauge("rustmq_cluster_partitions", "Partitions in the cluster (controller only)", health["partitions"])
-    yield _gauge("rustmq_cluster_offline_partitions", "Partitions without a leader (controller only)", health["offline"])
+    yield _gauge("rustmq_offline_partitions", "Partitions without a leader (controller only)", health["offline"])
     yield _gauge("rustmq_cluster_reassigning_partitions", "Partitions being moved (controller only)", health["reassigning"])
     yield _gauge("rustmq_cluster_reassign_bytes_remaining",
                  "Estimated bytes the replicas being added still have to copy (controller only)", health["bytesToMove"])
