@@ -1,7 +1,7 @@
 """Three real brokers in cluster mode (coordinating through the local control plane's API server)
-serving mutual TLS only: the followers' replica fetches dial the leaders' TLS ports with the
-broker's own certificate, so a replicated topic reaches a full in-sync set, acks=all produce
-works and every replica holds the log. Without that, a TLS cluster would never replicate."""
+serving mutual TLS only: the followers' replica fetches (and simple produce forwarded to a
+partition's leader) dial the other brokers' TLS ports with the broker's own certificate, so a
+replicated topic reaches a full in-sync set, acks=all produce works and every replica holds the log. Without that, a TLS cluster would never replicate."""
 
 from __future__ import annotations
 
@@ -16,7 +16,12 @@ import pytest
 import clusterproc
 from rustmq.client import Admin, Consumer, Producer
 from rustmq.client.connection import tls_context, use_tls
+from rustmq.protocol import simple
 from tlspki import Authority, SecretVolume
+
+
+def simple_message(value: bytes, key: bytes) -> bytes:
+    return simple.encode_message(value, key=key, topic="secure")
 
 pytestmark = pytest.mark.slow
 
@@ -76,15 +81,26 @@ async def test_a_mutual_tls_cluster_replicates_over_tls(tmp_path: Path, kubeconf
         async with Producer(bootstrap, acks="all") as producer:
             for i in range(200):
                 await producer.send("secure", b"s%d" % i, key=b"k%d" % (i % 5))
+        # A seed-style simple produce client on broker 0 only: keyed messages for the partitions
+        # broker 0 does not lead are forwarded to their leaders over the brokers' mutual TLS.
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", cluster.brokers[0].producer_port,
+            ssl=tls_context(tmp_path / "ca.crt", tmp_path / "client.crt", tmp_path / "client.key"),
+            server_hostname="localhost")
+        writer.write(b"".join(simple_message(b"f%d" % i, b"fk%d" % i) for i in range(30)))
+        replies = [simple.decode_reply(await asyncio.wait_for(reader.readexactly(8), 30)) for _ in range(30)]
+        writer.close()
+        await writer.wait_closed()
+        assert all(offset >= 0 for offset in replies)
         seen: list[bytes] = []
         async with Consumer(bootstrap, "secure", start="earliest", max_wait_ms=100) as consumer:
             stream = consumer.batches()
-            while len(seen) < 200:
+            while len(seen) < 230:
                 seen += [m.value for m in await asyncio.wait_for(stream.__anext__(), 20)]
-        assert sorted(seen) == sorted(b"s%d" % i for i in range(200))
+        assert sorted(seen) == sorted([b"s%d" % i for i in range(200)] + [b"f%d" % i for i in range(30)])
         async with Admin(cluster.brokers[2].bootstrap) as admin:
             ends = [sum(p["end_offset"] for p in (await admin.describe_topic("secure"))["partitions"])]
-        assert ends == [200]  # broker 2's own log holds every record: it replicated over TLS
+        assert ends == [230]  # broker 2's own log holds every record: it replicated over TLS
         assert "TLS handshake" not in cluster.logs()
     finally:
         use_tls(None)
