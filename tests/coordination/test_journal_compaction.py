@@ -221,31 +221,78 @@ def test_a_crash_at_each_step_of_the_switch_keeps_every_acknowledged_entry(
     journal.close()
 
 
-def test_a_failed_commit_removes_the_new_generation_before_more_appends(
+def test_a_failed_commit_acknowledges_nothing_new_until_a_retry_commits(
         tmp_path: Path, monkeypatch) -> None:
-    """If writing the marker fails after it reached the disk, the new generation must not be
-    left for recovery to choose: entries appended afterwards live only in the old one."""
+    """The switch to a new generation happens before its marker is durable, so a failed commit
+    must keep every append to the new generation unacknowledged (its flush target reports
+    nothing durable) and keep the old generation on disk; the next flush retries the commit."""
     journal = Journal.open(tmp_path / "j", compact_bytes=1024)
     original = journal_mod._commit
+    failures = []
 
     def marker_then_fail(path: Path) -> None:
-        original(path)
+        original(path)  # the marker may well be on disk when the error comes
+        failures.append(path)
         raise OSError(5, "input/output error (simulated, after the marker was written)")
 
     monkeypatch.setattr(journal_mod, "_commit", marker_then_fail)
-    # A removal left to a thread that has not run yet (a crash now would find the marker).
-    monkeypatch.setattr(journal_mod, "_remove_generation_async", lambda *args: None)
     state = _fill(journal, 0, 200)
+    journal.flush()
     journal.maybe_compact(_live(state), 200)
     pending = journal._pending
     assert pending is not None
     pending.thread.join()
-    journal.maybe_compact(_live(state), 200)  # installs: the commit fails
-    assert journal.compaction_failures == 1 and journal.generation == 1
-    assert not (tmp_path / "j" / journal_mod._generation_name(2)).exists()
+    journal.maybe_compact(_live(state), 200)  # installs and starts the commit, which fails
+    committing = journal._committing
+    assert committing is not None
+    committing.join()
+    assert failures and journal.generation == 2 and not committing.committed
+    assert (tmp_path / "j" / journal_mod._generation_name(1)).exists()
     state.update(_fill(journal, 300, 10))
-    journal.flush()
+    target, last = journal.position()
+    assert target.durable_offset <= last  # not acknowledged while uncommitted
+    with pytest.raises(OSError):
+        journal.flush()
+    assert target.durable_offset <= last
+    monkeypatch.setattr(journal_mod, "_commit", original)
+    journal.flush()  # the retry commits, then deletes generation 1
+    assert target.durable_offset > last
+    assert not (tmp_path / "j" / journal_mod._generation_name(1)).exists()
     journal.close(clean=False)
     reopened = Journal.open(tmp_path / "j")
-    assert reopened.generation == 1 and _state(reopened) == state
+    assert reopened.generation == 2 and _state(reopened) == state
     reopened.close()
+
+
+def test_a_crash_after_a_failed_commit_recovers_everything_acknowledged(
+        tmp_path: Path, monkeypatch) -> None:
+    """Whichever generation recovery then picks (the marker may or may not have reached the
+    disk), it holds every entry acknowledged before the crash."""
+    for marker_reached_disk in (True, False):
+        directory = tmp_path / f"j-{marker_reached_disk}"
+        journal = Journal.open(directory, compact_bytes=1024)
+        original = journal_mod._commit
+
+        def failing(path: Path, reached: bool = marker_reached_disk) -> None:
+            if reached:
+                original(path)
+            raise OSError(28, "no space left on device (simulated)")
+
+        monkeypatch.setattr(journal_mod, "_commit", failing)
+        acknowledged = _fill(journal, 0, 200)
+        journal.flush()
+        journal.maybe_compact(_live(acknowledged), 200)
+        assert journal._pending is not None
+        journal._pending.thread.join()
+        journal.maybe_compact(_live(acknowledged), 200)
+        assert journal._committing is not None
+        journal._committing.join()
+        for i in range(10):  # appended, never acknowledged
+            journal.append([(b"unacknowledged-%d" % i, b"x")], 300 + i)
+        journal.close(clean=False)
+        monkeypatch.setattr(journal_mod, "_commit", original)
+        reopened = Journal.open(directory)
+        recovered = _state(reopened)
+        assert all(recovered.get(key) == value for key, value in acknowledged.items())
+        assert reopened.generation == (2 if marker_reached_disk else 1)
+        reopened.close()

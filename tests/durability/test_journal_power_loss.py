@@ -45,11 +45,11 @@ def wrap(name, before):
 
 if step == "snapshot-written":   # worker thread stops; appends go on in the old generation
     wrap("_write_snapshot", before=False)
-elif step == "caught-up":        # main thread stops: tail copied and fsynced, no marker yet
-    wrap("_commit", before=True)
-elif step == "committed":        # main thread stops: marker durable, appends not switched
+elif step == "caught-up":        # switched, new generation fsynced, no marker yet: the commit
+    wrap("_commit", before=True)  # stops (holding its lock, so every flush waits behind it)
+elif step == "committed":        # marker durable, old generation not yet removed
     wrap("_commit", before=False)
-elif step == "switched":         # removal thread stops; appends go on in the new generation
+elif step == "switched":         # committed, about to remove the old generation
     wrap("_remove_generation", before=True)
 
 state = {}
@@ -60,12 +60,12 @@ while True:
     journal.append([(key, value)], i)
     state[key] = value
     journal.maybe_compact(lambda: sorted(state.items()), i)
-    journal.partition.flush()
+    journal.flush()
     sys.stdout.write(f"{i}\n")
     sys.stdout.flush()
 """
 
-WORKER_STEPS = {"snapshot-written", "switched"}
+WORKER_STEPS = {"snapshot-written"}  # the commit steps hold the lock every flush waits on
 
 
 @pytest.mark.timeout(180)

@@ -179,3 +179,47 @@ async def test_idempotent_produce_answers_duplicates_with_original_offsets_acros
             assert retried["base_offset"] == offset and retried["duplicate_batches"] == 1
     finally:
         connection.close()
+
+
+async def test_a_long_log_rebuilds_its_producer_table_in_steps_while_the_broker_serves(make_broker, tmp_path) -> None:
+    """After a SIGKILL (no saved tables) the first idempotent produce to a partition with several
+    MiB of log starts a stepwise rebuild and is answered LOAD_IN_PROGRESS; other requests are
+    served meanwhile; retried, the same batch is recognised as the duplicate it is."""
+    broker = make_broker()
+    header = {"api": int(ApiKey.PRODUCE_IDEMPOTENT), "topic": "long", "partition": 0, "acks": 2}
+    connection = await Connection.open("127.0.0.1", broker.producer_port)
+    value = b"x" * 1000
+    try:
+        producer_id = (await connection.request({"api": int(ApiKey.INIT_PRODUCER)})).header["producer_id"]
+        sequence = 0
+        for _ in range(60):  # 60 batches of 100 records of ~1 KiB: about 6 MiB of log
+            written = (await connection.request(dict(header), _idempotent_batch(producer_id, sequence, [value] * 100))).header
+            sequence += 100
+        last = _idempotent_batch(producer_id, sequence, [b"last"])
+        original = (await connection.request(dict(header), last)).header
+    finally:
+        connection.close()
+    assert written["last_offset"] == 5999
+    broker.kill()
+    again = make_broker(tmp_path / "data")
+    connection = await Connection.open("127.0.0.1", again.producer_port)
+    try:
+        with pytest.raises(BrokerError) as info:
+            await connection.request(dict(header), last)
+        assert info.value.code is ErrorCode.LOAD_IN_PROGRESS
+        listed = (await connection.request({"api": int(ApiKey.LIST_TOPICS)})).header  # served meanwhile
+        assert "long" in str(listed)
+        for _ in range(200):
+            try:
+                retried = (await connection.request(dict(header), last)).header
+                break
+            except BrokerError as error:
+                assert error.code is ErrorCode.LOAD_IN_PROGRESS
+                await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the producer table was not rebuilt within 2 s")
+        assert retried["duplicate_batches"] == 1
+        assert (retried["base_offset"], retried["last_offset"]) == (original["base_offset"], original["last_offset"])
+    finally:
+        connection.close()
+    assert "rebuilt from" in again.log()

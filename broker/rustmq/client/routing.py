@@ -23,6 +23,7 @@ from rustmq.protocol.api import ApiKey, ErrorCode
 RETRIABLE_CODES = frozenset({
     ErrorCode.NOT_LEADER, ErrorCode.FENCED_LEADER_EPOCH, ErrorCode.CLUSTER_UNAVAILABLE,
     ErrorCode.NOT_ENOUGH_REPLICAS, ErrorCode.REQUEST_TIMEOUT, ErrorCode.SHUTTING_DOWN,
+    ErrorCode.LOAD_IN_PROGRESS,
 })
 BACKOFF_START_S = 0.05
 BACKOFF_MAX_S = 1.0

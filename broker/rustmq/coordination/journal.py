@@ -30,20 +30,27 @@ Compaction off the event loop (`maybe_compact`), all on the owner thread except 
 2. worker thread: create gen N+1, append the snapshot batch, fsync it and the journal directory.
    Appends keep going to gen N meanwhile;
 3. a later `maybe_compact` finds the thread done: copy gen N's batches from T on into gen N+1
-   (the tail since the snapshot: small), fsync gen N+1, write ``journal-committed``; then
-   switch appends to gen N+1 and close gen N;
-4. worker thread: delete gen N's directory and fsync the journal directory.
+   (the tail since the snapshot: small; written to the page cache, not synced) and switch
+   appends to gen N+1 at once;
+4. commit, on whichever thread flushes first (a commit thread started by the switch, or the
+   server's GroupCommitter asked to make an append to gen N+1 durable): fsync gen N+1, then write
+   ``journal-committed`` and fsync it and the directory, then delete gen N's directory.
 
-Crash outcomes: before step 3's marker is durable gen N+1 is ignored (and deleted) and gen N,
-which holds everything acknowledged, is used; after it, gen N+1 holds everything gen N held at
-the switch, so it is used and gen N deleted. Step 3's fsyncs are the only blocking file work
-left on the owner thread; they cover the tail written during step 2, not the whole state.
+Nothing in gen N+1 counts as durable before its marker is: `position()` hands out the
+generation's `_Generation` flush target, whose `durable_offset` stays at the generation's start
+until the commit, so no append to gen N+1 is acknowledged before recovery would choose gen N+1.
+Crash outcomes: before the marker is durable gen N+1 is ignored (and deleted) and gen N is used;
+it holds everything acknowledged, because its files are deleted only after the commit and every
+acknowledgement until then was of an append to gen N. After the marker gen N+1 is used: it was
+synced, holding all of gen N, before the marker was written. A failed commit (disk full) is
+retried by the next flush; until one succeeds, appends to gen N+1 are not acknowledged. No fsync
+of a compaction runs on the owner thread.
 
 Appends go to the current generation. Durability is the caller's choice: `flush()` blocks until
-everything appended is on disk; a server can instead hand `partition` to its GroupCommitter.
-An append whose `position()` was taken before a switch waits on gen N, which stays open (its
-files deleted) until the next switch: gen N+1 held it durably before the switch, so the
-acknowledgement is true either way.
+everything appended is on disk (committing the generation if needed); a server can instead hand
+the target of `position()` to its GroupCommitter. An append whose `position()` was taken before a
+switch waits on gen N, which stays open until the next switch; gen N+1 holds it too once
+committed, so the acknowledgement is true either way.
 Replay reads the generation from its first batch, so restart time is bounded by the live state
 plus the tail since the last compaction (`compact_bytes`).
 
@@ -62,6 +69,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
@@ -71,6 +79,7 @@ import msgpack
 from rustmq.protocol import records
 from rustmq.storage import batch, errors
 from rustmq.storage.config import FlushPolicy, LogConfig
+from rustmq.storage.durability import FlushTarget
 from rustmq.storage.partition import PartitionLog, make_directories
 
 logger = logging.getLogger("rustmq.coordination")
@@ -112,7 +121,8 @@ class Journal:
         # The generation before the last switch: its files are deleted, but it stays open until
         # the next switch so that durability requests made on it before the switch still succeed.
         self._retired: PartitionLog | None = None
-        self._removing: threading.Thread | None = None
+        # The current generation's commit, while its marker may not be durable yet (step 4).
+        self._committing: _Generation | None = None
 
     @classmethod
     def open(cls, directory: Path, *, config: LogConfig = JOURNAL_CONFIG,
@@ -179,13 +189,22 @@ class Journal:
         return result.last_offset
 
     def flush(self) -> int:
-        return self.partition.flush()
+        return self._flush_target().flush()
 
-    def position(self) -> tuple[PartitionLog, int]:
-        """(partition, offset): everything appended so far is durable once that partition's
+    def position(self) -> tuple[FlushTarget, int]:
+        """(target, offset): everything appended so far is durable once the target's
         durable_offset is above offset. Ask after `maybe_compact`: a compaction moves the state
         to a new generation whose offsets are unrelated to those `append` returned before."""
-        return self.partition, self.partition.end_offset - 1
+        return self._flush_target(), self.partition.end_offset - 1
+
+    def _flush_target(self) -> FlushTarget:
+        committing = self._committing
+        if committing is None:
+            return self.partition
+        if committing.committed:
+            self._committing = None
+            return self.partition
+        return committing
 
     @property
     def tail_bytes(self) -> int:
@@ -201,6 +220,10 @@ class Journal:
         worker thread has written, or start one if due. True when this call switched generations.
         A failure (disk full...) is logged and retried after another `compact_bytes` of tail:
         the current generation stays valid, so nothing is lost."""
+        committing = self._committing
+        if committing is not None and not committing.committed:
+            committing.retry_in_thread()
+            return False
         pending = self._pending
         if pending is not None:
             if pending.thread.is_alive():
@@ -234,7 +257,8 @@ class Journal:
                      self.directory, error, self.generation)
 
     def _install(self, pending: _PendingGeneration) -> None:
-        """Step 3 (owner thread): catch the new generation up, commit it, switch to it."""
+        """Step 3 (owner thread): catch the new generation up and switch to it; its commit
+        (step 4) runs on a worker thread."""
         if pending.error is not None:
             raise pending.error
         new_partition = pending.partition
@@ -242,32 +266,21 @@ class Journal:
         try:
             snapshot_bytes = new_partition.size_bytes
             _copy_batches(self.partition, pending.snapshot_offset, new_partition)
-            # Hazard (compaction ordering): everything gen N acknowledged must be durable in
-            # gen N+1 before the marker makes recovery choose gen N+1.
-            new_partition.flush()
-            _commit(pending.path)
         except BaseException:
-            new_partition.close(clean=False)
-            # Hazard: the marker may have reached the disk before the failure. Remove gen N+1
-            # before anything more is acknowledged on gen N, or recovery could choose it and
-            # lose those entries. Blocking, but only on this error path.
-            _remove_generation(pending.path, self.directory)
+            new_partition.close(clean=False)  # no marker yet: the next open discards it
             raise
-        self._switch(new_partition, pending.number, snapshot_bytes, remove_in_thread=True)
+        old_path = self.directory / _generation_name(self.generation)
+        self._switch(new_partition, pending.number, snapshot_bytes)
+        self._committing = _Generation(new_partition, pending.path, old_path, self.directory)
+        self._committing.retry_in_thread()
 
-    def _switch(self, new_partition: PartitionLog, number: int, snapshot_bytes: int,
-                remove_in_thread: bool) -> None:
-        old_partition, old_generation = self.partition, self.generation
+    def _switch(self, new_partition: PartitionLog, number: int, snapshot_bytes: int) -> None:
+        old_partition = self.partition
         self.partition, self.generation = new_partition, number
         self._snapshot_bytes = snapshot_bytes
         if self._retired is not None:
             self._retired.close(clean=False)
         self._retired = old_partition
-        old_path = self.directory / _generation_name(old_generation)
-        if remove_in_thread:
-            self._removing = _remove_generation_async(old_path, self.directory)
-        else:
-            _remove_generation(old_path, self.directory)
         self.compactions += 1
 
     def compact(self, live: Sequence[Entry], now_ms: int) -> None:
@@ -276,8 +289,10 @@ class Journal:
         so far."""
         self.wait_compaction()
         number = self.generation + 1
+        old_path = self.directory / _generation_name(self.generation)
         new_partition = self._create_generation(number, live, now_ms)
-        self._switch(new_partition, number, new_partition.size_bytes, remove_in_thread=False)
+        self._switch(new_partition, number, new_partition.size_bytes)
+        _remove_generation(old_path, self.directory)
 
     def wait_compaction(self) -> None:
         """Block until a compaction in progress has finished (or failed) and is installed."""
@@ -285,8 +300,9 @@ class Journal:
         if pending is not None:
             pending.thread.join()
             self.maybe_compact(lambda: [], 0)
-        if self._removing is not None:
-            self._removing.join()
+        if self._committing is not None:
+            self._committing.flush()  # raises if the commit still fails
+            self._committing = None
 
     def _create_generation(self, number: int, live: Sequence[Entry], now_ms: int) -> PartitionLog:
         """A new, committed generation holding `live` (blocking: calling thread)."""
@@ -307,11 +323,19 @@ class Journal:
             pending.thread.join()
             if pending.partition is not None:
                 pending.partition.close(clean=False)
+        committing, self._committing = self._committing, None
+        if committing is not None:
+            committing.join()
+            if clean and not committing.committed:
+                try:  # appends since the switch live only in the new generation
+                    committing.flush()
+                except (OSError, errors.StorageError) as error:
+                    logger.error("%s: journal generation %d not committed at close (%s); the "
+                                 "previous one is used on restart", self.directory,
+                                 self.generation, error)
         if self._retired is not None:
             self._retired.close(clean=False)
             self._retired = None
-        if self._removing is not None:
-            self._removing.join()
         if self.partition is not None:
             self.partition.close(clean=clean)
 
@@ -383,6 +407,73 @@ class _PendingGeneration:
             self.error = error
 
 
+class _Generation:
+    """Flush target of a generation switched to before its marker is durable (step 4).
+
+    `durable_offset` stays at the start until the commit: a waiter on an append to this
+    generation is answered only once recovery would choose it. `flush` (any thread; the
+    GroupCommitter's, a commit thread's, or the owner's in `flush()`/`close()`) syncs the
+    partition and, the first time that succeeds, writes the marker and deletes the previous
+    generation. A failure leaves it uncommitted for the next flush to retry."""
+
+    RETRY_AFTER_S: Final = 1.0
+
+    def __init__(self, partition: PartitionLog, path: Path, previous: Path, directory: Path) -> None:
+        self.partition = partition
+        self.path = path
+        self.previous = previous
+        self.journal_directory = directory
+        self.committed = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._failed_at = -1e9
+
+    @property
+    def directory(self) -> Path:
+        return self.partition.directory
+
+    @property
+    def durable_offset(self) -> int:
+        return self.partition.durable_offset if self.committed else self.partition.start_offset
+
+    def flush(self) -> int:
+        # Hazard (compaction ordering): the generation's data must be durable before the
+        # marker makes recovery choose it, and the previous generation may be deleted only once
+        # the marker is durable.
+        durable = self.partition.flush()
+        with self._lock:
+            if not self.committed:
+                try:
+                    _commit(self.path)
+                except BaseException:
+                    self._failed_at = time.monotonic()
+                    raise
+                self.committed = True
+                _remove_generation(self.previous, self.journal_directory)
+        return durable
+
+    def retry_in_thread(self) -> None:
+        """Start a commit on a worker thread unless one runs or the last failed under a second ago."""
+        if self.committed or (self._thread is not None and self._thread.is_alive()):
+            return
+        if time.monotonic() - self._failed_at < self.RETRY_AFTER_S:
+            return
+        self._thread = threading.Thread(target=self._commit_quietly, name="journal-commit",
+                                        daemon=True)
+        self._thread.start()
+
+    def _commit_quietly(self) -> None:
+        try:
+            self.flush()
+        except (OSError, errors.StorageError) as error:
+            logger.error("%s: committing journal generation failed (%s); retried by the next "
+                         "flush", self.path, error)
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
 def _snapshot_entries(number: int, live: Sequence[Entry], now_ms: int) -> list[Entry]:
     marker = msgpack.packb({"generation": number, "created_ms": now_ms, "format": FORMAT_VERSION})
     return [(GENERATION_KEY, marker), *live]
@@ -430,13 +521,6 @@ def _remove_generation(path: Path, directory: Path) -> None:
         _fsync_directory(directory)
     except OSError as error:  # the next open removes it again if it came back
         logger.warning("%s: fsync after removing %s failed: %s", directory, path.name, error)
-
-
-def _remove_generation_async(path: Path, directory: Path) -> threading.Thread:
-    thread = threading.Thread(target=_remove_generation, args=(path, directory),
-                              name="journal-remove-generation", daemon=True)
-    thread.start()
-    return thread
 
 
 def _generation_name(number: int) -> str:

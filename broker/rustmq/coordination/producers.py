@@ -46,6 +46,7 @@ import msgpack
 
 from rustmq.coordination.journal import Journal
 from rustmq.storage import batch
+from rustmq.storage.durability import FlushTarget
 from rustmq.storage.partition import PartitionLog
 
 RECENT_BATCHES: Final = 5
@@ -187,18 +188,43 @@ class ProducerStateTable:
     def rebuild(cls, partition: PartitionLog, base: ProducerStateTable | None = None,
                 from_offset: int = 0) -> ProducerStateTable:
         """The state implied by the batch headers of the partition (no body is decoded): of all
-        of them, or of those from `from_offset` on added to `base` (a snapshot's table)."""
-        table = base if base is not None else cls()
-        offset = max(partition.start_offset, from_offset)
-        while offset < partition.end_offset:
-            fetched = partition.read(offset, _READ_CHUNK)
-            for view in fetched.views:
-                try:
-                    table.record_headers(_headers(view))
-                finally:
-                    view.release()
-            offset = fetched.next_offset
-        return table
+        of them, or of those from `from_offset` on added to `base` (a snapshot's table).
+        Blocking for as long as the walk takes; a server uses `ProducerRebuild` in steps."""
+        rebuild = ProducerRebuild(partition, base, from_offset)
+        while not rebuild.step(_READ_CHUNK):
+            pass
+        return rebuild.table
+
+
+class ProducerRebuild:
+    """`ProducerStateTable.rebuild` in steps of a bounded number of bytes, so a server can walk
+    a long log (after a crash, or on becoming a partition's leader) between other requests.
+    Each step reads from where the last ended up to the partition's end at that moment, so
+    batches appended between steps are included."""
+
+    def __init__(self, partition: PartitionLog, base: ProducerStateTable | None = None,
+                 from_offset: int = 0) -> None:
+        self.partition = partition
+        self.table = base if base is not None else ProducerStateTable()
+        self.offset = max(partition.start_offset, from_offset)
+        self.bytes_read = 0
+        self.generation = 0  # set by the owner to tell a stale rebuild from a current one
+
+    def step(self, max_bytes: int) -> bool:
+        """Walk about `max_bytes` more of the log; True once the table covers all of it."""
+        partition = self.partition
+        self.offset = max(self.offset, partition.start_offset)  # retention may have moved it
+        if self.offset >= partition.end_offset:
+            return True
+        fetched = partition.read(self.offset, max_bytes)
+        for view in fetched.views:
+            try:
+                self.bytes_read += len(view)
+                self.table.record_headers(_headers(view))
+            finally:
+                view.release()
+        self.offset = max(self.offset + 1, fetched.next_offset)
+        return self.offset >= partition.end_offset
 
 
 def _headers(view: memoryview) -> Iterable[batch.BatchHeader]:
@@ -287,7 +313,7 @@ class ProducerIds:
         self._next += 1
         return producer_id
 
-    def reservation_position(self) -> tuple[PartitionLog, int]:
+    def reservation_position(self) -> tuple[FlushTarget, int]:
         """The journal position covering the current block's reservation (see `Journal.position`)."""
         return self.journal.position()
 

@@ -33,14 +33,23 @@ from typing import NamedTuple, Protocol
 from rustmq.coordination import group as group_mod
 from rustmq.coordination import queue, queue_log
 from rustmq.coordination.offsets import InvalidCommitError, OffsetStore
-from rustmq.coordination.producers import Decision, ProducerIds, ProducerSnapshots, ProducerStateTable
+from rustmq.coordination.producers import (
+    Decision,
+    ProducerIds,
+    ProducerRebuild,
+    ProducerSnapshots,
+    ProducerStateTable,
+)
 from rustmq.storage import batch, errors
+from rustmq.storage.durability import FlushTarget
 from rustmq.storage.log import Log
 from rustmq.storage.partition import PartitionLog
 
 logger = logging.getLogger("rustmq.coordination")
 
 TopicPartition = tuple[str, int]
+# A producer-table rebuild walks this many bytes of log per step (the server yields between steps).
+PRODUCER_REBUILD_STEP_BYTES = 1 << 20
 
 
 class UnknownPartitionError(LookupError):
@@ -50,7 +59,7 @@ class UnknownPartitionError(LookupError):
 class Durable(NamedTuple):
     """Answer the request once `partition.durable_offset > offset`."""
 
-    partition: PartitionLog
+    partition: FlushTarget
     offset: int
 
 
@@ -124,6 +133,7 @@ class Coordinator:
         # Tables saved by the last clean shutdown, bound to the partitions open now (a topic
         # deleted and re-created later gets a new PartitionLog and so no stale table).
         self._saved_states: dict[TopicPartition, tuple[PartitionLog, int, ProducerStateTable]] = {}
+        self._producer_forgets: dict[TopicPartition, int] = {}  # makes a running rebuild stale
         for (topic, partition), (end, table) in (producer_snapshots.take() if producer_snapshots else {}).items():
             try:
                 plog = self._partition(topic, partition)
@@ -429,23 +439,56 @@ class Coordinator:
 
     def producer_state(self, topic: str, partition: int) -> ProducerStateTable:
         """The partition's producer table, rebuilt from its batch headers on first use (and
-        again if the partition object changed, e.g. the topic was deleted and re-created)."""
+        again if the partition object changed, e.g. the topic was deleted and re-created).
+        Blocking while it rebuilds; the server first finishes a `begin_producer_rebuild`."""
+        table = self.ready_producer_state(topic, partition)
+        if table is None:
+            rebuild = self.begin_producer_rebuild(topic, partition)
+            while not rebuild.step(PRODUCER_REBUILD_STEP_BYTES):
+                pass
+            table = self.finish_producer_rebuild(topic, partition, rebuild)
+            assert table is not None  # nothing ran in between
+        return table
+
+    def ready_producer_state(self, topic: str, partition: int) -> ProducerStateTable | None:
+        """The cached producer table if it describes the partition's current log, else None."""
         plog = self._partition(topic, partition)
         cached = self._producer_states.get((topic, partition))
         if cached is None or cached[0] is not plog:
-            saved = self._saved_states.pop((topic, partition), None)
-            if saved is not None and saved[0] is plog:
-                table = ProducerStateTable.rebuild(plog, base=saved[2], from_offset=saved[1])
-            else:
-                table = ProducerStateTable.rebuild(plog)
-            cached = (plog, table)
-            self._producer_states[(topic, partition)] = cached
+            return None
         return cached[1]
+
+    def begin_producer_rebuild(self, topic: str, partition: int) -> ProducerRebuild:
+        """A stepwise rebuild of the partition's producer table: from the snapshot saved at the
+        last clean shutdown on, if there is one for this partition, else from the log's start."""
+        plog = self._partition(topic, partition)
+        saved = self._saved_states.pop((topic, partition), None)
+        if saved is not None and saved[0] is plog:
+            rebuild = ProducerRebuild(plog, base=saved[2], from_offset=saved[1])
+        else:
+            rebuild = ProducerRebuild(plog)
+        rebuild.generation = self._producer_forgets.get((topic, partition), 0)
+        return rebuild
+
+    def finish_producer_rebuild(self, topic: str, partition: int, rebuild: ProducerRebuild
+                                ) -> ProducerStateTable | None:
+        """Install a completed rebuild (on the owner thread right after its last step). None:
+        the rebuild is stale (the partition was re-created or its state forgotten meanwhile)."""
+        key = (topic, partition)
+        try:
+            current = self._partition(topic, partition)
+        except (UnknownPartitionError, errors.UnknownTopicError):
+            return None
+        if current is not rebuild.partition or self._producer_forgets.get(key, 0) != rebuild.generation:
+            return None
+        self._producer_states[key] = (rebuild.partition, rebuild.table)
+        return rebuild.table
 
     def forget_producer_state(self, topic: str, partition: int) -> None:
         """Drop the cached producer table (cluster mode: this broker just became the leader and
         its log holds batches it appended as a follower); the next use rebuilds it from the log."""
         self._producer_states.pop((topic, partition), None)
+        self._producer_forgets[(topic, partition)] = self._producer_forgets.get((topic, partition), 0) + 1
 
     def plan_produce(self, topic: str, partition: int, batches: bytes | memoryview
                      ) -> list[Decision]:

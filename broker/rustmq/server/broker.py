@@ -32,7 +32,7 @@ from rustmq.storage import errors as storage_errors
 
 if TYPE_CHECKING:
     from rustmq.server.coordination_handlers import CoordinationService
-    from rustmq.storage.durability import GroupCommitter
+    from rustmq.storage.durability import FlushTarget, GroupCommitter
     from rustmq.storage.log import Log, Topic
     from rustmq.storage.partition import PartitionLog
 
@@ -389,7 +389,7 @@ class Broker:
             return f"{failure}; {free} bytes free on the data directory's filesystem"
         return None
 
-    def when_durable(self, plog: PartitionLog, offset: int, done: Callable[[BaseException | None], None]) -> None:
+    def when_durable(self, plog: FlushTarget, offset: int, done: Callable[[BaseException | None], None]) -> None:
         """Call done(error) on the loop thread once offset is fsynced (or the flush failed)."""
         loop = self._loop
 

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from rustmq.coordination import queue as queue_mod
 from rustmq.coordination import queue_log
-from rustmq.coordination.producers import Verdict
-from rustmq.coordination.service import Coordinator, DeadLetterWrite, Durable
+from rustmq.coordination.producers import ProducerRebuild, Verdict
+from rustmq.coordination.service import PRODUCER_REBUILD_STEP_BYTES, Coordinator, DeadLetterWrite, Durable
 from rustmq.protocol import api, frames, records
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.server.broker import Produced, error_code_for
@@ -74,6 +74,7 @@ class CoordinationService:
         self._consumer_seq = itertools.count(1)
         self._rotation: dict[tuple[str, str], int] = {}
         self._dlq_in_flight: list[DeadLetterWrite] = []
+        self._producer_rebuilds: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._closed = False
         self.group_stores: ClusterGroupStores | None = None  # cluster mode: groups on the internal topic
 
@@ -93,6 +94,9 @@ class CoordinationService:
 
     def close(self) -> None:
         self._closed = True
+        for task in self._producer_rebuilds.values():
+            task.cancel()
+        self._producer_rebuilds.clear()
         self.coordinator.give_back_dead_letter_writes(self._dlq_in_flight)
         self._dlq_in_flight = []
         if self._timer is not None:
@@ -100,6 +104,40 @@ class CoordinationService:
             self._timer = None
         if self._persist_waiters:
             self._persist_now()
+
+    # -- producer tables ---------------------------------------------------------------------------
+
+    def producer_state_ready(self, topic: str, index: int) -> bool:
+        """Whether idempotent produce to the partition can be decided now. A table that has to
+        be rebuilt from the log (after a crash, or on becoming the leader) is rebuilt in steps of
+        PRODUCER_REBUILD_STEP_BYTES with the loop serving others in between; meanwhile requests
+        get LOAD_IN_PROGRESS, which clients retry. A short log is rebuilt at once."""
+        coordinator = self.coordinator
+        if coordinator.ready_producer_state(topic, index) is not None:
+            return True
+        key = (topic, index)
+        if key in self._producer_rebuilds:
+            return False
+        rebuild = coordinator.begin_producer_rebuild(topic, index)
+        if rebuild.step(PRODUCER_REBUILD_STEP_BYTES):
+            return coordinator.finish_producer_rebuild(topic, index, rebuild) is not None
+        self._producer_rebuilds[key] = self._loop.create_task(self._rebuild_producer_state(key, rebuild))
+        return False
+
+    async def _rebuild_producer_state(self, key: tuple[str, int], rebuild: ProducerRebuild) -> None:
+        try:
+            done = False
+            while not done:
+                await asyncio.sleep(0)  # one step per loop pass: other requests run in between
+                done = rebuild.step(PRODUCER_REBUILD_STEP_BYTES)
+            if self.coordinator.finish_producer_rebuild(*key, rebuild) is None:
+                log.info("producer table rebuild of %s/%d was overtaken; starting again on next use", *key)
+            else:
+                log.info("producer table of %s/%d rebuilt from %d bytes of log", *key, rebuild.bytes_read)
+        except Exception:  # the partition went away or its log failed: the next request retries
+            log.exception("rebuilding the producer table of %s/%d failed", *key)
+        finally:
+            self._producer_rebuilds.pop(key, None)
 
     def connection_lost(self, conn: Connection) -> None:
         for wait in [w for w in self._queue_waits if w.conn is conn]:
@@ -455,6 +493,9 @@ def _produce_idempotent(conn: Connection, service: CoordinationService, corr: in
         role = broker.cluster.leader_role(topic.name, index)
         if request.acks is api.Acks.ALL:
             broker.cluster.check_insync(role)
+    if not service.producer_state_ready(topic.name, index):
+        raise RequestError(ErrorCode.LOAD_IN_PROGRESS,
+                           f"the producer table of {topic.name}/{index} is being rebuilt from its log; retry")
     decisions = service.coordinator.plan_produce(topic.name, index, payload)
     bounds = [*scan.positions, scan.size_bytes]
     fresh = [i for i, d in enumerate(decisions) if d.verdict is Verdict.APPEND]

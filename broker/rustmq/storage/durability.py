@@ -22,7 +22,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from rustmq.storage import errors
 
@@ -34,6 +35,19 @@ logger = logging.getLogger("rustmq.storage")
 Callback = Callable[[BaseException | None], None]
 
 
+class FlushTarget(Protocol):
+    """What the GroupCommitter flushes: a PartitionLog, or a wrapper that adds work to its flush
+    (a coordination journal's generation awaiting its commit marker)."""
+
+    @property
+    def durable_offset(self) -> int: ...
+
+    @property
+    def directory(self) -> Path: ...
+
+    def flush(self) -> int: ...
+
+
 class GroupCommitter:
     """Shares one flush per partition among durable appends arriving within `max_wait_ms`."""
 
@@ -43,13 +57,13 @@ class GroupCommitter:
         self.max_wait_s = max_wait_ms / 1000
         self.flush_count = 0  # flushes issued; with request_count shows the grouping achieved
         self.request_count = 0
-        self._pending: list[tuple[PartitionLog, int, Callback]] = []
+        self._pending: list[tuple[FlushTarget, int, Callback]] = []
         self._condition = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="rustmq-group-commit", daemon=True)
         self._thread.start()
 
-    def request(self, partition: PartitionLog, offset: int, callback: Callback) -> None:
+    def request(self, partition: FlushTarget, offset: int, callback: Callback) -> None:
         """Call `callback(None)` on the committer thread once `offset` is durable, or
         `callback(error)` if flushing failed. `offset` must already be appended.
         Raises LogClosedError after close()."""
@@ -82,8 +96,8 @@ class GroupCommitter:
                 requests, self._pending = self._pending, []
             self._commit(requests)
 
-    def _commit(self, requests: list[tuple[PartitionLog, int, Callback]]) -> None:
-        by_partition: dict[int, tuple[PartitionLog, list[tuple[int, Callback]]]] = {}
+    def _commit(self, requests: list[tuple[FlushTarget, int, Callback]]) -> None:
+        by_partition: dict[int, tuple[FlushTarget, list[tuple[int, Callback]]]] = {}
         for partition, offset, callback in requests:
             by_partition.setdefault(id(partition), (partition, []))[1].append((offset, callback))
         for partition, waiting in by_partition.values():
