@@ -255,8 +255,9 @@ def test_a_failed_commit_acknowledges_nothing_new_until_a_retry_commits(
         journal.flush()
     assert target.durable_offset <= last
     monkeypatch.setattr(journal_mod, "_commit", original)
-    journal.flush()  # the retry commits, then deletes generation 1
+    journal.flush()  # the retry commits, then deletes generation 1 (on a thread of its own)
     assert target.durable_offset > last
+    committing.join()
     assert not (tmp_path / "j" / journal_mod._generation_name(1)).exists()
     journal.close(clean=False)
     reopened = Journal.open(tmp_path / "j")
@@ -268,10 +269,10 @@ def test_a_crash_after_a_failed_commit_recovers_everything_acknowledged(
         tmp_path: Path, monkeypatch) -> None:
     """Whichever generation recovery then picks (the marker may or may not have reached the
     disk), it holds every entry acknowledged before the crash."""
+    original = journal_mod._commit
     for marker_reached_disk in (True, False):
         directory = tmp_path / f"j-{marker_reached_disk}"
         journal = Journal.open(directory, compact_bytes=1024)
-        original = journal_mod._commit
 
         def failing(path: Path, reached: bool = marker_reached_disk) -> None:
             if reached:

@@ -199,10 +199,7 @@ class Journal:
 
     def _flush_target(self) -> FlushTarget:
         committing = self._committing
-        if committing is None:
-            return self.partition
-        if committing.committed:
-            self._committing = None
+        if committing is None or committing.committed:
             return self.partition
         return committing
 
@@ -302,6 +299,7 @@ class Journal:
             self.maybe_compact(lambda: [], 0)
         if self._committing is not None:
             self._committing.flush()  # raises if the commit still fails
+            self._committing.join()
             self._committing = None
 
     def _create_generation(self, number: int, live: Sequence[Entry], now_ms: int) -> PartitionLog:
@@ -426,6 +424,7 @@ class _Generation:
         self.committed = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._removal: threading.Thread | None = None
         self._failed_at = -1e9
 
     @property
@@ -449,7 +448,10 @@ class _Generation:
                     self._failed_at = time.monotonic()
                     raise
                 self.committed = True
-                _remove_generation(self.previous, self.journal_directory)
+                # Off the flushing thread: the group committer may have other waiters to answer.
+                self._removal = threading.Thread(target=_remove_generation, name="journal-remove",
+                                                 args=(self.previous, self.journal_directory), daemon=True)
+                self._removal.start()
         return durable
 
     def retry_in_thread(self) -> None:
@@ -472,6 +474,8 @@ class _Generation:
     def join(self) -> None:
         if self._thread is not None:
             self._thread.join()
+        if self._removal is not None:
+            self._removal.join()
 
 
 def _snapshot_entries(number: int, live: Sequence[Entry], now_ms: int) -> list[Entry]:
