@@ -29,12 +29,14 @@ from aiohttp import web
 
 from rustmq import compaction, eventloop
 from rustmq.admin.app import AdminState, make_admin_app
+from rustmq.auth import tokens
 from rustmq.client import connection
 from rustmq.config import BrokerConfig
 from rustmq.coordination.service import CoordinationLimits, Coordinator
 from rustmq.kube import KubeStore
 from rustmq.replication.node import ClusterNode, ClusterSettings
 from rustmq.server import coordination_handlers
+from rustmq.server.authz import AuthError, AuthState
 from rustmq.server.broker import Broker
 from rustmq.server.listener import Listener
 from rustmq.server.resources import ResourceGuard
@@ -54,7 +56,9 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
     stats = BrokerStats()
-    state = AdminState(stats=stats)
+    auth_settings = config.auth_settings()
+    auth = AuthState(auth_settings) if auth_settings is not None else None  # AuthError: bad files, exit 2
+    state = AdminState(stats=stats, auth=auth, admin_auth=config.admin_auth)
     runner = web.AppRunner(make_admin_app(state), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.metrics_port, reuse_address=True)
@@ -69,11 +73,24 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
     committer = durability.GroupCommitter(max_wait_ms=config.group_commit_ms)
     listener: Listener | None = None
     node: ClusterNode | None = None
+    auth_watch: asyncio.Task[None] | None = None
     coordinator: Coordinator | None = None
     coordination: coordination_handlers.CoordinationService | None = None
     try:
         settings = config.server_settings()
         broker = Broker(opened, committer, settings, stats, resources)
+        broker.auth = auth  # type: ignore[attr-defined]  # read by server.connection (None: no auth)
+        if auth is not None:
+            auth_watch = asyncio.get_running_loop().create_task(auth.watch(), name="auth-reload")
+        if config.auth_broker_token_file is not None:
+            # This broker's connections to its peers (replica fetches) present its own token,
+            # re-read at every connect so a rotated Secret applies without a restart.
+            token_file = config.auth_broker_token_file
+            try:
+                tokens.split_token(token_file.read_text().strip())
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise AuthError(f"cannot use the broker token file {token_file}: {exc}") from None
+            connection.use_token(lambda: token_file.read_text().strip())
         # Groups, offsets, queues, producer ids (issue 4): journals under <data_dir>/coordination.
         coordinator = Coordinator.open(config.data_dir, opened, incarnation=secrets.token_hex(4),
                                        limits=CoordinationLimits(config.max_groups, config.max_subscriptions))
@@ -107,6 +124,8 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         await listener.shutdown()
     finally:
         state.ready = False
+        if auth_watch is not None:
+            auth_watch.cancel()
         if coordination is not None:
             coordination.close()
         committer.close()

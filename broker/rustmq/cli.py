@@ -5,6 +5,7 @@
     rustmq produce TOPIC [VALUE ...]      (values from stdin lines when none are given)
     rustmq consume TOPIC [--from earliest|latest|OFFSET|@TIMESTAMP_MS] [--max-messages N] [--timeout S]
     rustmq bench produce|consume|latency [...]
+    rustmq token create PRINCIPAL         (a token and its hashed line for the token file)
     rustmq group list|describe, rustmq consume TOPIC --group G, rustmq queue receive, rustmq dlq list|show|replay
         (rustmq.cli_coordination)
 
@@ -56,6 +57,27 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert")
     tls.add_argument("--tls-server-name", metavar="NAME",
                      help="check the broker's certificate for NAME instead of the --bootstrap host")
+    auth = parser.add_argument_group("authentication (docs/security.md)")
+    auth.add_argument("--token", metavar="TOKEN",
+                      help="authenticate with this token, <principal>:<secret> (default: $RUSTMQ_TOKEN)")
+    auth.add_argument("--token-file", metavar="FILE", help="read the token from FILE (default: $RUSTMQ_TOKEN_FILE)")
+
+
+def _configure_token(args: argparse.Namespace) -> None:
+    """Make every connection of this command authenticate when --token or --token-file is given
+    (else the library falls back to $RUSTMQ_TOKEN / $RUSTMQ_TOKEN_FILE)."""
+    from rustmq.client.connection import use_token
+
+    token, token_file = getattr(args, "token", None), getattr(args, "token_file", None)
+    if token and token_file:
+        raise config.ConfigError("--token and --token-file: give one")
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise config.ConfigError(f"cannot read --token-file: {exc}") from None
+    if token:
+        use_token(token)
 
 
 def _configure_tls(args: argparse.Namespace) -> None:
@@ -134,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     from rustmq.client import bench as bench_module
 
     bench_module.add_arguments(bench_commands, _client_flags)
+
+    token = commands.add_parser("token", help="make a token for a principal (docs/security.md)")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    token_create = token_commands.add_parser(
+        "create", help="print a new token (for the client) and its hashed line (for the broker's token file)")
+    token_create.add_argument("principal")
+    token_create.add_argument("--json", action="store_true", help="machine-readable JSON output")
     return parser
 
 
@@ -147,8 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         return eventloop.run(main, uvloop_wanted=use_uvloop)
 
     try:
+        if args.command == "token":
+            return run_token(args)
         if args.command != "broker":
             _configure_tls(args)
+            _configure_token(args)
         if args.command == "broker":
             return run_broker(args)
         if args.command == "topic":
@@ -178,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_broker(args: argparse.Namespace) -> int:
     from rustmq import app
+    from rustmq.server.authz import AuthError
     from rustmq.server.tls import TlsError
     from rustmq.storage.errors import StorageError
 
@@ -188,9 +221,22 @@ def run_broker(args: argparse.Namespace) -> int:
     except StorageError as exc:
         print(f"rustmq: cannot open the log in {settings.data_dir}: {exc}", file=sys.stderr)
         return 1
-    except TlsError as exc:
+    except (TlsError, AuthError) as exc:
         print(f"rustmq: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def run_token(args: argparse.Namespace) -> int:
+    from rustmq.auth import tokens
+
+    try:
+        token, line = tokens.new_token(args.principal)
+    except ValueError as exc:
+        raise config.ConfigError(str(exc)) from None
+    _emit(args, {"principal": args.principal, "token": token, "token_file_line": line},
+          f"token (give it to the client; it is shown once): {token}\n"
+          f"token file line (append it to the broker's auth_token_file): {line}")
     return 0
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from rustmq.cluster.lease import LeaseTiming
+from rustmq.server.authz import AuthSettings
 from rustmq.server.settings import ServerSettings
 from rustmq.server.tls import TlsSettings
 from rustmq.storage.config import LogConfig
@@ -79,6 +80,13 @@ class BrokerConfig:
     tls_client_auth: str = "none"  # none | optional | required (fixed at start-up)
     tls_reload_s: float = 10.0  # how often the TLS files are checked for a change
     tls_peer_ca_file: Path | None = None  # cluster mode: CAs of the other brokers' certificates
+    # Authentication, ACLs and quotas (docs/security.md): on when a token or ACL file is given.
+    auth_token_file: Path | None = None  # "<principal>:scrypt$..." lines; reloaded when it changes
+    auth_acl_file: Path | None = None  # YAML policy: default, super_users, rules, quotas; reloaded
+    auth_cert_principal: str = "cn"  # a client certificate's principal: cn (subject CN) or san (first SAN)
+    auth_reload_s: float = 10.0  # how often the auth files are checked for a change
+    auth_broker_token_file: Path | None = None  # this broker's own token for its connections to peers
+    admin_auth: str = "writes"  # with auth on: writes (admin writes need a principal) or all (/metrics and /v1 reads too)
     # Cluster mode (docs/cluster.md; the operator contract in docs/operator.md). "standalone": no
     # coordination at all; "kubernetes": one replicated cluster coordinated through the API server.
     cluster_mode: str = "standalone"
@@ -135,6 +143,14 @@ class BrokerConfig:
             self.tls_settings()
         except ValueError as exc:
             raise ConfigError(f"tls: {exc}") from None
+        if self.auth_cert_principal not in ("cn", "san"):
+            raise ConfigError(f"auth_cert_principal must be 'cn' or 'san', not {self.auth_cert_principal!r}")
+        try:
+            self.auth_settings()
+        except ValueError as exc:
+            raise ConfigError(f"auth: {exc}") from None
+        if self.admin_auth not in ("writes", "all"):
+            raise ConfigError(f"admin_auth must be 'writes' or 'all', not {self.admin_auth!r}")
         if self.cluster_mode not in ("standalone", "kubernetes"):
             raise ConfigError(f"cluster_mode must be 'standalone' or 'kubernetes', not {self.cluster_mode!r}")
         if self.cluster_mode == "kubernetes" and not 0 <= self.broker_id < 1024:
@@ -163,6 +179,11 @@ class BrokerConfig:
             reload_s=self.tls_reload_s,
             peer_ca_file=self.tls_peer_ca_file,
         )
+
+    def auth_settings(self) -> AuthSettings | None:
+        if self.auth_token_file is None and self.auth_acl_file is None:
+            return None
+        return AuthSettings(self.auth_token_file, self.auth_acl_file, self.auth_cert_principal, self.auth_reload_s)
 
     def lease_timing(self) -> LeaseTiming:
         return LeaseTiming(self.lease_duration_s, self.lease_renew_s, self.api_timeout_s)

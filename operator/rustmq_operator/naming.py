@@ -20,6 +20,8 @@ POD_NAME_LABEL: Final = "statefulset.kubernetes.io/pod-name"  # set on each pod 
 BROKER_LABEL: Final = "rustmq.io/broker"
 TLS_VOLUME: Final = "tls"
 TLS_DIR: Final = "/etc/rustmq/tls"  # tls.crt, tls.key, ca.crt of the Secret (no subPath: updates reach the pod)
+AUTH_VOLUME: Final = "auth"
+AUTH_DIR: Final = "/etc/rustmq/auth"  # tokens, acl.yaml, broker-token of the auth Secret (whole: updates reach the pod)
 
 
 def statefulset(cluster: str) -> str:
@@ -57,6 +59,11 @@ def broker_external_service(cluster: str, ordinal: int) -> str:
     Short on purpose: cluster names go up to 52 characters and ordinals to 63, and a Service
     name is a DNS label of at most 63 (``<cluster>-<n>-external`` would need 64)."""
     return f"{cluster}-ext-{ordinal}"
+
+
+def auth_secret(cluster: str, secret_name: str | None) -> str:
+    """The Secret with the token file, the ACL file and the brokers' own token (spec.auth)."""
+    return secret_name or f"{cluster}-auth"
 
 
 def tls_secret(cluster: str, secret_name: str | None) -> str:

@@ -131,6 +131,16 @@ def broker_environment(
             # Brokers check each other (replica fetches) against the Secret's CA, which both
             # cases guarantee; otherwise against the system's CAs (a publicly signed certificate).
             env["RUSTMQ_TLS_PEER_CA_FILE"] = f"{naming.TLS_DIR}/ca.crt"
+    auth = spec["auth"]
+    if auth["enabled"]:
+        # Files of the auth Secret, re-read by the broker when the kubelet updates them: a new
+        # token or ACL rule reaches the running brokers without a roll.
+        env["RUSTMQ_AUTH_TOKEN_FILE"] = f"{naming.AUTH_DIR}/tokens"
+        env["RUSTMQ_AUTH_ACL_FILE"] = f"{naming.AUTH_DIR}/acl.yaml"
+        env["RUSTMQ_AUTH_CERT_PRINCIPAL"] = auth["certPrincipal"]
+        env["RUSTMQ_ADMIN_AUTH"] = auth["adminAuth"]
+        if auth["brokerToken"]:
+            env["RUSTMQ_AUTH_BROKER_TOKEN_FILE"] = f"{naming.AUTH_DIR}/broker-token"
     for field, variable in specs.CONFIG_ENV.items():
         if config.get(field) is not None:
             env[variable] = str(config[field])
@@ -323,6 +333,7 @@ def render(target: Target) -> Rendered:
         "broker_label": naming.BROKER_LABEL,
         "pod_name_label": naming.POD_NAME_LABEL,
         "tls_dir": naming.TLS_DIR,
+        "auth_dir": naming.AUTH_DIR,
         "certificate_dns_names": certificate_dns_names(target),
         "pod_security_context": pod_security_context(spec),
         "default_affinity": default_affinity(target.name),
@@ -338,6 +349,8 @@ def render(target: Target) -> Rendered:
             "service_account": naming.broker_service_account(target.name),
             "tls_secret": naming.tls_secret(target.name, spec["tls"].get("secretName")),
             "tls_volume": naming.TLS_VOLUME,
+            "auth_secret": naming.auth_secret(target.name, spec["auth"].get("secretName")),
+            "auth_volume": naming.AUTH_VOLUME,
             "certificate": naming.certificate(target.name),
             "data_volume": naming.DATA_VOLUME,
         },

@@ -69,6 +69,7 @@ DEFAULTS: Final[dict[str, Any]] = {
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
     "networkPolicy": {"enabled": False, "clients": [{"podSelector": {}}], "monitoringNamespace": "monitoring"},
     "tls": {"enabled": False, "mutual": False},
+    "auth": {"enabled": False, "brokerToken": True, "certPrincipal": "cn", "adminAuth": "writes"},
 }
 
 # Broker settings in spec.config that are plain RUSTMQ_<FIELD> variables of rustmq.config.

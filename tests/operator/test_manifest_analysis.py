@@ -28,6 +28,7 @@ def _everything() -> dict[str, Any]:
     cr = _example("rustmq-production.yaml")
     cr["spec"]["services"]["external"]["perBroker"] = {"enabled": True}
     cr["spec"]["tls"] = {"enabled": True, "mutual": True, "certManager": {"issuerRef": {"name": "ca"}}}
+    cr["spec"]["auth"] = {"enabled": True}
     return cr
 
 

@@ -375,3 +375,33 @@ def test_tls_mounts_the_secret_and_points_the_broker_at_it(render_cr: Callable[.
     assert render_cr(renamed, **DECISIONS[case]).config_hash != rendered.config_hash
     plain = render_cr({"metadata": {"name": "rustmq"}}).statefulset()["spec"]["template"]["spec"]
     assert not [v for v in plain["volumes"] if v["name"] == "tls"]
+
+
+def test_auth_mounts_its_secret_read_only_and_a_content_change_rolls_nothing(
+    render_cr: Callable[..., rendering.Rendered],
+) -> None:
+    cr = {"metadata": {"name": "rustmq", "namespace": "apps"},
+          "spec": {"auth": {"enabled": True, "adminAuth": "all", "certPrincipal": "san"}}}
+    rendered = render_cr(cr)
+    pod = rendered.statefulset()["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (config,) = [c for c in rendered.by_kind("ConfigMap") if c["metadata"]["name"] == "rustmq-config"]
+    env = config["data"]
+    assert env["RUSTMQ_AUTH_TOKEN_FILE"] == "/etc/rustmq/auth/tokens"
+    assert env["RUSTMQ_AUTH_ACL_FILE"] == "/etc/rustmq/auth/acl.yaml"
+    assert env["RUSTMQ_AUTH_BROKER_TOKEN_FILE"] == "/etc/rustmq/auth/broker-token"
+    assert env["RUSTMQ_AUTH_CERT_PRINCIPAL"] == "san" and env["RUSTMQ_ADMIN_AUTH"] == "all"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "auth"]
+    assert volume["secret"] == {"secretName": "rustmq-auth", "defaultMode": 0o440}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "auth"]
+    assert mount == {"name": "auth", "mountPath": "/etc/rustmq/auth", "readOnly": True}  # whole: updates arrive
+    # Only the Secret's name is in the pod template, never its content.
+    renamed = copy.deepcopy(cr)
+    renamed["spec"]["auth"]["secretName"] = "other"
+    assert render_cr(renamed).config_hash != rendered.config_hash
+    no_broker_token = copy.deepcopy(cr)
+    no_broker_token["spec"]["auth"]["brokerToken"] = False
+    (config,) = [c for c in render_cr(no_broker_token).by_kind("ConfigMap") if c["metadata"]["name"] == "rustmq-config"]
+    assert "RUSTMQ_AUTH_BROKER_TOKEN_FILE" not in config["data"]
+    plain = render_cr({"metadata": {"name": "rustmq"}}).statefulset()["spec"]["template"]["spec"]
+    assert not [v for v in plain["volumes"] if v["name"] == "auth"]

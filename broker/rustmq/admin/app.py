@@ -16,6 +16,13 @@ Routes (all JSON except /metrics):
 
 Errors are ``{"error": <ErrorCode name>, "message": ...}`` with 400 (bad input), 404 (unknown
 topic), 409 (topic exists), 503 (not ready) or 500.
+
+With auth configured (``auth_token_file``/``auth_acl_file``), the ``_authorize`` middleware asks
+for ``Authorization: Bearer <principal>:<secret>`` (a token of the token file): every write
+(POST, DELETE) needs an authenticated principal the policy allows ``cluster alter`` (401
+without a token or with a wrong one, 403 for a principal without it); with ``admin_auth: all``
+``/metrics`` and the GET routes need ``cluster describe`` too. ``/healthz`` and ``/readyz``
+stay open (the kubelet's probes carry no token).
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from rustmq.admin import metrics
+from rustmq.auth.acl import ANONYMOUS
 from rustmq.protocol.api import ErrorCode, RequestError
+from rustmq.server.authz import AuthState
 from rustmq.server.broker import Broker, error_code_for
 from rustmq.server.stats import BrokerStats
 
@@ -40,7 +49,10 @@ _STATUS = {
     ErrorCode.INVALID_REQUEST: 400,
     ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.STORAGE_FULL: 507,
+    ErrorCode.AUTHENTICATION_FAILED: 401,
+    ErrorCode.AUTHORIZATION_FAILED: 403,
 }
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 @dataclasses.dataclass
@@ -50,13 +62,15 @@ class AdminState:
     stats: BrokerStats
     broker: Broker | None = None
     ready: bool = False
+    auth: AuthState | None = None  # None: no auth configured, every route open
+    admin_auth: str = "writes"  # writes | all (reads and /metrics need cluster describe too)
 
 
 STATE = web.AppKey("state", AdminState)
 
 
 def make_admin_app(state: AdminState) -> web.Application:
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[_errors, _authorize])
     app[STATE] = state
     registry = metrics.make_registry(state.stats, lambda: state.broker, lambda: state.ready)
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
@@ -100,6 +114,38 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
     except Exception as exc:
         return _error(error_code_for(exc), str(exc))
+
+
+@web.middleware
+async def _authorize(request: web.Request, handler: Any) -> web.StreamResponse:
+    state = request.app[STATE]
+    auth = state.auth
+    if auth is None or request.path in _OPEN_PATHS:
+        return await handler(request)
+    write = request.method not in ("GET", "HEAD", "OPTIONS")
+    if not write and state.admin_auth != "all":
+        return await handler(request)
+    principal = ANONYMOUS
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, token = header.partition(" ")
+        found = await auth.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        if found is None:
+            return _unauthenticated("the bearer token was refused (unknown principal or wrong secret)")
+        principal = found
+    elif write:
+        return _unauthenticated("this endpoint needs an admin principal: send Authorization: Bearer <token>")
+    verb = "alter" if write else "describe"
+    if not auth.policy.allowed(principal, "cluster", "*", verb):
+        auth.authorization_failures += 1
+        return _error(ErrorCode.AUTHORIZATION_FAILED, f"principal {principal} may not {verb} the cluster")
+    return await handler(request)
+
+
+def _unauthenticated(message: str) -> web.Response:
+    response = _error(ErrorCode.AUTHENTICATION_FAILED, message)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="rustmq"'
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:

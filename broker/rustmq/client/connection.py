@@ -11,12 +11,19 @@ default set by ``use_tls(context)`` applies (the CLI sets it from its --tls flag
 Producer, Consumer, Admin, group and queue client opens its connections here, so one call
 makes all of them speak TLS). ``tls_context`` builds a client context that checks the broker's
 certificate against a CA file and presents a client certificate for mutual TLS.
+
+Tokens: ``open(..., token=...)``, or the process-wide ``use_token(token)``, or the environment
+(``RUSTMQ_TOKEN``, or ``RUSTMQ_TOKEN_FILE`` naming a file that holds it) make every connection
+send AUTHENTICATE right after connecting, before anything else; a refused token closes the
+connection and raises BrokerError(AUTHENTICATION_FAILED). ``Connection.principal`` is who the
+broker says the connection is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import ssl as ssl_module
 import sys
 from collections.abc import Callable
@@ -25,7 +32,7 @@ from typing import Any, NamedTuple
 
 from rustmq.client.errors import BrokerError, ConnectionClosedError
 from rustmq.protocol import frames
-from rustmq.protocol.api import MAX_CORRELATION_ID, ErrorCode
+from rustmq.protocol.api import MAX_CORRELATION_ID, ApiKey, ErrorCode
 
 MAX_RESPONSE_BYTES = 1 << 30
 _MIN_READ = 256 << 10
@@ -33,6 +40,29 @@ _MIN_READ = 256 << 10
 
 _default_ssl: ssl_module.SSLContext | Callable[[], ssl_module.SSLContext] | None = None
 _default_server_name: str | None = None
+_default_token: str | Callable[[], str] | None = None
+
+
+def use_token(token: str | Callable[[], str] | None) -> None:
+    """Make every connection this process opens without an explicit ``token`` authenticate with
+    this one (``<principal>:<secret>``), or with what the callable returns at each connect (a
+    broker re-reading its token file); None: back to the environment's."""
+    global _default_token
+    _default_token = token
+
+
+def default_token() -> str | None:
+    """use_token's token, else $RUSTMQ_TOKEN, else the content of the file $RUSTMQ_TOKEN_FILE."""
+    if _default_token is not None:
+        return _default_token() if callable(_default_token) else _default_token
+    token = os.environ.get("RUSTMQ_TOKEN")
+    if token:
+        return token.strip()
+    path = os.environ.get("RUSTMQ_TOKEN_FILE")
+    if path:
+        with open(path) as file:
+            return file.read().strip()
+    return None
 
 
 def use_tls(
@@ -195,10 +225,12 @@ class Connection:
         self._tls = False
         self._answered = False  # a frame came back (a TLS close before that is a refusal)
         self.unsolicited_errors: list[dict[str, Any]] = []  # error responses nobody waited for
+        self.principal: str | None = None  # set once AUTHENTICATE succeeded
 
     @classmethod
     async def open(
-        cls, host: str, port: int, *, timeout: float = 10.0, ssl: ssl_module.SSLContext | None = None
+        cls, host: str, port: int, *, timeout: float = 10.0, ssl: ssl_module.SSLContext | None = None,
+        token: str | None = None,
     ) -> Connection:
         connection = cls()
         loop = asyncio.get_running_loop()
@@ -218,6 +250,15 @@ class Connection:
         transport.set_write_buffer_limits(high=8 << 20)
         connection._tls = context is not None
         connection._transport = transport
+        token = token if token is not None else default_token()
+        if token:
+            try:
+                response = await connection.request({"api": ApiKey.AUTHENTICATE, "mechanism": "token", "token": token},
+                                                    timeout=timeout)
+            except BaseException:
+                connection.close()
+                raise
+            connection.principal = response.header.get("principal")
         return connection
 
     @property

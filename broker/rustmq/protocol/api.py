@@ -48,6 +48,8 @@ class ApiKey(IntEnum):
     PRODUCE_IDEMPOTENT = 35
     QUEUE_CONFIGURE = 36
     QUEUE_DESCRIBE = 37
+    # Security (docs/security.md)
+    AUTHENTICATE = 60
 
 
 class ErrorCode(IntEnum):
@@ -89,6 +91,9 @@ class ErrorCode(IntEnum):
     FENCED_LEADER_EPOCH = 42  # a request carried an older leader epoch than the partition's
     CLUSTER_UNAVAILABLE = 43  # the coordination store (Kubernetes API) did not answer; retry
     NOT_COORDINATOR = 44  # another broker coordinates this group now: FIND_COORDINATOR again, retry
+    # Security (docs/security.md); the connection stays open after both
+    AUTHENTICATION_FAILED = 50  # a token that does not check out, or no token file on the broker
+    AUTHORIZATION_FAILED = 51  # the principal may not do this (the message names the verb and resource)
     INTERNAL_ERROR = 99
 
 

@@ -29,10 +29,12 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
+from rustmq.auth.acl import ANONYMOUS
 from rustmq.coordination import internal_topic
 from rustmq.protocol import api, frames, records, simple
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.server import coordination_handlers
+from rustmq.server.authz import AuthState, ConnectionAuth, cert_principal
 from rustmq.server.broker import Broker, error_code_for
 from rustmq.storage import batch as storage_batch
 
@@ -90,7 +92,14 @@ class Connection(asyncio.BufferedProtocol):
         self._completions_scheduled = False
         self._last_active = time.monotonic()  # last bytes received or response completed
         self._tasks: set[asyncio.Task[None]] = set()
+        # Auth (server.authz): None on a broker without auth files, so the request path pays one
+        # `is None` test. _hold stops reading while a token is checked or a quota delay runs.
+        self._auth_state: AuthState | None = getattr(broker, "auth", None)
+        self._auth: ConnectionAuth | None = None
+        self._hold = False
+        self._throttle_ms = 0
         self._handlers: dict[int, Any] = {
+            ApiKey.AUTHENTICATE: self._authenticate,
             ApiKey.PRODUCE: self._produce,
             ApiKey.FETCH: self._fetch,
             ApiKey.LIST_OFFSETS: self._list_offsets,
@@ -124,12 +133,37 @@ class Connection(asyncio.BufferedProtocol):
             log.warning("refusing %s: %s", self._peer, refusal)
             self._fail(ErrorCode.TOO_MANY_CONNECTIONS, f"the broker is out of file descriptors: {refusal}")
             return
+        if self._auth_state is not None and not self._admit(transport):
+            return
         self._broker.stats.connections_accepted += 1
         self._broker.connections += 1
+
+    def _admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Auth at connect: the per-address limit, and the principal of a client certificate."""
+        state = self._auth_state
+        assert state is not None
+        address = self._peer.rpartition(":")[0] or self._peer
+        refusal = state.admit_address(address)
+        auth = ConnectionAuth(state, address)
+        if refusal is None:
+            self._auth = auth
+            principal = cert_principal(transport.get_extra_info("peercert"), state.settings.cert_principal)
+            refusal = auth.become(principal or ANONYMOUS)
+        if refusal is not None:
+            self._listener.unregister(self)
+            self._broker.stats.connections_rejected += 1
+            log.warning("refusing %s: %s", self._peer, refusal)
+            self._fail(ErrorCode.TOO_MANY_CONNECTIONS, refusal)
+            return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._listener.unregister(self):
             self._broker.connections -= 1
+        if self._auth is not None:
+            self._auth.release()
+            self._auth.state.release_address(self._auth.address)
+            self._auth = None
         self._closing = True
         for wait in list(self._fetch_waits):
             wait.cancel()
@@ -295,6 +329,11 @@ class Connection(asyncio.BufferedProtocol):
             if self._draining:
                 raise RequestError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
             self._broker.stats.requests[_API_NAMES[api_key]] += 1
+            if self._auth is not None:
+                self._throttle_ms = 0
+                self._auth.check(api_key, header)
+                if self._auth.limiter is not None:
+                    self._charge_request(api_key, len(payload))
             handler(corr, header, payload)
         except frames.FrameError as exc:
             self._reply_error(None, ErrorCode(exc.code), exc.message)
@@ -379,7 +418,8 @@ class Connection(asyncio.BufferedProtocol):
             transport.write(small[0] if len(small) == 1 else b"".join(small))
 
     def _blocked(self) -> bool:
-        return self._closing or self._write_paused or len(self._pending) >= self._settings.max_inflight_requests
+        return (self._closing or self._write_paused or self._hold
+                or len(self._pending) >= self._settings.max_inflight_requests)
 
     def _update_reading(self) -> None:
         transport = self._transport
@@ -454,6 +494,8 @@ class Connection(asyncio.BufferedProtocol):
             "base_offset": produced.base_offset,
             "last_offset": produced.last_offset,
         }
+        if self._throttle_ms:
+            response["throttle_ms"] = self._throttle_ms
         if request.acks is api.Acks.ALL and produced.role is not None:
             self._when_replicated(corr, request, produced, response)
             return
@@ -545,6 +587,8 @@ class Connection(asyncio.BufferedProtocol):
             return
         try:
             message = simple.decode_message(body)
+            if self._auth is not None:
+                self._simple_auth(message.topic or self._settings.default_topic, len(body))
             topic = self._broker.topic_for_produce(message.topic or self._settings.default_topic)
             if message.partition is None and message.key is None:
                 partition = self._simple_sticky.get(topic.name)
@@ -655,9 +699,11 @@ class Connection(asyncio.BufferedProtocol):
         request = api.parse_fetch(header, self._settings.max_fetch_bytes)
         started = time.perf_counter()
         parts, total = self._broker.read_fetch(request)
+        if self._auth is not None and self._auth.limiter is not None:
+            self.charge_fetch(total)
         if (total >= request.min_bytes or request.max_wait_ms == 0 or self._draining
                 or not self.long_poll_room()):
-            self._respond(_fetch_response(corr, parts, total))
+            self._respond(_fetch_response(corr, parts, total, self._throttle_ms))
             self._broker.stats.fetch_latency.observe(time.perf_counter() - started)
             if total >= SMALL_WRITE_BYTES:
                 self._flush_out()  # lets pause_writing stop the next pipelined fetch early
@@ -685,12 +731,19 @@ class Connection(asyncio.BufferedProtocol):
             if header.get("create") is True and missing and self._settings.auto_create_topics:
                 self._later(corr, self._create_then_describe(missing, names))
             else:
-                self._ok(corr, self._broker.metadata(names))
+                response = self._broker.metadata(names)
+                if self._auth is not None and names is None:
+                    response["topics"] = [t for t in response["topics"]
+                                          if self._auth.allowed("topic", t["name"], "describe")]
+                self._ok(corr, response)
             return
         if header.get("create") is True and names and self._settings.auto_create_topics:
             for name in names:
                 self._broker.topic_for_produce(name)
-        self._ok(corr, self._broker.metadata(names))
+        response = self._broker.metadata(names)
+        if self._auth is not None and names is None:
+            response["topics"] = [t for t in response["topics"] if self._auth.allowed("topic", t["name"], "describe")]
+        self._ok(corr, response)
 
     async def _create_then_describe(self, missing: list[str], names: list[str] | None) -> dict[str, Any]:
         admin = self._broker.cluster.admin
@@ -737,7 +790,11 @@ class Connection(asyncio.BufferedProtocol):
     def _list_topics(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         cluster = self._broker.cluster
         names = cluster.topics if cluster is not None else (topic.name for topic in self._broker.log.topics())
-        self._ok(corr, {"topics": sorted(n for n in names if not internal_topic.is_internal(n))})
+        names = (n for n in names if not internal_topic.is_internal(n))
+        if self._auth is not None:
+            auth = self._auth
+            names = [name for name in names if auth.allowed("topic", name, "describe")]
+        self._ok(corr, {"topics": sorted(names)})
 
     def _broker_stats(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         loop = asyncio.get_running_loop()
@@ -771,11 +828,110 @@ class Connection(asyncio.BufferedProtocol):
         return {"topic": topic.name, "config": config.to_dict(), "overrides": topic.config}
 
     def _ok(self, corr: int, fields: dict[str, Any]) -> None:
+        if self._throttle_ms:
+            fields["throttle_ms"] = self._throttle_ms
         self._respond([frames.encode_frame({"corr": corr, "error": 0, **fields})])
 
+    # -- authentication and quotas (server.authz; only with auth configured) -------------------
 
-def _fetch_response(corr: int, parts: list[Any], total: int) -> list[bytes | memoryview]:
-    header = {"corr": corr, "error": 0, "partitions": [part.header for part in parts]}
+    def _authenticate(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+        """AUTHENTICATE: without ``token`` it answers the current principal; with one, the
+        connection reads nothing more until the token is checked (scrypt, off the loop)."""
+        token = header.get("token")
+        if token is None:
+            self._ok(corr, {"principal": self._auth.principal if self._auth is not None else ANONYMOUS})
+            return
+        if not isinstance(token, str):
+            raise RequestError(ErrorCode.INVALID_REQUEST, "'token' must be a string")
+        mechanism = header.get("mechanism", "token")
+        if mechanism != "token":
+            raise RequestError(ErrorCode.AUTHENTICATION_FAILED, f"unknown mechanism {mechanism!r} (this broker knows 'token')")
+        if self._auth is None or self._auth.state.settings.token_file is None:
+            raise RequestError(ErrorCode.AUTHENTICATION_FAILED, "this broker has no token file (auth_token_file)")
+        self._hold = True
+        self._later(corr, self._check_token(self._auth, token))
+
+    async def _check_token(self, auth: ConnectionAuth, token: str) -> dict[str, Any]:
+        try:
+            principal = await auth.state.authenticate(token)
+            if principal is None:
+                claimed = token.partition(":")[0]
+                log.warning("authentication of %s as %r failed", self._peer, claimed[:64])
+                raise RequestError(ErrorCode.AUTHENTICATION_FAILED,
+                                   f"token refused for principal {claimed[:64]!r} (unknown principal or wrong secret)")
+            refusal = auth.become(principal)
+            if refusal is not None:
+                raise RequestError(ErrorCode.AUTHENTICATION_FAILED, refusal)
+            return {"principal": principal}
+        finally:
+            self._release_hold()
+
+    def _release_hold(self) -> None:
+        self._hold = False
+        if self._closing:
+            return
+        self._update_reading()
+        if self._reading and self._wpos > self._rpos:
+            self._process()
+
+    def _charge_request(self, api_key: int, payload_bytes: int) -> None:
+        """Quotas before a request runs: its own produce bytes and request count, plus the debt
+        earlier fetches left; a delay holds this answer and further reads (Kafka's throttling)."""
+        limiter = self._auth.limiter  # type: ignore[union-attr]
+        assert limiter is not None
+        now = time.monotonic()
+        delay = 0.0
+        if limiter.requests is not None:
+            delay = limiter.requests.charge(1, now)
+        if limiter.produce is not None and api_key in (ApiKey.PRODUCE, ApiKey.PRODUCE_IDEMPOTENT):
+            delay = max(delay, limiter.produce.charge(payload_bytes, now))
+        if limiter.fetch is not None and api_key == ApiKey.FETCH:
+            delay = max(delay, limiter.fetch.debt_delay(now))
+        if delay > 0:
+            self._throttle(delay)
+
+    def charge_fetch(self, nbytes: int) -> None:
+        """Fetched bytes go into the principal's fetch bucket; its debt delays the next fetch."""
+        limiter = self._auth.limiter if self._auth is not None else None
+        if limiter is not None and limiter.fetch is not None and nbytes:
+            limiter.fetch.charge(nbytes, time.monotonic())
+
+    def _simple_auth(self, topic: str, nbytes: int) -> None:
+        auth = self._auth
+        assert auth is not None
+        if not auth.allowed("topic", topic, "produce"):
+            auth.refuse("topic", topic, "produce")
+        limiter = auth.limiter
+        if limiter is not None:
+            now = time.monotonic()
+            delay = limiter.requests.charge(1, now) if limiter.requests is not None else 0.0
+            if limiter.produce is not None:
+                delay = max(delay, limiter.produce.charge(nbytes, now))
+            if delay > 0:
+                self._throttle(delay)
+
+    def _throttle(self, delay: float) -> None:
+        """Hold every answer from here on (the current request's included) for ``delay`` and
+        read nothing meanwhile: a gate slot in the ordered output that opens when the time is up."""
+        self._throttle_ms = max(1, round(delay * 1000))
+        assert self._auth is not None
+        self._auth.state.throttled_ms += self._throttle_ms
+        if self._simple_groups:
+            self._append_simple_groups()  # replies already placed leave before the gate
+        gate = self._reserve()
+        self._hold = True
+
+        def open_gate() -> None:
+            self._complete(gate, [])
+            self._release_hold()
+
+        asyncio.get_running_loop().call_later(delay, open_gate)
+
+
+def _fetch_response(corr: int, parts: list[Any], total: int, throttle_ms: int = 0) -> list[bytes | memoryview]:
+    header: dict[str, Any] = {"corr": corr, "error": 0, "partitions": [part.header for part in parts]}
+    if throttle_ms:
+        header["throttle_ms"] = throttle_ms
     buffers: list[bytes | memoryview] = [frames.encode_prefix(header, total)]
     for part in parts:
         buffers.extend(part.views)
@@ -833,6 +989,7 @@ class _FetchWait:
         self._stop()
         conn = self._conn
         conn._broker.stats.fetch_latency.observe(time.perf_counter() - self._started)
+        conn.charge_fetch(total)
         conn._complete(self._slot, _fetch_response(self._corr, parts, total))
 
     def cancel(self) -> None:
