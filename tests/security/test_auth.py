@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import ssl
 import struct
@@ -126,7 +127,8 @@ async def close(*conns: Connection) -> None:
     """Close and let the TLS transports finish their shutdown before the test's loop ends."""
     for conn in conns:
         conn.close()
-    await asyncio.sleep(0.1)
+    for conn in conns:
+        await conn.wait_closed()
 
 
 async def call(conn: Connection, header: dict[str, Any], payload: bytes = b"") -> dict[str, Any]:
@@ -284,7 +286,7 @@ def test_cli_presents_a_token_from_a_flag_a_file_or_the_environment(env: Env, tm
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
     refused = subprocess.run([*RUSTMQ, "produce", "orders.cli", "y", *base], capture_output=True, text=True, timeout=60,
-                             env={**__import__("os").environ, "RUSTMQ_TOKEN": "app:wrong"})
+                             env={**os.environ, "RUSTMQ_TOKEN": "app:wrong"})
     assert refused.returncode == 1 and "AUTHENTICATION_FAILED" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
 

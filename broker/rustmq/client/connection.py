@@ -190,6 +190,9 @@ class _Protocol(asyncio.BufferedProtocol):
         self._connection._write_resumed()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        lost = self._connection._lost
+        if lost is not None and not lost.done():
+            lost.set_result(None)
         if isinstance(exc, ssl_module.SSLError):
             # TLS 1.3: a broker that refuses the client certificate says so after the client
             # finished its handshake, in an alert that arrives on the first read.
@@ -226,6 +229,7 @@ class Connection:
         self._answered = False  # a frame came back (a TLS close before that is a refusal)
         self.unsolicited_errors: list[dict[str, Any]] = []  # error responses nobody waited for
         self.principal: str | None = None  # set once AUTHENTICATE succeeded
+        self._lost: asyncio.Future[None] | None = None  # done once the transport is gone
 
     @classmethod
     async def open(
@@ -248,6 +252,7 @@ class Connection:
         except ssl_module.SSLError as exc:
             raise ConnectionClosedError(f"TLS handshake with {host}:{port} failed: {_tls_reason(exc)}") from exc
         transport.set_write_buffer_limits(high=8 << 20)
+        connection._lost = loop.create_future()
         connection._tls = context is not None
         connection._transport = transport
         token = token if token is not None else default_token()
@@ -257,9 +262,20 @@ class Connection:
                                                     timeout=timeout)
             except BaseException:
                 connection.close()
+                await connection.wait_closed(timeout)
                 raise
             connection.principal = response.header.get("principal")
         return connection
+
+    async def wait_closed(self, timeout: float = 5.0) -> None:
+        """Wait until the transport is gone (a TLS close waits for the broker's close_notify),
+        at most ``timeout`` seconds; call after close()."""
+        if self._lost is not None and not self._lost.done():
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._lost)
+            except TimeoutError:
+                pass
 
     @property
     def closed(self) -> bool:
