@@ -221,6 +221,8 @@ VERB_CASES: list[tuple[str, str, dict[str, Any], bytes, bool]] = [
     ("group consume allowed", "app", {"api": ApiKey.JOIN_GROUP, "group": "billing", "topics": ["orders.a"]}, b"", True),
     ("group consume denied", "app", {"api": ApiKey.JOIN_GROUP, "group": "fraud", "topics": ["orders.a"]}, b"", False),
     ("group describe allowed", "app", {"api": ApiKey.DESCRIBE_GROUP, "group": "billing"}, b"", True),
+    ("group coordinator lookup allowed (consume implies describe)", "app", {"api": ApiKey.FIND_COORDINATOR, "group": "billing"}, b"", True),
+    ("group coordinator lookup denied", "app", {"api": ApiKey.FIND_COORDINATOR, "group": "fraud"}, b"", False),
     ("group describe denied", "reader", {"api": ApiKey.DESCRIBE_GROUP, "group": "billing"}, b"", False),
     ("group reset (alter) denied", "app", {"api": ApiKey.COMMIT_OFFSETS, "group": "billing", "offsets": [["orders.a", 0, 0]]}, b"", False),
     ("subscription consume allowed", "app", {"api": ApiKey.QUEUE_FETCH, "subscription": "workers", "topic": "orders.a", "max_wait_ms": 0}, b"", True),
