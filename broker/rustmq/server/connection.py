@@ -36,6 +36,7 @@ from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.server import coordination_handlers
 from rustmq.server.authz import AuthState, ConnectionAuth, cert_principal
 from rustmq.server.broker import Broker, error_code_for
+from rustmq.server.responder import Slot
 from rustmq.storage import batch as storage_batch
 
 if TYPE_CHECKING:
@@ -49,15 +50,6 @@ IDLE_RELEASE_S = 5.0  # a connection quiet this long gives its read buffer back
 SHRINK_ABOVE_BYTES = 4 << 20
 SMALL_WRITE_BYTES = 64 << 10
 _API_NAMES = {int(key): key.name for key in ApiKey}
-
-
-class _Slot:
-    """A response position in the ordered output; buffers is None until the response is ready."""
-
-    __slots__ = ("buffers",)
-
-    def __init__(self) -> None:
-        self.buffers: list[bytes | memoryview] | None = None
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -75,7 +67,7 @@ class Connection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
         self._out: list[bytes | memoryview] = []
-        self._pending: deque[_Slot] = deque()
+        self._pending: deque[Slot] = deque()
         self._write_paused = False
         self._reading = True
         self._closing = False
@@ -87,7 +79,7 @@ class Connection(asyncio.BufferedProtocol):
         self._simple_groups: dict[tuple[str, int], tuple[list[list[Any]], list[tuple[list[Any], int]]]] = {}
         self._simple_sticky: dict[str, int] = {}
         # cluster mode: (topic, partition) -> (records, the reserved reply slot of each)
-        self._simple_routed: dict[tuple[str, int], tuple[list[list[Any]], list[_Slot]]] = {}
+        self._simple_routed: dict[tuple[str, int], tuple[list[list[Any]], list[Slot]]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._completions_scheduled = False
         self._last_active = time.monotonic()  # last bytes received or response completed
@@ -113,6 +105,16 @@ class Connection(asyncio.BufferedProtocol):
             ApiKey.ALTER_TOPIC_CONFIG: self._alter_topic_config,
         }
         self._handlers.update(coordination_handlers.handlers(self))
+
+    # -- the responder interface (rustmq.server.responder.Responder) for handlers outside -------
+
+    @property
+    def broker(self) -> Broker:
+        return self._broker
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     # -- transport callbacks ------------------------------------------------------------------
 
@@ -352,24 +354,24 @@ class Connection(asyncio.BufferedProtocol):
         self._broker.stats.request_errors[code.name] += 1
         log.debug("error %s to %s: %s", code.name, self._peer, message)
         if self._simple_mode and corr is None:
-            self._respond([simple.encode_error_reply(code)])
+            self.respond([simple.encode_error_reply(code)])
         else:
-            self._respond([frames.encode_frame(api.error_header(corr, code, message))])
+            self.respond([frames.encode_frame(api.error_header(corr, code, message))])
 
-    def _respond(self, buffers: list[bytes | memoryview]) -> None:
+    def respond(self, buffers: list[bytes | memoryview]) -> None:
         if self._pending:
-            slot = _Slot()
+            slot = Slot()
             slot.buffers = buffers
             self._pending.append(slot)
         else:
             self._out.extend(buffers)
 
-    def _reserve(self) -> _Slot:
-        slot = _Slot()
+    def reserve(self) -> Slot:
+        slot = Slot()
         self._pending.append(slot)
         return slot
 
-    def _complete(self, slot: _Slot, buffers: list[bytes | memoryview]) -> None:
+    def complete(self, slot: Slot, buffers: list[bytes | memoryview]) -> None:
         if self._closing and not (self._draining or self._half_closed):
             return
         slot.buffers = buffers
@@ -497,35 +499,35 @@ class Connection(asyncio.BufferedProtocol):
         if self._throttle_ms:
             response["throttle_ms"] = self._throttle_ms
         if request.acks is api.Acks.ALL and produced.role is not None:
-            self._when_replicated(corr, request, produced, response)
+            self.when_replicated(corr, request, produced, response)
             return
         if request.acks is not api.Acks.DURABLE and not produced.always_durable:
-            self._respond([frames.encode_frame(response)])
+            self.respond([frames.encode_frame(response)])
             return
-        slot = self._reserve()
+        slot = self.reserve()
         appended = time.perf_counter()
 
         def durable(error: BaseException | None) -> None:
             self._broker.stats.durable_latency.observe(time.perf_counter() - appended)
             if error is None:
-                self._complete(slot, [frames.encode_frame(response)])
+                self.complete(slot, [frames.encode_frame(response)])
             else:
                 code = error_code_for(error)
                 self._broker.stats.request_errors[code.name] += 1
                 log.error("flush for produce to %s/%d failed: %s", request.topic, produced.partition, error)
-                self._complete(slot, [frames.encode_frame(api.error_header(corr, code, f"flush failed: {error}"))])
+                self.complete(slot, [frames.encode_frame(api.error_header(corr, code, f"flush failed: {error}"))])
 
         try:
             self._broker.when_durable(produced.log, produced.last_offset, durable)
         except Exception as exc:  # the committer is closed (shutdown): the slot must not hang
             code = error_code_for(exc)
             self._broker.stats.request_errors[code.name] += 1
-            self._complete(slot, [frames.encode_frame(api.error_header(corr, code, str(exc)))])
+            self.complete(slot, [frames.encode_frame(api.error_header(corr, code, str(exc)))])
 
-    def _when_replicated(self, corr: int, request: api.ProduceRequest, produced: Any, response: dict[str, Any]) -> None:
+    def when_replicated(self, corr: int, request: api.ProduceRequest, produced: Any, response: dict[str, Any]) -> None:
         """acks=all: answer once every in-sync replica has the batches (and, for a topic that
         flushes always, they are fsynced here too), or with the error that prevented it."""
-        slot = self._reserve()
+        slot = self.reserve()
         cluster = self._broker.cluster
         loop = asyncio.get_running_loop()
         state = {"done": False}
@@ -536,11 +538,11 @@ class Connection(asyncio.BufferedProtocol):
             state["done"] = True
             timer.cancel()
             if error is None:
-                self._complete(slot, [frames.encode_frame(response)])
+                self.complete(slot, [frames.encode_frame(response)])
             else:
                 code = error_code_for(error)
                 self._broker.stats.request_errors[code.name] += 1
-                self._complete(slot, [frames.encode_frame(api.error_header(corr, code, str(error) or code.name))])
+                self.complete(slot, [frames.encode_frame(api.error_header(corr, code, str(error) or code.name))])
 
         def replicated(error: BaseException | None) -> None:
             if error is None and produced.always_durable:
@@ -558,7 +560,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _later(self, corr: int, work: Any) -> None:
         """Answer from a coroutine (cluster-wide admin), in order, through a reserved slot."""
-        slot = self._reserve()
+        slot = self.reserve()
 
         async def run() -> None:
             try:
@@ -570,7 +572,7 @@ class Connection(asyncio.BufferedProtocol):
                     log.exception("request from %s failed", self._peer)
                 self._broker.stats.request_errors[code.name] += 1
                 buffers = [frames.encode_frame(api.error_header(corr, code, str(exc) or code.name))]
-            self._complete(slot, buffers)
+            self.complete(slot, buffers)
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
@@ -605,7 +607,7 @@ class Connection(asyncio.BufferedProtocol):
             group = self._simple_groups[(topic.name, partition)] = ([], [])
         group[0].append([0, message.key, message.value, message.headers])
         if self._pending:  # behind a response still being prepared: wait in a slot too
-            slot = _Slot()
+            slot = Slot()
             slot.buffers = [b""]
             self._pending.append(slot)
             group[1].append((slot.buffers, 0))
@@ -633,7 +635,7 @@ class Connection(asyncio.BufferedProtocol):
         if group is None:
             group = self._simple_routed[(name, partition)] = ([], [])
         group[0].append([0, message.key, message.value, message.headers])
-        group[1].append(self._reserve())
+        group[1].append(self.reserve())
 
     def _place_simple_groups(self) -> None:
         groups, self._simple_routed = self._simple_routed, {}
@@ -648,7 +650,7 @@ class Connection(asyncio.BufferedProtocol):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _place_simple(self, placing: Any, slots: list[_Slot]) -> None:
+    async def _place_simple(self, placing: Any, slots: list[Slot]) -> None:
         try:
             base = await placing
         except Exception as exc:
@@ -658,11 +660,11 @@ class Connection(asyncio.BufferedProtocol):
             self._broker.stats.request_errors[code.name] += len(slots)
             reply = simple.encode_error_reply(code)
             for slot in slots:
-                self._complete(slot, [reply])
+                self.complete(slot, [reply])
             return
         pack = simple.REPLY.pack
         for offset, slot in enumerate(slots, base):
-            self._complete(slot, [pack(offset)])
+            self.complete(slot, [pack(offset)])
 
     def _simple_error(self, exc: BaseException) -> None:
         code = error_code_for(exc)
@@ -670,7 +672,7 @@ class Connection(asyncio.BufferedProtocol):
             log.error("simple produce from %s failed", self._peer, exc_info=exc)
         self._broker.stats.request_errors[code.name] += 1
         log.debug("simple produce error %s to %s: %s", code.name, self._peer, exc)
-        self._respond([simple.encode_error_reply(code)])
+        self.respond([simple.encode_error_reply(code)])
 
     def _append_simple_groups(self) -> None:
         groups, self._simple_groups = self._simple_groups, {}
@@ -703,14 +705,14 @@ class Connection(asyncio.BufferedProtocol):
             self.charge_fetch(total)
         if (total >= request.min_bytes or request.max_wait_ms == 0 or self._draining
                 or not self.long_poll_room()):
-            self._respond(_fetch_response(corr, parts, total, self._throttle_ms))
+            self.respond(_fetch_response(corr, parts, total, self._throttle_ms))
             self._broker.stats.fetch_latency.observe(time.perf_counter() - started)
             if total >= SMALL_WRITE_BYTES:
                 self._flush_out()  # lets pause_writing stop the next pipelined fetch early
             return
         for part in parts:  # views of an empty read are released before waiting
             part.views.clear()
-        wait = _FetchWait(self, corr, request, self._reserve(), started)
+        wait = _FetchWait(self, corr, request, self.reserve(), started)
         self._fetch_waits.add(wait)
         wait.start()
 
@@ -721,7 +723,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _list_offsets(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         response = self._broker.list_offset(api.parse_list_offsets(header))
-        self._ok(corr, response)
+        self.ok(corr, response)
 
     def _metadata(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         names = api.parse_topic_names(header)
@@ -735,7 +737,7 @@ class Connection(asyncio.BufferedProtocol):
                 if self._auth is not None and names is None:
                     response["topics"] = [t for t in response["topics"]
                                           if self._auth.allowed("topic", t["name"], "describe")]
-                self._ok(corr, response)
+                self.ok(corr, response)
             return
         if header.get("create") is True and names and self._settings.auto_create_topics:
             for name in names:
@@ -743,7 +745,7 @@ class Connection(asyncio.BufferedProtocol):
         response = self._broker.metadata(names)
         if self._auth is not None and names is None:
             response["topics"] = [t for t in response["topics"] if self._auth.allowed("topic", t["name"], "describe")]
-        self._ok(corr, response)
+        self.ok(corr, response)
 
     async def _create_then_describe(self, missing: list[str], names: list[str] | None) -> dict[str, Any]:
         admin = self._broker.cluster.admin
@@ -763,7 +765,7 @@ class Connection(asyncio.BufferedProtocol):
             self._later(corr, self._create_cluster_topic(request))
             return
         topic = self._broker.create_topic(request.topic, request.partitions, request.config)
-        self._ok(corr, {"topic": topic.name, "partitions": len(topic.partitions)})
+        self.ok(corr, {"topic": topic.name, "partitions": len(topic.partitions)})
 
     async def _create_cluster_topic(self, request: api.CreateTopicRequest) -> dict[str, Any]:
         topic = await self._broker.cluster.admin.create_topic(
@@ -778,14 +780,14 @@ class Connection(asyncio.BufferedProtocol):
             self._later(corr, self._delete_cluster_topic(name))
             return
         self._broker.delete_topic(name)
-        self._ok(corr, {"topic": name})
+        self.ok(corr, {"topic": name})
 
     async def _delete_cluster_topic(self, name: str) -> dict[str, Any]:
         await self._broker.cluster.admin.delete_topic(name)
         return {"topic": name}
 
     def _describe_topic(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
-        self._ok(corr, self._broker.describe(self._broker.topic(api.parse_topic(header))))
+        self.ok(corr, self._broker.describe(self._broker.topic(api.parse_topic(header))))
 
     def _list_topics(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         cluster = self._broker.cluster
@@ -794,12 +796,12 @@ class Connection(asyncio.BufferedProtocol):
         if self._auth is not None:
             auth = self._auth
             names = [name for name in names if auth.allowed("topic", name, "describe")]
-        self._ok(corr, {"topics": sorted(names)})
+        self.ok(corr, {"topics": sorted(names)})
 
     def _broker_stats(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         loop = asyncio.get_running_loop()
         event_loop = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
-        self._ok(corr, {**self._broker.broker_stats(), "event_loop": event_loop})
+        self.ok(corr, {**self._broker.broker_stats(), "event_loop": event_loop})
 
     def _add_partitions(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         name, total = api.parse_add_partitions(header)
@@ -808,7 +810,7 @@ class Connection(asyncio.BufferedProtocol):
             self._later(corr, self._add_cluster_partitions(cluster, name, total))
             return
         topic = self._broker.add_partitions(name, total)
-        self._ok(corr, {"topic": name, "partitions": len(topic.partitions)})
+        self.ok(corr, {"topic": name, "partitions": len(topic.partitions)})
 
     def _alter_topic_config(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         request = api.parse_alter_topic_config(header)
@@ -817,7 +819,7 @@ class Connection(asyncio.BufferedProtocol):
             self._later(corr, self._alter_cluster_topic_config(cluster, request))
             return
         topic = self._broker.alter_topic_config(request.topic, request.changes, request.reset)
-        self._ok(corr, {**self._broker.describe(topic), "overrides": topic.overrides})
+        self.ok(corr, {**self._broker.describe(topic), "overrides": topic.overrides})
 
     async def _add_cluster_partitions(self, cluster: Any, name: str, total: int) -> dict[str, Any]:
         topic = await cluster.topic_changes.add_partitions(name, total)
@@ -827,10 +829,10 @@ class Connection(asyncio.BufferedProtocol):
         topic, config = await cluster.topic_changes.alter_topic_config(request.topic, request.changes, request.reset)
         return {"topic": topic.name, "config": config.to_dict(), "overrides": topic.config}
 
-    def _ok(self, corr: int, fields: dict[str, Any]) -> None:
+    def ok(self, corr: int, fields: dict[str, Any]) -> None:
         if self._throttle_ms:
             fields["throttle_ms"] = self._throttle_ms
-        self._respond([frames.encode_frame({"corr": corr, "error": 0, **fields})])
+        self.respond([frames.encode_frame({"corr": corr, "error": 0, **fields})])
 
     # -- authentication and quotas (server.authz; only with auth configured) -------------------
 
@@ -839,7 +841,7 @@ class Connection(asyncio.BufferedProtocol):
         connection reads nothing more until the token is checked (scrypt, off the loop)."""
         token = header.get("token")
         if token is None:
-            self._ok(corr, {"principal": self._auth.principal if self._auth is not None else ANONYMOUS})
+            self.ok(corr, {"principal": self._auth.principal if self._auth is not None else ANONYMOUS})
             return
         if not isinstance(token, str):
             raise RequestError(ErrorCode.INVALID_REQUEST, "'token' must be a string")
@@ -918,11 +920,11 @@ class Connection(asyncio.BufferedProtocol):
         self._auth.state.throttled_ms += self._throttle_ms
         if self._simple_groups:
             self._append_simple_groups()  # replies already placed leave before the gate
-        gate = self._reserve()
+        gate = self.reserve()
         self._hold = True
 
         def open_gate() -> None:
-            self._complete(gate, [])
+            self.complete(gate, [])
             self._release_hold()
 
         asyncio.get_running_loop().call_later(delay, open_gate)
@@ -943,7 +945,7 @@ class _FetchWait:
 
     __slots__ = ("_conn", "_corr", "_done", "_plogs", "_request", "_scheduled", "_slot", "_started", "_timer")
 
-    def __init__(self, conn: Connection, corr: int, request: api.FetchRequest, slot: _Slot, started: float) -> None:
+    def __init__(self, conn: Connection, corr: int, request: api.FetchRequest, slot: Slot, started: float) -> None:
         self._conn = conn
         self._corr = corr
         self._request = request
@@ -990,7 +992,7 @@ class _FetchWait:
         conn = self._conn
         conn._broker.stats.fetch_latency.observe(time.perf_counter() - self._started)
         conn.charge_fetch(total)
-        conn._complete(self._slot, _fetch_response(self._corr, parts, total))
+        conn.complete(self._slot, _fetch_response(self._corr, parts, total))
 
     def cancel(self) -> None:
         self._stop()

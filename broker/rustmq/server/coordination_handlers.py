@@ -39,12 +39,12 @@ from rustmq.protocol import api, frames, records
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.server.broker import Produced, error_code_for
 from rustmq.server.group_stores import ClusterGroupStores
+from rustmq.server.responder import Responder
 from rustmq.storage import batch as storage_batch
 from rustmq.storage import errors as storage_errors
 
 if TYPE_CHECKING:
     from rustmq.server.broker import Broker
-    from rustmq.server.connection import Connection
     from rustmq.server.replicated import ClusterRoles
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class CoordinationService:
         self._persist_waiters: list[Callable[[BaseException | None], None]] = []
         self._queue_waits: set[_QueueWait] = set()
         self._heartbeat_waits: set[_HeartbeatWait] = set()
-        self._consumer_ids: dict[Connection, str] = {}
+        self._consumer_ids: dict[Responder, str] = {}
         self._consumer_seq = itertools.count(1)
         self._rotation: dict[tuple[str, str], int] = {}
         self._dlq_in_flight: list[DeadLetterWrite] = []
@@ -139,7 +139,7 @@ class CoordinationService:
         finally:
             self._producer_rebuilds.pop(key, None)
 
-    def connection_lost(self, conn: Connection) -> None:
+    def connection_lost(self, conn: Responder) -> None:
         for wait in [w for w in self._queue_waits if w.conn is conn]:
             wait.cancel()
         for hb in [h for h in self._heartbeat_waits if h.conn is conn]:
@@ -153,7 +153,7 @@ class CoordinationService:
         self.wake_queues()
         self.reschedule()
 
-    def consumer_id(self, conn: Connection) -> str:
+    def consumer_id(self, conn: Responder) -> str:
         consumer = self._consumer_ids.get(conn)
         if consumer is None:
             consumer = self._consumer_ids[conn] = f"conn-{next(self._consumer_seq)}"
@@ -401,12 +401,12 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
-def handlers(conn: Connection) -> dict[int, Handler]:
+def handlers(conn: Responder) -> dict[int, Handler]:
     """The coordination handlers for one connection ({} when the broker runs without them)."""
-    service: CoordinationService | None = getattr(conn._broker, "coordination", None)
+    service: CoordinationService | None = getattr(conn.broker, "coordination", None)
     if service is None:
         return {}
-    table: dict[ApiKey, Callable[[Connection, CoordinationService, int, dict[str, Any], memoryview], None]] = {
+    table: dict[ApiKey, Callable[[Responder, CoordinationService, int, dict[str, Any], memoryview], None]] = {
         ApiKey.INIT_PRODUCER: _init_producer,
         ApiKey.PRODUCE_IDEMPOTENT: _produce_idempotent,
         ApiKey.JOIN_GROUP: _join_group,
@@ -438,21 +438,21 @@ def handlers(conn: Connection) -> dict[int, Handler]:
     return {key: bind(function) for key, function in table.items()}
 
 
-def connection_lost(conn: Connection) -> None:
-    service: CoordinationService | None = getattr(conn._broker, "coordination", None)
+def connection_lost(conn: Responder) -> None:
+    service: CoordinationService | None = getattr(conn.broker, "coordination", None)
     if service is not None:
         service.connection_lost(conn)
 
 
-def _answer_durable(conn: Connection, service: CoordinationService, corr: int, durable: Durable | None,
+def _answer_durable(conn: Responder, service: CoordinationService, corr: int, durable: Durable | None,
                     fields: dict[str, Any]) -> None:
     if durable is None:
-        conn._ok(corr, fields)
+        conn.ok(corr, fields)
         return
-    slot = conn._reserve()
+    slot = conn.reserve()
 
     def done(error: BaseException | None) -> None:
-        conn._complete(slot, [_result_frame(corr, fields, error)])
+        conn.complete(slot, [_result_frame(corr, fields, error)])
 
     service.when_durable(durable, done)
 
@@ -468,7 +468,7 @@ def _result_frame(corr: int, fields: dict[str, Any], error: BaseException | None
 CLUSTER_ID_STRIDE = 1024  # cluster mode: producer id = local id * stride + broker id (ids < 1024)
 
 
-def _init_producer(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _init_producer(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     # Answered once the id block's reservation is durable (fsynced by the committer thread once
     # per 1,000 ids; the other requests find it durable already).
     producer_id, durable = service.coordinator.allocate_producer(_now_ms())
@@ -479,7 +479,7 @@ def _init_producer(conn: Connection, service: CoordinationService, corr: int, he
     _answer_durable(conn, service, corr, durable, {"producer_id": producer_id, "producer_epoch": 0})
 
 
-def _produce_idempotent(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _produce_idempotent(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     request = api.parse_produce(header)
     broker = service.broker
     if request.partition is None and request.key is None:
@@ -532,11 +532,11 @@ def _produce_idempotent(conn: Connection, service: CoordinationService, corr: in
     always = topic.config.flush.mode == "always"
     if request.acks is api.Acks.ALL and role is not None:
         # Duplicates too: the original may still be above the high watermark on a new leader.
-        conn._when_replicated(corr, request, Produced(index, offsets[0][0], last, plog, always, role),
+        conn.when_replicated(corr, request, Produced(index, offsets[0][0], last, plog, always, role),
                               {"corr": corr, "error": 0, **fields})
         return
     if request.acks is not api.Acks.DURABLE and not always:
-        conn._ok(corr, fields)
+        conn.ok(corr, fields)
         return
     _answer_durable(conn, service, corr, Durable(plog, last), fields)
 
@@ -544,7 +544,7 @@ def _produce_idempotent(conn: Connection, service: CoordinationService, corr: in
 # -- groups ------------------------------------------------------------------------------------
 
 
-def _join_group(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _join_group(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     group = _name(header, "group")
     topics = api.parse_topic_names(header) or []
     view = service.coordinator.join_group(
@@ -556,7 +556,7 @@ def _join_group(conn: Connection, service: CoordinationService, corr: int, heade
     )
     service.wake_heartbeats(group)
     service.reschedule()
-    conn._ok(corr, _member_fields(view))
+    conn.ok(corr, _member_fields(view))
 
 
 def _member_fields(view: Any) -> dict[str, Any]:
@@ -568,7 +568,7 @@ def _member_fields(view: Any) -> dict[str, Any]:
     }
 
 
-def _heartbeat(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _heartbeat(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     group = _name(header, "group")
     member_id = api._field(header, "member_id", str)
     generation = api._int(header, "generation", -1, 2**31 - 1)
@@ -576,7 +576,7 @@ def _heartbeat(conn: Connection, service: CoordinationService, corr: int, header
     view = service.coordinator.heartbeat(_now_ms(), group, member_id, generation)
     service.reschedule()
     if view.status.value != "ok" or max_wait_ms == 0 or not conn.long_poll_room():
-        conn._ok(corr, _member_fields(view))
+        conn.ok(corr, _member_fields(view))
         return
     member = service.coordinator.groups.group(group).members.get(member_id)
     if member is not None:  # the wait must end well within the session, which it refreshes
@@ -585,14 +585,14 @@ def _heartbeat(conn: Connection, service: CoordinationService, corr: int, header
     hb.start()
 
 
-def _leave_group(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _leave_group(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     group = _name(header, "group")
     service.coordinator.leave_group(group, api._field(header, "member_id", str))
     service.wake_heartbeats(group)
-    conn._ok(corr, {"group": group})
+    conn.ok(corr, {"group": group})
 
 
-def _commit_offsets(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _commit_offsets(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     group = _name(header, "group")
     raw = api._field(header, "offsets", list)
     if not raw or not all(isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
@@ -613,35 +613,35 @@ def _commit_offsets(conn: Connection, service: CoordinationService, corr: int, h
     _answer_durable(conn, service, corr, durable, {"group": group, "committed": len(offsets)})
 
 
-def _fetch_offsets(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _fetch_offsets(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     group = _name(header, "group")
     wanted = _topic_partitions(header, "partitions", False)
     found = service.coordinator.fetch_offsets(group, None if wanted is None else [(t, p) for t, p in wanted])
-    conn._ok(corr, {"group": group, "offsets": [[t, p, o] for (t, p), o in sorted(found.items())]})
+    conn.ok(corr, {"group": group, "offsets": [[t, p, o] for (t, p), o in sorted(found.items())]})
 
 
-def _describe_group(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
-    conn._ok(corr, service.coordinator.describe_group(_name(header, "group")))
+def _describe_group(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    conn.ok(corr, service.coordinator.describe_group(_name(header, "group")))
 
 
-def _list_groups(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
-    conn._ok(corr, {"groups": service.coordinator.list_groups()})
+def _list_groups(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    conn.ok(corr, {"groups": service.coordinator.list_groups()})
 
 
-def _find_coordinator(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _find_coordinator(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     """The broker that coordinates a group: in cluster mode the leader of its partition of the
     internal topic (NOT_COORDINATOR while it has none); standalone, this broker (host "")."""
     group = _name(header, "group")
     if service.group_stores is None:
-        conn._ok(corr, {"coordinator": service.broker.settings.broker_id, "partition": -1, "host": ""})
+        conn.ok(corr, {"coordinator": service.broker.settings.broker_id, "partition": -1, "host": ""})
         return
-    conn._ok(corr, service.group_stores.find(group))
+    conn.ok(corr, service.group_stores.find(group))
 
 
 class _HeartbeatWait:
     """A heartbeat held until its group rebalances or max_wait_ms passes."""
 
-    def __init__(self, conn: Connection, service: CoordinationService, corr: int, group: str, member_id: str,
+    def __init__(self, conn: Responder, service: CoordinationService, corr: int, group: str, member_id: str,
                  generation: int, max_wait_ms: int) -> None:
         self.conn = conn
         self.service = service
@@ -650,7 +650,7 @@ class _HeartbeatWait:
         self.member_id = member_id
         self.generation = generation
         self.deadline = time.monotonic() + max_wait_ms / 1000
-        self.slot = conn._reserve()
+        self.slot = conn.reserve()
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
 
@@ -677,7 +677,7 @@ class _HeartbeatWait:
 
     def _answer(self, frame: bytes) -> None:
         self.cancel()
-        self.conn._complete(self.slot, [frame])
+        self.conn.complete(self.slot, [frame])
 
     def cancel(self) -> None:
         if not self.done:
@@ -691,12 +691,12 @@ class _HeartbeatWait:
 # -- queues ------------------------------------------------------------------------------------
 
 
-def _queue_fetch(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _queue_fetch(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     request = QueueFetchRequest(header)
     consumer = service.consumer_id(conn)
     entries, views, total = service.queue_fetch(consumer, request)
-    if entries or request.max_wait_ms == 0 or conn._draining or not conn.long_poll_room():
-        conn._respond(_queue_response(corr, entries, views, total))
+    if entries or request.max_wait_ms == 0 or conn.draining or not conn.long_poll_room():
+        conn.respond(_queue_response(corr, entries, views, total))
         return
     wait = _QueueWait(conn, service, corr, request, consumer)
     wait.start()
@@ -710,7 +710,7 @@ def _queue_response(corr: int, entries: list[dict[str, Any]], views: list[memory
 class _QueueWait:
     """A QUEUE_FETCH that found nothing: retried on appends, nacks and ticks until max_wait_ms."""
 
-    def __init__(self, conn: Connection, service: CoordinationService, corr: int, request: QueueFetchRequest,
+    def __init__(self, conn: Responder, service: CoordinationService, corr: int, request: QueueFetchRequest,
                  consumer: str) -> None:
         self.conn = conn
         self.service = service
@@ -718,7 +718,7 @@ class _QueueWait:
         self.request = request
         self.consumer = consumer
         self.deadline = time.monotonic() + request.max_wait_ms / 1000
-        self.slot = conn._reserve()
+        self.slot = conn.reserve()
         topic = service.broker.topic(request.topic)
         self.plogs = (list(topic.partitions) if request.partition is None
                       else [service.broker.partition_log(topic, request.partition)])
@@ -755,7 +755,7 @@ class _QueueWait:
 
     def _answer(self, buffers: list[bytes | memoryview]) -> None:
         self.cancel()
-        self.conn._complete(self.slot, buffers)
+        self.conn.complete(self.slot, buffers)
 
     def cancel(self) -> None:
         if not self.done:
@@ -772,17 +772,17 @@ def _queue_target(header: dict[str, Any]) -> tuple[str, str, int]:
             api._int(header, "partition", 0, api.MAX_PARTITIONS_PER_TOPIC - 1))
 
 
-def _queue_ack(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _queue_ack(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     subscription, topic, partition = _queue_target(header)
     offsets = _offsets(header)
     service.broker.topic(topic)
     result = service.coordinator.subscription(subscription, topic, partition).ack(offsets)
     fields = {"acked": result.acked, "duplicates": result.duplicates}
-    slot = conn._reserve()
-    service.after_persist(lambda error: conn._complete(slot, [_result_frame(corr, fields, error)]))
+    slot = conn.reserve()
+    service.after_persist(lambda error: conn.complete(slot, [_result_frame(corr, fields, error)]))
 
 
-def _queue_nack(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _queue_nack(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     subscription, topic, partition = _queue_target(header)
     offsets = _offsets(header)
     delay_ms = api._int(header, "delay_ms", 0, 7 * 24 * 3600 * 1000, 0)
@@ -792,23 +792,23 @@ def _queue_nack(conn: Connection, service: CoordinationService, corr: int, heade
     fields = {"nacked": len(offsets)}
     service.wake_queues()
     service.reschedule()
-    slot = conn._reserve()
+    slot = conn.reserve()
     # A nack that dead-letters is answered once the dead letter and the done mark are durable.
-    if not service.settle_dead_letters(lambda error: conn._complete(slot, [_result_frame(corr, fields, error)])):
-        service.when_durable(durable, lambda error: conn._complete(slot, [_result_frame(corr, fields, error)]))
+    if not service.settle_dead_letters(lambda error: conn.complete(slot, [_result_frame(corr, fields, error)])):
+        service.when_durable(durable, lambda error: conn.complete(slot, [_result_frame(corr, fields, error)]))
 
 
-def _queue_extend(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _queue_extend(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     subscription, topic, partition = _queue_target(header)
     offsets = _offsets(header)
     ack_wait_ms = api._int(header, "ack_wait_ms", 1, 12 * 3600 * 1000, None)
     service.broker.topic(topic)
     extended = service.coordinator.queue_extend(_now_ms(), subscription, topic, partition, offsets, ack_wait_ms)
     service.reschedule()
-    conn._ok(corr, {"extended": extended})
+    conn.ok(corr, {"extended": extended})
 
 
-def _queue_configure(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _queue_configure(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     """Per-subscription (or topic-wide) settings overrides, answered once journaled durably."""
     request = api.parse_queue_configure(header)
     service.broker.topic(request.topic)
@@ -819,13 +819,13 @@ def _queue_configure(conn: Connection, service: CoordinationService, corr: int, 
     _answer_durable(conn, service, corr, durable, described)
 
 
-def _queue_describe(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _queue_describe(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     topic, subscription = api.parse_queue_describe(header)
     service.broker.topic(topic)
-    conn._ok(corr, service.coordinator.describe_queue(topic, subscription))
+    conn.ok(corr, service.coordinator.describe_queue(topic, subscription))
 
 
-def _dlq_replay(conn: Connection, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+def _dlq_replay(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     """Re-produce dead letters (by DLQ offset) to their origin topic and partition, without the
     DLQ headers. Replaying the same offset twice produces it twice (the DLQ is not changed)."""
     topic_name = api._field(header, "topic", str)
@@ -855,4 +855,4 @@ def _dlq_replay(conn: Connection, service: CoordinationService, corr: int, heade
         index = origin_partition if origin_partition < len(target.partitions) else 0
         produced = broker.produce(origin, index, None, built, built_here=len(recs))
         replayed.append([origin, index, produced.base_offset, produced.last_offset])
-    conn._ok(corr, {"replayed": len(offsets), "to": replayed})
+    conn.ok(corr, {"replayed": len(offsets), "to": replayed})
