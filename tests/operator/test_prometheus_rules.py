@@ -62,10 +62,11 @@ def test_promtool_rejects_a_broken_rule(render_cr: Callable[..., rendering.Rende
     assert checked.returncode != 0 and "parse error" in checked.stdout + checked.stderr, checked.stdout + checked.stderr
 
 
-def up(job: str, namespace: str, pod: str, values: str) -> dict[str, str]:
+def up(job: str, namespace: str, pod: str, values: str, metric: str = "up") -> dict[str, str]:
+    """A series of one broker's target as a scrape through the ServiceMonitor labels it."""
     labels = (f'job="{job}", namespace="{namespace}", pod="{pod}", service="{job}", endpoint="metrics", '
               f'container="broker", instance="10.88.0.9:9090"')
-    return {"series": f"up{{{labels}}}", "values": values}
+    return {"series": f"{metric}{{{labels}}}", "values": values}
 
 
 def down_labels(job: str, namespace: str, pod: str) -> dict[str, str]:
@@ -83,9 +84,10 @@ def unit_tests(rule: dict[str, Any], job: str, namespace: str, replicas: int) ->
     def silent(at: str, name: str) -> dict[str, Any]:
         return {"eval_time": at, "alertname": name, "exp_alerts": []}
 
-    def fires(at: str, alert: dict[str, Any], labels: dict[str, str], pod: str = "") -> dict[str, Any]:
+    def fires(at: str, alert: dict[str, Any], labels: dict[str, str], pod: str = "", value: str = "") -> dict[str, Any]:
         """`alert` firing once at `at` with the series' `labels` and its own, its annotations templated."""
-        annotations = {k: v.replace("{{ $labels.pod }}", pod) for k, v in alert["annotations"].items()}
+        annotations = {k: v.replace("{{ $labels.pod }}", pod).replace("{{ $value }}", value)
+                       for k, v in alert["annotations"].items()}
         expected = {"exp_labels": {**labels, **alert["labels"]}, "exp_annotations": annotations}
         return {"eval_time": at, "alertname": alert["alert"], "exp_alerts": [expected]}
 
@@ -123,6 +125,32 @@ def unit_tests(rule: dict[str, Any], job: str, namespace: str, replicas: int) ->
                 "alert_rule_test": [silent("30m", name) for name in alerts],
             },
             {
+                "name": "partitions without a leader for a minute (either broker's count); another namespace's",
+                "interval": "1m",
+                "input_series": [
+                    up(job, namespace, pods[0], "0 0 2 2 2 2", "rustmq_offline_partitions"),
+                    up(job, namespace, pods[1], "0x5", "rustmq_offline_partitions"),
+                    up(job, "elsewhere", pods[0], "5x5", "rustmq_offline_partitions"),
+                ],
+                "alert_rule_test": [
+                    silent("1m", "RustMQOfflinePartitions"),
+                    silent("2m", "RustMQOfflinePartitions"),  # offline since minute 2: pending
+                    fires("3m", alerts["RustMQOfflinePartitions"], {}, value="2"),
+                ],
+            },
+            {
+                "name": "partitions under-replicated for 10 minutes, not for 9",
+                "interval": "1m",
+                "input_series": [
+                    up(job, namespace, pods[1], "1x20", "rustmq_under_replicated_partitions"),
+                    up(job, namespace, pods[2], "0x20", "rustmq_under_replicated_partitions"),
+                ],
+                "alert_rule_test": [
+                    silent("9m", "RustMQUnderReplicatedPartitions"),
+                    fires("10m", alerts["RustMQUnderReplicatedPartitions"], {}),
+                ],
+            },
+            {
                 "name": "a claim of this cluster below 15% free for 10 minutes; one at 20%; another cluster's",
                 "interval": "1m",
                 "input_series": [
@@ -145,6 +173,8 @@ def test_promtool_unit_tests_fire_each_alert_when_it_should_and_only_then(
     rule, job, namespace, replicas = rendered_monitoring(render_cr)
     (tmp_path / "rules.yaml").write_text(prom.rule_file_text(rule))
     tests = {"rule_files": ["rules.yaml"], **unit_tests(rule, job, namespace, replicas)}
+    fired = {t["alertname"] for case in tests["tests"] for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert fired == set(rules_by_alert(rule)), "every rendered alert needs a history here that fires it"
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
     result = prom.promtool("test", "rules", "tests.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
