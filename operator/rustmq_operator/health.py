@@ -179,7 +179,8 @@ def parse_health(
             updated_at=updated_at,
             age_s=age,
             fresh=age <= stale_after,
-            observed_generation=_count(raw.get("observedMembershipGeneration", 0), "observedMembershipGeneration"),
+            # null: the controller has not read a membership yet.
+            observed_generation=_count(raw.get("observedMembershipGeneration") or 0, "observedMembershipGeneration"),
             partitions=_count(raw.get("partitions", 0), "partitions"),
             offline=_count(raw.get("offline", 0), "offline"),
             under_replicated=_count(raw.get("underReplicated", 0), "underReplicated"),

@@ -138,3 +138,44 @@ def test_rendered_environment_starts_a_ready_broker(
                 broker.kill()
                 broker.wait()
             log.close()
+
+
+# -- the scaling contract: the ConfigMaps both sides read (docs/operator.md, Scaling) ---------------
+
+
+def test_the_brokers_health_report_parses_as_the_operator_reads_it() -> None:
+    """The report the brokers' controller builds (rustmq.cluster.reassign.health), before and
+    after it has read a membership, means to the operator what it means to the broker."""
+    import datetime
+    import json
+
+    from rustmq.cluster import reassign
+    from rustmq.cluster.state import PartitionState, TopicState
+    from rustmq_operator import health
+
+    topic = TopicState("orders", "id-1", 2, 2, (
+        PartitionState((0, 1), 0, 3, (0, 1)),
+        PartitionState((1, 2), 1, 3, (1,)),  # under-replicated
+        PartitionState((2, 0), -1, 4, (2,)),  # offline
+    ))
+    now = datetime.datetime(2026, 12, 6, 7, 0, 0, tzinfo=datetime.UTC)
+    for members, generation in ((None, None), ([0, 1], 5)):
+        report = reassign.health([topic], alive=[0, 1], members=members, log_bytes={0: 10, 1: 20}, bytes_to_move=7,
+                                 controller=0, controller_epoch=3, observed_generation=generation,
+                                 updated_at="2026-12-06T07:00:00Z")
+        parsed = health.parse_health({"data": reassign.encode_health(report)}, now, 18.0)
+        assert parsed.problem is None and parsed.health is not None, parsed.problem
+        found = parsed.health
+        assert (found.partitions, found.offline, found.under_replicated, found.max_replication_factor) == (3, 1, 1, 2)
+        assert found.observed_generation == (generation or 0)
+        assert found.replicas_of(2) == 2 and found.leaders_of(0) == 1 and found.bytes_to_move == 7
+        assert json.loads(reassign.encode_health(report)["health"])["updatedAt"] == "2026-12-06T07:00:00Z"
+
+
+def test_the_membership_the_operator_writes_parses_as_the_brokers_read_it() -> None:
+    from rustmq.cluster import reassign
+    from rustmq_operator import health
+
+    for written in (health.Membership((0, 1, 2), None, 1), health.Membership((0, 1, 3), 3, 12)):
+        read = reassign.parse_membership(written.data())
+        assert (sorted(read.brokers), read.shutdown, read.generation) == (list(written.brokers), written.shutdown, written.generation)
