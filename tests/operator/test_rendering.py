@@ -124,7 +124,7 @@ def test_rendered_monitoring_objects_have_the_fields_prometheus_operator_require
     assert {"RustMQBrokerDown", "RustMQVolumeFillingUp", "RustMQOfflinePartitions", "RustMQUnderReplicatedPartitions"} <= set(alerts)
     exprs = {r["alert"]: r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]}
     assert exprs["RustMQOfflinePartitions"].startswith("max(rustmq_offline_partitions{")
-    assert exprs["RustMQUnderReplicatedPartitions"].startswith("max(rustmq_under_replicated_partitions{")
+    assert exprs["RustMQUnderReplicatedPartitions"].startswith("sum(rustmq_under_replicated_partitions{")
 
 
 def test_same_cr_renders_byte_identical_children(render_cr: Callable[..., rendering.Rendered]) -> None:
