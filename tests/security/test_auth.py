@@ -40,7 +40,7 @@ from tlspki import Authority, SecretVolume
 
 RUSTMQ = [sys.executable, "-m", "rustmq"]
 SECRETS = {"admin": "admin-secret", "app": "app-secret", "reader": "reader-secret", "slow": "slow-secret",
-           "fast": "fast-secret", "broker": "broker-secret"}
+           "fast": "fast-secret", "broker": "broker-secret", "chatty": "chatty-secret", "drinker": "drinker-secret"}
 
 ACL: dict[str, Any] = {
     "default": "deny",
@@ -55,8 +55,11 @@ ACL: dict[str, Any] = {
         {"principal": "*", "topic": "public", "allow": ["produce", "describe"]},
         {"principal": "slow", "topic": "*", "allow": ["produce", "create", "describe"]},
         {"principal": "fast", "topic": "*", "allow": ["produce", "create", "describe"]},
+        {"principal": "chatty", "topic": "*", "allow": ["describe"]},
+        {"principal": "drinker", "topic": "*", "allow": ["consume"]},
     ],
-    "quotas": {"principals": {"slow": {"produce_bytes_per_s": 200_000}, "reader": {"connections": 2}}},
+    "quotas": {"principals": {"slow": {"produce_bytes_per_s": 200_000}, "reader": {"connections": 2},
+                              "chatty": {"requests_per_s": 20}, "drinker": {"fetch_bytes_per_s": 100_000}}},
 }
 
 
@@ -456,6 +459,59 @@ async def test_a_quota_throttles_without_disconnecting_and_a_neighbour_keeps_its
     assert not slow.closed and not fast.closed
     assert (await call(slow, {"api": ApiKey.DESCRIBE_TOPIC, "topic": "q-slow"}))["error"] == 0
     await close(slow, fast)
+
+
+async def test_request_rate_and_fetch_byte_rate_quotas_throttle(env: Env) -> None:
+    chatty = await connect(env, "chatty")
+    started = time.monotonic()
+    throttled = 0
+    for _ in range(60):  # one second of burst (20), then 40 more at 20 a second
+        header = await call(chatty, {"api": ApiKey.LIST_TOPICS})
+        assert header["error"] == 0
+        throttled = max(throttled, header.get("throttle_ms", 0))
+    elapsed = time.monotonic() - started
+    assert 1.5 <= elapsed <= 8, elapsed
+    assert throttled > 0 and not chatty.closed
+
+    admin = await connect(env, "admin")
+    for i in range(10):  # a backlog of about 100 kB in ten batches
+        header = await call(admin, {"api": ApiKey.PRODUCE, "topic": "backlog", "partition": 0}, one_batch(b"%d" % i * 10_000))
+        assert header["error"] == 0, header
+    drinker = await connect(env, "drinker")
+    started = time.monotonic()
+    fetched, offset = 0, 0
+    while offset < 10:
+        header = await call(drinker, {"api": ApiKey.FETCH, "max_wait_ms": 0, "max_bytes": 20_000,
+                                      "partitions": [{"topic": "backlog", "partition": 0, "offset": offset, "max_bytes": 20_000}]})
+        assert header["error"] == 0, header
+        fetched += header["partitions"][0]["size"]
+        offset += 1  # one ~10 kB batch per fetch at most 20 kB: read each batch from its own offset
+    for _ in range(20):  # the same data again: 200 kB more against a 100 kB/s quota
+        header = await call(drinker, {"api": ApiKey.FETCH, "max_wait_ms": 0,
+                                      "partitions": [{"topic": "backlog", "partition": 0, "offset": 0, "max_bytes": 10_000}]})
+        fetched += header["partitions"][0]["size"]
+    elapsed = time.monotonic() - started
+    assert fetched > 250_000
+    assert elapsed >= (fetched - 100_000) / 100_000 - 0.5, (fetched, elapsed)  # one second of burst
+    assert not drinker.closed
+    await close(chatty, admin, drinker)
+
+
+async def test_connections_per_address_are_limited(tmp_path: Path) -> None:
+    limited = start(tmp_path, {**ACL, "quotas": {"connections_per_address": 3}})
+    try:
+        open_ = [await connect(limited, "app") for _ in range(3)]
+        with pytest.raises((BrokerError, ConnectionClosedError, OSError)) as refused:
+            extra = await connect(limited, "app")
+            await call(extra, {"api": ApiKey.AUTHENTICATE})
+        assert "connection" in str(refused.value).lower()
+        assert "127.0.0.1 already has 3 connections" in limited.broker.log()
+        await close(open_[0])
+        await asyncio.sleep(0.3)
+        again = await connect(limited, "app")
+        await close(again, *open_[1:])
+    finally:
+        assert limited.broker.stop() == 0, limited.broker.log()
 
 
 async def test_connections_per_principal_are_limited(env: Env) -> None:
