@@ -37,6 +37,7 @@ from rustmq.server import coordination_handlers
 from rustmq.server.authz import AuthState, ConnectionAuth, cert_principal
 from rustmq.server.broker import Broker, error_code_for
 from rustmq.server.responder import Slot
+from rustmq.server.router import Handler, Router
 from rustmq.storage import batch as storage_batch
 
 if TYPE_CHECKING:
@@ -90,21 +91,7 @@ class Connection(asyncio.BufferedProtocol):
         self._auth: ConnectionAuth | None = None
         self._hold = False
         self._throttle_ms = 0
-        self._handlers: dict[int, Any] = {
-            ApiKey.AUTHENTICATE: self._authenticate,
-            ApiKey.PRODUCE: self._produce,
-            ApiKey.FETCH: self._fetch,
-            ApiKey.LIST_OFFSETS: self._list_offsets,
-            ApiKey.METADATA: self._metadata,
-            ApiKey.CREATE_TOPIC: self._create_topic,
-            ApiKey.DELETE_TOPIC: self._delete_topic,
-            ApiKey.DESCRIBE_TOPIC: self._describe_topic,
-            ApiKey.LIST_TOPICS: self._list_topics,
-            ApiKey.BROKER_STATS: self._broker_stats,
-            ApiKey.ADD_PARTITIONS: self._add_partitions,
-            ApiKey.ALTER_TOPIC_CONFIG: self._alter_topic_config,
-        }
-        self._handlers.update(coordination_handlers.handlers(self))
+        self._router: Router = listener.router
 
     # -- the responder interface (rustmq.server.responder.Responder) for handlers outside -------
 
@@ -325,7 +312,7 @@ class Connection(asyncio.BufferedProtocol):
             if isinstance(raw_corr, int) and not isinstance(raw_corr, bool) and 0 <= raw_corr <= api.MAX_CORRELATION_ID:
                 corr = raw_corr
             api_key, corr = api.parse_envelope(header)
-            handler = self._handlers.get(api_key)  # IntEnum keys: an int finds them
+            handler = self._router.route(api_key)
             if handler is None:
                 raise RequestError(ErrorCode.UNKNOWN_API, f"unknown api {api_key}")
             if self._draining:
@@ -336,7 +323,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._auth.check(api_key, header)
                 if self._auth.limiter is not None:
                     self._charge_request(api_key, len(payload))
-            handler(corr, header, payload)
+            handler(self, corr, header, payload)
         except frames.FrameError as exc:
             self._reply_error(None, ErrorCode(exc.code), exc.message)
         except Exception as exc:
@@ -928,6 +915,29 @@ class Connection(asyncio.BufferedProtocol):
             self._release_hold()
 
         asyncio.get_running_loop().call_later(delay, open_gate)
+
+
+# Connection's own requests, routed to its methods (the connection is the responder).
+_CONNECTION_ROUTES: dict[int, Handler] = {
+    ApiKey.AUTHENTICATE: Connection._authenticate,
+    ApiKey.PRODUCE: Connection._produce,
+    ApiKey.FETCH: Connection._fetch,
+    ApiKey.LIST_OFFSETS: Connection._list_offsets,
+    ApiKey.METADATA: Connection._metadata,
+    ApiKey.CREATE_TOPIC: Connection._create_topic,
+    ApiKey.DELETE_TOPIC: Connection._delete_topic,
+    ApiKey.DESCRIBE_TOPIC: Connection._describe_topic,
+    ApiKey.LIST_TOPICS: Connection._list_topics,
+    ApiKey.BROKER_STATS: Connection._broker_stats,
+    ApiKey.ADD_PARTITIONS: Connection._add_partitions,
+    ApiKey.ALTER_TOPIC_CONFIG: Connection._alter_topic_config,
+}
+
+
+def build_router(broker: Broker) -> Router:
+    """The routes of one broker's connections: its own requests and, when the broker runs them,
+    the coordination requests (groups, offsets, queues, idempotent produce)."""
+    return Router(_CONNECTION_ROUTES, coordination_handlers.routes(getattr(broker, "coordination", None)))
 
 
 def _fetch_response(corr: int, parts: list[Any], total: int, throttle_ms: int = 0) -> list[bytes | memoryview]:

@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 MAX_QUEUE_MESSAGES = 10_000  # per QUEUE_FETCH
 MAX_WAIT_MS = 60_000
-Handler = Callable[[int, dict[str, Any], memoryview], None]
 
 
 def _now_ms() -> int:
@@ -401,9 +400,9 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
-def handlers(conn: Responder) -> dict[int, Handler]:
-    """The coordination handlers for one connection ({} when the broker runs without them)."""
-    service: CoordinationService | None = getattr(conn.broker, "coordination", None)
+def routes(service: CoordinationService | None) -> dict[int, Callable[[Responder, int, dict[str, Any], memoryview], None]]:
+    """The coordination requests' routes (rustmq.server.router), bound to the broker's service
+    once ({} when the broker runs without coordination)."""
     if service is None:
         return {}
     table: dict[ApiKey, Callable[[Responder, CoordinationService, int, dict[str, Any], memoryview], None]] = {
@@ -426,8 +425,9 @@ def handlers(conn: Responder) -> dict[int, Handler]:
         ApiKey.QUEUE_DESCRIBE: _queue_describe,
     }
 
-    def bind(function: Callable[..., None]) -> Handler:
-        def handle(corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    def bind(function: Callable[[Responder, CoordinationService, int, dict[str, Any], memoryview], None],
+             ) -> Callable[[Responder, int, dict[str, Any], memoryview], None]:
+        def handle(conn: Responder, corr: int, header: dict[str, Any], payload: memoryview) -> None:
             try:
                 function(conn, service, corr, header, payload)
             except Exception as exc:
@@ -435,7 +435,7 @@ def handlers(conn: Responder) -> dict[int, Handler]:
 
         return handle
 
-    return {key: bind(function) for key, function in table.items()}
+    return {int(key): bind(function) for key, function in table.items()}
 
 
 def connection_lost(conn: Responder) -> None:

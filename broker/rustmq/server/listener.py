@@ -18,7 +18,7 @@ import ssl
 import time
 
 from rustmq.server.broker import Broker
-from rustmq.server.connection import Connection
+from rustmq.server.connection import Connection, build_router
 from rustmq.server.tls import ReloadingContext, TlsSettings
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,12 @@ class Listener:
         self._connections: set[Connection] = set()
         self._drained: asyncio.Event | None = None
         self._sweep_timer: asyncio.TimerHandle | None = None
+        self.router = build_router(broker)  # rebuilt in start(): the coordination service may come later
 
     async def start(self) -> dict[str, int]:
         """Bind both ports (0 picks a free one) and return the bound port numbers by name."""
         loop = asyncio.get_running_loop()
+        self.router = build_router(self._broker)
         ports = {}
         for name, port, accept_simple in (
             ("producer", self._settings.producer_port, True),
