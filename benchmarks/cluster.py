@@ -1,6 +1,7 @@
 """Cluster mode figures: replicated produce against one broker, failover time, follower catch-up.
 
-    python benchmarks/cluster.py [--messages 300000] [--kills 10] [--catchup-mib 1024] [--skip ...]
+    python benchmarks/cluster.py [--messages 300000] [--kills 10] [--catchup-mib 1024] [--drain-mib 1024]
+                                 [--reassign-bytes-per-s N] [--skip ...]
 
 Prints one JSON object. Uses the local control plane (`scripts/local-cluster up`, or $KUBECONFIG
 when it names a file) and real broker processes on 127.0.0.1 with the DEFAULT cluster timing
@@ -16,6 +17,11 @@ when it names a file) and real broker processes on 127.0.0.1 with the DEFAULT cl
   rejoins the ISR before the next kill. Median and worst (goal: < 10 s).
 - catch-up: stop one broker, write --catchup-mib MiB with acks=all to an RF 3 topic, start the
   broker again and time until it is back in the ISR of every partition.
+- drain: write --drain-mib MiB with acks=all to an RF 3 topic of 3 partitions (each broker
+  holds all of it), start a 4th broker, write the membership without broker 2 (as the operator
+  does for a scale-down) and time until the controller's health report says broker 2 holds no
+  replica and nothing is being reassigned; the catch-up throttle is the brokers' default
+  (50 MiB/s) unless --reassign-bytes-per-s says otherwise (0: unthrottled).
 """
 
 from __future__ import annotations
@@ -116,29 +122,76 @@ def catch_up(cluster: clusterproc.BrokerCluster, mib: int) -> dict:
     return {"mib": mib, "produce_s": round(produced_s, 1), "catch_up_s": round(time.monotonic() - restarted, 1)}
 
 
+def drain(cluster: clusterproc.BrokerCluster, mib: int) -> dict:
+    create(cluster, "drain", 3)
+    started = time.monotonic()
+    subprocess.run([*RUSTMQ, "bench", "produce", "--acks", "all", "--messages", str(mib * 1024), "--size", "1024",
+                    "--partitions", "3", "--concurrency", "3", "--topic", "drain", "--keep-topic",
+                    "--bootstrap", cluster.bootstrap, "--json"], check=True, capture_output=True, timeout=1800)
+    produced_s = time.monotonic() - started
+    cluster.size = 4
+    cluster.start(3)
+    cluster.wait_until_sees_all(3, timeout=60)
+    deadline = time.monotonic() + 120
+    while True:  # wait for the controller's report of broker 2's bytes (Lease annotation)
+        health = clusterproc.read_health(cluster)
+        if health is not None and health["brokers"].get("2", {}).get("bytes", 0) >= mib << 20:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no health report with broker 2's bytes: {health}")
+        time.sleep(0.5)
+    held = health["brokers"]["2"]["bytes"]
+    started = time.monotonic()
+    clusterproc.write_membership(cluster, [0, 1, 3], generation=1)
+    peak_to_move = 0
+    while True:
+        health = clusterproc.read_health(cluster)
+        assert health is not None
+        peak_to_move = max(peak_to_move, health["bytesToMove"])
+        if (health["observedMembershipGeneration"] == 1 and health["reassigning"] == 0
+                and health["brokers"].get("2", {}).get("replicas", 0) == 0):
+            break
+        if time.monotonic() - started > 1800:
+            raise RuntimeError(f"drain not done in 1800 s: {health}")
+        time.sleep(0.25)
+    drain_s = time.monotonic() - started
+    return {"mib": mib, "produce_s": round(produced_s, 1), "broker_2_log_bytes": held, "drain_s": round(drain_s, 1),
+            "peak_bytes_to_move": peak_to_move, "mb_per_s": round(held / drain_s / 1e6, 1),
+            "broker_3_replicas": health["brokers"]["3"]["replicas"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=300_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--catchup-mib", type=int, default=1024)
-    parser.add_argument("--skip", action="append", default=[], choices=["produce", "failover", "catchup"])
+    parser.add_argument("--drain-mib", type=int, default=1024)
+    parser.add_argument("--reassign-bytes-per-s", type=int, default=None,
+                        help="RUSTMQ_REASSIGN_BYTES_PER_S for the drain (default: the brokers' default)")
+    parser.add_argument("--skip", action="append", default=[], choices=["produce", "failover", "catchup", "drain"])
     args = parser.parse_args()
     report: dict = {"machine": {"cpus": len(__import__("os").sched_getaffinity(0)), "python": platform.python_version()},
                     "timing": DEFAULT_TIMING}
     with clusterproc.control_plane() as kubeconfig, tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for part in ("produce", "failover", "catchup"):
+        for part in ("produce", "failover", "catchup", "drain"):
             if part in args.skip:
                 continue
             (root / part).mkdir()
             namespace = clusterproc.create_namespace(kubeconfig)
-            cluster = clusterproc.BrokerCluster(root / part, kubeconfig, namespace, 3, env=DEFAULT_TIMING).start_all()
+            env = dict(DEFAULT_TIMING)
+            if part == "drain" and args.reassign_bytes_per_s is not None:
+                env["RUSTMQ_REASSIGN_BYTES_PER_S"] = str(args.reassign_bytes_per_s)
+                report["reassign_bytes_per_s"] = args.reassign_bytes_per_s
+            cluster = clusterproc.BrokerCluster(root / part, kubeconfig, namespace, 3, env=env).start_all()
             try:
                 if part == "produce":
                     report["produce"] = produce(cluster, args, root)
                 elif part == "failover":
                     report["failover"] = failover(cluster, args.kills)
+                elif part == "drain":
+                    report["drain"] = drain(cluster, args.drain_mib)
                 else:
                     report["catch_up"] = catch_up(cluster, args.catchup_mib)
             finally:

@@ -17,51 +17,10 @@ from typing import Any
 import pytest
 
 from checker import History
-from clusterproc import BrokerCluster
+from clusterproc import BrokerCluster, read_health, write_membership
 from rustmq.client import Admin, Consumer, Producer
 
 pytestmark = [pytest.mark.slow]
-
-
-def core_api(cluster: BrokerCluster) -> Any:
-    from kubernetes import client, config
-
-    return client.CoreV1Api(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
-
-
-def write_membership(cluster: BrokerCluster, brokers: list[int], generation: int, shutdown: int | None = None) -> None:
-    """What the operator does (SCALING contract 1.)."""
-    from kubernetes.client.exceptions import ApiException
-
-    api = core_api(cluster)
-    name = f"{cluster.name}-membership"
-    body = {"metadata": {"name": name, "labels": {"app.kubernetes.io/instance": cluster.name}},
-            "data": {"brokers": ",".join(map(str, sorted(brokers))), "generation": str(generation),
-                     "shutdown": "" if shutdown is None else str(shutdown)}}
-    try:
-        try:
-            api.replace_namespaced_config_map(name, cluster.namespace, body)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            api.create_namespaced_config_map(cluster.namespace, body)
-    finally:
-        api.api_client.close()
-
-
-def read_health(cluster: BrokerCluster) -> dict[str, Any] | None:
-    from kubernetes.client.exceptions import ApiException
-
-    api = core_api(cluster)
-    try:
-        found = api.read_namespaced_config_map(f"{cluster.name}-health", cluster.namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    finally:
-        api.api_client.close()
-    return json.loads(found.data["health"])
 
 
 async def wait_health(cluster: BrokerCluster, condition: Callable[[dict[str, Any]], bool], what: str,
@@ -307,3 +266,54 @@ async def test_membership_shutdown_moves_leaderships_and_health_reports_it(three
     write_membership(cluster, [0, 1, 2], generation=2)  # the operator clears it: leadership returns
     await wait_health(cluster, lambda h: h["observedMembershipGeneration"] == 2 and h["brokers"]["1"]["leaders"] > 0,
                       "broker 1 leading again", 30)
+
+
+@pytest.mark.timeout(180)
+async def test_a_new_replica_of_a_topic_whose_start_expired_starts_at_the_leaders_log_start(
+        tmp_path: Any, kubeconfig: Any) -> None:
+    """Retention removed the beginning on the leader: the replica added by a reassignment cannot
+    copy those offsets, so it restarts empty at the leader's log start and joins the ISR."""
+    import clusterproc
+
+    cluster = clusterproc.BrokerCluster(tmp_path, kubeconfig, clusterproc.create_namespace(kubeconfig), 3,
+                                        env={"RUSTMQ_RETENTION_CHECK_S": "0.5"})
+    try:
+        await asyncio.to_thread(cluster.start_all)
+        write_membership(cluster, [0, 1], generation=1)  # the topic lives on 0 and 1 first
+        async with Admin(cluster.bootstrap) as admin:
+            await admin.create_topic("expiring", 1, {"retention_ms": 1500, "segment_bytes": 4096},
+                                     replication_factor=2, min_insync_replicas=1)
+        await asyncio.to_thread(cluster.wait_for, lambda m: full(m["topics"][0]["partitions"], rf=2), "ISR", 30, ["expiring"])
+        async with Producer(cluster.bootstrap, acks="all") as producer:
+            for i in range(60):
+                await producer.send_and_wait("expiring", b"%04d" % i + bytes(1000))
+        leader = placement(cluster, "expiring")[0]["leader"]
+
+        def leader_start() -> int:
+            from brokerproc import RawClient
+
+            client = RawClient(cluster.brokers[leader].producer_port, timeout=10)
+            try:
+                header, _ = client.call({"api": 6, "topic": "expiring"})
+            finally:
+                client.close()
+            return int(header["partitions"][0]["start_offset"])
+
+        for _ in range(100):  # retention deletes the sealed segments
+            if await asyncio.to_thread(leader_start) > 0:
+                break
+            await asyncio.sleep(0.2)
+        start = await asyncio.to_thread(leader_start)
+        assert start > 0
+        follower = next(b for b in placement(cluster, "expiring")[0]["replicas"] if b != leader)
+        write_membership(cluster, [leader, 2], generation=2)  # the follower's replica moves to broker 2
+        await asyncio.to_thread(
+            cluster.wait_for, lambda m: full(m["topics"][0]["partitions"], rf=2)
+            and sorted(m["topics"][0]["partitions"][0]["replicas"]) == sorted([leader, 2]), "the move", 60, ["expiring"])
+        assert follower != 2
+        assert "restarted empty at offset" in cluster.brokers[2].log()
+        async with Producer(cluster.bootstrap, acks="all") as producer:
+            meta = await producer.send_and_wait("expiring", b"after")
+        assert meta.offset == 60
+    finally:
+        cluster.stop_all()

@@ -68,3 +68,26 @@ def test_truncate_to_the_start_empties_the_log(tmp_path: Path) -> None:
     assert plog.truncate_to(0) == 0
     assert plog.append(one(), leader_epoch=2).base_offset == 0
     plog.close()
+
+
+def test_restart_at_drops_everything_and_goes_on_at_a_later_offset(tmp_path: Path) -> None:
+    plog = PartitionLog.open(tmp_path, config())
+    for _ in range(12):  # several segments
+        plog.append(one(bytes(1000), count=2), leader_epoch=1)
+    assert plog.segment_count > 2 and plog.end_offset == 24
+    try:
+        plog.restart_at(10)
+        raise AssertionError("restarting below the end must be refused")
+    except Exception as exc:  # StorageError: offsets would be reused
+        assert "below the end offset 24" in str(exc)
+    assert plog.restart_at(500) == 500
+    assert (plog.start_offset, plog.end_offset, plog.segment_count, plog.size_bytes) == (500, 500, 1, 0)
+    leader_copy = bytearray(one())
+    batch.stamp_batch(leader_copy, 0, 500, leader_epoch=4)
+    assert plog.append(leader_copy, leader_epoch=None).base_offset == 500
+    assert headers(plog) == [(500, 4)] and plog.epoch_starts() == [(4, 500)]
+    plog.close(clean=False)  # a crash: the restart was durable
+    reopened = PartitionLog.open(tmp_path, config())
+    assert (reopened.start_offset, reopened.end_offset) == (500, 501)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".log") == ["00000000000000000500.log"]
+    reopened.close()

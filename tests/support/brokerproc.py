@@ -103,6 +103,7 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+                self._log.close()
                 raise AssertionError(f"broker ignored SIGTERM for {timeout} s:\n{self.log()}") from None
         self._log.close()
         return self.proc.returncode

@@ -192,12 +192,60 @@ class BrokerCluster:
         return "\n".join(out)
 
     def stop_all(self) -> None:
+        """SIGTERM every broker; one that ignores it is killed, the others are still stopped,
+        and the failure is raised at the end."""
+        failures = []
         for process in self.brokers.values():
             if process.alive():
                 try:
                     os.kill(process.pid, signal.SIGCONT)
                 except OSError:
                     pass
-                process.stop(timeout=20)
+                try:
+                    process.stop(timeout=30)
+                except AssertionError as exc:
+                    failures.append(str(exc)[-3000:])
             else:
                 process._log.close()
+        if failures:
+            raise AssertionError("\n".join(failures))
+
+
+def write_membership(cluster: BrokerCluster, brokers: list[int], generation: int, shutdown: int | None = None) -> None:
+    """Write ``<cluster>-membership`` as the operator does (docs/cluster.md, "Scaling")."""
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    api = client.CoreV1Api(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+    name = f"{cluster.name}-membership"
+    body = {"metadata": {"name": name, "labels": {"app.kubernetes.io/instance": cluster.name}},
+            "data": {"brokers": ",".join(map(str, sorted(brokers))), "generation": str(generation),
+                     "shutdown": "" if shutdown is None else str(shutdown)}}
+    try:
+        try:
+            api.replace_namespaced_config_map(name, cluster.namespace, body)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            api.create_namespaced_config_map(cluster.namespace, body)
+    finally:
+        api.api_client.close()
+
+
+def read_health(cluster: BrokerCluster) -> dict[str, Any] | None:
+    """The controller's ``<cluster>-health`` report, or None before the first one."""
+    import json
+
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    api = client.CoreV1Api(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+    try:
+        found = api.read_namespaced_config_map(f"{cluster.name}-health", cluster.namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    finally:
+        api.api_client.close()
+    return dict(json.loads(found.data["health"]))

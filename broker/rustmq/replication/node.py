@@ -492,9 +492,12 @@ class ClusterNode:
     # -- state sync -------------------------------------------------------------------------
 
     async def _sync_loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                await asyncio.wait_for(self._wakeup.wait(), self.settings.poll_s)
+                # Hazard: not asyncio.wait_for, which on 3.11 can swallow a cancellation that
+                # arrives as the wake-up fires (stop() then waited for this loop forever).
+                async with asyncio.timeout(self.settings.poll_s):
+                    await self._wakeup.wait()
             except TimeoutError:
                 pass
             self._wakeup.clear()
@@ -621,7 +624,9 @@ class ClusterNode:
             if tracker is None:
                 continue
             proposed = tracker.proposed_isr(role.plog.end_offset, now)
-            if proposed is not None:
+            if proposed is not None:  # never adds a broker whose Lease is gone (the controller just removed it)
+                proposed = tuple(b for b in proposed if b in role.isr or b in self.members)
+            if proposed is not None and set(proposed) != set(role.isr):
                 shard = cstate.shard_name(self.settings.cluster_name, cstate.shard_of(name))
                 proposals.setdefault(shard, []).append((name, index, role, proposed))
         for shard, changes in proposals.items():
@@ -730,6 +735,11 @@ class ClusterNode:
             if entry.get("error"):
                 if entry["error"] in (ErrorCode.NOT_LEADER, ErrorCode.FENCED_LEADER_EPOCH, ErrorCode.UNKNOWN_TOPIC):
                     stale = True
+                elif entry["error"] == ErrorCode.OFFSET_OUT_OF_RANGE and int(entry.get("log_start_offset", -1)) > role.plog.end_offset:
+                    # The leader's retention removed what this replica lacks (a new replica of an
+                    # old topic): start over, empty, where the leader's log starts.
+                    role.plog.restart_at(int(entry["log_start_offset"]))
+                    role.epochs = None
                 continue
             diverging = entry.get("diverging")
             if diverging is not None:
