@@ -179,3 +179,32 @@ def test_the_membership_the_operator_writes_parses_as_the_brokers_read_it() -> N
     for written in (health.Membership((0, 1, 2), None, 1), health.Membership((0, 1, 3), 3, 12)):
         read = reassign.parse_membership(written.data())
         assert (sorted(read.brokers), read.shutdown, read.generation) == (list(written.brokers), written.shutdown, written.generation)
+
+
+def test_the_data_alerts_use_metrics_the_brokers_export() -> None:
+    """Every rustmq_* series the PrometheusRule's alerts read is a family a broker exports
+    (rustmq.admin: the controller's health-derived ones included)."""
+    import re
+    import types
+
+    from rustmq.admin import cluster_metrics
+    from rustmq_operator import spec as specs
+
+    target = rendering.Target(
+        name="rustmq", namespace="ns", uid="uid", replicas=3, claim_size="10Gi", prometheus_rule=True,
+        spec=specs.with_defaults({"replicas": 3, "monitoring": {"prometheusRule": {"enabled": True}}}),
+    )
+    (rule,) = rendering.render(target).by_kind("PrometheusRule")
+    wanted = {
+        name
+        for group in rule["spec"]["groups"]
+        for alert in group["rules"]
+        for name in re.findall(r"\b(rustmq_[a-z_]+)\{", alert["expr"])
+    }
+    assert {"rustmq_offline_partitions", "rustmq_under_replicated_partitions"} <= wanted
+    controller = types.SimpleNamespace(
+        broker_id=0, controller=0, roles={}, topics={},
+        health={"partitions": 0, "offline": 0, "reassigning": 0, "bytesToMove": 0, "brokers": {}},
+    )
+    exported = {family.name for family in cluster_metrics.collect(controller)}
+    assert wanted <= exported, wanted - exported
