@@ -103,6 +103,7 @@ class RollPlan:
     evict: str | None = None  # healthy broker to restart through the Eviction API
     delete: str | None = None  # broken broker on an outdated revision, replaced directly
     shutdown: int | None = None  # the membership's ``shutdown`` after this pass
+    handover: Mapping[str, Any] | None = None  # status.handover: a controlled shutdown waited for
     progressing: Verdict | None = None
     events: tuple[Event, ...] = ()
 
@@ -548,6 +549,9 @@ def plan_roll(
     report: health.Report | None = None,
     membership: health.Membership | None = None,
     draining: bool = False,
+    previous_handover: Mapping[str, Any] | None = None,
+    handover_timeout_s: float = 120.0,
+    now: datetime.datetime | None = None,
 ) -> RollPlan:
     """Pick at most one broker to restart onto ``config_hash``, with a controlled shutdown.
 
@@ -562,6 +566,11 @@ def plan_roll(
     Ready and no partition is under-replicated, and only then is the next broker picked.
     Without any report (brokers that do not publish one) the roll is gated by readiness and
     the PodDisruptionBudget alone. A drain in progress holds the roll.
+
+    Leaderships with no in-sync follower (a partition of replication factor 1, a single-broker
+    cluster) cannot be handed over: a one-broker cluster is restarted without asking, and
+    otherwise the hand-over is given ``handover_timeout_s`` from ``status.handover.startedAt``
+    before the broker is evicted anyway (Warning ControlledShutdownTimedOut).
     """
     shutdown = membership.shutdown if membership is not None else None
     fresh = report.fresh if report is not None else None
@@ -625,7 +634,7 @@ def plan_roll(
         progressing=Verdict("RollingUpdate", message),
         events=(Event("Normal", "RestartingBroker", message),),
     )
-    if not with_health or membership is None:
+    if not with_health or membership is None or replicas == 1:
         return restart
     if fresh is None:
         return RollPlan(
@@ -647,12 +656,26 @@ def plan_roll(
             events=(Event("Normal", "ControlledShutdown", f"moving the leaderships of {name} away before restarting it"),),
         )
     if fresh.observed_generation < membership.generation or fresh.leaders_of(ordinal or 0):
+        moment = now or datetime.datetime.now(datetime.UTC)
+        same = previous_handover is not None and previous_handover.get("broker") == ordinal
+        started = str((previous_handover or {}).get("startedAt") or "") if same else ""
+        started = started or _stamp(moment)
+        left = fresh.leaders_of(ordinal or 0)
+        if _elapsed_s(started, moment) > handover_timeout_s:
+            message = (
+                f"{name} still leads {left} partition(s) {handover_timeout_s:.0f} s after the controlled "
+                "shutdown was asked for (no in-sync follower to take them, e.g. replication factor 1); "
+                "restarting it anyway: those partitions are offline until it is back"
+            )
+            return dataclasses.replace(
+                restart, events=(Event("Warning", "ControlledShutdownTimedOut", message), *restart.events)
+            )
         return RollPlan(
             shutdown=shutdown,
+            handover={"broker": ordinal, "startedAt": started},
             progressing=Verdict(
                 "RollingUpdate",
-                f"waiting for {name} to hand over its leaderships "
-                f"({fresh.leaders_of(ordinal or 0)} left)",
+                f"waiting for {name} to hand over its leaderships ({left} left)",
             ),
         )
     return restart

@@ -219,6 +219,7 @@ def reconcile(
     events: list[planning.Event] = []
     config_hash = rendered.config_hash if rendered else str(previous.get("configHash", ""))
     members_written = membership.brokers if membership is not None else None
+    handover: Mapping[str, Any] | None = None
 
     acting = rendered is not None and not paused and not invalid
     applied_statefulset: dict[str, Any] | None = None
@@ -266,7 +267,11 @@ def reconcile(
                 report=report,
                 membership=membership,
                 draining=scale.drain is not None,
+                previous_handover=previous.get("handover"),
+                handover_timeout_s=float(spec["scaling"]["handoverTimeoutSeconds"]),
+                now=moment,
             )
+            handover = roll.handover
             progressing = progressing or roll.progressing
             wanted = _membership_wanted(membership, scale.members, roll.shutdown)
             if wanted is not None:
@@ -347,6 +352,7 @@ def reconcile(
         monitoring=monitoring,
         report=report,
         drain=scale.drain if acting else previous.get("drain"),
+        handover=handover if acting else previous.get("handover"),
         members=members_written,
     )
     new_status = statuses.compute(inputs, previous, stamp)

@@ -65,7 +65,7 @@ DEFAULTS: Final[dict[str, Any]] = {
         "prometheusRule": {"enabled": False},
     },
     "podTemplate": {"terminationGracePeriodSeconds": 60},
-    "scaling": {"drainTimeoutSeconds": 3600},
+    "scaling": {"drainTimeoutSeconds": 3600, "handoverTimeoutSeconds": 120},
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
     "networkPolicy": {"enabled": False, "clients": [{"podSelector": {}}], "monitoringNamespace": "monitoring"},
     "tls": {"enabled": False, "mutual": False},

@@ -51,6 +51,7 @@ class Inputs:
     monitoring: planning.Verdict | None = None  # None: ServiceMonitor in place
     report: health.Report = health.Report(None, "no health report from the brokers' controller yet")
     drain: Mapping[str, Any] | None = None
+    handover: Mapping[str, Any] | None = None  # a controlled shutdown being waited for
     members: tuple[int, ...] | None = None  # the membership as written after this pass
 
 
@@ -284,6 +285,8 @@ def compute(
         status["members"] = ",".join(str(member) for member in inputs.members)
     if inputs.drain:
         status["drain"] = dict(inputs.drain)
+    if inputs.handover:
+        status["handover"] = dict(inputs.handover)
     return status
 
 

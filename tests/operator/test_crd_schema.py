@@ -88,7 +88,7 @@ def test_a_cr_with_only_a_name_defaults_to_the_seed_deployment(default_cr: Any) 
     }
     assert spec["ports"] == {"producer": 9092, "consumer": 9093, "metrics": 9094}
     assert spec["storage"]["retentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Drain"}
-    assert spec["scaling"] == {"drainTimeoutSeconds": 3600}
+    assert spec["scaling"] == {"drainTimeoutSeconds": 3600, "handoverTimeoutSeconds": 120}
 
 
 def test_crd_defaults_and_operator_defaults_agree(default_cr: Any) -> None:

@@ -412,3 +412,33 @@ def test_a_broken_broker_is_replaced_even_without_a_controlled_shutdown() -> Non
     world.pods[1] = pod(1, ready=False)
     plan = roll(world)
     assert plan.delete == "rustmq-1"
+
+
+def test_a_single_broker_is_restarted_without_asking_for_a_hand_over() -> None:
+    """Nobody could take its leaderships: asking would hold the roll forever."""
+    world = World(replicas=1, pods=[pod(0)], members=(0,), generation=1)
+    world.report = health_map(T0, 1, {0: 12}, leaders={0: 12})
+    plan = roll(world)
+    assert plan.evict == "rustmq-0" and plan.shutdown is None
+
+
+def test_leaderships_nobody_can_take_hold_the_roll_only_until_the_hand_over_timeout() -> None:
+    world = three()
+    world.shutdown, world.generation = 2, 2
+    world.report = health_map(T0, 2, {0: 6, 1: 6, 2: 6}, leaders={2: 1})  # e.g. a partition of factor 1
+    membership_, report = world.parsed(T0)
+
+    def at(seconds: float, previous: Any) -> planning.RollPlan:
+        return planning.plan_roll("rustmq", 3, "h2", world.observed(), True, report=report, membership=membership_,
+                                  previous_handover=previous, handover_timeout_s=120,
+                                  now=T0 + datetime.timedelta(seconds=seconds))
+
+    first = at(0, None)
+    assert first.evict is None and first.handover == {"broker": 2, "startedAt": "2026-12-06T07:00:00Z"}
+    assert "1 left" in str(first.progressing)
+    assert at(100, first.handover).evict is None
+    late = at(121, first.handover)
+    assert late.evict == "rustmq-2"
+    assert [e.reason for e in late.events][0] == "ControlledShutdownTimedOut"
+    # A hand-over recorded for another broker does not count for this one.
+    assert at(121, {"broker": 1, "startedAt": "2026-12-06T07:00:00Z"}).evict is None
