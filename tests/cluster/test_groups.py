@@ -16,6 +16,7 @@ from brokerproc import RawClient
 from checker import History
 from clusterproc import BrokerCluster
 from rustmq.client import Admin, GroupConsumer, Producer
+from rustmq.client.errors import BrokerError
 from rustmq.client.groups import describe_group, list_groups
 from rustmq.protocol.api import ApiKey, ErrorCode
 
@@ -173,3 +174,35 @@ async def test_committed_offsets_survive_kill_of_the_coordinator(three_brokers: 
         assert refused["error"] == ErrorCode.NOT_COORDINATOR
     served = call(cluster, now, {"api": int(ApiKey.FETCH_OFFSETS), "group": "payroll"})
     assert {(t, p): o for t, p, o in served["offsets"]} == final
+
+
+@pytest.mark.timeout(180)
+async def test_a_producer_name_fences_older_instances_across_a_coordinator_failover(three_brokers: BrokerCluster) -> None:
+    cluster = three_brokers
+    await prepare(cluster, "named", 2, 0)
+    first = await Producer(cluster.bootstrap, acks="all", producer_name="etl").start()
+    try:
+        await first.send_and_wait("named", b"one", partition=0)
+        second = await Producer(cluster.bootstrap, acks="all", producer_name="etl").start()
+        assert (second.producer_id, second.producer_epoch) == (first.producer_id, 1)
+        await second.send_and_wait("named", b"two", partition=0)
+        await second.close()
+        with pytest.raises(BrokerError) as info:
+            await first.send_and_wait("named", b"zombie", partition=0)
+        assert info.value.code is ErrorCode.PRODUCER_FENCED
+    finally:
+        first._errors.clear()
+        await first.close()
+
+    found = coordinator_of(cluster, "etl")
+    other = next(b for b in (0, 1, 2) if b != found["coordinator"])
+    refused = call(cluster, other, {"api": int(ApiKey.INIT_PRODUCER), "producer_name": "etl"})
+    assert refused["error"] == ErrorCode.NOT_COORDINATOR
+    cluster.kill(found["coordinator"])
+    cluster.wait_for(lambda m: m["topics"][0]["partitions"][found["partition"]]["leader"] not in (-1, found["coordinator"]),
+                     "a new coordinator", timeout=40, topics=[INTERNAL])
+    third = await Producer(cluster.bootstrap, acks="all", producer_name="etl", delivery_timeout_s=40).start()
+    try:
+        assert (third.producer_id, third.producer_epoch) == (first.producer_id, 2)  # the name's state survived
+    finally:
+        await third.close()

@@ -102,3 +102,36 @@ def test_producer_ids_are_never_reused_across_restarts(tmp_path: Path) -> None:
     third = ProducerIds.open(tmp_path / "ids")
     assert third.allocate(0) == 3 * p.ID_BLOCK
     third.close()
+
+
+def test_producer_names_bump_epochs_survive_reopen_and_share_a_log_with_offsets(tmp_path: Path) -> None:
+    from rustmq.coordination.journal import LogJournal
+    from rustmq.coordination.offsets import OffsetStore
+
+    names = p.ProducerNames.open(tmp_path / "names")
+    assert names.next_for("etl") is None  # new: needs an id
+    names.assign(1, "etl", p.NamedProducer(42, 0))
+    assert names.next_for("etl") == p.NamedProducer(42, 1)
+    names.assign(2, "etl", p.NamedProducer(42, 1))
+    names.journal.flush()
+    names.close()
+    again = p.ProducerNames.open(tmp_path / "names")
+    assert again.names == {"etl": p.NamedProducer(42, 1)}
+    again.assign(3, "etl", p.NamedProducer(42, p.MAX_EPOCH))
+    assert again.next_for("etl") is None  # epochs used up: a fresh id
+    again.close()
+
+    # Cluster mode: one replicated partition holds both kinds of record, one replay splits them.
+    plog = PartitionLog.open(tmp_path / "shared", LogConfig())
+    try:
+        journal = LogJournal(plog, leader_epoch=3)
+        OffsetStore(journal).commit(1, "billing", {("orders", 0): 7})
+        p.ProducerNames(journal).assign(1, "billing", p.NamedProducer(5, 2))
+        assert all(h.leader_epoch == 3 for _, h in batch.iter_batches(plog.read(0, 1 << 20).views[0]))
+        offsets, replayed = OffsetStore(journal), p.ProducerNames(journal)
+        for key, value in journal.replay():
+            (replayed if p.ProducerNames.is_name_key(key) else offsets).apply(key, value)
+        assert offsets.fetch("billing") and offsets.fetch("billing")[("orders", 0)].offset == 7
+        assert replayed.names == {"billing": p.NamedProducer(5, 2)}
+    finally:
+        plog.close()

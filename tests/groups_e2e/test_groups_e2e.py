@@ -223,3 +223,37 @@ async def test_a_long_log_rebuilds_its_producer_table_in_steps_while_the_broker_
     finally:
         connection.close()
     assert "rebuilt from" in again.log()
+
+
+async def test_a_producer_name_bumps_its_epoch_and_fences_the_older_instance(make_broker, tmp_path) -> None:
+    broker = make_broker()
+    first = await Producer(broker.bootstrap, acks="durable", producer_name="etl").start()
+    try:
+        await first.send_and_wait("named", b"one", partition=0)
+        second = await Producer(broker.bootstrap, acks="durable", producer_name="etl").start()
+        assert (second.producer_id, second.producer_epoch) == (first.producer_id, first.producer_epoch + 1)
+        await second.send_and_wait("named", b"two", partition=0)
+        with pytest.raises(BrokerError) as info:  # the zombie is refused, not retried
+            await first.send_and_wait("named", b"zombie", partition=0)
+        assert info.value.code is ErrorCode.PRODUCER_FENCED
+        await second.close()
+        other = await Producer(broker.bootstrap, acks="durable", producer_name="other").start()
+        assert other.producer_id != first.producer_id and other.producer_epoch == 0
+        await other.close()
+    finally:
+        first._errors.clear()
+        await first.close()
+    broker.kill()  # the name's epoch is journaled: a restart continues from it
+    again = make_broker(tmp_path / "data")
+    third = await Producer(again.bootstrap, acks="durable", producer_name="etl").start()
+    try:
+        assert (third.producer_id, third.producer_epoch) == (first.producer_id, first.producer_epoch + 2)
+    finally:
+        await third.close()
+    connection = await Connection.open("127.0.0.1", again.producer_port)
+    try:
+        with pytest.raises(BrokerError) as refused:
+            await connection.request({"api": int(ApiKey.INIT_PRODUCER), "producer_name": ""})
+        assert refused.value.code is ErrorCode.INVALID_REQUEST
+    finally:
+        connection.close()

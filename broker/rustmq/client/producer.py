@@ -14,6 +14,10 @@ in dispatch order, and go out as PRODUCE_IDEMPOTENT, so a retry (after NOT_LEADE
 connection or a timeout: rustmq.client.routing) is stored once; a batch answered
 OUT_OF_ORDER_SEQUENCE waits for its predecessor's retry. Against a cluster the leader's producer
 table is rebuilt from the replicated log when leadership moves, so dedup survives a failover.
+With ``producer_name`` (Kafka's transactional id) the id belongs to the name: each start gets
+the name's id with its epoch bumped from the name's coordinator (FIND_COORDINATOR, as groups),
+and a partition leader that has seen the newer epoch refuses the older instance's batches with
+PRODUCER_FENCED (raised, never retried).
 
 Partitioning: an explicit partition wins; a key picks crc32c(key) % partitions (the broker's
 own rule); keyless records stick to one partition per batch and move round-robin to the next
@@ -76,6 +80,7 @@ class Producer:
         delivery_timeout_s: float = 60.0,
         external: bool = False,
         idempotent: bool = True,
+        producer_name: str | None = None,
     ) -> None:
         if acks not in ACKS:
             raise ValueError(f"acks must be one of {', '.join(ACKS)}")
@@ -94,6 +99,9 @@ class Producer:
         # Idempotent (default unless acks none): a broker-assigned producer id and per-partition
         # sequence numbers, so a retried batch is stored once (rustmq.coordination.producers).
         self.idempotent = idempotent and acks != "none"
+        if producer_name is not None and not self.idempotent:
+            raise ValueError("producer_name needs an idempotent producer (idempotent=True, acks not 'none')")
+        self.producer_name = producer_name
         self.producer_id = -1
         self.producer_epoch = -1
         self._sequences: dict[tuple[str, int], int] = {}
@@ -113,13 +121,44 @@ class Producer:
     async def start(self) -> Producer:
         self._routes = Routes(self.bootstrap, timeout=self.request_timeout_s, external=self.external)
         await self._routes.metadata([])
-        if self.idempotent:
+        if self.producer_name is not None:
+            await self._init_named()
+        elif self.idempotent:
             connection = await self._routes.any_connection()
             response = await connection.request({"api": int(ApiKey.INIT_PRODUCER)}, timeout=self.request_timeout_s)
             self.producer_id = int(response.header["producer_id"])
             self.producer_epoch = int(response.header["producer_epoch"])
         self._slots = asyncio.Semaphore(self.max_in_flight)
         return self
+
+    async def _init_named(self) -> None:
+        """INIT_PRODUCER with the name at its coordinator, retried while the coordinator moves."""
+        routes = self._routes
+        assert routes is not None
+        deadline = time.monotonic() + self.delivery_timeout_s
+        attempt = 0
+        while True:
+            try:
+                connection = await routes.any_connection()
+                if routes.clustered:
+                    found = (await connection.request({"api": int(ApiKey.FIND_COORDINATOR), "group": self.producer_name},
+                                                      timeout=self.request_timeout_s)).header
+                    connection = await routes.connection(found["host"], found["producer_port"])
+                response = await connection.request({"api": int(ApiKey.INIT_PRODUCER), "producer_name": self.producer_name},
+                                                    timeout=self.request_timeout_s)
+                self.producer_id = int(response.header["producer_id"])
+                self.producer_epoch = int(response.header["producer_epoch"])
+                return
+            except Exception as exc:
+                moved = isinstance(exc, BrokerError) and exc.code == ErrorCode.NOT_COORDINATOR
+                if not (moved or retriable(exc, routes.clustered)) or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
+                try:
+                    await routes.metadata([])
+                except Exception:  # no broker answered: the next attempt retries that too
+                    pass
 
     async def close(self) -> None:
         """Send what is buffered, wait for it, close; raise ProduceError if anything failed."""

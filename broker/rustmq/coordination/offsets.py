@@ -164,6 +164,10 @@ class OffsetStore:
     def _maybe_compact(self, now_ms: int) -> None:
         self.journal.maybe_compact(self.live_entries, now_ms)
 
+    def apply(self, key: bytes, value: bytes | None) -> None:
+        """Apply one journal entry (replay of a journal shared with other stores)."""
+        self._apply(key, value)
+
     def _apply(self, key: bytes, value: bytes | None) -> None:
         version, group, topic, partition = msgpack.unpackb(key)
         if version != KEY_VERSION:

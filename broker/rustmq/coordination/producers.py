@@ -44,7 +44,7 @@ from typing import Any, Final, NamedTuple
 
 import msgpack
 
-from rustmq.coordination.journal import Journal
+from rustmq.coordination.journal import Journal, LogJournal
 from rustmq.storage import batch
 from rustmq.storage.durability import FlushTarget
 from rustmq.storage.partition import PartitionLog
@@ -316,6 +316,74 @@ class ProducerIds:
     def reservation_position(self) -> tuple[FlushTarget, int]:
         """The journal position covering the current block's reservation (see `Journal.position`)."""
         return self.journal.position()
+
+    def close(self, clean: bool = True) -> None:
+        self.journal.close(clean)
+
+
+MAX_EPOCH: Final = (1 << 15) - 1  # producer_epoch is an i16 in the batch header
+NAME_KEY_VERSION: Final = 2  # offsets use 1: both may share one internal partition (cluster mode)
+
+
+class NamedProducer(NamedTuple):
+    producer_id: int
+    epoch: int
+
+
+class ProducerNames:
+    """Stable producer names (Kafka's transactional id) -> (producer id, epoch), on a journal.
+
+    INIT_PRODUCER with a name returns the name's producer id with its epoch bumped, so the
+    partition leaders, which refuse batches of an older epoch of a producer id once they have
+    seen a newer one (`ProducerStateTable`), fence the older instances. Record format (msgpack,
+    inside the journal's record batches): key ``[2, name]``, value ``[producer_id, epoch,
+    assigned_ms]``. Standalone the journal is ``<data_dir>/coordination/producer_names``; in
+    cluster mode it is the name's partition of the internal topic (docs/cluster.md).
+    """
+
+    def __init__(self, journal: Journal | LogJournal) -> None:
+        self.journal = journal
+        self.names: dict[str, NamedProducer] = {}
+
+    @classmethod
+    def open(cls, directory: Path) -> ProducerNames:
+        names = cls(Journal.open(directory))
+        for key, value in names.journal.replay():
+            names.apply(key, value)
+        return names
+
+    @staticmethod
+    def is_name_key(key: bytes) -> bool:
+        decoded = msgpack.unpackb(key)
+        return isinstance(decoded, list) and bool(decoded) and decoded[0] == NAME_KEY_VERSION
+
+    def apply(self, key: bytes, value: bytes | None) -> None:
+        _, name = msgpack.unpackb(key)
+        if value is None:
+            self.names.pop(name, None)
+            return
+        producer_id, epoch, _ = msgpack.unpackb(value)
+        self.names[name] = NamedProducer(producer_id, epoch)
+
+    def next_for(self, name: str) -> NamedProducer | None:
+        """The id and epoch the next INIT_PRODUCER of `name` gets; None: it needs a new id (an
+        unknown name, or its epochs are used up)."""
+        current = self.names.get(name)
+        if current is None or current.epoch >= MAX_EPOCH:
+            return None
+        return NamedProducer(current.producer_id, current.epoch + 1)
+
+    def assign(self, now_ms: int, name: str, producer: NamedProducer) -> None:
+        """Record `name` -> producer (one journal batch); the caller waits for it to be durable."""
+        key = msgpack.packb([NAME_KEY_VERSION, name])
+        value = msgpack.packb([producer.producer_id, producer.epoch, now_ms])
+        self.journal.append([(key, value)], now_ms)
+        self.apply(key, value)
+        self.journal.maybe_compact(self.live_entries, now_ms)
+
+    def live_entries(self) -> list[tuple[bytes, bytes | None]]:
+        return [(msgpack.packb([NAME_KEY_VERSION, name]), msgpack.packb([p.producer_id, p.epoch, 0]))
+                for name, p in self.names.items()]
 
     def close(self, clean: bool = True) -> None:
         self.journal.close(clean)

@@ -6,6 +6,7 @@ Data layout (next to the storage engine's ``topics/`` under the broker's data di
     coordination/consumer_offsets/   OffsetStore journal
     coordination/queue_state/        QueueStore journal
     coordination/producer_ids/       ProducerIds journal
+    coordination/producer_names/     ProducerNames journal (stable producer names -> id, epoch)
 
 Threading: every method runs on the thread that owns the `rustmq.storage.Log` (the event loop).
 Durability: methods that write return `Durable(partition, offset)` values; the server answers
@@ -35,7 +36,9 @@ from rustmq.coordination import queue, queue_log
 from rustmq.coordination.offsets import InvalidCommitError, OffsetStore
 from rustmq.coordination.producers import (
     Decision,
+    NamedProducer,
     ProducerIds,
+    ProducerNames,
     ProducerRebuild,
     ProducerSnapshots,
     ProducerStateTable,
@@ -83,6 +86,10 @@ class GroupStores(Protocol):
         """The stores of the partitions this broker leads now."""
         ...
 
+    def names_for(self, name: str) -> ProducerNames:
+        """The producer-name registry of the partition `name` hashes to (as `store_for`)."""
+        ...
+
     def partition_count(self, topic: str) -> int:
         """Partitions of a topic in the cluster state (0: no such topic)."""
         ...
@@ -125,6 +132,7 @@ class Coordinator:
         self.groups = group_mod.GroupCoordinator(self._partition_count, incarnation)
         # Cluster mode: where the committed offsets of each group live (None: `offsets`).
         self.group_stores: GroupStores | None = None
+        self._names: ProducerNames | None = None  # standalone: set by `open`
         self._producer_states: dict[TopicPartition, tuple[PartitionLog, ProducerStateTable]] = {}
         self._producer_snapshots = producer_snapshots
         self._dlq_writes: list[DeadLetterWrite] = []
@@ -158,8 +166,14 @@ class Coordinator:
         except BaseException:
             offsets.close()
             raise
-        return cls(log, offsets, queues, producer_ids, incarnation,
-                   ProducerSnapshots(root / "producer_state"), limits)
+        coordinator = cls(log, offsets, queues, producer_ids, incarnation,
+                          ProducerSnapshots(root / "producer_state"), limits)
+        try:
+            coordinator._names = ProducerNames.open(root / "producer_names")
+        except BaseException:
+            coordinator.close(clean=False)
+            raise
+        return coordinator
 
     def close(self, clean: bool = True) -> None:
         """Close the journals; on a clean close (after the last append) also save the producer
@@ -174,6 +188,8 @@ class Coordinator:
             self.offsets.close(clean)
             self.queues.close(clean)
             self.producer_ids.close(clean)
+            if self._names is not None:
+                self._names.close(clean)
 
     def _save_producer_states(self) -> None:
         tables = {key: (plog, plog.end_offset, table) for key, (plog, table) in self._producer_states.items()
@@ -436,6 +452,30 @@ class Coordinator:
         no fsync on the event loop; cheap when the block's reservation is durable already)."""
         producer_id = self.producer_ids.allocate(now_ms, flush=False)
         return producer_id, Durable(*self.producer_ids.reservation_position())
+
+    def producer_names_for(self, name: str) -> ProducerNames:
+        """The registry of stable producer names holding `name` (cluster mode: NotCoordinatorError
+        unless this broker coordinates it; standalone: ``coordination/producer_names``)."""
+        if self.group_stores is not None:
+            return self.group_stores.names_for(name)
+        if self._names is None:
+            raise NotCoordinatorError("this broker keeps no producer names (no data directory)")
+        return self._names
+
+    def init_named_producer(self, now_ms: int, name: str, new_id: int | None) -> tuple[NamedProducer, Durable]:
+        """The name's producer id with its epoch bumped, or `new_id` at epoch 0 when the name is
+        new (`next_named_producer` says which); answer once the returned position is durable."""
+        names = self.producer_names_for(name)
+        producer = names.next_for(name)
+        if producer is None:
+            if new_id is None:
+                raise ValueError("a new producer name needs a new producer id")
+            producer = NamedProducer(new_id, 0)
+        names.assign(now_ms, name, producer)
+        return producer, Durable(*names.journal.position())
+
+    def named_producer_needs_id(self, name: str) -> bool:
+        return self.producer_names_for(name).next_for(name) is None
 
     def producer_state(self, topic: str, partition: int) -> ProducerStateTable:
         """The partition's producer table, rebuilt from its batch headers on first use (and

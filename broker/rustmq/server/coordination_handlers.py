@@ -469,14 +469,49 @@ CLUSTER_ID_STRIDE = 1024  # cluster mode: producer id = local id * stride + brok
 
 
 def _init_producer(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
+    name = api._field(header, "producer_name", str, None)
+    if name is not None:
+        _init_named_producer(conn, service, corr, _name(header, "producer_name"))
+        return
     # Answered once the id block's reservation is durable (fsynced by the committer thread once
     # per 1,000 ids; the other requests find it durable already).
+    producer_id, durable = _new_producer_id(service)
+    _answer_durable(conn, service, corr, durable, {"producer_id": producer_id, "producer_epoch": 0})
+
+
+def _new_producer_id(service: CoordinationService) -> tuple[int, Durable]:
     producer_id, durable = service.coordinator.allocate_producer(_now_ms())
     if service.broker.cluster is not None:
         # Each broker allocates from its own journal: the broker id in the low bits keeps ids
         # unique across the cluster (a producer's id outlives the broker that handed it out).
         producer_id = producer_id * CLUSTER_ID_STRIDE + service.broker.settings.broker_id
-    _answer_durable(conn, service, corr, durable, {"producer_id": producer_id, "producer_epoch": 0})
+    return producer_id, durable
+
+
+def _init_named_producer(conn: Responder, service: CoordinationService, corr: int, name: str) -> None:
+    """A stable name: its producer id with the epoch bumped (older instances are fenced), kept
+    by the name's coordinator (cluster mode: replicated like committed offsets)."""
+    coordinator = service.coordinator
+    if service.group_stores is not None:
+        service.group_stores.check_replicas(name)
+    reservation: Durable | None = None
+    new_id = None
+    if coordinator.named_producer_needs_id(name):
+        new_id, reservation = _new_producer_id(service)
+    producer, durable = coordinator.init_named_producer(_now_ms(), name, new_id)
+    fields = {"producer_id": producer.producer_id, "producer_epoch": producer.epoch}
+    if reservation is None:
+        _answer_durable(conn, service, corr, durable, fields)
+        return
+    slot = conn.reserve()
+
+    def reserved(error: BaseException | None) -> None:
+        if error is not None:
+            conn.complete(slot, [_result_frame(corr, fields, error)])
+            return
+        service.when_durable(durable, lambda error: conn.complete(slot, [_result_frame(corr, fields, error)]))
+
+    service.when_durable(reservation, reserved)
 
 
 def _produce_idempotent(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:

@@ -3,7 +3,8 @@
 A group's coordinator is the leader of partition ``partition_for(group)`` of
 ``__rustmq_coordination`` (rustmq.coordination.internal_topic). `ClusterGroupStores` is the
 `GroupStores` the Coordinator consults in cluster mode: for each partition this broker leads it
-keeps one `OffsetStore` on a `LogJournal` over that partition, stamped with the leader epoch.
+keeps one `OffsetStore` and one `ProducerNames` (stable producer names -> id, epoch) on a
+`LogJournal` over that partition, stamped with the leader epoch; one replay feeds both.
 
 - Leadership is checked on every group request (the stored leader, this broker, a valid broker
   lease); otherwise NOT_COORDINATOR and the client finds the coordinator again.
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from rustmq.coordination import internal_topic
 from rustmq.coordination.journal import LogJournal
 from rustmq.coordination.offsets import OffsetStore
+from rustmq.coordination.producers import ProducerNames
 from rustmq.coordination.service import Coordinator, NotCoordinatorError
 from rustmq.protocol.api import ErrorCode, RequestError
 
@@ -39,7 +41,7 @@ class ClusterGroupStores:
         self.broker = broker
         self.coordinator = coordinator
         self.roles = roles
-        self._stores: dict[int, tuple[PartitionRole, int, OffsetStore]] = {}
+        self._stores: dict[int, tuple[PartitionRole, int, OffsetStore, ProducerNames]] = {}
 
     # -- GroupStores -------------------------------------------------------------------------
 
@@ -48,21 +50,31 @@ class ClusterGroupStores:
         return len(state.partitions) if state is not None else 0
 
     def store_for(self, group: str) -> OffsetStore:
-        index = self.partition_of(group)
-        role = self._led_role(index, group)
+        return self._state(group)[2]
+
+    def names_for(self, name: str) -> ProducerNames:
+        return self._state(name)[3]
+
+    def _state(self, key: str) -> tuple[PartitionRole, int, OffsetStore, ProducerNames]:
+        index = self.partition_of(key)
+        role = self._led_role(index, key)
         cached = self._stores.get(index)
         if cached is not None and cached[0] is role and cached[1] == role.leader_epoch:
-            return cached[2]
+            return cached
         count = self.partition_count(internal_topic.TOPIC)
         for name in [g for g in self.coordinator.groups.groups if internal_topic.partition_for(g, count) == index]:
             del self.coordinator.groups.groups[name]  # members of an earlier term join again
-        store = OffsetStore.replayed(LogJournal(role.plog, role.leader_epoch, lambda: self._appended(role)))
-        self._stores[index] = (role, role.leader_epoch, store)
-        return store
+        # Both stores share the partition: one replay, each entry to the store of its key.
+        journal = LogJournal(role.plog, role.leader_epoch, lambda: self._appended(role))
+        offsets, names = OffsetStore(journal), ProducerNames(journal)
+        for entry_key, value in journal.replay():
+            (names if ProducerNames.is_name_key(entry_key) else offsets).apply(entry_key, value)
+        state = self._stores[index] = (role, role.leader_epoch, offsets, names)
+        return state
 
     def stores(self) -> list[OffsetStore]:
         led = []
-        for index, (role, epoch, store) in list(self._stores.items()):
+        for index, (role, epoch, store, _) in list(self._stores.items()):
             if self._leads(role) and role.leader_epoch == epoch:
                 led.append(store)
             else:
@@ -94,7 +106,7 @@ class ClusterGroupStores:
         self.roles.check_insync(self._led_role(self.partition_of(group), group))
 
     def replicated_role(self, plog: Any) -> PartitionRole | None:
-        for role, _, _ in self._stores.values():
+        for role, *_ in self._stores.values():
             if role.plog is plog:
                 return role
         return None
@@ -112,12 +124,12 @@ class ClusterGroupStores:
     def _leads(self, role: PartitionRole) -> bool:
         return role.tracker is not None and role.leader == self.roles.broker_id and self.roles.lease_valid()
 
-    def _led_role(self, index: int, group: str) -> PartitionRole:
+    def _led_role(self, index: int, key: str) -> PartitionRole:
         role = self.roles.role(internal_topic.TOPIC, index)
         if role is None or not self._leads(role):
             leader = role.leader if role is not None else -1
             raise NotCoordinatorError(
-                f"broker {self.roles.broker_id} does not coordinate group {group!r} "
+                f"broker {self.roles.broker_id} does not coordinate {key!r} "
                 f"(partition {index} of {internal_topic.TOPIC}, leader: {leader})")
         return role
 
