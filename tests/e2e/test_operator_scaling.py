@@ -151,7 +151,8 @@ def test_data_conditions_follow_the_health_report(
 ) -> None:
     kubectl = ops.Kubectl(cluster, namespace)
     with StandInController(api_client, namespace) as controller:
-        start_three(kubectl, namespace)
+        # The operator believes a report for 3 lease durations of the brokers: 2 s here, so 6 s.
+        start_three(kubectl, namespace, config={"extra": {"LEASE_DURATION_S": "2"}})
         kubectl.wait_condition("Available", "True", "AllPartitionsLed", timeout=60)
         assert kubectl.condition("Degraded")["status"] == "False"
         with controller.lock:
@@ -168,7 +169,7 @@ def test_data_conditions_follow_the_health_report(
         kubectl.wait_condition("Available", "True", "AllPartitionsLed", timeout=30)
         with controller.lock:
             controller.under_replicated, controller.paused = 0, True
-        # A controller that stops reporting is not believed after 3 lease durations (18 s).
+        # A controller that stops reporting is not believed after 3 lease durations (6 s).
         kubectl.wait_condition("Available", "False", "HealthReportStale", timeout=60)
         assert kubectl.condition("Degraded")["status"] == "Unknown"
         assert controller.error is None
