@@ -33,21 +33,24 @@ _DELIVERY_HEADER_MARK: Final = re.compile(re.escape(_DELIVERY_HEADER_PREFIX))
 
 
 def fill(sub: queue.QueueSubscription, partition: PartitionLog, now_ms: int,
-         max_bytes: int = READ_CHUNK_BYTES) -> int:
+         max_bytes: int = READ_CHUNK_BYTES, end_offset: int | None = None) -> int:
     """Offer the subscription the records after `sub.next_offset`, up to its lookahead room and
     about `max_bytes` of batches; returns how many records were offered.
 
     Batch bodies are decoded (one msgpack call per batch) only to find delivery headers, and
     only when they may hold one (compressed, or the header prefix occurs in the raw bytes).
     Records that retention deleted before the subscription reached them are skipped
-    (`skip_to`), so a slow subscription never blocks on a gone offset.
+    (`skip_to`), so a slow subscription never blocks on a gone offset. `end_offset` (cluster
+    mode: the high watermark, a batch boundary) bounds what is offered: never a record that
+    may still be truncated away.
     """
+    limit = partition.end_offset if end_offset is None else min(end_offset, partition.end_offset)
     if sub.next_offset < partition.start_offset:
         sub.skip_to(partition.start_offset)
     room = sub.offer_room()
     offered = 0
     levels = len(sub.settings.priority_weights)
-    while room > 0 and sub.next_offset < partition.end_offset and max_bytes > 0:
+    while room > 0 and sub.next_offset < limit and max_bytes > 0:
         fetched = partition.read(sub.next_offset, max_bytes)
         max_bytes -= fetched.size_bytes
         for view in fetched.views:
@@ -55,6 +58,9 @@ def fill(sub: queue.QueueSubscription, partition: PartitionLog, now_ms: int,
                 pos = 0
                 while pos < len(view) and room > 0:
                     header = batch.read_header(view, pos)
+                    if header.base_offset >= limit:
+                        room = 0  # above the high watermark: not yet
+                        break
                     end = header.base_offset + header.record_count
                     if end > sub.next_offset:
                         body = view[pos + batch.HEADER_SIZE : pos + header.size]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -130,8 +130,10 @@ class Coordinator:
         self.queues = queues
         self.producer_ids = producer_ids
         self.groups = group_mod.GroupCoordinator(self._partition_count, incarnation)
-        # Cluster mode: where the committed offsets of each group live (None: `offsets`).
+        # Cluster mode: where the committed offsets of each group live (None: `offsets`), and
+        # how far a queue may read a partition (its high watermark here; None: the log end).
         self.group_stores: GroupStores | None = None
+        self.visible_end: Callable[[str, int], int] | None = None
         self._names: ProducerNames | None = None  # standalone: set by `open`
         self._producer_states: dict[TopicPartition, tuple[PartitionLog, ProducerStateTable]] = {}
         self._producer_snapshots = producer_snapshots
@@ -327,7 +329,8 @@ class Coordinator:
                     ) -> QueueFetch | None:
         plog = self._partition(topic, partition)
         sub = self.subscription(subscription, topic, partition)
-        queue_log.fill(sub, plog, now_ms)
+        limit = self.visible_end(topic, partition) if self.visible_end is not None else None
+        queue_log.fill(sub, plog, now_ms, end_offset=limit)
         delivery = sub.acquire(now_ms, consumer, max_messages, ack_wait_ms)
         self._dead_letter(now_ms, sub, sub.take_dead_letters())
         if delivery is None:

@@ -81,6 +81,7 @@ class CoordinationService:
         """Cluster mode: groups and committed offsets move to the replicated internal topic."""
         self.group_stores = ClusterGroupStores(self.broker, self.coordinator, roles)
         self.coordinator.group_stores = self.group_stores
+        self.coordinator.visible_end = self.group_stores.high_watermark
 
     # -- lifecycle -----------------------------------------------------------------------------
 

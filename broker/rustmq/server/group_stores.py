@@ -101,6 +101,14 @@ class ClusterGroupStores:
             raise NotCoordinatorError(f"partition {index} of {internal_topic.TOPIC} has no live leader right now")
         return {"coordinator": leader, "partition": index, **{k: v for k, v in broker.items() if k != "id"}}
 
+    def high_watermark(self, topic: str, index: int) -> int:
+        """How far queues may read this broker's replica of a partition: its high watermark
+        (a leader's own, a follower's as its leader last reported it; 0 without a replica)."""
+        role = self.roles.role(topic, index)
+        if role is None:
+            return 0
+        return role.tracker.high_watermark if role.tracker is not None else role.high_watermark
+
     def check_replicas(self, group: str) -> None:
         """NOT_ENOUGH_REPLICAS before a write the ISR could not acknowledge."""
         self.roles.check_insync(self._led_role(self.partition_of(group), group))
