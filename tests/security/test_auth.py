@@ -33,7 +33,7 @@ from rustmq.auth import tokens
 from rustmq.client import Consumer, Producer
 from rustmq.client.connection import Connection, tls_context, use_tls, use_token
 from rustmq.client.errors import BrokerError, ConnectionClosedError
-from rustmq.protocol import records
+from rustmq.protocol import frames, records
 from rustmq.protocol.api import ApiKey, ErrorCode
 from rustmq.storage import batch as storage_batch
 from tlspki import Authority, SecretVolume
@@ -536,3 +536,29 @@ async def test_a_broker_without_a_token_file_refuses_tokens(tmp_path: Path) -> N
         await close(conn)
     finally:
         assert plain.stop() == 0
+
+
+async def test_a_throttled_connection_is_not_closed_for_a_frame_left_incomplete_during_the_hold(tmp_path: Path) -> None:
+    """The broker stops reading while it holds a throttled answer, so a frame the client half
+    sends meanwhile waits in the socket and does not count against frame_timeout_s (1 s here,
+    the hold about 2 s): a throttled client is slowed, never closed."""
+    acl = {**ACL, "quotas": {"principals": {"slow": {"produce_bytes_per_s": 10_000}}}}
+    held = start(tmp_path, acl, extra=("--frame-timeout-s", "1"))
+    try:
+        conn = await connect(held, "slow")
+        first = conn.send({"api": ApiKey.PRODUCE, "topic": "held", "partition": 0}, one_batch(b"x" * 30_000))
+        await asyncio.sleep(0.3)  # the broker has read it and holds its answer for about 2 s
+        frame = frames.encode_prefix({"api": int(ApiKey.DESCRIBE_TOPIC), "corr": 999_999, "topic": "held"}, 0)
+        transport = conn._transport
+        assert transport is not None and first is not None
+        transport.write(frame[:6])  # half a frame, then nothing for longer than frame_timeout_s
+        await asyncio.sleep(1.5)
+        transport.write(frame[6:])
+        header = (await asyncio.wait_for(first, 10)).header
+        assert header["error"] == 0 and header["throttle_ms"] >= 1000, header
+        await asyncio.sleep(1.0)
+        assert not conn.closed, held.broker.log()
+        assert "frame incomplete" not in held.broker.log()
+        await close(conn)
+    finally:
+        assert held.broker.stop() == 0, held.broker.log()
