@@ -6,11 +6,13 @@ full; a client principal with topic rights only produces with acks=all and consu
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import yaml
 
@@ -18,6 +20,7 @@ import clusterproc
 from rustmq.auth import tokens
 from rustmq.client import Admin, Consumer, Producer
 from rustmq.client.connection import use_token
+from rustmq.protocol.api import ErrorCode
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +80,16 @@ async def test_brokers_replicate_as_their_own_principal_under_default_deny(tmp_p
             while len(seen) < 100:
                 seen += [m.value for m in await asyncio.wait_for(stream.__anext__(), 20)]
         assert sorted(seen) == sorted(b"s%d" % i for i in range(100))
+        # Seed-style simple produce carries no token: ANONYMOUS, refused under default deny on
+        # every broker (cluster mode routes it, and checks it first).
+        for process in cluster.brokers.values():
+            reader, writer = await asyncio.open_connection("127.0.0.1", process.producer_port)
+            body = msgpack.packb({"key": None, "value": b"x", "topic": "secure"})
+            writer.write(struct.pack(">I", len(body)) + body)
+            reply = struct.unpack(">Q", await asyncio.wait_for(reader.readexactly(8), 10))[0]
+            writer.close()
+            await writer.wait_closed()
+            assert reply == (1 << 63) | ErrorCode.AUTHORIZATION_FAILED, hex(reply)
         assert "AUTHORIZATION_FAILED" not in cluster.logs() and "authentication of" not in cluster.logs()
     finally:
         use_token(None)

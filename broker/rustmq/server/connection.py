@@ -609,6 +609,8 @@ class Connection(asyncio.BufferedProtocol):
         try:
             message = simple.decode_message(body)
             name = message.topic or self._settings.default_topic
+            if self._auth is not None:
+                self._simple_auth(name, len(body))
             if message.partition is None and message.key is None:
                 partition = self._simple_sticky.get(name)
                 if partition is None:
