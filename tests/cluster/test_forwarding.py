@@ -99,9 +99,10 @@ async def test_a_broker_forwards_keyed_and_partitioned_simple_produce_to_the_lea
     leaders = [p["leader"] for p in metadata["topics"][0]["partitions"]]
     solo = await asyncio.to_thread(cluster.wait_for, full_isr, "ISR", 30, ["solo"])
     solo_home = solo["topics"][0]["partitions"][0]["replicas"][0]
-    # The client's broker leads one partition of "fwd" and holds no replica of "solo" at all.
-    entry = next(b for b in (0, 1, 2) if b != solo_home)
-    assert leaders.count(entry) == 1, leaders
+    # The client's broker holds no replica of "solo" at all and leads as few partitions of "fwd"
+    # as possible (one when the leaders are balanced): the rest must be forwarded.
+    entry = min((b for b in (0, 1, 2) if b != solo_home), key=leaders.count)
+    assert leaders.count(entry) < 3, leaders
 
     client = await SimpleClient.connect(cluster.brokers[entry].producer_port)
     try:
@@ -121,7 +122,7 @@ async def test_a_broker_forwards_keyed_and_partitioned_simple_produce_to_the_lea
         assert found[b"p-%d" % i] == (i % 3, replies[300 + i]), i
     solo_found = await read_all(cluster.bootstrap, "solo", 20)
     assert [solo_found[b"s-%d" % i] for i in range(20)] == [(0, replies[330 + i]) for i in range(20)]
-    # Two partitions of three were led elsewhere, so most of this went over the forward path;
+    # At least one partition of three was led elsewhere, so part of this went over the forward path;
     # every replica holds the same log (the leader answered after the in-sync replicas had it).
     ends = {tuple(p["end_offset"] for p in describe_local(cluster, b, "fwd")["partitions"]) for b in (0, 1, 2)}
     assert len(ends) == 1 and sum(next(iter(ends))) == 330, ends
