@@ -140,7 +140,9 @@ def local_cluster(*up_args: str, prefix: str = "rustmq-e2e-cluster-", timeout: f
     try:
         yield Cluster(kubeconfig=Path(up.stdout.strip().splitlines()[-1]), bin_dir=bin_dir, external=False, state_dir=state_dir)
     finally:
-        down = subprocess.run([str(LOCAL_CLUSTER), "down", "--dir", str(state_dir)], capture_output=True, text=True, timeout=120)
+        # A real node stops component by component (10 s grace each, then SIGKILL): 3 s on a
+        # quiet machine, over 120 s once at load 17, so the bound is generous.
+        down = subprocess.run([str(LOCAL_CLUSTER), "down", "--dir", str(state_dir)], capture_output=True, text=True, timeout=300)
         if check_down and down.returncode != 0:
             pytest.fail(f"scripts/local-cluster down failed:\n{down.stderr}")
 
