@@ -153,6 +153,9 @@ def test_scale_up_moves_replicas_and_leaders_onto_the_new_broker() -> None:
     assert max(lead.values()) - min(lead[b] for b in range(4)) <= 1, lead
     assert not any(p.target for t in final.values() for p in t.partitions)
     assert all(len(p.replicas) == t.replication_factor for t in final.values() for p in t.partitions)
+    for t in final.values():  # each topic spreads too, not only the totals
+        per_topic = Counter(b for p in t.partitions for b in p.replicas)
+        assert max(per_topic.values()) - min(per_topic[b] for b in range(4)) <= 1, (t.name, per_topic)
 
 
 def test_controlled_shutdown_hands_leadership_to_a_live_in_sync_follower() -> None:

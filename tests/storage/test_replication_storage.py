@@ -91,3 +91,16 @@ def test_restart_at_drops_everything_and_goes_on_at_a_later_offset(tmp_path: Pat
     assert (reopened.start_offset, reopened.end_offset) == (500, 501)
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".log") == ["00000000000000000500.log"]
     reopened.close()
+
+
+def test_restart_at_zero_discards_a_replica_that_moved_away(tmp_path: Path) -> None:
+    plog = PartitionLog.open(tmp_path, config())
+    for _ in range(3):  # all in the first segment
+        plog.append(one(bytes(100)), leader_epoch=1)
+    assert plog.segment_count == 1 and plog.end_offset == 3
+    assert plog.restart_at(0, reuse_offsets=True) == 0
+    assert (plog.end_offset, plog.size_bytes, headers(plog)) == (0, 0, [])
+    plog.close(clean=False)
+    reopened = PartitionLog.open(tmp_path, config())
+    assert (reopened.start_offset, reopened.end_offset, reopened.size_bytes) == (0, 0, 0)
+    reopened.close()

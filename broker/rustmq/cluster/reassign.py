@@ -99,9 +99,11 @@ class _Planner:
             (name, i): p for name, t in sorted(topics.items()) for i, p in enumerate(t.partitions)}
         self.loads: Counter[int] = Counter()
         self.prefs: Counter[int] = Counter()
-        for p in self.parts.values():
+        self.topic_loads: dict[str, Counter[int]] = {name: Counter() for name in topics}
+        for (name, _), p in self.parts.items():
             final = p.final_replicas
             self.loads.update(final)
+            self.topic_loads[name].update(final)
             if final:
                 self.prefs[final[0]] += 1
         members = given.members
@@ -115,6 +117,8 @@ class _Planner:
         old = self.parts[key]
         self.loads.subtract(old.final_replicas)
         self.loads.update(new.final_replicas)
+        self.topic_loads[key[0]].subtract(old.final_replicas)
+        self.topic_loads[key[0]].update(new.final_replicas)
         if old.final_replicas:
             self.prefs[old.final_replicas[0]] -= 1
         if new.final_replicas:
@@ -226,17 +230,22 @@ class _Planner:
 
     def _rebalance_candidate(self, hi: int, lo: int, members: frozenset[int]
                              ) -> tuple[tuple[str, int], PartitionState, list[int]] | None:
-        lead_too = self.prefs[hi] > self.prefs[lo] + 1  # moving a preferred leader helps leader balance too
+        """The partition to move from hi to lo: preferably of the topic whose replicas on hi
+        exceed those on lo by the most, relative to its fair share per broker (so each topic
+        spreads too, not only the totals), then one whose preferred leadership moving along
+        helps leader balance."""
+        lead_too = self.prefs[hi] > self.prefs[lo] + 1
         best = None
+        best_score: tuple[float, bool] | None = None
         for key, p in self.parts.items():
             if (not self.movable(key, p) or hi not in p.replicas or lo in p.replicas
                     or set(p.isr) != set(p.replicas) or any(b not in members for b in p.replicas)):
                 continue
-            target = [lo if b == hi else b for b in p.replicas]
-            if (p.replicas[0] == hi) == lead_too:
-                return key, p, target
-            if best is None:
-                best = key, p, target
+            spread = self.topic_loads[key[0]]
+            share = max(1.0, sum(spread[d] for d in self.dests) / len(self.dests))  # the topic's fair share
+            score = ((spread[hi] - spread[lo]) / share, (p.replicas[0] == hi) == lead_too)
+            if best_score is None or score > best_score:
+                best, best_score = (key, p, [lo if b == hi else b for b in p.replicas]), score
         return best
 
     def balance_leaders(self, budget: int) -> None:

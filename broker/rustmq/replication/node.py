@@ -572,6 +572,13 @@ class ClusterNode:
             else:  # ADD_PARTITIONS, ALTER_TOPIC_CONFIG (rustmq.replication.topics)
                 apply_local(storage, topic)
             self._applied.add(name)
+            for i, plog in enumerate(local.partitions):
+                if i not in mine and plog.end_offset and not plog.closed:
+                    # A replica moved away (or left over from before a restart): nothing reads
+                    # it; its files go, and should it come back it copies from the leader anew.
+                    self.roles.remove(name, i)
+                    plog.restart_at(0, reuse_offsets=True)
+                    log.info("%s/%d: deleted the local replica (this broker is no longer one of its replicas)", name, i)
             for i in mine:
                 p = topic.partitions[i]
                 key = (name, i)
@@ -702,6 +709,7 @@ class ClusterNode:
                     await asyncio.sleep(min(1.0, self._throttle.wait_s(time.monotonic())))
                     return
             limit = min(limit, max(allowance, 1))
+        asked = [r.plog.end_offset for r in roles]
         request = {
             "api": int(ApiKey.FETCH),
             "replica_id": self.settings.broker_id,
@@ -724,10 +732,12 @@ class ClusterNode:
         payload = memoryview(response.payload)
         position = 0
         stale = False
-        for role, entry in zip(roles, response.header["partitions"], strict=True):
+        for role, offset, entry in zip(roles, asked, response.header["partitions"], strict=True):
             size = int(entry.get("size", 0))
             chunk = payload[position:position + size]
             position += size
+            if self.roles.roles.get((role.topic, role.index)) is not role or role.plog.end_offset != offset:
+                continue  # moved away, restarted or truncated while the fetch was out: ask again
             if size and id(role) in throttled:
                 self._throttle.spent(size, time.monotonic())
             if role.leader != leader or role.plog.closed:
@@ -738,6 +748,8 @@ class ClusterNode:
                 elif entry["error"] == ErrorCode.OFFSET_OUT_OF_RANGE and int(entry.get("log_start_offset", -1)) > role.plog.end_offset:
                     # The leader's retention removed what this replica lacks (a new replica of an
                     # old topic): start over, empty, where the leader's log starts.
+                    log.warning("%s/%d: leader %d starts at %s, after this replica's end %d: restarting there",
+                                role.topic, role.index, leader, entry["log_start_offset"], role.plog.end_offset)
                     role.plog.restart_at(int(entry["log_start_offset"]))
                     role.epochs = None
                 continue

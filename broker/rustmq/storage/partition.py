@@ -607,41 +607,43 @@ class PartitionLog:
                        self.directory, self._end_offset, offset)
         return self._end_offset
 
-    def restart_at(self, offset: int) -> int:
+    def restart_at(self, offset: int, reuse_offsets: bool = False) -> int:
         """Drop every segment; the log goes on, empty, at `offset`. Returns the new end offset.
 
         For a follower whose leader no longer holds the offsets it lacks (retention removed them
         there): it cannot append them, so it starts over at the leader's log start (Kafka's
-        truncate-fully-and-start-at). Only forward: an offset below the current end is refused
-        (StorageError), since that would reuse offsets. The directory keeps one empty segment
+        truncate-fully-and-start-at). Only forward unless `reuse_offsets`: an offset below the
+        current end is refused (StorageError), since readers could see one offset with two
+        values; a replica that no longer belongs here (nothing reads it) is discarded with
+        ``restart_at(0, reuse_offsets=True)``. The directory keeps one empty segment
         named by `offset`, which the recovery scan takes as the log's start. Blocking file work,
         like `truncate_to` (rare; on the owner thread).
         """
         if self._closed or self._failure is not None:
             raise self._closed_error()
-        if offset < self._end_offset:
+        if offset < 0 or (offset < self._end_offset and not reuse_offsets):
             raise errors.StorageError(f"cannot restart at {offset}, below the end offset {self._end_offset}")
         bases = list(self._bases)
         wakeup = self.flush_wakeup
         with self._flush_lock:
             self._close_segments()
+            # A crash in between leaves fewer segments or none: either way an empty log that
+            # the follower's next fetch restarts again (nothing here was needed any more).
+            (self.directory / CLEAN_SHUTDOWN_FILE).unlink(missing_ok=True)
+            for base in bases:
+                _remove_segment_files(self.directory, base)
             path = self.directory / file_name(offset, LOG_SUFFIX)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
             _write_durably(self.directory / RECOVERY_POINT_FILE, b"%d\n" % offset)
-            for base in bases:
-                if base != offset:
-                    _remove_segment_files(self.directory, base)
-            (self.directory / CLEAN_SHUTDOWN_FILE).unlink(missing_ok=True)
             _fsync_directory(self.directory)
             self.__init__(self.directory, self.config)  # type: ignore[misc]
             self._open()
             self.flush_wakeup = wakeup
-        logger.warning("%s: restarted empty at offset %d (the leader no longer holds the offsets before it)",
-                       self.directory, offset)
+        logger.warning("%s: restarted empty at offset %d", self.directory, offset)
         return self._end_offset
 
     # ----------------------------------------------------------------------------- flush
