@@ -798,7 +798,10 @@ class ClusterNode:
             if name in topics:
                 raise RequestError(ErrorCode.TOPIC_EXISTS, f"topic {name!r} already exists")
             try:
-                topic = cstate.new_topic(name, uuid.uuid4().hex, count, rf, min_isr, live, self.topics.values(), config)
+                # User topics are balanced among themselves: the internal topic, created by the
+                # controller at some point, must not shift where the next user topic goes.
+                peers = [t for t in self.topics.values() if internal or not internal_topic.is_internal(t.name)]
+                topic = cstate.new_topic(name, uuid.uuid4().hex, count, rf, min_isr, live, peers, config)
             except ValueError as exc:
                 raise RequestError(ErrorCode.INVALID_CONFIG, str(exc)) from None
             topics[name] = topic

@@ -84,7 +84,7 @@ class TopicChanges:
             if total > settings.max_partitions_per_topic:
                 raise RequestError(ErrorCode.INVALID_CONFIG, f"a topic may have at most {settings.max_partitions_per_topic} "
                                    f"partitions (max_partitions_per_topic), not {total}")
-            others = [t for n, t in node.topics.items() if n != name]
+            others = [t for n, t in node.topics.items() if n != name and not internal_topic.is_internal(n)]
             try:
                 return cstate.grow(topic, total, sorted(node.members), [*others, topic])
             except ValueError as exc:
