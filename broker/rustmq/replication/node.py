@@ -165,9 +165,7 @@ class ClusterNode:
         and fetcher and release the leases so peers need not wait them out."""
         await self.controlled_shutdown()
         self._stopping = True
-        for task in [*self._tasks, *self._fetchers.values()]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._fetchers.values(), return_exceptions=True)
+        await _cancel_all([*self._tasks, *self._fetchers.values()])
         self.forwarder.close()
         self.held.lost()
         for name in (self._controller_name, self._lease_name):
@@ -855,3 +853,21 @@ def _holder_id(holder: str) -> int:
     head = holder.split("/", 1)[0]
     tail = head.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else -1
+
+
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait for them; a task still running a second later is cancelled again.
+    Hazard: on Python 3.11 a cancellation can be swallowed (asyncio.wait_for whose inner
+    awaitable finishes as the cancellation arrives), and a loop that lost it runs on: waiting
+    for it unbounded made stop(), and with it SIGTERM, hang."""
+    pending = {task for task in tasks if not task.done()}
+    for attempt in range(30):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+        if pending and attempt == 0:
+            log.warning("stop: %d task(s) still running after their cancellation; cancelling again: %s",
+                        len(pending), ", ".join(sorted(task.get_name() for task in pending)))
+    log.error("stop: %d task(s) ignored 30 cancellations; leaving them", len(pending))
