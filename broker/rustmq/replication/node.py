@@ -30,6 +30,7 @@ Lease annotations. On stop a broker first asks for a controlled shutdown (Lease 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -122,6 +123,7 @@ class ClusterNode:
         self._shutting_down = False
         self._throttle = reassign.Throttle(settings.reassign_bytes_per_s, time.monotonic())
         self._since: dict[int, tuple[str, float]] = {}  # broker -> (incarnation, first seen), for preferred leaders
+        self._avoid: frozenset[int] = frozenset()  # brokers shutting down, as of the last controller round
         self._health: dict[str, Any] | None = None
         self._health_version: str | None = None
         self._health_written = float("-inf")
@@ -401,6 +403,7 @@ class ClusterNode:
         avoid = {b for b in alive if notes[b].get(ANNOTATION + "shutting-down") == "true"}
         if membership is not None and membership.shutdown is not None:
             avoid.add(membership.shutdown)
+        self._avoid = frozenset(avoid)
         given = reassign.RoundInput(
             alive=frozenset(alive), eligible=frozenset(eligible), avoid=frozenset(avoid),
             stable=frozenset(b for b in eligible if now - self._since[b][1] >= delay),
@@ -800,6 +803,8 @@ class ClusterNode:
                 # controller at some point, must not shift where the next user topic goes.
                 peers = [t for t in self.topics.values() if internal or not internal_topic.is_internal(t.name)]
                 topic = cstate.new_topic(name, uuid.uuid4().hex, count, rf, min_isr, live, peers, config)
+                if internal and self._avoid:
+                    topic = _lead_elsewhere(topic, self._avoid)
             except ValueError as exc:
                 raise RequestError(ErrorCode.INVALID_CONFIG, str(exc)) from None
             topics[name] = topic
@@ -842,6 +847,19 @@ class ClusterNode:
             return await call
         except StoreUnavailable as exc:
             raise RequestError(ErrorCode.CLUSTER_UNAVAILABLE, f"the coordination store did not answer: {exc}") from None
+
+
+def _lead_elsewhere(topic: TopicState, avoid: frozenset[int]) -> TopicState:
+    """The controller's own topic created while a broker shuts down: each partition's first
+    replica (its leader and preferred leader) is one that stays, where there is one."""
+    partitions = []
+    for p in topic.partitions:
+        staying = [b for b in p.replicas if b not in avoid]
+        if staying and p.replicas[0] in avoid:
+            replicas = (staying[0], *[b for b in p.replicas if b != staying[0]])
+            p = dataclasses.replace(p, replicas=replicas, leader=replicas[0], isr=replicas)
+        partitions.append(p)
+    return dataclasses.replace(topic, partitions=tuple(partitions))
 
 
 def _broker_id(name: str, prefix: str) -> int | None:
