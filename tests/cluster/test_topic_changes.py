@@ -40,6 +40,13 @@ def call(cluster: BrokerCluster, broker_id: int, header: dict[str, Any]) -> dict
         client.close()
 
 
+def describe_on(cluster: BrokerCluster, broker_id: int, topic: str) -> dict[str, Any] | None:
+    """DESCRIBE_TOPIC of one broker's own copy; None while that broker answers with an error
+    (under load a broker may not have applied the cluster's change yet)."""
+    response = call(cluster, broker_id, {"api": 6, "topic": topic})
+    return response if response.get("error", 0) == 0 else None
+
+
 def topic_meta(metadata: dict[str, Any]) -> dict[str, Any]:
     topic: dict[str, Any] = metadata["topics"][0]
     return topic
@@ -65,7 +72,7 @@ async def test_partitions_and_config_change_on_every_broker(fast_retention_broke
     assert max(preferred.values()) - min(preferred.values()) <= 1, preferred
     # Every broker grew its own log; a partition-aware producer spreads keys over all five.
     deadline = time.monotonic() + 20
-    while any(len(call(cluster, b, {"api": 6, "topic": "grow"})["partitions"]) != 5 for b in (0, 1, 2)):
+    while any((found := describe_on(cluster, b, "grow")) is None or len(found["partitions"]) != 5 for b in (0, 1, 2)):
         assert time.monotonic() < deadline, "a broker did not grow its log"
         await asyncio.sleep(0.2)
     async with Producer(cluster.bootstrap, acks="all") as producer:
@@ -84,7 +91,8 @@ async def test_partitions_and_config_change_on_every_broker(fast_retention_broke
     assert altered["overrides"] == {"segment_bytes": 4096, "retention_messages": 50}
     assert altered["config"]["retention_messages"] == 50
     deadline = time.monotonic() + 20
-    while any(call(cluster, b, {"api": 6, "topic": "grow"})["config"]["retention_messages"] != 50 for b in (0, 1, 2)):
+    while any((found := describe_on(cluster, b, "grow")) is None or found["config"]["retention_messages"] != 50
+              for b in (0, 1, 2)):
         assert time.monotonic() < deadline, "a broker did not apply the new config"
         await asyncio.sleep(0.2)
     async with Producer(cluster.bootstrap, acks="all") as producer:
@@ -95,7 +103,9 @@ async def test_partitions_and_config_change_on_every_broker(fast_retention_broke
         partition = (await producer.send_and_wait("grow", b"last", key=b"same")).partition
     starts: dict[int, int] = {}
     while time.monotonic() < deadline + 30:
-        starts = {b: call(cluster, b, {"api": 6, "topic": "grow"})["partitions"][partition]["start_offset"] for b in (0, 1, 2)}
+        described = {b: describe_on(cluster, b, "grow") for b in (0, 1, 2)}
+        starts = {b: found["partitions"][partition]["start_offset"] if found is not None else -1
+                  for b, found in described.items()}
         if all(start > 0 for start in starts.values()):
             break
         await asyncio.sleep(0.3)
