@@ -168,16 +168,7 @@ class Journal:
 
     def replay(self) -> Iterator[Entry]:
         """Every (key, value) of the current generation in order, snapshot first, marker skipped."""
-        partition = self.partition
-        offset = partition.start_offset
-        while offset < partition.end_offset:
-            fetched = partition.read(offset, READ_CHUNK_BYTES)
-            for view in fetched.views:
-                try:
-                    yield from _decode_batches(view)
-                finally:
-                    view.release()
-            offset = fetched.next_offset
+        return _entries(self.partition)
 
     # ------------------------------------------------------------------------------- writing
 
@@ -352,16 +343,7 @@ class LogJournal:
 
     def replay(self) -> Iterator[Entry]:
         """Every (key, value) of the partition in order (snapshot markers skipped)."""
-        partition = self.partition
-        offset = partition.start_offset
-        while offset < partition.end_offset:
-            fetched = partition.read(offset, READ_CHUNK_BYTES)
-            for view in fetched.views:
-                try:
-                    yield from _decode_batches(view)
-                finally:
-                    view.release()
-            offset = fetched.next_offset
+        return _entries(self.partition)
 
     def append(self, entries: Sequence[Entry], now_ms: int) -> int:
         if not entries:
@@ -535,6 +517,18 @@ def _build(entries: Sequence[Entry], now_ms: int) -> bytes:
     body = records.encode_body([[0, key, value, None] for key, value in entries])
     return batch.build_batch(body, record_count=len(entries), first_timestamp_ms=now_ms,
                              max_timestamp_ms=now_ms)
+
+
+def _entries(partition: PartitionLog) -> Iterator[Entry]:
+    offset = partition.start_offset
+    while offset < partition.end_offset:
+        fetched = partition.read(offset, READ_CHUNK_BYTES)
+        for view in fetched.views:
+            try:
+                yield from _decode_batches(view)
+            finally:
+                view.release()
+        offset = fetched.next_offset
 
 
 def _decode_batches(view: memoryview) -> Iterator[Entry]:
