@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 
 from brokerproc import RawClient
-from checker import History
 from clusterproc import BrokerCluster
 from rustmq.client import Admin, Consumer, Producer
 from rustmq.protocol import records, simple
 from rustmq.protocol.api import ErrorCode, RequestError
 from rustmq.storage import batch
+from workload import AcksAllLoad
 
 pytestmark = [pytest.mark.slow]
 
@@ -95,52 +95,9 @@ async def test_one_cluster_replicates_and_enforces_acks_all(three_brokers: Broke
 
 async def run_load(cluster: BrokerCluster, topic: str, writers: int, nemesis: Any, seconds: float) -> dict[str, Any]:
     """acks=all writers (one key, so one partition, each) and a consumer, while nemesis runs."""
-    history = History()
-    stop = asyncio.Event()
-
-    async def writer(index: int) -> None:
-        async with Producer(cluster.bootstrap, acks="all", linger_ms=0, request_timeout_s=5, delivery_timeout_s=20) as producer:
-            seq = 0
-            while not stop.is_set():
-                value = b"w%d-%d" % (index, seq)
-                seq += 1
-                try:
-                    meta = await producer.send_and_wait(topic, value, key=b"writer-%d" % index)
-                    history.acked(f"w{index}", value, meta.partition, meta.offset)
-                except Exception:
-                    history.info(value)  # outcome unknown: may or may not be stored
-                    producer._errors.clear()
-
-    async def reader(consumer: Consumer) -> None:
-        async for got in consumer.batches():
-            for m in got:
-                history.read(m.partition, m.offset, m.value)
-
-    consumer = await Consumer(cluster.bootstrap, topic, start="earliest", max_wait_ms=200, timeout_s=5).start()
-    reading = asyncio.get_running_loop().create_task(reader(consumer))
-    tasks = [asyncio.get_running_loop().create_task(writer(i)) for i in range(writers)]
-    try:
-        await asyncio.sleep(2)
-        await nemesis()
-        await asyncio.sleep(seconds)
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and any(v not in history.read_at for v in history.ok):
-            await asyncio.sleep(0.2)
-            if reading.done():
-                reading.result()
-    finally:
-        stop.set()
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
-        await consumer.close()
-    report = history.check()
+    report = await AcksAllLoad(cluster.bootstrap, topic, writers, delivery_timeout_s=20).run(nemesis, settle_s=seconds)
     if report["lost"]:
-        missing = sorted(history.ok[v] for v in history.ok if v not in history.read_at)
-        report["diagnosis"] = {"first_missing": missing[:3], "last_missing": missing[-3:],
-                               "consumer_positions": consumer.positions, "consumer_hw": consumer.high_watermarks,
-                               "metadata": cluster.metadata([topic])["topics"]}
+        report["diagnosis"]["metadata"] = cluster.metadata([topic])["topics"]
     return report
 
 

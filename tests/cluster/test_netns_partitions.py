@@ -16,13 +16,12 @@ from typing import Any
 import pytest
 
 from brokerproc import RawClient
-from checker import History
 from clusterproc import create_namespace
 from netns import NetnsCluster
-from rustmq.client import Consumer, Producer
 from rustmq.protocol import records
 from rustmq.protocol.api import ErrorCode
 from rustmq.storage import batch
+from workload import AcksAllLoad
 
 pytestmark = [pytest.mark.slow]
 
@@ -75,49 +74,7 @@ def full_isr(cluster: NetnsCluster, topic: str, seen_by: int = 0) -> bool:
 
 
 async def under_load(cluster: NetnsCluster, topic: str, nemesis: Callable[[], Awaitable[None]]) -> dict[str, Any]:
-    history = History()
-    stop = asyncio.Event()
-
-    async def writer(index: int) -> None:
-        async with Producer(cluster.bootstrap, acks="all", linger_ms=0, request_timeout_s=3,
-                            delivery_timeout_s=10) as producer:
-            seq = 0
-            while not stop.is_set():
-                value = b"n%d-%d" % (index, seq)
-                seq += 1
-                try:
-                    meta = await producer.send_and_wait(topic, value, key=b"writer-%d" % index)
-                except Exception:
-                    history.info(value)
-                    producer._errors.clear()
-                    continue
-                history.acked(f"w{index}", value, meta.partition, meta.offset)
-
-    async def reader(consumer: Consumer) -> None:
-        async for got in consumer.batches():
-            for m in got:
-                history.read(m.partition, m.offset, m.value)
-
-    consumer = await Consumer(cluster.bootstrap, topic, start="earliest", max_wait_ms=200, timeout_s=5).start()
-    reading = asyncio.get_running_loop().create_task(reader(consumer))
-    writers = [asyncio.get_running_loop().create_task(writer(i)) for i in range(2)]
-    try:
-        await asyncio.sleep(2)
-        await nemesis()
-        await asyncio.sleep(3)
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*writers), 60)
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and any(v not in history.read_at for v in history.ok):
-            await asyncio.sleep(0.2)
-            if reading.done():
-                reading.result()
-    finally:
-        stop.set()
-        reading.cancel()
-        await asyncio.gather(reading, *writers, return_exceptions=True)
-        await consumer.close()
-    return history.check()
+    return await AcksAllLoad(cluster.bootstrap, topic, 2, request_timeout_s=3, delivery_timeout_s=10).run(nemesis)
 
 
 async def setup_topic(cluster: NetnsCluster, topic: str) -> dict[str, Any]:

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from checker import History
 from clusterproc import BrokerCluster, read_health, write_membership
-from rustmq.client import Admin, Consumer, Producer
+from rustmq.client import Admin, Producer
+from workload import AcksAllLoad
 
 pytestmark = [pytest.mark.slow]
 
@@ -41,58 +41,9 @@ def placement(cluster: BrokerCluster, topic: str) -> list[dict[str, Any]]:
 
 async def under_load(cluster: BrokerCluster, topic: str, writers: int, nemesis: Callable[[], Awaitable[None]],
                      settle_s: float = 3.0) -> dict[str, Any]:
-    """acks=all writers (one key each) and a consumer reading everything while nemesis runs.
-
-    A send that raises after the producer's own retries is a failed request (``failed_sends``);
-    its value is recorded as of unknown outcome for the loss check."""
-    history = History()
-    stop = asyncio.Event()
-    failures: list[str] = []
-
-    async def writer(index: int) -> None:
-        async with Producer(cluster.bootstrap, acks="all", linger_ms=0, request_timeout_s=5,
-                            delivery_timeout_s=30) as producer:
-            seq = 0
-            while not stop.is_set():
-                value = b"w%d-%d" % (index, seq)
-                seq += 1
-                try:
-                    meta = await producer.send_and_wait(topic, value, key=b"writer-%d" % index)
-                    history.acked(f"w{index}", value, meta.partition, meta.offset)
-                except Exception as exc:
-                    failures.append(repr(exc))
-                    history.info(value)
-                    producer._errors.clear()
-
-    async def reader(consumer: Consumer) -> None:
-        async for got in consumer.batches():
-            for m in got:
-                history.read(m.partition, m.offset, m.value)
-
-    consumer = await Consumer(cluster.bootstrap, topic, start="earliest", max_wait_ms=200, timeout_s=5).start()
-    loop = asyncio.get_running_loop()
-    reading = loop.create_task(reader(consumer))
-    tasks = [loop.create_task(writer(i)) for i in range(writers)]
-    try:
-        await asyncio.sleep(2)
-        await nemesis()
-        await asyncio.sleep(settle_s)
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and any(v not in history.read_at for v in history.ok):
-            await asyncio.sleep(0.2)
-            if reading.done():
-                reading.result()
-    finally:
-        stop.set()
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
-        await consumer.close()
-    report = history.check()
-    report["failed_sends"] = len(failures)
-    report["failure_examples"] = failures[:3]
-    return report
+    """acks=all writers (one key each) and a consumer reading everything while nemesis runs;
+    a send that raised after the producer's retries counts in ``failed_sends``."""
+    return await AcksAllLoad(cluster.bootstrap, topic, writers).run(nemesis, settle_s=settle_s)
 
 
 def assert_no_loss(report: dict[str, Any]) -> None:

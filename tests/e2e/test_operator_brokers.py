@@ -21,10 +21,10 @@ import pytest
 from kubernetes import client
 
 import operator_e2e as ops
-from checker import History
 from clusterproc import FAST_TIMING
 from podbrokers import PodBrokers
-from rustmq.client import Admin, Consumer, Producer
+from rustmq.client import Admin
+from workload import AcksAllLoad
 
 pytestmark = pytest.mark.slow
 crd_installed = ops.crd_installed
@@ -71,51 +71,10 @@ async def settled(kubectl: Any, brokers: PodBrokers, size: int, timeout: float) 
 
 
 async def under_load(brokers: PodBrokers, scenario: Callable[[], Awaitable[None]], writers: int = 3) -> dict[str, Any]:
-    """acks=all writers (one key each) and a consumer reading, while ``scenario`` runs."""
-    history = History()
-    stop = asyncio.Event()
-    bootstrap = brokers.bootstrap
-
-    async def writer(index: int) -> None:
-        async with Producer(bootstrap, acks="all", linger_ms=0, request_timeout_s=5, delivery_timeout_s=30) as producer:
-            seq = 0
-            while not stop.is_set():
-                value = b"w%d-%d" % (index, seq)
-                seq += 1
-                try:
-                    meta = await producer.send_and_wait(TOPIC, value, key=b"writer-%d" % index)
-                    history.acked(f"w{index}", value, meta.partition, meta.offset)
-                except Exception:
-                    history.info(value)  # outcome unknown: may or may not be stored
-                    producer._errors.clear()
-                await asyncio.sleep(0.01)  # steady, not flat out: the machine is shared
-
-    consumer = await Consumer(bootstrap, TOPIC, start="earliest", max_wait_ms=200, timeout_s=5).start()
-
-    async def reader() -> None:
-        async for got in consumer.batches():
-            for message in got:
-                history.read(message.partition, message.offset, message.value)
-
-    reading = asyncio.get_running_loop().create_task(reader())
-    tasks = [asyncio.get_running_loop().create_task(writer(i)) for i in range(writers)]
-    try:
-        await asyncio.sleep(2)
-        await scenario()
-        await asyncio.sleep(2)
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(v not in history.read_at for v in history.ok):
-            await asyncio.sleep(0.2)
-            if reading.done():
-                reading.result()
-    finally:
-        stop.set()
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
-        await consumer.close()
-    return history.check()
+    """acks=all writers (one key each), steady rather than flat out on a shared machine, and a
+    consumer reading, while ``scenario`` runs."""
+    load = AcksAllLoad(brokers.bootstrap, TOPIC, writers, pause_s=0.01)
+    return await load.run(scenario, settle_s=2, drain_s=60)
 
 
 async def start_cluster(kubectl: Any, namespace: str, brokers: PodBrokers, first: int) -> None:

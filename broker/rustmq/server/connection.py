@@ -81,6 +81,8 @@ class Connection(asyncio.BufferedProtocol):
         self._simple_sticky: dict[str, int] = {}
         # cluster mode: (topic, partition) -> (records, the reserved reply slot of each)
         self._simple_routed: dict[tuple[str, int], tuple[list[list[Any]], list[Slot]]] = {}
+        # Cluster mode: simple messages naming a topic not known here yet, waiting for a re-read.
+        self._simple_unknown: list[tuple[bytes, Slot]] | None = [] if broker.cluster is not None else None
         self._timer: asyncio.TimerHandle | None = None
         self._completions_scheduled = False
         self._last_active = time.monotonic()  # last bytes received or response completed
@@ -617,6 +619,12 @@ class Connection(asyncio.BufferedProtocol):
                     partition = self._simple_sticky[name] = cluster.route(name, None, None)
             else:
                 partition = cluster.route(name, message.partition, message.key)
+        except RequestError as exc:
+            if exc.code is ErrorCode.UNKNOWN_TOPIC and self._simple_unknown is not None:
+                self._defer_simple(body)  # perhaps created elsewhere and not read here yet
+                return
+            self._simple_error(exc)
+            return
         except Exception as exc:
             self._simple_error(exc)
             return
@@ -625,6 +633,43 @@ class Connection(asyncio.BufferedProtocol):
             group = self._simple_routed[(name, partition)] = ([], [])
         group[0].append([0, message.key, message.value, message.headers])
         group[1].append(self.reserve())
+
+    def _defer_simple(self, body: memoryview) -> None:
+        """A simple message for a topic this broker does not know (yet): its reply keeps its
+        place in a slot; once per connection the cluster state is read again and the deferred
+        messages are routed and placed in their order, one at a time (a topic made on another
+        broker a moment ago; a topic that really does not exist gets UNKNOWN_TOPIC then)."""
+        assert self._simple_unknown is not None
+        self._simple_unknown.append((bytes(body), self.reserve()))
+        if len(self._simple_unknown) == 1:
+            task = asyncio.get_running_loop().create_task(self._place_deferred_simple())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _place_deferred_simple(self) -> None:
+        cluster = self._broker.cluster
+        assert cluster is not None and self._simple_unknown is not None
+        try:
+            await cluster.admin.refresh()
+        except RequestError:
+            pass  # the store did not answer: route with what is known
+        deferred, self._simple_unknown = self._simple_unknown, []
+        now = int(time.time() * 1000)
+        for body, slot in deferred:
+            try:
+                message = simple.decode_message(body)
+                name = message.topic or self._settings.default_topic
+                partition = cluster.route(name, message.partition, message.key)
+                batch = storage_batch.build_batch(
+                    records.encode_body([[0, message.key, message.value, message.headers]]),
+                    record_count=1, first_timestamp_ms=now, max_timestamp_ms=now)
+                offset = await cluster.placer.place(name, partition, batch, 1)
+            except Exception as exc:
+                code = error_code_for(exc)
+                self._broker.stats.request_errors[code.name] += 1
+                self.complete(slot, [simple.encode_error_reply(code)])
+                continue
+            self.complete(slot, [simple.REPLY.pack(offset)])
 
     def _place_simple_groups(self) -> None:
         groups, self._simple_routed = self._simple_routed, {}
