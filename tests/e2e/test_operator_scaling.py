@@ -184,6 +184,7 @@ def test_a_statefulset_grown_by_hand_is_drained_back(
         start_three(kubectl, namespace)
         with controller.lock:
             controller.holding = {4}  # broker 4 got data while it ran (say, an old claim)
+        controller.wait_for_reports()
         kubectl.run("scale", "statefulset", "rustmq", "--replicas=5")
         time.sleep(6)
         assert sts_replicas(kubectl) == 5, "a broker holding data was removed without a drain"

@@ -41,6 +41,7 @@ class StandInController:
         self.handed_over: dict[int, float] = {}  # broker -> when it first reported leading nothing for a shutdown
         self._left_at: dict[int, float] = {}
         self._shutdown_at: dict[int, float] = {}
+        self.reports = 0  # health reports written so far
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stand-in-controller", daemon=True)
         self.error: BaseException | None = None
@@ -125,6 +126,22 @@ class StandInController:
                 "brokers": brokers,
             }
         self._write(json.dumps(body, sort_keys=True))
+        with self.lock:
+            self.reports += 1
+
+    def wait_for_reports(self, count: int = 2, timeout: float = 15.0) -> None:
+        """Block until `count` more reports are written, so a change made under the lock is in
+        the report the operator reads next (the one before it may be fresh and not have it)."""
+        with self.lock:
+            target = self.reports + count
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if self.reports >= target:
+                    return
+            if time.monotonic() > deadline or self.error is not None:
+                raise AssertionError(f"the stand-in controller wrote no report in {timeout} s: {self.error!r}")
+            time.sleep(0.1)
 
     def _write(self, text: str) -> None:
         name = f"{self.cluster}-health"

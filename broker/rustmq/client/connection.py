@@ -275,7 +275,10 @@ class Connection:
                 async with asyncio.timeout(timeout):
                     await asyncio.shield(self._lost)
             except TimeoutError:
-                pass
+                # The peer never finished the close (no TLS close_notify): drop the socket now,
+                # or the transport outlives this connection unclosed.
+                if self._transport is not None:
+                    self._transport.abort()
 
     @property
     def closed(self) -> bool:

@@ -238,7 +238,9 @@ def test_a_killed_broker_is_restarted_by_the_kubelet_and_reported_by_the_operato
     assert messages(out) == ["before-crash"]
 
     kill_container(kubectl, broker_pod(kubectl))
-    ops.wait_for("the operator to see the broker down", lambda: kubectl.condition("Ready").get("status") == "False", 60, 0.2)
+    # The kubelet restarts the container within seconds; whether the operator's Ready turns False
+    # meanwhile depends on when its pass runs (level-based: a quick restart may fall between two
+    # passes), so the operator's view is checked on the crash loop below, which lasts.
     ops.wait_for("the kubelet to restart the broker", lambda: container_status(broker_pod(kubectl))["restartCount"] >= 1, 60)
     terminated = container_status(broker_pod(kubectl))["lastState"]["terminated"]
     assert terminated["exitCode"] == 137, terminated  # SIGKILL, as the kubelet saw it
