@@ -64,3 +64,14 @@ def test_topic_json_api(broker) -> None:
     assert status == 404 and json.loads(body)["error"] == "UNKNOWN_TOPIC"
     status, body = http(broker, "GET", "/v1/broker")
     assert status == 200 and json.loads(body)["ports"]["producer"] == broker.producer_port
+
+
+def test_topic_config_changes_over_http(broker) -> None:
+    assert http(broker, "POST", "/v1/topics", {"name": "tuned", "partitions": 1})[0] == 201
+    status, body = http(broker, "PATCH", "/v1/topics/tuned/config", {"set": {"retention_ms": 5000}})
+    assert status == 200 and json.loads(body)["config"]["retention_ms"] == 5000
+    status, body = http(broker, "PATCH", "/v1/topics/tuned/config", {"reset": ["retention_ms"]})
+    assert status == 200 and json.loads(body)["config"]["retention_ms"] != 5000
+    assert http(broker, "PATCH", "/v1/topics/tuned/config", {})[0] == 400
+    assert http(broker, "PATCH", "/v1/topics/tuned/config", {"set": {"retention_ms": -1}})[0] == 400
+    assert http(broker, "PATCH", "/v1/topics/missing/config", {"set": {"retention_ms": 1}})[0] == 404

@@ -11,15 +11,19 @@ Routes (all JSON except /metrics):
 * ``GET /v1/broker``: broker id, bound ports, RSS, connection count.
 * ``GET /v1/topics``: every topic with its partitions; ``POST /v1/topics`` with
   ``{"name", "partitions"?, "config"?}`` creates one (201).
-* ``GET /v1/topics/{name}``, ``DELETE /v1/topics/{name}``, and
-  ``POST /v1/topics/{name}/partitions`` with ``{"partitions": total}`` to grow a topic.
+* ``GET /v1/topics/{name}``, ``DELETE /v1/topics/{name}``,
+  ``POST /v1/topics/{name}/partitions`` with ``{"partitions": total}`` to grow a topic, and
+  ``PATCH /v1/topics/{name}/config`` with ``{"set"?, "reset"?}`` to change its config.
+
+The topic routes share rustmq.server.topic_admin with the binary protocol, so in cluster mode
+they change the cluster state (every broker) and describe the cluster's view (docs/protocol.md).
 
 Errors are ``{"error": <ErrorCode name>, "message": ...}`` with 400 (bad input), 404 (unknown
 topic), 409 (topic exists), 503 (not ready) or 500.
 
 With auth configured (``auth_token_file``/``auth_acl_file``), the ``_authorize`` middleware asks
 for ``Authorization: Bearer <principal>:<secret>`` (a token of the token file): every write
-(POST, DELETE) needs an authenticated principal the policy allows ``cluster alter`` (401
+(POST, PATCH, DELETE) needs an authenticated principal the policy allows ``cluster alter`` (401
 without a token or with a wrong one, 403 for a principal without it); with ``admin_auth: all``
 ``/metrics`` and the GET routes need ``cluster describe`` too. ``/healthz`` and ``/readyz``
 stay open (the kubelet's probes carry no token).
@@ -36,7 +40,9 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from rustmq.admin import metrics
 from rustmq.auth.acl import ANONYMOUS
+from rustmq.protocol import api
 from rustmq.protocol.api import ErrorCode, RequestError
+from rustmq.server import topic_admin
 from rustmq.server.authz import AuthState
 from rustmq.server.broker import Broker, error_code_for
 from rustmq.server.stats import BrokerStats
@@ -53,6 +59,8 @@ _STATUS = {
     ErrorCode.AUTHORIZATION_FAILED: 403,
 }
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# POST /v1/topics: the JSON body's fields besides "name", checked as CREATE_TOPIC's are.
+_CREATE_FIELDS = ("partitions", "config", "replication_factor", "min_insync_replicas")
 
 
 @dataclasses.dataclass
@@ -82,6 +90,7 @@ def make_admin_app(state: AdminState) -> web.Application:
     app.router.add_get("/v1/topics/{name}", describe_topic)
     app.router.add_delete("/v1/topics/{name}", delete_topic)
     app.router.add_post("/v1/topics/{name}/partitions", add_partitions)
+    app.router.add_patch("/v1/topics/{name}/config", alter_topic_config)
     return app
 
 
@@ -169,40 +178,42 @@ async def broker_info(request: web.Request) -> web.Response:
 
 async def list_topics(request: web.Request) -> web.Response:
     broker = _broker(request)
-    return web.json_response({"topics": [broker.describe(topic) for topic in sorted(broker.log.topics(), key=lambda t: t.name)]})
+    return web.json_response({"topics": [topic_admin.describe(broker, name) for name in topic_admin.names(broker)]})
 
 
 async def create_topic(request: web.Request) -> web.Response:
     broker = _broker(request)
     body = await _body(request)
-    name, partitions, config = body.get("name"), body.get("partitions"), body.get("config")
-    if not isinstance(name, str):
+    if not isinstance(body.get("name"), str):
         raise RequestError(ErrorCode.INVALID_REQUEST, "'name' must be a string")
-    if partitions is not None and (not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1):
-        raise RequestError(ErrorCode.INVALID_REQUEST, "'partitions' must be a positive integer")
-    if config is not None and not isinstance(config, dict):
-        raise RequestError(ErrorCode.INVALID_REQUEST, "'config' must be an object")
-    topic = broker.create_topic(name, partitions, config)
-    return web.json_response(broker.describe(topic), status=201)
+    fields = {"topic": body["name"], **{key: body[key] for key in _CREATE_FIELDS if key in body}}
+    creation = api.parse_create_topic(fields)
+    await topic_admin.create(broker, creation)
+    return web.json_response(topic_admin.describe(broker, creation.topic), status=201)
 
 
 async def describe_topic(request: web.Request) -> web.Response:
-    broker = _broker(request)
-    return web.json_response(broker.describe(broker.topic(request.match_info["name"])))
+    return web.json_response(topic_admin.describe(_broker(request), request.match_info["name"]))
 
 
 async def delete_topic(request: web.Request) -> web.Response:
-    broker = _broker(request)
     name = request.match_info["name"]
-    broker.delete_topic(name)
+    await topic_admin.delete(_broker(request), name)
     return web.json_response({"deleted": name})
 
 
 async def add_partitions(request: web.Request) -> web.Response:
     broker = _broker(request)
     body = await _body(request)
-    total = body.get("partitions")
-    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
-        raise RequestError(ErrorCode.INVALID_REQUEST, "'partitions' must be a positive integer")
-    topic = broker.add_partitions(request.match_info["name"], total)
-    return web.json_response(broker.describe(topic))
+    name, total = api.parse_add_partitions({"topic": request.match_info["name"], "partitions": body.get("partitions")})
+    await topic_admin.add_partitions(broker, name, total)
+    return web.json_response(topic_admin.describe(broker, name))
+
+
+async def alter_topic_config(request: web.Request) -> web.Response:
+    broker = _broker(request)
+    body = await _body(request)
+    name = request.match_info["name"]
+    change = api.parse_alter_topic_config({"topic": name, **{key: body[key] for key in ("set", "reset") if key in body}})
+    await topic_admin.alter_config(broker, change)
+    return web.json_response(topic_admin.describe(broker, name))

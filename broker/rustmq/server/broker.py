@@ -179,8 +179,8 @@ class Broker:
 
     def _not_in_cluster_mode(self, what: str) -> None:
         if self.cluster is not None:
-            raise RequestError(ErrorCode.INVALID_REQUEST, f"{what} through the admin port acts on one broker: in cluster "
-                               f"mode send the {what} request on the producer port (docs/protocol.md)")
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"{what} on one broker's log in cluster mode: the change "
+                               f"goes through the cluster state (rustmq.server.topic_admin)")
 
     def alter_topic_config(self, name: str, changes: dict[str, Any], reset: list[str]) -> Topic:
         self._not_in_cluster_mode("ALTER_TOPIC_CONFIG")

@@ -30,10 +30,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
 from rustmq.auth.acl import ANONYMOUS
-from rustmq.coordination import internal_topic
 from rustmq.protocol import api, frames, records, simple
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
-from rustmq.server import coordination_handlers
+from rustmq.server import coordination_handlers, topic_admin
 from rustmq.server.authz import AuthState, ConnectionAuth, cert_principal
 from rustmq.server.broker import Broker, error_code_for
 from rustmq.server.responder import Slot
@@ -794,39 +793,23 @@ class Connection(asyncio.BufferedProtocol):
 
     def _create_topic(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         request = api.parse_create_topic(header)
-        cluster = self._broker.cluster
-        if cluster is not None:
-            self._later(corr, self._create_cluster_topic(request))
-            return
-        topic = self._broker.create_topic(request.topic, request.partitions, request.config)
-        self.ok(corr, {"topic": topic.name, "partitions": len(topic.partitions)})
-
-    async def _create_cluster_topic(self, request: api.CreateTopicRequest) -> dict[str, Any]:
-        topic = await self._broker.cluster.admin.create_topic(
-            request.topic, request.partitions, request.config, request.replication_factor, request.min_insync_replicas)
-        return {"topic": topic.name, "partitions": len(topic.partitions), "replication_factor": topic.replication_factor,
-                "min_insync_replicas": topic.min_insync}
+        if topic_admin.clustered(self._broker):
+            self._later(corr, topic_admin.create_in_cluster(self._broker, request))
+        else:
+            self.ok(corr, topic_admin.create_here(self._broker, request))
 
     def _delete_topic(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         name = api.parse_topic(header)
-        cluster = self._broker.cluster
-        if cluster is not None:
-            self._later(corr, self._delete_cluster_topic(name))
-            return
-        self._broker.delete_topic(name)
-        self.ok(corr, {"topic": name})
-
-    async def _delete_cluster_topic(self, name: str) -> dict[str, Any]:
-        await self._broker.cluster.admin.delete_topic(name)
-        return {"topic": name}
+        if topic_admin.clustered(self._broker):
+            self._later(corr, topic_admin.delete_in_cluster(self._broker, name))
+        else:
+            self.ok(corr, topic_admin.delete_here(self._broker, name))
 
     def _describe_topic(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         self.ok(corr, self._broker.describe(self._broker.topic(api.parse_topic(header))))
 
     def _list_topics(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
-        cluster = self._broker.cluster
-        names = cluster.topics if cluster is not None else (topic.name for topic in self._broker.log.topics())
-        names = (n for n in names if not internal_topic.is_internal(n))
+        names = topic_admin.names(self._broker)
         if self._auth is not None:
             auth = self._auth
             names = [name for name in names if auth.allowed("topic", name, "describe")]
@@ -839,29 +822,17 @@ class Connection(asyncio.BufferedProtocol):
 
     def _add_partitions(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         name, total = api.parse_add_partitions(header)
-        cluster = self._broker.cluster
-        if cluster is not None:
-            self._later(corr, self._add_cluster_partitions(cluster, name, total))
-            return
-        topic = self._broker.add_partitions(name, total)
-        self.ok(corr, {"topic": name, "partitions": len(topic.partitions)})
+        if topic_admin.clustered(self._broker):
+            self._later(corr, topic_admin.add_partitions_in_cluster(self._broker, name, total))
+        else:
+            self.ok(corr, topic_admin.add_partitions_here(self._broker, name, total))
 
     def _alter_topic_config(self, corr: int, header: dict[str, Any], payload: memoryview) -> None:
         request = api.parse_alter_topic_config(header)
-        cluster = self._broker.cluster
-        if cluster is not None:
-            self._later(corr, self._alter_cluster_topic_config(cluster, request))
-            return
-        topic = self._broker.alter_topic_config(request.topic, request.changes, request.reset)
-        self.ok(corr, {**self._broker.describe(topic), "overrides": topic.overrides})
-
-    async def _add_cluster_partitions(self, cluster: Any, name: str, total: int) -> dict[str, Any]:
-        topic = await cluster.topic_changes.add_partitions(name, total)
-        return {"topic": name, "partitions": len(topic.partitions)}
-
-    async def _alter_cluster_topic_config(self, cluster: Any, request: api.AlterTopicConfigRequest) -> dict[str, Any]:
-        topic, config = await cluster.topic_changes.alter_topic_config(request.topic, request.changes, request.reset)
-        return {"topic": topic.name, "config": config.to_dict(), "overrides": topic.config}
+        if topic_admin.clustered(self._broker):
+            self._later(corr, topic_admin.alter_config_in_cluster(self._broker, request))
+        else:
+            self.ok(corr, topic_admin.alter_config_here(self._broker, request))
 
     def ok(self, corr: int, fields: dict[str, Any]) -> None:
         if self._throttle_ms:
