@@ -15,8 +15,9 @@ docs/cluster.md). This module parses and builds both, and nothing else; the deci
 ``<cluster>-health`` (written by the brokers' controller only), data key ``health``: JSON with
 ``updatedAt`` (RFC 3339, rewritten at least every 10 s), ``observedMembershipGeneration``,
 ``partitions``, ``offline``, ``underReplicated``, ``underMinIsr``, ``reassigning``,
-``bytesToMove``, ``maxReplicationFactor`` and per broker id ``{alive, replicas, leaders,
-inSyncReplicas, bytes}``. A report older than three lease durations counts as unknown: the
+``bytesToMove``, ``maxReplicationFactor``, the leadership balance (``leaderSkew``,
+``topicLeaderSkew``, ``leadersNotPreferred``; absent from older brokers' reports, read as 0) and
+per broker id ``{alive, replicas, leaders, inSyncReplicas, bytes}``. A report older than three lease durations counts as unknown: the
 controller that wrote it may be dead. A report that does not parse counts as absent, with the
 reason kept for the status message, so a broker bug can never make the operator act on garbage.
 Pure: no I/O.
@@ -100,6 +101,16 @@ class Health:
     bytes_to_move: int
     max_replication_factor: int
     brokers: Mapping[int, BrokerHealth]
+    leader_skew: int = 0  # most minus fewest leaderships of a live member
+    topic_leader_skew: int = 0  # the same within one topic, the largest over topics
+    leaders_not_preferred: int = 0  # partitions led by another replica than their first
+
+    def leadership(self) -> dict[str, Any]:
+        """status.leadership: where leaders are and how even that is."""
+        return {
+            "perBroker": ",".join(f"{b}={h.leaders}" for b, h in sorted(self.brokers.items()) if h.alive or h.leaders),
+            "skew": self.leader_skew, "topicSkew": self.topic_leader_skew, "notPreferred": self.leaders_not_preferred,
+        }
 
     def holds_nothing(self, broker: int) -> bool:
         """The contract's "holds nothing": absent from the report, or no replica."""
@@ -189,6 +200,9 @@ def parse_health(
             bytes_to_move=_count(raw.get("bytesToMove", 0), "bytesToMove"),
             max_replication_factor=_count(raw.get("maxReplicationFactor", 0), "maxReplicationFactor"),
             brokers=brokers,
+            leader_skew=_count(raw.get("leaderSkew", 0), "leaderSkew"),
+            topic_leader_skew=_count(raw.get("topicLeaderSkew", 0), "topicLeaderSkew"),
+            leaders_not_preferred=_count(raw.get("leadersNotPreferred", 0), "leadersNotPreferred"),
         )
     except (ValueError, KeyError, TypeError) as error:
         return Report(None, f"the health report does not parse ({error})")

@@ -281,6 +281,7 @@ def compute(
         status["partitions"] = fresh.partitions
         status["offlinePartitions"] = fresh.offline
         status["underReplicatedPartitions"] = fresh.under_replicated
+        status["leadership"] = fresh.leadership()
     if inputs.members is not None:
         status["members"] = ",".join(str(member) for member in inputs.members)
     if inputs.drain:

@@ -158,6 +158,64 @@ def test_scale_up_moves_replicas_and_leaders_onto_the_new_broker() -> None:
         assert max(per_topic.values()) - min(per_topic[b] for b in range(4)) <= 1, (t.name, per_topic)
 
 
+def per_topic_leaders(t: TopicState, brokers: list[int]) -> list[int]:
+    counts = Counter(p.leader for p in t.partitions)
+    return [counts[b] for b in brokers]
+
+
+def test_leaders_balance_per_topic_and_per_broker_on_placement_scale_up_and_drain() -> None:
+    three = [0, 1, 2]
+    topics: dict[str, TopicState] = {}
+    # Topics placed one after another, the earlier ones leaving the totals uneven (8 and 5
+    # partitions on 3 brokers): a 12-partition topic still gets 4 leaders on each broker.
+    for name, count, rf in (("__rustmq_coordination", 8, 3), ("audit", 5, 3), ("orders", 12, 2), ("default", 12, 3)):
+        topics[name] = state.new_topic(name, "id-" + name, count, rf, min(2, rf), three, list(topics.values()))
+    assert per_topic_leaders(topics["orders"], three) == [4, 4, 4]
+    assert per_topic_leaders(topics["default"], three) == [4, 4, 4]
+    grown = state.grow(topics["orders"], 15, three, list(topics.values()))
+    assert per_topic_leaders(grown, three) == [5, 5, 5]  # added partitions keep the topic even
+    # Created on 5 brokers whose 2 new ones lead nothing yet: spread, not piled onto the new ones.
+    late = state.new_topic("late", "id-late", 12, 2, 2, [0, 1, 2, 3, 4], list(topics.values()))
+    assert sorted(per_topic_leaders(late, [0, 1, 2, 3, 4])) == [2, 2, 2, 3, 3]
+
+    def balanced(final: dict[str, TopicState], brokers: list[int]) -> None:
+        assert not any(p.target for t in final.values() for p in t.partitions)
+        for t in final.values():
+            spread = per_topic_leaders(t, brokers)
+            assert max(spread) - min(spread) <= 1, (t.name, spread)
+        totals = [leaders(final)[b] for b in brokers]
+        assert max(totals) - min(totals) <= 1, totals
+        assert all(p.leader == p.replicas[0] for t in final.values() for p in t.partitions)  # preferred leaders lead
+        report = reassign.health(final.values(), alive=brokers, members=brokers, log_bytes={}, bytes_to_move=0,
+                                 controller=0, controller_epoch=1, observed_generation=1, updated_at="now")
+        assert report["leaderSkew"] <= 1 and report["topicLeaderSkew"] <= 1 and report["leadersNotPreferred"] == 0
+
+    five = [0, 1, 2, 3, 4]
+    after_growth = run(topics, everyone(*five, members=set(five), max_moves=4), rounds=300)
+    balanced(after_growth, five)
+    assert per_topic_leaders(after_growth["orders"], five) in ([3, 3, 2, 2, 2], [3, 2, 3, 2, 2], [2, 3, 3, 2, 2],
+                                                                [3, 2, 2, 3, 2], [3, 2, 2, 2, 3], [2, 3, 2, 3, 2],
+                                                                [2, 3, 2, 2, 3], [2, 2, 3, 3, 2], [2, 2, 3, 2, 3],
+                                                                [2, 2, 2, 3, 3])
+    four = [0, 1, 2, 3]
+    after_drain = run(after_growth, everyone(*five, members=set(four), max_moves=4), rounds=300)
+    assert leaders(after_drain)[4] == 0 and loads(after_drain)[4] == 0
+    balanced(after_drain, four)
+    assert per_topic_leaders(after_drain["orders"], four) == [3, 3, 3, 3]
+
+
+def test_health_reports_leadership_balance() -> None:
+    t = topic([PartitionState((0, 1, 2), 0, 1, (0, 1, 2)), PartitionState((1, 2, 0), 0, 2, (0, 1, 2)),
+               PartitionState((2, 0, 1), 0, 2, (2, 0, 1)), PartitionState((0, 1, 2), 0, 1, (0, 1, 2))])
+    u = topic([PartitionState((1, 2, 0), 1, 1, (1, 2, 0)), PartitionState((2, 0, 1), 2, 1, (2, 0, 1))], name="u")
+    report = reassign.health([t, u], alive=[0, 1, 2, 3], members=[0, 1, 2], log_bytes={}, bytes_to_move=0,
+                             controller=0, controller_epoch=1, observed_generation=1, updated_at="now")
+    # Broker 3 is alive but not a member: it is not expected to lead, so it does not count.
+    assert report["brokers"]["0"]["leaders"] == 4 and report["leaderSkew"] == 3
+    assert report["topicLeaderSkew"] == 4  # t: 4, 0, 0 over the members
+    assert report["leadersNotPreferred"] == 2
+
+
 def test_controlled_shutdown_hands_leadership_to_a_live_in_sync_follower() -> None:
     topics = {"t": topic([PartitionState((1, 0, 2), 1, 4, (1, 0, 2)), PartitionState((1, 2, 0), 1, 2, (1,)),
                           PartitionState((0, 1, 2), 0, 1, (0, 1, 2))])}

@@ -103,9 +103,12 @@ async def test_scale_up_rebalances_replicas_and_leaders_under_acks_all_load(thre
     assert full(parts), parts
     # Every topic (the default and internal ones included) spread evenly; leaders follow the
     # preferred replicas once broker 3 is stable.
-    final = await wait_health(cluster, lambda h: spread(h, "leaders") <= 1 and spread(h, "replicas") <= 1,
+    # Each topic's leaders spread too (the report's topicLeaderSkew), and the preferred replicas lead.
+    final = await wait_health(cluster, lambda h: spread(h, "leaders") <= 1 and spread(h, "replicas") <= 1
+                              and h["topicLeaderSkew"] <= 1 and h["leaderSkew"] <= 1 and h["leadersNotPreferred"] == 0,
                               "leader balance", 60)
     assert final["offline"] == 0 and final["maxReplicationFactor"] == 3
+    assert sorted(Counter(p["leader"] for p in placement(cluster, "grow")).values()) == [1, 1, 1, 1]
     assert Counter(b for p in placement(cluster, "grow") for b in p["replicas"])[3] >= 2
     # A broker that lost a replica deleted its files (it holds other partitions of the topic).
     from brokerproc import RawClient

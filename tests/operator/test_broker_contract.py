@@ -169,6 +169,9 @@ def test_the_brokers_health_report_parses_as_the_operator_reads_it() -> None:
         assert (found.partitions, found.offline, found.under_replicated, found.max_replication_factor) == (3, 1, 1, 2)
         assert found.observed_generation == (generation or 0)
         assert found.replicas_of(2) == 2 and found.leaders_of(0) == 1 and found.bytes_to_move == 7
+        # Leaders 0: 1, 1: 1 over the live brokers; partition 1 is led by its first replica.
+        assert (found.leader_skew, found.topic_leader_skew, found.leaders_not_preferred) == (0, 0, 0)
+        assert found.leadership()["perBroker"] == "0=1,1=1"
         assert json.loads(reassign.encode_health(report)["health"])["updatedAt"] == "2026-12-06T07:00:00Z"
 
 
@@ -204,7 +207,8 @@ def test_the_data_alerts_use_metrics_the_brokers_export() -> None:
     assert {"rustmq_offline_partitions", "rustmq_under_replicated_partitions"} <= wanted
     controller = types.SimpleNamespace(
         broker_id=0, controller=0, roles={}, topics={},
-        health={"partitions": 0, "offline": 0, "reassigning": 0, "bytesToMove": 0, "brokers": {}},
+        health={"partitions": 0, "offline": 0, "reassigning": 0, "bytesToMove": 0, "brokers": {},
+                "leaderSkew": 0, "topicLeaderSkew": 0, "leadersNotPreferred": 0},
     )
     exported = {family.name for family in cluster_metrics.collect(controller)}
     assert wanted <= exported, wanted - exported

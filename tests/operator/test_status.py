@@ -218,3 +218,18 @@ def test_a_stale_report_does_not_rewrite_the_status_on_every_pass() -> None:
     first = status.compute(inputs(report=report(age_s=60)), None, NOW)
     again = status.compute(inputs(report=report(age_s=90)), first, LATER)
     assert status.merge_patch(first, again) == {}
+
+
+def test_status_reports_leadership_balance_from_the_report() -> None:
+    brokers = {"0": {"alive": True, "replicas": 8, "leaders": 6, "inSyncReplicas": 8, "bytes": 0},
+               "1": {"alive": True, "replicas": 8, "leaders": 4, "inSyncReplicas": 8, "bytes": 0},
+               "2": {"alive": True, "replicas": 8, "leaders": 2, "inSyncReplicas": 8, "bytes": 0},
+               "3": {"alive": False, "replicas": 0, "leaders": 0, "inSyncReplicas": 0, "bytes": 0}}
+    computed = status.compute(inputs(report=report(brokers=brokers, leaderSkew=4, topicLeaderSkew=3,
+                                                   leadersNotPreferred=2)), None, NOW)
+    assert computed["leadership"] == {"perBroker": "0=6,1=4,2=2", "skew": 4, "topicSkew": 3, "notPreferred": 2}
+    # An older broker's report has no balance figures: zeros, not a refusal to read it.
+    older = status.compute(inputs(report=report()), None, NOW)
+    assert older["leadership"] == {"perBroker": "0=12", "skew": 0, "topicSkew": 0, "notPreferred": 0}
+    bad = report(leaderSkew=-1)
+    assert bad.health is None and "leaderSkew" in (bad.problem or "")

@@ -22,6 +22,9 @@ operator's PrometheusRule alerts on with ``max(...) > 0`` (docs/operator.md).
     rustmq_cluster_partitions                              controller only
     rustmq_cluster_reassigning_partitions                  controller only
     rustmq_cluster_reassign_bytes_remaining                controller only (estimate, docs/cluster.md)
+    rustmq_cluster_leader_skew                             controller only: most - fewest leaderships of a member
+    rustmq_cluster_topic_leader_skew                       controller only: the same within a topic, the worst topic
+    rustmq_cluster_leaders_not_preferred                   controller only: partitions not led by their first replica
     rustmq_cluster_broker_{replicas,leaders,in_sync_replicas,log_bytes}{broker}   controller only
     rustmq_cluster_broker_alive{broker}                    controller only
 """
@@ -78,6 +81,14 @@ def collect(cluster: Any) -> Iterator[Any]:
     yield _gauge("rustmq_cluster_reassigning_partitions", "Partitions being moved (controller only)", health["reassigning"])
     yield _gauge("rustmq_cluster_reassign_bytes_remaining",
                  "Estimated bytes the replicas being added still have to copy (controller only)", health["bytesToMove"])
+    yield _gauge("rustmq_cluster_leader_skew",
+                 "Most minus fewest partitions led by one member broker (controller only)", health["leaderSkew"])
+    yield _gauge("rustmq_cluster_topic_leader_skew",
+                 "Most minus fewest leaderships of one topic on a member broker, worst topic (controller only)",
+                 health["topicLeaderSkew"])
+    yield _gauge("rustmq_cluster_leaders_not_preferred",
+                 "Partitions led by another replica than their preferred first one (controller only)",
+                 health["leadersNotPreferred"])
     per_broker = {
         "replicas": ("rustmq_cluster_broker_replicas", "Replicas a broker holds (controller only)"),
         "leaders": ("rustmq_cluster_broker_leaders", "Partitions a broker leads (controller only)"),

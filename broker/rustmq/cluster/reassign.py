@@ -21,7 +21,9 @@ here, so its safety rules are checked exhaustively without an API server:
   acks=all producer was told is committed.
 - Scale-up balance: replicas move from the most to the least loaded live member until they
   differ by at most one, then preferred leaders are swapped within replica lists (no data
-  moves) until leader counts differ by at most one.
+  moves) until each topic's leaders are spread over the members as evenly as its replica lists
+  allow, and then the totals per broker (a topic of 12 partitions on 3 brokers: 4 leaders each;
+  after growing to 5: 3, 3, 2, 2, 2).
 
 ``health`` renders the report of section 2 of the scaling contract; ``Throttle`` is the token
 bucket that bounds the catch-up traffic of reassigned replicas.
@@ -100,12 +102,14 @@ class _Planner:
         self.loads: Counter[int] = Counter()
         self.prefs: Counter[int] = Counter()
         self.topic_loads: dict[str, Counter[int]] = {name: Counter() for name in topics}
+        self.topic_prefs: dict[str, Counter[int]] = {name: Counter() for name in topics}
         for (name, _), p in self.parts.items():
             final = p.final_replicas
             self.loads.update(final)
             self.topic_loads[name].update(final)
             if final:
                 self.prefs[final[0]] += 1
+                self.topic_prefs[name][final[0]] += 1
         members = given.members
         self.dests = sorted(members & given.alive) if members is not None else []
         self.touched: set[tuple[str, int]] = set()  # changed this round: not moved again before the next
@@ -121,8 +125,10 @@ class _Planner:
         self.topic_loads[key[0]].update(new.final_replicas)
         if old.final_replicas:
             self.prefs[old.final_replicas[0]] -= 1
+            self.topic_prefs[key[0]][old.final_replicas[0]] -= 1
         if new.final_replicas:
             self.prefs[new.final_replicas[0]] += 1
+            self.topic_prefs[key[0]][new.final_replicas[0]] += 1
         self.parts[key] = new
 
     def pick_dest(self, exclude: Iterable[int]) -> int | None:
@@ -249,27 +255,34 @@ class _Planner:
         return best
 
     def balance_leaders(self, budget: int) -> None:
-        """Swap preferred leaders within replica lists (no data moves) until balanced."""
+        """Swap preferred leaders within replica lists (no data moves) while a swap makes
+        leadership more even: each topic's leaders over the live members first (so a topic's
+        traffic spreads, not only the totals), then the totals per broker. A swap is taken only
+        if it lowers the sum of squares of the per-topic counts, or leaves it and lowers that of
+        the totals: the pair decreases with every swap, so this ends."""
         members = self.given.members
         assert members is not None
-        while budget > 0 and len(self.dests) > 1:
-            by_pref = sorted(self.dests, key=lambda d: (-self.prefs[d], d))
-            swap = None
-            for hi in by_pref:
-                for lo in reversed(by_pref):
-                    if self.prefs[hi] - self.prefs[lo] <= 1:
-                        break
-                    swap = next(((key, p) for key, p in self.parts.items()
-                                 if self.movable(key, p) and p.replicas[0] == hi and lo in p.replicas
-                                 and all(b in members for b in p.replicas)), None)
-                    if swap is not None:
-                        break
-                if swap is not None:
-                    break
-            if swap is None:
+        dests = set(self.dests)
+        while budget > 0 and len(dests) > 1:
+            best: tuple[tuple[int, int], tuple[str, int], int] | None = None
+            for key, p in self.parts.items():
+                if not self.movable(key, p) or not p.replicas or any(b not in members for b in p.replicas):
+                    continue
+                hi = p.replicas[0]
+                if hi not in dests:
+                    continue
+                per_topic = self.topic_prefs[key[0]]
+                for lo in p.replicas[1:]:
+                    if lo not in dests:
+                        continue
+                    gain = (per_topic[lo] - per_topic[hi] + 1, self.prefs[lo] - self.prefs[hi] + 1)
+                    if gain < (0, 0) and (best is None or gain < best[0]):
+                        best = (gain, key, lo)
+            if best is None:
                 return
-            key, p = swap
-            hi, lo = p.replicas[0], next(b for b in by_pref[::-1] if b in p.replicas and self.prefs[p.replicas[0]] - self.prefs[b] > 1)
+            _, key, lo = best
+            p = self.parts[key]
+            hi = p.replicas[0]
             self.set(key, replace(p, replicas=tuple(lo if b == hi else hi if b == lo else b for b in p.replicas)))
             self.touched.add(key)
             budget -= 1
@@ -317,9 +330,13 @@ def health(topics: Iterable[TopicState], *, alive: Iterable[int], members: Itera
 
     for b in [*(members or ()), *live]:
         entry(b)
-    partitions = offline = under = under_min = reassigning = max_rf = 0
+    # Leadership balance over the brokers that should lead: live members (live brokers
+    # without a membership).
+    leading = sorted(live & set(members)) if members is not None else sorted(live)
+    partitions = offline = under = under_min = reassigning = max_rf = not_preferred = topic_skew = 0
     for topic in topics:
         max_rf = max(max_rf, topic.replication_factor)
+        per_topic: Counter[int] = Counter()
         for p in topic.partitions:
             partitions += 1
             reassigning += bool(p.target)
@@ -327,17 +344,24 @@ def health(topics: Iterable[TopicState], *, alive: Iterable[int], members: Itera
                 offline += 1
             else:
                 entry(p.leader)["leaders"] += 1
+                per_topic[p.leader] += 1
+                not_preferred += bool(p.replicas) and p.leader != p.replicas[0]
                 under += len(p.isr) < topic.replication_factor
                 under_min += len(p.isr) < topic.min_insync
             for b in p.replicas:
                 entry(b)["replicas"] += 1
             for b in p.isr:
                 entry(b)["inSyncReplicas"] += 1
+        if leading and per_topic:
+            topic_skew = max(topic_skew, max(per_topic[b] for b in leading) - min(per_topic[b] for b in leading))
+    totals = [brokers[b]["leaders"] for b in leading]
     return {
         "controllerEpoch": controller_epoch, "controller": controller, "updatedAt": updated_at,
         "observedMembershipGeneration": observed_generation,
         "partitions": partitions, "offline": offline, "underReplicated": under, "underMinIsr": under_min,
         "reassigning": reassigning, "bytesToMove": bytes_to_move, "maxReplicationFactor": max_rf,
+        "leaderSkew": max(totals) - min(totals) if totals else 0, "topicLeaderSkew": topic_skew,
+        "leadersNotPreferred": not_preferred,
         "brokers": {str(b): brokers[b] for b in sorted(brokers)},
     }
 

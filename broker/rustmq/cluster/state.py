@@ -154,13 +154,16 @@ def place(
     brokers: Iterable[int],
     existing: Iterable[TopicState] = (),
     first_index: int = 0,
+    own: Iterable[tuple[int, ...]] = (),
 ) -> list[tuple[int, ...]]:
     """Replica lists for partitions first_index.. of a new (or growing) topic.
 
-    Leaders (the first replica) go to the broker leading the fewest partitions so far (ties:
-    the lower id), followers to the next brokers in id order after it, so replicas and leaders
-    both spread evenly and each partition's replicas are distinct brokers. Raises ValueError
-    when there are fewer brokers than the replication factor.
+    Leaders (the first replica) go to the broker leading the fewest of this topic's partitions
+    so far (``own``: the replica lists it already has, when it grows), then the fewest in all,
+    then the fewest replicas, then the lower id; followers to the next brokers in id order after
+    it. So each topic's leaders spread evenly (12 partitions on 3 brokers: 4 each), the totals
+    stay within what the topics' own spreading allows, and each partition's replicas are
+    distinct brokers. Raises ValueError when there are fewer brokers than the replication factor.
     """
     ring = sorted(set(brokers))
     if replication_factor < 1:
@@ -180,12 +183,14 @@ def place(
             for r in final:
                 if r in replicas_load:
                     replicas_load[r] += 1
+    topic_leaders: Counter[int] = Counter(replicas[0] for replicas in own if replicas)
     out = []
     for _ in range(first_index, first_index + partitions):
-        leader = min(ring, key=lambda b: (leaders[b], replicas_load[b], b))
+        leader = min(ring, key=lambda b: (topic_leaders[b], leaders[b], replicas_load[b], b))
         start = ring.index(leader)
         chosen = tuple(ring[(start + i) % len(ring)] for i in range(replication_factor))
         leaders[leader] += 1
+        topic_leaders[leader] += 1
         for r in chosen:
             replicas_load[r] += 1
         out.append(chosen)
@@ -222,7 +227,8 @@ def grow(topic: TopicState, total: int, live_brokers: Iterable[int], existing: I
     have = len(topic.partitions)
     if total <= have:
         raise ValueError(f"topic {topic.name!r} has {have} partitions; can only grow, not to {total}")
-    placed = place(total - have, topic.replication_factor, live_brokers, existing, first_index=have)
+    placed = place(total - have, topic.replication_factor, live_brokers, existing, first_index=have,
+                   own=[p.final_replicas for p in topic.partitions])
     return replace(topic, partitions=topic.partitions + tuple(PartitionState(r, r[0], 0, r) for r in placed))
 
 
