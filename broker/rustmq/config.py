@@ -108,6 +108,10 @@ class BrokerConfig:
     max_reassignments: int = 4
     controlled_shutdown_s: float = 20.0
     preferred_leader_delay_s: float = 10.0
+    # The internal coordination topic (docs/cluster.md "Compaction of the internal topic"): a
+    # partition's tail since its last snapshot beyond which a new snapshot is written; also the
+    # segment size the controller gives the topic when it creates it.
+    coordination_compact_bytes: int = _SERVER_DEFAULTS.coordination_compact_bytes
 
     def __post_init__(self) -> None:
         for name in ("producer_port", "consumer_port", "metrics_port"):
@@ -159,6 +163,8 @@ class BrokerConfig:
             self.lease_timing().check()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if not 4096 <= self.coordination_compact_bytes <= 1 << 30:
+            raise ConfigError(f"coordination_compact_bytes must be between 4096 and 1 GiB, not {self.coordination_compact_bytes}")
         if self.reassign_bytes_per_s < 0 or self.max_reassignments < 1:
             raise ConfigError("reassign_bytes_per_s must be at least 0 (0: unthrottled) and max_reassignments at least 1")
         for name in ("controlled_shutdown_s", "preferred_leader_delay_s"):
@@ -214,6 +220,7 @@ class BrokerConfig:
             default_partitions=self.partitions,
             default_topic=self.default_topic,
             shutdown_timeout_s=self.shutdown_timeout_s,
+            coordination_compact_bytes=self.coordination_compact_bytes,
         )
 
     def log_config(self) -> LogConfig:

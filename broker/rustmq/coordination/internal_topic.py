@@ -20,8 +20,15 @@ import crc32c
 TOPIC: Final = "__rustmq_coordination"
 INTERNAL_PREFIX: Final = "__rustmq"
 PARTITIONS: Final = 8
-# Nothing in it may expire: the state is the whole log (it is not compacted yet).
+# Nothing in it expires by retention: its coordinators compact it themselves (a snapshot of the
+# live state, then the segments below it deleted; rustmq.coordination.journal.LogJournal).
 CONFIG: Final[dict[str, Any]] = {"retention_ms": None, "retention_bytes": None, "retention_messages": None}
+
+
+def config(segment_bytes: int) -> dict[str, Any]:
+    """The topic's configuration at creation: no retention, and segments of the compaction
+    threshold's size, so that the segments before a snapshot can be deleted soon after it."""
+    return {**CONFIG, "segment_bytes": segment_bytes}
 
 
 def partition_for(key: str, partitions: int) -> int:

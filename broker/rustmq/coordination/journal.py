@@ -58,9 +58,10 @@ plus the tail since the last compaction (`compact_bytes`).
 entries go, in the same batch format, to one partition of the replicated internal topic
 ``__rustmq_coordination`` instead of a private directory, stamped with the leader epoch of the
 broker that writes them. That partition is replicated like any topic and the caller waits for
-its high watermark (acks=all) instead of an fsync; a new leader replays the partition. It does
-not compact (the storage engine cannot rewrite a replicated log in place): replay time grows
-with the number of commits since the topic was created (see docs/cluster.md, "Not done yet").
+its high watermark (acks=all) instead of an fsync; a new leader replays the partition
+(`LogReplay`, in bounded steps). It compacts with the same snapshot convention inside the one
+log instead of generations: a snapshot batch appended to the partition, then, once every
+in-sync replica holds it, the segments before it deleted (see `LogJournal`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ GENERATION_KEY: Final = b"\x00rustmq.generation"
 GENERATION_PREFIX: Final = "gen-"
 READ_CHUNK_BYTES: Final = 4 << 20
 DEFAULT_COMPACT_BYTES: Final = 16 << 20
+# A coordination partition's tail since its last snapshot beyond which the coordinator writes a
+# new one (cluster mode; the broker setting coordination_compact_bytes, docs/cluster.md).
+DEFAULT_LOG_COMPACT_BYTES: Final = 8 << 20
+# A coordination snapshot is one batch (atomic on every replica) and must reach followers in one
+# replica fetch response, below the default frame limit (16 MiB): a larger live state is not
+# compacted (logged; the log keeps growing as before compaction existed).
+MAX_LOG_SNAPSHOT_BYTES: Final = 12 << 20
 FORMAT_VERSION: Final = 2
 COMMITTED_FILE: Final = "journal-committed"
 
@@ -333,22 +341,55 @@ class LogJournal:
     """A Journal's append/replay/position on a partition the caller owns and replicates.
 
     ``on_append`` runs after every append (the server advances the high watermark and wakes
-    follower fetches there). Compaction is a no-op; closing leaves the partition open."""
+    follower fetches there). Closing leaves the partition open.
+
+    Compaction (cluster mode, docs/cluster.md "Compaction of the internal topic"): the partition
+    is shared by several stores (committed offsets, producer names, ...), so the snapshot is the
+    live state of all of them, which only the owner knows: it passes ``live``. When the bytes
+    appended since the newest snapshot exceed ``max(compact_bytes, size of that snapshot)``,
+    `maybe_compact` rolls the partition's segment and appends ONE batch: the GENERATION_KEY
+    marker, then every live entry (the private `Journal`'s snapshot convention). A batch is
+    atomic on every replica (CRC-checked; a torn tail is cut by recovery), so a replay that meets
+    a marker may drop everything before it (`LogReplay`). The owner then waits until the high
+    watermark passes the snapshot and calls `advance_start`, which deletes the whole segments
+    below it: only then does every in-sync replica (any possible next leader) hold the snapshot,
+    and truncation never goes below the high watermark. The stores' own ``live`` argument to
+    `maybe_compact` is ignored (it is one store's share of the partition only).
+    """
 
     def __init__(self, partition: PartitionLog, leader_epoch: int,
-                 on_append: Callable[[], None] | None = None) -> None:
+                 on_append: Callable[[], None] | None = None, *,
+                 live: Callable[[], Sequence[Entry]] | None = None,
+                 compact_bytes: int = DEFAULT_LOG_COMPACT_BYTES,
+                 on_snapshot: Callable[[int], None] | None = None) -> None:
         self.partition = partition
         self.leader_epoch = leader_epoch
         self.on_append = on_append
+        self.live = live
+        self.compact_bytes = compact_bytes
+        self.on_snapshot = on_snapshot  # called with the offset just past a snapshot it appended
+        self.snapshot_offset: int | None = None  # base offset of the newest snapshot batch known
+        self.snapshot_end = 0  # the offset just past it
+        self.snapshot_bytes = 0
+        self.tail_bytes = 0  # bytes appended after the newest snapshot (the whole log without one)
+        self.compactions = 0
+        self._retry_at_tail = 0  # after a snapshot too large to write, wait for this much tail
 
     def replay(self) -> Iterator[Entry]:
-        """Every (key, value) of the partition in order (snapshot markers skipped)."""
+        """Every (key, value) of the partition in order (snapshot markers skipped). For a
+        partition that may hold snapshots use `LogReplay`, which drops what precedes one."""
         return _entries(self.partition)
+
+    def replayed(self, replay: LogReplay) -> None:
+        """Take over what a finished replay learnt: where the newest snapshot is, the tail size."""
+        self.snapshot_offset, self.snapshot_end = replay.snapshot_offset, replay.snapshot_end
+        self.snapshot_bytes, self.tail_bytes = replay.snapshot_bytes, replay.tail_bytes
 
     def append(self, entries: Sequence[Entry], now_ms: int) -> int:
         if not entries:
             raise ValueError("nothing to append")
         result = self.partition.append(_build(entries, now_ms), self.leader_epoch)
+        self.tail_bytes += result.size_bytes
         if self.on_append is not None:
             self.on_append()
         return result.last_offset
@@ -356,14 +397,115 @@ class LogJournal:
     def position(self) -> tuple[PartitionLog, int]:
         return self.partition, self.partition.end_offset - 1
 
+    def wants_compaction(self) -> bool:
+        return self.live is not None and self.tail_bytes > max(self.compact_bytes, self.snapshot_bytes,
+                                                               self._retry_at_tail)
+
     def maybe_compact(self, live: Callable[[], Sequence[Entry]], now_ms: int) -> bool:
-        return False
+        """Append a snapshot of the owner's live state if the tail is due (see the class
+        docstring); True when it did. `live` (one store's entries) is not used."""
+        if not self.wants_compaction():
+            return False
+        assert self.live is not None
+        snapshot = _build(_snapshot_entries(self.compactions + 1, self.live(), now_ms), now_ms)
+        if len(snapshot) > MAX_LOG_SNAPSHOT_BYTES:
+            self._retry_at_tail = self.tail_bytes + self.compact_bytes
+            logger.warning("%s: the live state (%d bytes) is larger than a snapshot may be (%d): not "
+                           "compacted", self.partition.directory, len(snapshot), MAX_LOG_SNAPSHOT_BYTES)
+            return False
+        self.partition.roll()  # the snapshot starts a segment: the leader's log start lands on it
+        result = self.partition.append(snapshot, self.leader_epoch)
+        self._retry_at_tail = 0
+        self.snapshot_offset, self.snapshot_end = result.base_offset, result.last_offset + 1
+        self.snapshot_bytes, self.tail_bytes = result.size_bytes, 0
+        self.compactions += 1
+        if self.on_append is not None:
+            self.on_append()
+        if self.on_snapshot is not None:
+            self.on_snapshot(self.snapshot_end)
+        return True
+
+    def advance_start(self, high_watermark: int) -> int:
+        """Delete the whole segments below the newest snapshot once the high watermark has
+        passed it (every in-sync replica holds it); return how many were deleted."""
+        offset = self.snapshot_offset
+        if offset is None or high_watermark < self.snapshot_end or self.partition.start_offset >= offset:
+            return 0
+        return self.partition.delete_before(offset)
 
     def flush(self) -> int:
         return self.partition.flush()
 
     def close(self, clean: bool = True) -> None:
         """The partition belongs to the broker's Log: nothing to close here."""
+
+
+class LogReplay:
+    """A replay of a `LogJournal`'s partition in bounded steps (the caller runs one step per
+    event-loop pass, so a long log never stalls the loop).
+
+    ``apply(key, value)`` gets each entry; ``reset()`` is called at each snapshot marker before
+    the snapshot's entries: the snapshot is the complete live state as of its offset, so what
+    came before it no longer counts (the caller starts its stores afresh). A step reads at most
+    ``max_bytes`` of batches, except that a batch larger than that (a big snapshot) is read
+    whole: a snapshot is atomic and is applied in one step."""
+
+    def __init__(self, partition: PartitionLog, apply: Callable[[bytes, bytes | None], None],
+                 reset: Callable[[], None]) -> None:
+        self.partition = partition
+        self.apply = apply
+        self.reset = reset
+        self.offset = partition.start_offset
+        self.bytes_read = 0
+        self.snapshot_offset: int | None = None
+        self.snapshot_end = 0
+        self.snapshot_bytes = 0
+        self.tail_bytes = 0
+
+    @property
+    def done(self) -> bool:
+        return self.offset >= self.partition.end_offset
+
+    def step(self, max_bytes: int) -> bool:
+        """Read and apply up to `max_bytes` of batches; True once the replay is complete.
+        Raises OffsetOutOfRangeError when the partition changed underneath (truncated or
+        restarted: the caller gives the replay up)."""
+        if self.done:
+            return True
+        fetched = self.partition.read(self.offset, max_bytes)
+        for view in fetched.views:
+            try:
+                self._apply_view(view)
+            finally:
+                view.release()
+        self.offset = fetched.next_offset
+        return self.done
+
+    def _apply_view(self, view: memoryview) -> None:
+        pos, end = 0, len(view)
+        while pos < end:
+            header = batch.read_header(view, pos)
+            body = view[pos + batch.HEADER_SIZE : pos + header.size]
+            try:
+                decoded = records.decode_body(body, header.codec)
+            except records.RecordDecodeError as error:
+                raise JournalCorruptError(f"journal batch at offset {header.base_offset}: {error}"
+                                          ) from error
+            finally:
+                body.release()
+            self.bytes_read += header.size
+            if decoded and decoded[0][1] == GENERATION_KEY:
+                self.reset()
+                self.snapshot_offset = header.base_offset
+                self.snapshot_end = header.base_offset + header.record_count
+                self.snapshot_bytes, self.tail_bytes = header.size, 0
+            else:
+                self.tail_bytes += header.size
+            for record in decoded:
+                key = record[1]
+                if key != GENERATION_KEY:
+                    self.apply(bytes(key), None if record[2] is None else bytes(record[2]))
+            pos += header.size
 
 
 class _PendingGeneration:

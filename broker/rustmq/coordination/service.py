@@ -72,6 +72,13 @@ class NotCoordinatorError(LookupError):
     code = "NOT_COORDINATOR"
 
 
+class CoordinatorLoadingError(LookupError):
+    """Cluster mode: this broker leads the key's coordination partition and is still replaying
+    it (rustmq.server.group_stores); the client retries shortly."""
+
+    code = "LOAD_IN_PROGRESS"
+
+
 class GroupStores(Protocol):
     """Cluster mode (installed by the server, docs/cluster.md): committed offsets live in one
     `OffsetStore` per partition of the replicated internal topic; a group's store is that of
@@ -303,7 +310,7 @@ class Coordinator:
     def _coordinates(self, group: str) -> bool:
         try:
             self.offsets_for(group)
-        except NotCoordinatorError:
+        except (NotCoordinatorError, CoordinatorLoadingError):
             return False
         return True
 

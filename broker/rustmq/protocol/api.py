@@ -73,7 +73,7 @@ class ErrorCode(IntEnum):
     TOO_MANY_CONNECTIONS = 15  # sent once, then the connection is closed
     BATCH_TOO_LARGE = 16  # one batch is larger than a whole segment of the topic
     LIMIT_REACHED = 17  # a broker-wide limit: topics, partitions, groups, subscriptions, fds, maps
-    LOAD_IN_PROGRESS = 18  # the partition's producer table is being rebuilt from its log: retry
+    LOAD_IN_PROGRESS = 18  # a producer table or a coordinator partition is being rebuilt from its log: retry
     # Consumer coordination (docs/semantics.md)
     UNKNOWN_MEMBER = 20  # session expired or left: join again
     ILLEGAL_GENERATION = 21  # a rebalance happened: heartbeat, adopt the assignment, retry

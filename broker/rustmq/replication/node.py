@@ -349,7 +349,8 @@ class ClusterNode:
             return
         try:
             if internal:
-                await self.create_topic(name, internal_topic.PARTITIONS, dict(internal_topic.CONFIG), None, None,
+                await self.create_topic(name, internal_topic.PARTITIONS,
+                                        internal_topic.config(self.broker.settings.coordination_compact_bytes), None, None,
                                         internal=True)
             else:
                 await self.create_topic(name, None, {}, None, None)
@@ -769,6 +770,13 @@ class ClusterNode:
                     continue
                 role.note_epochs(chunk)
             role.high_watermark = max(role.high_watermark, min(int(entry.get("high_watermark", 0)), role.plog.end_offset))
+            # Follow the leader's log start (Kafka's follower does the same): whole segments
+            # below it go, never above this replica's high watermark (a compacted coordination
+            # partition, a retention hold the leader decided; docs/cluster.md).
+            leader_start = min(int(entry.get("log_start_offset", -1)), role.high_watermark)
+            if leader_start > role.plog.start_offset and role.plog.delete_before(leader_start):
+                log.info("%s/%d: log start moved to %d following leader %d (its log starts at %s)",
+                         role.topic, role.index, role.plog.start_offset, leader, entry.get("log_start_offset"))
         if stale:
             self._nudge()
             await asyncio.sleep(0.05)

@@ -13,27 +13,80 @@ keeps one `OffsetStore` and one `ProducerNames` (stable producer names -> id, ep
   appended as a follower is exactly what the previous leader wrote. Group membership is not
   replicated: on a new coordinator members get UNKNOWN_MEMBER and join again; the members a
   broker held in an earlier term are dropped when it rebuilds.
+- The replay runs in steps of REPLAY_STEP_BYTES, one per event-loop pass (a short log in
+  one go, at once): meanwhile requests for that partition's keys get LOAD_IN_PROGRESS, which
+  clients retry (Kafka's COORDINATOR_LOAD_IN_PROGRESS), and the loop keeps serving everything
+  else. A leadership lost or changed during the replay abandons it.
 - A commit is answered once the partition's high watermark passes it (acks=all; refused with
   NOT_ENOUGH_REPLICAS when the ISR is below min_insync_replicas before anything is written). A
   leadership lost while waiting answers NOT_COORDINATOR: the commit may or may not survive,
   and the client retries it at the new coordinator.
+- Compaction: `PartitionStores` is everything kept on one partition; its `live_entries` is the
+  snapshot the journal appends when the tail since the last one exceeds
+  ``coordination_compact_bytes`` (rustmq.coordination.journal.LogJournal). Once the high
+  watermark passes the snapshot the segments below it are deleted here (the leader's log start
+  moves to it; followers follow the leader's log start, rustmq.replication.node). A new leader
+  that replayed a snapshot its predecessor had not yet advanced to advances itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from rustmq.coordination import internal_topic
-from rustmq.coordination.journal import LogJournal
+from rustmq.coordination.journal import Entry, LogJournal, LogReplay
 from rustmq.coordination.offsets import OffsetStore
 from rustmq.coordination.producers import ProducerNames
-from rustmq.coordination.service import Coordinator, NotCoordinatorError
+from rustmq.coordination.service import Coordinator, CoordinatorLoadingError, NotCoordinatorError
 from rustmq.protocol.api import ErrorCode, RequestError
 
 if TYPE_CHECKING:
     from rustmq.server.broker import Broker
     from rustmq.server.replicated import ClusterRoles, PartitionRole
+
+log = logging.getLogger("rustmq.coordination")
+
+REPLAY_STEP_BYTES: Final = 1 << 20  # bytes of the internal partition replayed per loop pass
+
+
+class PartitionStores:
+    """Every store kept on one partition of the internal topic, over one journal.
+
+    A store added here (its own key format) needs three things: `apply` routes its entries to
+    it, `live_entries` includes its live state (the compaction snapshot is exactly this list:
+    a store left out would lose its state at the next compaction), `reset` starts it empty."""
+
+    def __init__(self, journal: LogJournal) -> None:
+        self.journal = journal
+        self.offsets = OffsetStore(journal)
+        self.names = ProducerNames(journal)
+
+    def apply(self, key: bytes, value: bytes | None) -> None:
+        (self.names if ProducerNames.is_name_key(key) else self.offsets).apply(key, value)
+
+    def reset(self) -> None:
+        """A snapshot marker: the entries after it are the whole state."""
+        self.offsets = OffsetStore(self.journal)
+        self.names = ProducerNames(self.journal)
+
+    def live_entries(self) -> list[Entry]:
+        return [*self.offsets.live_entries(), *self.names.live_entries()]
+
+
+class _Led:
+    """A partition this broker leads with its stores built (at `epoch`), or being replayed."""
+
+    __slots__ = ("role", "epoch", "stores", "replay", "task")
+
+    def __init__(self, role: PartitionRole, stores: PartitionStores) -> None:
+        self.role = role
+        self.epoch = role.leader_epoch
+        self.stores = stores
+        self.replay = LogReplay(role.plog, stores.apply, stores.reset)
+        self.task: asyncio.Task[None] | None = None
 
 
 class ClusterGroupStores:
@@ -41,7 +94,9 @@ class ClusterGroupStores:
         self.broker = broker
         self.coordinator = coordinator
         self.roles = roles
-        self._stores: dict[int, tuple[PartitionRole, int, OffsetStore, ProducerNames]] = {}
+        self.compact_bytes: int = broker.settings.coordination_compact_bytes
+        self._stores: dict[int, _Led] = {}  # built
+        self._loads: dict[int, _Led] = {}  # being replayed
 
     # -- GroupStores -------------------------------------------------------------------------
 
@@ -50,33 +105,84 @@ class ClusterGroupStores:
         return len(state.partitions) if state is not None else 0
 
     def store_for(self, group: str) -> OffsetStore:
-        return self._state(group)[2]
+        return self._state(group).stores.offsets
 
     def names_for(self, name: str) -> ProducerNames:
-        return self._state(name)[3]
+        return self._state(name).stores.names
 
-    def _state(self, key: str) -> tuple[PartitionRole, int, OffsetStore, ProducerNames]:
+    def _state(self, key: str) -> _Led:
         index = self.partition_of(key)
         role = self._led_role(index, key)
-        cached = self._stores.get(index)
-        if cached is not None and cached[0] is role and cached[1] == role.leader_epoch:
-            return cached
+        led = self._stores.get(index)
+        if led is not None and led.role is role and led.epoch == role.leader_epoch:
+            self._advance(led)
+            return led
+        load = self._loads.get(index)
+        if load is None or load.role is not role or load.epoch != role.leader_epoch:
+            if load is not None and load.task is not None:
+                load.task.cancel()
+            journal = LogJournal(role.plog, role.leader_epoch, lambda: self._appended(role),
+                                 compact_bytes=self.compact_bytes)
+            load = self._loads[index] = _Led(role, PartitionStores(journal))
+            journal.live = load.stores.live_entries
+            journal.on_snapshot = lambda end: self._snapshot_appended(load, end)
+            if load.replay.step(REPLAY_STEP_BYTES):  # a short log: at once
+                return self._install(index, load)
+            load.task = asyncio.get_running_loop().create_task(self._replay(index, load))
+        raise CoordinatorLoadingError(
+            f"broker {self.roles.broker_id} is loading partition {index} of {internal_topic.TOPIC} "
+            f"({load.replay.bytes_read} bytes read so far); retry")
+
+    async def _replay(self, index: int, load: _Led) -> None:
+        try:
+            while True:
+                await asyncio.sleep(0)  # one step per loop pass: other requests run in between
+                if self._loads.get(index) is not load or load.role.leader_epoch != load.epoch or not self._leads(load.role):
+                    return  # leadership moved: the next request starts afresh
+                if load.replay.step(REPLAY_STEP_BYTES):
+                    self._install(index, load)
+                    return
+        except Exception:  # the partition was truncated or removed underneath: the next request retries
+            log.exception("replaying partition %d of %s failed", index, internal_topic.TOPIC)
+            if self._loads.get(index) is load:
+                del self._loads[index]
+
+    def _install(self, index: int, load: _Led) -> _Led:
+        self._loads.pop(index, None)
         count = self.partition_count(internal_topic.TOPIC)
         for name in [g for g in self.coordinator.groups.groups if internal_topic.partition_for(g, count) == index]:
             del self.coordinator.groups.groups[name]  # members of an earlier term join again
-        # Both stores share the partition: one replay, each entry to the store of its key.
-        journal = LogJournal(role.plog, role.leader_epoch, lambda: self._appended(role))
-        offsets, names = OffsetStore(journal), ProducerNames(journal)
-        for entry_key, value in journal.replay():
-            (names if ProducerNames.is_name_key(entry_key) else offsets).apply(entry_key, value)
-        state = self._stores[index] = (role, role.leader_epoch, offsets, names)
-        return state
+        journal = load.stores.journal
+        journal.replayed(load.replay)
+        self._stores[index] = load
+        log.info("partition %d of %s loaded at epoch %d: %d bytes replayed from offset %d (snapshot at %s)",
+                 index, internal_topic.TOPIC, load.epoch, load.replay.bytes_read, load.role.plog.start_offset,
+                 journal.snapshot_offset)
+        if journal.snapshot_offset is not None and load.role.plog.start_offset < journal.snapshot_offset:
+            # A snapshot the previous leader had not advanced to yet: advance once replicated.
+            self._snapshot_appended(load, journal.snapshot_end)
+        return load
+
+    def _snapshot_appended(self, led: _Led, end: int) -> None:
+        self.roles.when_replicated(led.role, end, lambda error: None if error is not None else self._advance(led))
+
+    def _advance(self, led: _Led) -> None:
+        """Move the log start to the newest snapshot once the high watermark passed it."""
+        journal = led.stores.journal
+        tracker = led.role.tracker
+        if tracker is None or journal.snapshot_offset is None or led.role.plog.closed:
+            return
+        if led.role.leader_epoch != led.epoch or led.role.plog.start_offset >= journal.snapshot_offset:
+            return
+        if journal.advance_start(tracker.high_watermark):
+            log.info("%s/%d: log start moved to %d (the snapshot at %d is replicated)", led.role.topic,
+                     led.role.index, led.role.plog.start_offset, journal.snapshot_offset)
 
     def stores(self) -> list[OffsetStore]:
         led = []
-        for index, (role, epoch, store, _) in list(self._stores.items()):
-            if self._leads(role) and role.leader_epoch == epoch:
-                led.append(store)
+        for index, state in list(self._stores.items()):
+            if self._leads(state.role) and state.role.leader_epoch == state.epoch:
+                led.append(state.stores.offsets)
             else:
                 del self._stores[index]
         return led
@@ -114,9 +220,9 @@ class ClusterGroupStores:
         self.roles.check_insync(self._led_role(self.partition_of(group), group))
 
     def replicated_role(self, plog: Any) -> PartitionRole | None:
-        for role, *_ in self._stores.values():
-            if role.plog is plog:
-                return role
+        for state in self._stores.values():
+            if state.role.plog is plog:
+                return state.role
         return None
 
     def when_replicated(self, role: PartitionRole, offset: int, done: Callable[[BaseException | None], None]) -> None:

@@ -270,7 +270,10 @@ class ClusterRoles:
                                f"leader epoch {request.leader_epoch} is older than {role.leader_epoch}")
         if request.leader_epoch > role.leader_epoch:
             raise RequestError(ErrorCode.NOT_LEADER, f"this broker has not seen leader epoch {request.leader_epoch} yet")
-        if request.last_fetched_epoch >= 0:
+        if request.last_fetched_epoch >= 0 and request.offset >= role.plog.start_offset:
+            # (Below the log start the read answers OFFSET_OUT_OF_RANGE with the log start and the
+            # follower starts over there: the epochs of offsets deleted here are unknown, and a
+            # divergence answer could never be satisfied.)
             answer = role.end_offset_for_epoch(request.last_fetched_epoch)
             if answer.epoch != request.last_fetched_epoch or answer.end_offset < request.offset:
                 return role, answer

@@ -50,3 +50,6 @@ class ServerSettings:
     default_topic: str = "default"  # where simple produce messages without a topic go
 
     shutdown_timeout_s: float = 10.0  # how long SIGTERM waits for in-flight requests
+    # Cluster mode: a coordination partition's tail since its last snapshot beyond which its
+    # coordinator appends a new snapshot (also the internal topic's segment size; docs/cluster.md).
+    coordination_compact_bytes: int = 8 << 20

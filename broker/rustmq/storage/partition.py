@@ -775,17 +775,46 @@ class PartitionLog:
             )
             if not (expired or too_big or too_many):
                 break
-            with self._segments_lock:
-                self._segments.pop(0)
-            self._bases.pop(0)
-            self._size_bytes -= oldest.size
-            oldest.delete()
+            self._delete_oldest()
             deleted += 1
         self._reap()
         if deleted:
             logger.info("%s: retention deleted %d segment(s); log now starts at offset %d",
                         self.directory, deleted, self._bases[0])
         return deleted
+
+    def delete_before(self, offset: int) -> int:
+        """Delete the oldest sealed segments that hold only offsets below `offset`; return how
+        many. The log start moves to the first kept segment's base (at most `offset`). Whole
+        segments only, never the active one, as retention does (views stay valid the same way).
+
+        Cluster mode: a leader moves its log start to a coordination snapshot, a follower to its
+        leader's log start, a leader to the deletion point of a retention hold (docs/cluster.md).
+        """
+        if self._closed:
+            raise self._closed_error()
+        deleted = 0
+        while len(self._segments) > 1 and self._segments[0].next_offset <= offset:
+            self._delete_oldest()
+            deleted += 1
+        self._reap()
+        return deleted
+
+    def _delete_oldest(self) -> None:
+        oldest = self._segments[0]
+        with self._segments_lock:
+            self._segments.pop(0)
+        self._bases.pop(0)
+        self._size_bytes -= oldest.size
+        oldest.delete()
+
+    def roll(self) -> None:
+        """Seal the active segment now (if it holds anything): the next append starts a segment,
+        so its first offset can become the log start by `delete_before`."""
+        if self._closed or self._failure is not None:
+            raise self._closed_error()
+        if self._active.size:
+            self._roll(0)
 
     # ----------------------------------------------------------------------------- compaction
 
