@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from rustmq import compaction
-from rustmq.protocol import records
-from rustmq.storage import batch, config
+from rustmq.protocol import batch, records
+from rustmq.storage import config
 from rustmq.storage.partition import PartitionLog
 
 BATCH_RECORDS = 1_000

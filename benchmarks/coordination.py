@@ -36,8 +36,8 @@ from rustmq.coordination import group as group_mod  # noqa: E402
 from rustmq.coordination import queue_log  # noqa: E402
 from rustmq.coordination.offsets import OffsetStore  # noqa: E402
 from rustmq.coordination.queue import QueueSettings, QueueStore, QueueSubscription  # noqa: E402
+from rustmq.protocol import batch as record_batch  # noqa: E402
 from rustmq.protocol import records  # noqa: E402
-from rustmq.storage import batch as storage_batch  # noqa: E402
 from rustmq.storage.config import LogConfig  # noqa: E402
 from rustmq.storage.partition import PartitionLog  # noqa: E402
 
@@ -90,7 +90,7 @@ def queue_individual(messages: int, batch: int, store: QueueStore | None) -> flo
 def queue_from_log(messages: int, batch: int, directory: Path) -> float:
     log = PartitionLog.open(directory / "log", LogConfig(segment_bytes=64 << 20, retention_ms=None))
     body = records.encode_body([[0, None, b"v" * 100, None]] * batch)
-    built = storage_batch.build_batch(body, record_count=batch, first_timestamp_ms=1,
+    built = record_batch.build_batch(body, record_count=batch, first_timestamp_ms=1,
                                       max_timestamp_ms=1)
     for _ in range(messages // batch):
         log.append(built)

@@ -44,9 +44,9 @@ from brokerproc import BrokerProcess  # noqa: E402
 from rustmq.client.admin import Admin  # noqa: E402
 from rustmq.client.connection import Connection  # noqa: E402
 from rustmq.client.consumer import Consumer  # noqa: E402
+from rustmq.protocol import batch as record_batch  # noqa: E402
 from rustmq.protocol import frames, records  # noqa: E402
 from rustmq.protocol.api import ApiKey  # noqa: E402
-from rustmq.storage import batch as storage_batch  # noqa: E402
 
 VALUE = 1024
 PER_BATCH = 100
@@ -97,8 +97,8 @@ async def normal_pair(bootstrap: str, topic: str, seconds: float) -> dict[str, o
             for _partition, data, _fetched_from in await consumer.fetch_raw():
                 pos = 0
                 while pos < len(data):
-                    header = storage_batch.read_header(data, pos)
-                    body = data[pos + storage_batch.HEADER_SIZE : pos + header.size]
+                    header = record_batch.read_header(data, pos)
+                    body = data[pos + record_batch.HEADER_SIZE : pos + header.size]
                     received.extend(struct.unpack_from(">Q", record[2])[0] for record in records.decode_body(body, header.codec))
                     pos += header.size
 
@@ -109,7 +109,7 @@ async def normal_pair(bootstrap: str, topic: str, seconds: float) -> dict[str, o
         values = [[0, None, struct.pack(">Q", sequence + i) + b"." * (VALUE - 8), None] for i in range(PER_BATCH)]
         sequence += PER_BATCH
         now_ms = int(time.time() * 1000)
-        built = storage_batch.build_batch(records.encode_body(values), record_count=PER_BATCH,
+        built = record_batch.build_batch(records.encode_body(values), record_count=PER_BATCH,
                                           first_timestamp_ms=now_ms, max_timestamp_ms=now_ms)
         await window.acquire()
         task = asyncio.get_running_loop().create_task(send(built))

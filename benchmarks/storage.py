@@ -43,7 +43,8 @@ import threading
 import time
 from pathlib import Path
 
-from rustmq.storage import batch, config, durability
+from rustmq.protocol import batch
+from rustmq.storage import config, durability
 from rustmq.storage.partition import PartitionLog
 
 RECORD = 1024

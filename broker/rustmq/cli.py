@@ -212,13 +212,13 @@ def run_broker(args: argparse.Namespace) -> int:
     from rustmq import app
     from rustmq.server.authz import AuthError
     from rustmq.server.tls import TlsError
-    from rustmq.storage.errors import StorageError
+    from rustmq.storage.errors import CorruptBatchError, StorageError
 
     flags = {name: getattr(args, name) for name in config.FIELDS}
     settings = config.load(flags, os.environ, args.config)
     try:
         app.run(settings)
-    except StorageError as exc:
+    except (StorageError, CorruptBatchError) as exc:
         print(f"rustmq: cannot open the log in {settings.data_dir}: {exc}", file=sys.stderr)
         return 1
     except (TlsError, AuthError) as exc:

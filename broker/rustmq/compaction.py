@@ -42,8 +42,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
-from rustmq.protocol import records
-from rustmq.storage import batch
+from rustmq.protocol import batch, records
 from rustmq.storage import errors as storage_errors
 from rustmq.storage.partition import (
     CompactedSegments,

@@ -11,8 +11,7 @@ import msgpack
 import pytest
 
 from rustmq.client.consumer import decode_batches
-from rustmq.protocol import records
-from rustmq.storage import batch
+from rustmq.protocol import batch, records
 
 
 def _raw(entries: list, record_count: int) -> bytes:

@@ -14,9 +14,8 @@ import pytest
 from brokerproc import RawClient
 from clusterproc import BrokerCluster
 from rustmq.client import Admin, Consumer, Producer
-from rustmq.protocol import records, simple
+from rustmq.protocol import batch, records, simple
 from rustmq.protocol.api import ErrorCode, RequestError
-from rustmq.storage import batch
 from workload import AcksAllLoad
 
 pytestmark = [pytest.mark.slow]

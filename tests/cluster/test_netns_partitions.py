@@ -18,9 +18,8 @@ import pytest
 from brokerproc import RawClient
 from clusterproc import create_namespace
 from netns import NetnsCluster
-from rustmq.protocol import records
+from rustmq.protocol import batch, records
 from rustmq.protocol.api import ErrorCode
-from rustmq.storage import batch
 from workload import AcksAllLoad
 
 pytestmark = [pytest.mark.slow]

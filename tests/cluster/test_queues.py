@@ -12,9 +12,8 @@ import pytest
 from brokerproc import RawClient
 from clusterproc import BrokerCluster
 from rustmq.client import Admin
-from rustmq.protocol import records
+from rustmq.protocol import batch, records
 from rustmq.protocol.api import ApiKey
-from rustmq.storage import batch
 
 pytestmark = [pytest.mark.slow]
 

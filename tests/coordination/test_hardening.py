@@ -15,8 +15,8 @@ from rustmq.coordination import queue
 from rustmq.coordination.offsets import OffsetStore
 from rustmq.coordination.producers import ProducerIds
 from rustmq.coordination.service import Coordinator
-from rustmq.protocol import records
-from rustmq.storage import batch, durability, errors
+from rustmq.protocol import batch, records
+from rustmq.storage import durability, errors
 from rustmq.storage.config import LogConfig
 from rustmq.storage.log import Log
 

@@ -8,7 +8,7 @@ import pytest
 
 from rustmq.coordination import producers as p
 from rustmq.coordination.producers import ProducerIds, ProducerStateTable, Verdict
-from rustmq.storage import batch
+from rustmq.protocol import batch
 from rustmq.storage.config import LogConfig
 from rustmq.storage.partition import PartitionLog
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from rustmq.coordination import queue, queue_log
 from rustmq.coordination.queue import QueueSettings, QueueSubscription
-from rustmq.protocol import records
-from rustmq.storage import batch
+from rustmq.protocol import batch, records
 from rustmq.storage.config import LogConfig
 from rustmq.storage.partition import PartitionLog
 

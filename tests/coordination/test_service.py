@@ -11,8 +11,7 @@ from rustmq.coordination import group as group_mod
 from rustmq.coordination import queue
 from rustmq.coordination.producers import Verdict
 from rustmq.coordination.service import Coordinator
-from rustmq.protocol import records
-from rustmq.storage import batch
+from rustmq.protocol import batch, records
 from rustmq.storage.config import LogConfig
 from rustmq.storage.log import Log
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from rustmq.coordination.service import Coordinator
-from rustmq.protocol import records
-from rustmq.storage import batch
+from rustmq.protocol import batch, records
 from rustmq.storage.config import LogConfig
 from rustmq.storage.log import Log
 

@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from brokerproc import BrokerProcess, RawClient
-from rustmq.protocol import records
+from rustmq.protocol import batch, records
 from rustmq.protocol.api import ApiKey, ErrorCode
-from rustmq.storage import batch
 
 POWERFS = Path(__file__).with_name("powerfs.py")
 TOPIC = "power"

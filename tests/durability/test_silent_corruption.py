@@ -12,9 +12,9 @@ import pytest
 
 from brokerproc import BrokerProcess, RawClient
 from rustmq.client.consumer import Consumer
-from rustmq.protocol import records
+from rustmq.protocol import batch, records
 from rustmq.protocol.api import ApiKey
-from rustmq.storage import batch, errors
+from rustmq.storage import errors
 
 TOPIC = "bits"
 PER_BATCH = 8

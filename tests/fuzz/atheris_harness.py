@@ -22,8 +22,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from rustmq.protocol import api, frames, records, simple
-    from rustmq.storage import batch, errors
+    from rustmq.protocol import api, batch, frames, records, simple
+    from rustmq.storage import errors
 
 PARSERS = [function for name, function in inspect.getmembers(api, inspect.isfunction)
            if name.startswith("parse_")]

@@ -22,9 +22,8 @@ from hypothesis import strategies as st
 from strategies import examples, packable, plausible_requests, requests
 
 from brokerproc import BrokerProcess, RawClient
-from rustmq.protocol import frames, records, simple
+from rustmq.protocol import batch, frames, records, simple
 from rustmq.protocol.api import ApiKey, ErrorCode
-from rustmq.storage import batch
 
 pytestmark = [pytest.mark.slow]
 

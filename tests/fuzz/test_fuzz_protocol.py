@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from strategies import HEADERS, VALUES, examples, packable, requests
 
-from rustmq.protocol import api, frames, records, simple
+from rustmq.protocol import api, batch, frames, records, simple
 from rustmq.protocol.api import RequestError
-from rustmq.storage import batch, errors
+from rustmq.storage import errors
 
 FUZZ = settings(max_examples=examples(200), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

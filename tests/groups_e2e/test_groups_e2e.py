@@ -14,9 +14,9 @@ from rustmq.client.connection import Connection
 from rustmq.client.errors import BrokerError
 from rustmq.client.groups import GroupConsumer
 from rustmq.client.producer import Producer
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey, ErrorCode
-from rustmq.storage import batch as storage_batch
 
 
 async def _wait_for(predicate, timeout_s: float) -> float:
@@ -127,7 +127,7 @@ async def test_a_stale_generation_cannot_commit(broker) -> None:
 def _idempotent_batch(producer_id: int, sequence: int, values: list[bytes]) -> bytes:
     now = int(time.time() * 1000)
     body = records.encode_body([[0, None, v, None] for v in values])
-    return storage_batch.build_batch(body, record_count=len(values), first_timestamp_ms=now, max_timestamp_ms=now,
+    return record_batch.build_batch(body, record_count=len(values), first_timestamp_ms=now, max_timestamp_ms=now,
                                      producer_id=producer_id, producer_epoch=0, base_sequence=sequence)
 
 

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from rustmq import app, compaction
 from rustmq.client.consumer import decode_batches
 from rustmq.coordination.service import Coordinator
-from rustmq.protocol import records
-from rustmq.storage import batch, config
+from rustmq.protocol import batch, records
+from rustmq.storage import config
 from rustmq.storage import log as storage_log
 from rustmq.storage.partition import PartitionLog
 

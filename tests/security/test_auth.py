@@ -33,9 +33,9 @@ from rustmq.auth import tokens
 from rustmq.client import Consumer, Producer
 from rustmq.client.connection import Connection, tls_context, use_tls, use_token
 from rustmq.client.errors import BrokerError, ConnectionClosedError
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol import frames, records
 from rustmq.protocol.api import ApiKey, ErrorCode
-from rustmq.storage import batch as storage_batch
 from tlspki import Authority, SecretVolume
 
 RUSTMQ = [sys.executable, "-m", "rustmq"]
@@ -141,7 +141,7 @@ async def call(conn: Connection, header: dict[str, Any], payload: bytes = b"") -
 
 
 def one_batch(value: bytes = b"v") -> bytes:
-    return storage_batch.build_batch(records.encode_body([[0, None, value, None]]), record_count=1,
+    return record_batch.build_batch(records.encode_body([[0, None, value, None]]), record_count=1,
                                      first_timestamp_ms=1, max_timestamp_ms=1)
 
 

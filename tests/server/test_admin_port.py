@@ -25,11 +25,11 @@ def test_probes(broker) -> None:
 
 def test_metrics_count_per_batch_and_compute_gauges_at_scrape_time(broker, raw) -> None:
     client = raw(broker.producer_port)
+    from rustmq.protocol import batch as record_batch
     from rustmq.protocol import records
-    from rustmq.storage import batch as storage_batch
 
     body = records.encode_body([[0, None, b"m", None]] * 10)
-    batch = storage_batch.build_batch(body, record_count=10, first_timestamp_ms=1, max_timestamp_ms=1)
+    batch = record_batch.build_batch(body, record_count=10, first_timestamp_ms=1, max_timestamp_ms=1)
     client.call({"api": ApiKey.PRODUCE, "topic": "metered", "partition": 1}, batch)
     client.call({"api": ApiKey.FETCH, "max_wait_ms": 0, "partitions": [{"topic": "metered", "partition": 1, "offset": 0}]})
     client.call({"api": 999})

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey, ErrorCode
-from rustmq.storage import batch as storage_batch
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def tiny_dir(tmp_path: Path) -> Iterator[Path]:
 
 def make_batch(index: int) -> bytes:
     body = records.encode_body([[0, None, b"%04d" % index + b"." * 250_000, None]])
-    return storage_batch.build_batch(body, record_count=1, first_timestamp_ms=1, max_timestamp_ms=1)
+    return record_batch.build_batch(body, record_count=1, first_timestamp_ms=1, max_timestamp_ms=1)
 
 
 @pytest.mark.timeout(120)
@@ -67,8 +67,8 @@ def test_a_full_disk_answers_storage_full_and_keeps_what_was_stored(tiny_dir, ra
             assert part["error"] == 0 and part["high_watermark"] == stored
             pos = 0
             while pos < len(data):
-                header = storage_batch.read_header(data, pos)
-                (entry,) = records.decode_body(data[pos + storage_batch.HEADER_SIZE : pos + header.size], 0)
+                header = record_batch.read_header(data, pos)
+                (entry,) = records.decode_body(data[pos + record_batch.HEADER_SIZE : pos + header.size], 0)
                 seen.append(entry[2][:4])
                 offset = header.base_offset + 1
                 pos += header.size

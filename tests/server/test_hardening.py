@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from brokerproc import BrokerProcess
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey
-from rustmq.storage import batch as storage_batch
 
 
 def anon_rss(pid: int) -> int:
@@ -69,7 +69,7 @@ def test_a_large_frame_sent_slowly_still_arrives_whole(tmp_path: Path, raw) -> N
     try:
         client = raw(broker.producer_port)
         body = records.encode_body([[0, None, b"x" * (3 << 20), None]])
-        built = storage_batch.build_batch(body, record_count=1, first_timestamp_ms=1, max_timestamp_ms=1)
+        built = record_batch.build_batch(body, record_count=1, first_timestamp_ms=1, max_timestamp_ms=1)
         frame = client.request_bytes({"api": ApiKey.PRODUCE, "topic": "default", "partition": 0}, built)
         for start in range(0, len(frame), 200_000):
             client.send_raw(frame[start : start + 200_000])

@@ -54,10 +54,10 @@ async def test_a_long_poll_over_many_partitions_keeps_one_registration_per_parti
                 broker.wait_for_data(plogs, wake)  # what a long poll that is not yet satisfied does
 
         broker.wait_for_data(plogs, wake)
+        from rustmq.protocol import batch as record_batch
         from rustmq.protocol import records
-        from rustmq.storage import batch as storage_batch
 
-        built = storage_batch.build_batch(records.encode_body([[0, None, b"x", None]]), record_count=1,
+        built = record_batch.build_batch(records.encode_body([[0, None, b"x", None]]), record_count=1,
                                           first_timestamp_ms=1, max_timestamp_ms=1)
         for index in range(len(plogs)):
             broker.produce("wide", index, None, built)

@@ -11,22 +11,22 @@ import time
 import msgpack
 import pytest
 
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol import records, simple
 from rustmq.protocol.api import EARLIEST, LATEST, ApiKey, ErrorCode, partition_for_key
-from rustmq.storage import batch as storage_batch
 
 
 def make_batch(values: list[bytes], timestamp_ms: int = 1_700_000_000_000, codec: int = 0) -> bytes:
     body = records.encode_body([[0, None, value, None] for value in values], codec)
-    return storage_batch.build_batch(body, record_count=len(values), first_timestamp_ms=timestamp_ms,
-                                     max_timestamp_ms=timestamp_ms, codec=storage_batch.Codec(codec))
+    return record_batch.build_batch(body, record_count=len(values), first_timestamp_ms=timestamp_ms,
+                                     max_timestamp_ms=timestamp_ms, codec=record_batch.Codec(codec))
 
 
 def values_of(data: bytes) -> list[tuple[int, bytes]]:
     out, pos = [], 0
     while pos < len(data):
-        header = storage_batch.read_header(data, pos)
-        entries = records.decode_body(data[pos + storage_batch.HEADER_SIZE : pos + header.size], header.codec)
+        header = record_batch.read_header(data, pos)
+        entries = records.decode_body(data[pos + record_batch.HEADER_SIZE : pos + header.size], header.codec)
         out += [(header.base_offset + index, entry[2]) for index, entry in enumerate(entries)]
         pos += header.size
     return out

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey, ErrorCode
-from rustmq.storage import batch as storage_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_batch(values: list[bytes]) -> bytes:
     body = records.encode_body([[0, None, value, None] for value in values])
-    return storage_batch.build_batch(body, record_count=len(values), first_timestamp_ms=1, max_timestamp_ms=1)
+    return record_batch.build_batch(body, record_count=len(values), first_timestamp_ms=1, max_timestamp_ms=1)
 
 
 @pytest.mark.timeout(120)

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rustmq.storage import batch, errors
+from rustmq.protocol import batch
+from rustmq.storage import errors
 
 bodies = st.binary(max_size=300)
 timestamps = st.integers(min_value=0, max_value=2**40)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from rustmq import compaction
-from rustmq.protocol import records
-from rustmq.storage import batch, config, errors
+from rustmq.protocol import batch, records
+from rustmq.storage import config, errors
 from rustmq.storage import log as storage_log
 from rustmq.storage.partition import PartitionLog
 from storage_testlib import make_batch, read_records, small_config

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from rustmq.storage import batch, config
+from rustmq.protocol import batch
+from rustmq.storage import config
 from rustmq.storage.partition import PartitionLog
 from storage_testlib import crash_batch, stamped
 

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rustmq.storage import batch, errors
+from rustmq.protocol import batch
+from rustmq.storage import errors
 from rustmq.storage.partition import PartitionLog
 from storage_testlib import make_batch, read_all, small_config, stamped
 

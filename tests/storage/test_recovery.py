@@ -15,7 +15,7 @@ from pathlib import Path
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from rustmq.storage import batch
+from rustmq.protocol import batch
 from rustmq.storage.partition import PartitionLog
 from storage_testlib import make_batch, read_all, small_config, stamped
 

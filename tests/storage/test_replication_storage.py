@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rustmq.storage import batch
+from rustmq.protocol import batch
 from rustmq.storage.config import LogConfig
 from rustmq.storage.partition import PartitionLog
 

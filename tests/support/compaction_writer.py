@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from rustmq import compaction
-from rustmq.protocol import records
-from rustmq.storage import batch, config, partition
+from rustmq.protocol import batch, records
+from rustmq.storage import config, partition
 
 KEYS = 7
 RECORDS_PER_BATCH = 4

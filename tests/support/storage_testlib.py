@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from rustmq.storage import batch, config
+from rustmq.protocol import batch
+from rustmq.storage import config
 
 
 def make_batch(index: int, records: int = 3, body_size: int = 100, timestamp_ms: int | None = None

@@ -35,9 +35,9 @@ from rustmq.client.connection import Connection, check, default_tls, parse_addre
 from rustmq.client.consumer import decode_batches
 from rustmq.client.errors import BrokerError
 from rustmq.client.routing import Routes
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol import records, simple
 from rustmq.protocol.api import ApiKey
-from rustmq.storage import batch as storage_batch
 
 ACKS = {"none": 0, "leader": 1, "durable": 2, "all": 3}
 
@@ -122,8 +122,8 @@ def _batch(value: bytes, count: int, codec: int) -> bytes:
     # Every record of the bench is the same [delta, key, value, headers] entry, so one list
     # object is repeated: this measures encoding and the broker, not Python list building.
     body = records.encode_body([[0, None, value, None]] * count, codec)
-    return storage_batch.build_batch(body, record_count=count, first_timestamp_ms=now, max_timestamp_ms=now,
-                                     codec=storage_batch.Codec(codec))
+    return record_batch.build_batch(body, record_count=count, first_timestamp_ms=now, max_timestamp_ms=now,
+                                     codec=record_batch.Codec(codec))
 
 
 async def _rss(admin: Admin) -> dict[str, Any]:
@@ -373,9 +373,9 @@ async def bench_consume(admin: Admin, args: argparse.Namespace) -> dict[str, Any
 def _decode_count(data: memoryview, position: int) -> int:
     """Decode every batch body at or after position (one msgpack call each); count the records."""
     count = 0
-    for pos, header in storage_batch.iter_batches(data):
+    for pos, header in record_batch.iter_batches(data):
         if header.base_offset + header.record_count > position:
-            entries = records.decode_body(data[pos + storage_batch.HEADER_SIZE : pos + header.size], header.attributes & records.CODEC_MASK)
+            entries = records.decode_body(data[pos + record_batch.HEADER_SIZE : pos + header.size], header.attributes & records.CODEC_MASK)
             count += len(entries) - max(0, position - header.base_offset)
     return count
 
@@ -460,7 +460,7 @@ async def bench_latency(admin: Admin, args: argparse.Namespace) -> dict[str, Any
                 values = [struct.pack(">dd", started + (sent + i) / args.rate, written) + pad for i in range(due)]
                 now_ms = int(time.time() * 1000)
                 body = records.encode_body([[0, None, value, None] for value in values])
-                payload = storage_batch.build_batch(body, record_count=due, first_timestamp_ms=now_ms, max_timestamp_ms=now_ms)
+                payload = record_batch.build_batch(body, record_count=due, first_timestamp_ms=now_ms, max_timestamp_ms=now_ms)
                 sent += due
                 await window.acquire()
                 task = asyncio.get_running_loop().create_task(send(payload))

@@ -22,9 +22,9 @@ from rustmq.client.admin import Admin
 from rustmq.client.connection import Connection, Response, check, response_within
 from rustmq.client.errors import BrokerError
 from rustmq.client.routing import Routes, backoff, retriable
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol import records
 from rustmq.protocol.api import EARLIEST, LATEST, ApiKey, ErrorCode
-from rustmq.storage import batch as storage_batch
 
 
 class Message(NamedTuple):
@@ -41,11 +41,11 @@ def decode_batches(topic: str, partition: int, data: bytes | memoryview, positio
     """Messages at or after ``position`` in concatenated raw batches, and the next position."""
     view = memoryview(data)
     out: list[Message] = []
-    for pos, header in storage_batch.iter_batches(view):
+    for pos, header in record_batch.iter_batches(view):
         last = header.base_offset + header.record_count - 1
         if last >= position:
-            storage_batch.verify_crc(view, pos, header, f"{topic}/{partition}")
-            entries = records.decode_body(view[pos + storage_batch.HEADER_SIZE : pos + header.size], header.attributes & records.CODEC_MASK)
+            record_batch.verify_crc(view, pos, header, f"{topic}/{partition}")
+            entries = records.decode_body(view[pos + record_batch.HEADER_SIZE : pos + header.size], header.attributes & records.CODEC_MASK)
             if len(entries) != header.record_count:
                 raise records.RecordDecodeError(
                     f"{topic}/{partition}: batch at offset {header.base_offset} holds {len(entries)} records, "
@@ -368,6 +368,6 @@ class Consumer:
 
 
 def _next_position(data: memoryview, position: int) -> int:
-    for _, header in storage_batch.iter_batches(data):
+    for _, header in record_batch.iter_batches(data):
         position = max(position, header.base_offset + header.record_count)
     return position

@@ -4,7 +4,7 @@
 producer already buffers ``max_buffer_bytes`` (then it waits: backpressure). A batch is sealed
 when it reaches ``batch_bytes`` or ``linger_ms`` after its first record, encoded with one
 msgpack call (rustmq.protocol.records), compressed per ``codec``, framed by
-rustmq.storage.batch and sent as one PRODUCE request; at most ``max_in_flight`` requests wait
+rustmq.protocol.batch and sent as one PRODUCE request; at most ``max_in_flight`` requests wait
 for responses at a time. Delivery errors are raised by ``flush()``/``close()`` as ProduceError
 and by the future returned from ``send_and_wait()``.
 
@@ -35,9 +35,9 @@ from typing import Any, NamedTuple
 from rustmq.client.connection import check, response_within
 from rustmq.client.errors import BrokerError, ProduceError
 from rustmq.client.routing import Routes, backoff, retriable
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey, ErrorCode, partition_for_key
-from rustmq.storage import batch as storage_batch
 
 ACKS = {"none": 0, "leader": 1, "durable": 2, "all": 3}
 SEQUENCE_MODULUS = 1 << 31
@@ -323,12 +323,12 @@ class Producer:
         assert self._slots is not None and self._routes is not None
         routes = self._routes
         try:
-            payload = storage_batch.build_batch(
+            payload = record_batch.build_batch(
                 records.encode_body(batch.records, self.codec),
                 record_count=len(batch.records),
                 first_timestamp_ms=batch.first_ts,
                 max_timestamp_ms=batch.max_ts,
-                codec=storage_batch.Codec(self.codec),
+                codec=record_batch.Codec(self.codec),
                 producer_id=self.producer_id,
                 producer_epoch=self.producer_epoch,
                 base_sequence=batch.sequence,

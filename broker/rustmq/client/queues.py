@@ -35,9 +35,9 @@ from typing import Any, NamedTuple
 from rustmq.client.connection import Connection, Response, check, parse_address, response_within
 from rustmq.client.producer import Producer, RecordMetadata
 from rustmq.client.sync import SyncClient
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey
-from rustmq.storage import batch as storage_batch
 
 log = logging.getLogger(__name__)
 
@@ -303,9 +303,9 @@ def _settle_group(group: asyncio.Future[None], responses: asyncio.Future[list[Re
 def _decode_batches(data: memoryview) -> list[tuple[int, int, tuple[Any, ...]]]:
     """(base_offset, first_timestamp_ms, decoded records) of each whole batch in `data`."""
     return [(header.base_offset, header.first_timestamp_ms,
-             records.decode_body(data[pos + storage_batch.HEADER_SIZE : pos + header.size],
+             records.decode_body(data[pos + record_batch.HEADER_SIZE : pos + header.size],
                                  header.attributes & records.CODEC_MASK))
-            for pos, header in storage_batch.iter_batches(data)]
+            for pos, header in record_batch.iter_batches(data)]
 
 
 def _ranges(offsets: list[int]) -> list[list[int]]:

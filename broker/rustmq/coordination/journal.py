@@ -5,7 +5,7 @@ Layout (one directory per store, e.g. ``<data_dir>/coordination/consumer_offsets
     gen-00000000000000000007/   a PartitionLog (rustmq.storage) holding the current generation
     gen-00000000000000000008/   a newer generation being written by `compact` (or a leftover)
 
-Byte format: ordinary record batches (`rustmq.storage.batch`) whose bodies use the protocol's
+Byte format: ordinary record batches (`rustmq.protocol.batch`) whose bodies use the protocol's
 record encoding (`rustmq.protocol.records`: a msgpack array of
 ``[timestamp_delta, key, value, headers]``), so the internal logs can be read with the same
 tools as any topic. Keys and values are opaque bytes chosen by the store (offsets, queue);
@@ -77,8 +77,8 @@ from typing import Final
 
 import msgpack
 
-from rustmq.protocol import records
-from rustmq.storage import batch, errors
+from rustmq.protocol import batch, records
+from rustmq.storage import errors
 from rustmq.storage.config import FlushPolicy, LogConfig
 from rustmq.storage.durability import FlushTarget
 from rustmq.storage.partition import PartitionLog, make_directories
@@ -227,7 +227,7 @@ class Journal:
             self._pending = None
             try:
                 self._install(pending)
-            except (OSError, errors.StorageError) as error:
+            except (OSError, errors.StorageError, batch.CorruptBatchError) as error:
                 self._compaction_failed(error)
                 return False
             self._retry_at_tail = 0

@@ -2,7 +2,7 @@
 
 A producer asks once for a producer id (`ProducerIds.allocate`) and numbers its records per
 partition from 0 (the batch header's base_sequence is the number of its first record, see
-`rustmq.storage.batch`). For every produced batch with producer_id >= 0 the server asks the
+`rustmq.protocol.batch`). For every produced batch with producer_id >= 0 the server asks the
 partition's `ProducerStateTable`:
 
 * same epoch, same (base_sequence, record_count) as one of the producer's last
@@ -45,7 +45,7 @@ from typing import Any, Final, NamedTuple
 import msgpack
 
 from rustmq.coordination.journal import Journal, LogJournal
-from rustmq.storage import batch
+from rustmq.protocol import batch
 from rustmq.storage.durability import FlushTarget
 from rustmq.storage.partition import PartitionLog
 

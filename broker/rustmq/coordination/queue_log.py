@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from rustmq.coordination import queue
-from rustmq.protocol import records
-from rustmq.storage import batch
+from rustmq.protocol import batch, records
 from rustmq.storage.partition import AppendResult, PartitionLog
 
 READ_CHUNK_BYTES: Final = 1 << 20

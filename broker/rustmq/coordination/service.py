@@ -43,7 +43,8 @@ from rustmq.coordination.producers import (
     ProducerSnapshots,
     ProducerStateTable,
 )
-from rustmq.storage import batch, errors
+from rustmq.protocol import batch
+from rustmq.storage import errors
 from rustmq.storage.durability import FlushTarget
 from rustmq.storage.log import Log
 from rustmq.storage.partition import PartitionLog

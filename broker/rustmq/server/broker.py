@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rustmq.coordination import internal_topic
 from rustmq.protocol import api
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol.api import ErrorCode, RequestError
 from rustmq.server import replicated
 from rustmq.server.resources import ResourceGuard
 from rustmq.server.settings import ServerSettings
 from rustmq.server.stats import BrokerStats
-from rustmq.storage import batch as storage_batch
 from rustmq.storage import errors as storage_errors
 
 if TYPE_CHECKING:
@@ -334,7 +334,7 @@ class Broker:
         if built_here:
             record_count, batch_count = built_here, 1
         else:
-            scan = storage_batch.scan_batches(batches)
+            scan = record_batch.scan_batches(batches)
             record_count, batch_count = scan.record_count, scan.batch_count
         cluster = self.cluster
         role = None

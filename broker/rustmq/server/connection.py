@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 from rustmq.auth.acl import ANONYMOUS
 from rustmq.protocol import api, frames, records, simple
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.server import coordination_handlers, topic_admin
 from rustmq.server.authz import AuthState, ConnectionAuth, cert_principal
 from rustmq.server.broker import Broker, error_code_for
 from rustmq.server.responder import Slot
 from rustmq.server.router import Handler, Router
-from rustmq.storage import batch as storage_batch
 
 if TYPE_CHECKING:
     from rustmq.server.listener import Listener
@@ -659,7 +659,7 @@ class Connection(asyncio.BufferedProtocol):
                 message = simple.decode_message(body)
                 name = message.topic or self._settings.default_topic
                 partition = cluster.route(name, message.partition, message.key)
-                batch = storage_batch.build_batch(
+                batch = record_batch.build_batch(
                     records.encode_body([[0, message.key, message.value, message.headers]]),
                     record_count=1, first_timestamp_ms=now, max_timestamp_ms=now)
                 offset = await cluster.placer.place(name, partition, batch, 1)
@@ -677,7 +677,7 @@ class Connection(asyncio.BufferedProtocol):
         now = int(time.time() * 1000)
         loop = asyncio.get_running_loop()
         for (topic, partition), (entries, slots) in groups.items():
-            batch = storage_batch.build_batch(
+            batch = record_batch.build_batch(
                 records.encode_body(entries), record_count=len(entries), first_timestamp_ms=now, max_timestamp_ms=now)
             task = loop.create_task(self._place_simple(placer.place(topic, partition, batch, len(entries)), slots))
             self._tasks.add(task)
@@ -713,7 +713,7 @@ class Connection(asyncio.BufferedProtocol):
         now = int(time.time() * 1000)
         for (topic, partition), (entries, slots) in groups.items():
             try:
-                batch = storage_batch.build_batch(
+                batch = record_batch.build_batch(
                     records.encode_body(entries), record_count=len(entries), first_timestamp_ms=now, max_timestamp_ms=now
                 )
                 produced = self._broker.produce(topic, partition, None, batch, built_here=len(entries))

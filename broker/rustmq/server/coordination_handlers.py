@@ -36,11 +36,11 @@ from rustmq.coordination import queue_log
 from rustmq.coordination.producers import ProducerRebuild, Verdict
 from rustmq.coordination.service import PRODUCER_REBUILD_STEP_BYTES, Coordinator, DeadLetterWrite, Durable
 from rustmq.protocol import api, frames, records
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.server.broker import Produced, error_code_for
 from rustmq.server.group_stores import ClusterGroupStores
 from rustmq.server.responder import Responder
-from rustmq.storage import batch as storage_batch
 from rustmq.storage import errors as storage_errors
 
 if TYPE_CHECKING:
@@ -523,7 +523,7 @@ def _produce_idempotent(conn: Responder, service: CoordinationService, corr: int
     topic = broker.topic_for_produce(request.topic)
     index = broker.choose_partition(topic, request.partition, request.key)
     plog = broker.partition_log(topic, index)
-    scan = storage_batch.scan_batches(payload)
+    scan = record_batch.scan_batches(payload)
     role = None
     if broker.cluster is not None:  # leader only; the producer table must match the replicated log
         role = broker.cluster.leader_role(topic.name, index)
@@ -544,13 +544,13 @@ def _produce_idempotent(conn: Responder, service: CoordinationService, corr: int
     offsets: list[tuple[int, int]] = []
     produced = None
     if appended:
-        count = sum(storage_batch.read_header(payload, bounds[i]).record_count for i in fresh)
+        count = sum(record_batch.read_header(payload, bounds[i]).record_count for i in fresh)
         produced = broker.produce(topic.name, index, None, appended, built_here=count)  # CRCs checked above
         service.coordinator.record_produce(topic.name, index, appended, produced.base_offset)
     next_offset = produced.base_offset if produced is not None else 0
     for i, decision in enumerate(decisions):
         if decision.verdict is Verdict.APPEND:
-            n = storage_batch.read_header(payload, bounds[i]).record_count
+            n = record_batch.read_header(payload, bounds[i]).record_count
             offsets.append((next_offset, next_offset + n - 1))
             next_offset += n
         else:
@@ -885,7 +885,7 @@ def _dlq_replay(conn: Responder, service: CoordinationService, corr: int, header
         groups.setdefault((origin, origin_partition), []).append(clean)
     replayed = []
     for (origin, origin_partition), recs in groups.items():
-        built = storage_batch.build_batch(records.encode_body(recs), record_count=len(recs),
+        built = record_batch.build_batch(records.encode_body(recs), record_count=len(recs),
                                           first_timestamp_ms=now, max_timestamp_ms=now)
         target = broker.topic(origin)
         index = origin_partition if origin_partition < len(target.partitions) else 0

@@ -29,8 +29,8 @@ from typing import Any, NamedTuple, Protocol
 
 from rustmq.cluster.replica import ReplicaTracker
 from rustmq.protocol import api
+from rustmq.protocol import batch as record_batch
 from rustmq.protocol.api import ErrorCode, RequestError
-from rustmq.storage import batch as storage_batch
 
 
 class ClusterAdmin(Protocol):
@@ -84,7 +84,7 @@ class PartitionRole:
         """Extend the epoch cache with the epochs of batches just appended (headers only)."""
         cache = self.epoch_cache()
         last = cache[-1][0] if cache else -1
-        for _, header in storage_batch.iter_batches(buf):
+        for _, header in record_batch.iter_batches(buf):
             if header.leader_epoch > last:
                 cache.append((header.leader_epoch, header.base_offset))
                 last = header.leader_epoch
@@ -297,7 +297,7 @@ def clip_views(views: list[memoryview], limit: int) -> tuple[list[memoryview], i
     for view in views:
         keep = 0
         stop = False
-        for position, header in storage_batch.iter_batches(view):
+        for position, header in record_batch.iter_batches(view):
             if header.base_offset >= limit:
                 stop = True
                 break

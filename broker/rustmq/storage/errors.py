@@ -1,4 +1,6 @@
-"""The storage engine's exceptions: one tree under `StorageError`, each with a readable message.
+"""The storage engine's exceptions: one tree under `StorageError`, each with a readable message,
+plus `CorruptBatchError`, the record-batch format's own (rustmq.protocol.batch), which the engine
+raises too and which is therefore not a StorageError.
 
 The server maps these to wire error codes, so every class names one condition a client can act on.
 OS errors are translated at the edge by `from_os_error` so callers never have to inspect errno.
@@ -8,21 +10,12 @@ from __future__ import annotations
 
 import errno
 
+# The record-batch format's validation error (rustmq.protocol.batch); the engine raises it too.
+from rustmq.protocol.batch import CorruptBatchError as CorruptBatchError
+
 
 class StorageError(Exception):
     """Base class of everything the storage engine raises on purpose."""
-
-
-class CorruptBatchError(StorageError):
-    """A record batch failed validation (framing, header sanity or CRC32C).
-
-    `position` is the byte position of the bad batch within the buffer or segment that was scanned.
-    """
-
-    def __init__(self, reason: str, position: int = 0) -> None:
-        super().__init__(f"corrupt record batch at byte {position}: {reason}")
-        self.reason = reason
-        self.position = position
 
 
 class BatchTooLargeError(StorageError):

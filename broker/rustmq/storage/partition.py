@@ -40,7 +40,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
-from rustmq.storage import batch, errors
+from rustmq.protocol import batch
+from rustmq.storage import errors
 from rustmq.storage.config import MAX_SEGMENT_BYTES, LogConfig
 from rustmq.storage.segment import (
     COMPACTED_SUFFIX,

@@ -49,7 +49,8 @@ import time
 from pathlib import Path
 from typing import Final, NamedTuple
 
-from rustmq.storage import batch, errors
+from rustmq.protocol import batch
+from rustmq.storage import errors
 from rustmq.storage.index import OffsetIndex, TimeIndex
 
 LOG_SUFFIX: Final = ".log"

@@ -48,7 +48,20 @@ from typing import Final, NamedTuple
 
 import crc32c
 
-from rustmq.storage import errors
+
+class CorruptBatchError(ValueError):
+    """A record batch failed validation (framing, header sanity or CRC32C).
+
+    `position` is the byte position of the bad batch within the buffer or segment that was scanned.
+    The storage engine raises it too (rustmq.storage.errors re-exports it), for batches that break
+    its own rules (compacted batches, appends).
+    """
+
+    def __init__(self, reason: str, position: int = 0) -> None:
+        super().__init__(f"corrupt record batch at byte {position}: {reason}")
+        self.reason = reason
+        self.position = position
+
 
 HEADER_STRUCT: Final = struct.Struct(">qiibIhiqqqhi")
 HEADER_SIZE: Final = HEADER_STRUCT.size
@@ -160,7 +173,7 @@ def read_header(buf: bytes | bytearray | memoryview, pos: int = 0) -> BatchHeade
     """Decode the header at `pos` (no validation beyond "there are enough bytes")."""
     if pos < 0 or len(buf) - pos < HEADER_SIZE:
         available = max(0, len(buf) - pos)
-        raise errors.CorruptBatchError(f"truncated header: {available} of {HEADER_SIZE} bytes", pos)
+        raise CorruptBatchError(f"truncated header: {available} of {HEADER_SIZE} bytes", pos)
     return BatchHeader._make(HEADER_STRUCT.unpack_from(buf, pos))
 
 
@@ -185,28 +198,28 @@ def check_batch(buf: memoryview, pos: int, end: int) -> BatchHeader:
     without copying, such as an mmap wrapped in a memoryview).
     """
     if end - pos < HEADER_SIZE:
-        raise errors.CorruptBatchError(f"truncated header: {end - pos} of {HEADER_SIZE} bytes", pos)
+        raise CorruptBatchError(f"truncated header: {end - pos} of {HEADER_SIZE} bytes", pos)
     header = BatchHeader._make(HEADER_STRUCT.unpack_from(buf, pos))
     size = LENGTH_FIELDS_SIZE + header.batch_length
     if header.batch_length < HEADER_SIZE - LENGTH_FIELDS_SIZE:
-        raise errors.CorruptBatchError(
+        raise CorruptBatchError(
             f"batch_length {header.batch_length} is smaller than a header", pos
         )
     if size > end - pos:
-        raise errors.CorruptBatchError(
+        raise CorruptBatchError(
             f"batch_length {header.batch_length} runs past the end ({end - pos} bytes available)", pos
         )
     if header.magic != MAGIC:
-        raise errors.CorruptBatchError(f"unknown magic {header.magic} (expected {MAGIC})", pos)
+        raise CorruptBatchError(f"unknown magic {header.magic} (expected {MAGIC})", pos)
     if header.attributes & ~CODEC_MASK or (header.attributes & CODEC_MASK) > Codec.LZ4:
-        raise errors.CorruptBatchError(f"invalid attributes 0x{header.attributes & 0xFFFF:04x}", pos)
+        raise CorruptBatchError(f"invalid attributes 0x{header.attributes & 0xFFFF:04x}", pos)
     if header.record_count < 1:
-        raise errors.CorruptBatchError(f"record_count {header.record_count} must be at least 1", pos)
+        raise CorruptBatchError(f"record_count {header.record_count} must be at least 1", pos)
     if header.max_timestamp_ms < header.first_timestamp_ms:
-        raise errors.CorruptBatchError("max_timestamp_ms is before first_timestamp_ms", pos)
+        raise CorruptBatchError("max_timestamp_ms is before first_timestamp_ms", pos)
     actual = crc32c.crc32c(buf[pos + CRC_START : pos + size])
     if actual != header.crc:
-        raise errors.CorruptBatchError(
+        raise CorruptBatchError(
             f"CRC32C mismatch (stored 0x{header.crc:08x}, computed 0x{actual:08x})", pos
         )
     return header
@@ -219,7 +232,7 @@ def verify_crc(buf: bytes | bytearray | memoryview, pos: int, header: BatchHeade
     broker never verifies on reads (docs/storage.md, "What is verified when")."""
     actual = crc32c.crc32c(memoryview(buf)[pos + CRC_START : pos + header.size])
     if actual != header.crc:
-        raise errors.CorruptBatchError(
+        raise CorruptBatchError(
             f"{where}{': ' if where else ''}batch at offset {header.base_offset}: CRC32C "
             f"mismatch (stored 0x{header.crc:08x}, computed 0x{actual:08x}); the stored copy is "
             "damaged", pos)
@@ -236,7 +249,7 @@ def scan_batches(buf: bytes | bytearray | memoryview) -> BatchScan:
         view = view.cast("B")
     end = len(view)
     if end == 0:
-        raise errors.CorruptBatchError("no batch in an empty buffer", 0)
+        raise CorruptBatchError("no batch in an empty buffer", 0)
     pos = 0
     record_count = 0
     max_timestamp_ms = -(1 << 63)
