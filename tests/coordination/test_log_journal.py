@@ -121,7 +121,7 @@ def test_a_partition_without_an_owner_state_never_compacts(tmp_path: Path) -> No
 
 
 def test_delete_before_keeps_the_active_segment_and_partial_segments(tmp_path: Path) -> None:
-    from rustmq.storage import batch
+    from rustmq.protocol import batch
 
     plog = PartitionLog.open(tmp_path / "p", LogConfig(segment_bytes=4096, retention_ms=None))
     try:
