@@ -25,3 +25,20 @@ def test_no_importable_package_shadows_the_standard_library_operator_module() ->
     import operator
 
     assert hasattr(operator, "itemgetter")
+
+
+def test_no_import_cycles_at_run_time() -> None:
+    """No module imports, directly or through others, a module that imports it back (cli <->
+    cli_coordination and client consumer <-> groups <-> sync were such pairs). Imports under
+    TYPE_CHECKING are left out: they name a type for the checker and never run."""
+    import grimp
+
+    for package in ("rustmq", "rustmq_operator"):
+        graph = grimp.build_graph(package, exclude_type_checking_imports=True)
+        cycles = sorted({
+            tuple(sorted((module, imported)))
+            for module in graph.modules
+            for imported in graph.find_modules_directly_imported_by(module)
+            if graph.chain_exists(importer=imported, imported=module)
+        })
+        assert cycles == [], f"import cycles in {package}: {cycles}"

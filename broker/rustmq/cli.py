@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import ssl
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rustmq import __version__, cli_coordination, config, eventloop
+from rustmq.cli_output import message_json, text_or_base64
 from rustmq.client import Admin, Consumer, Producer
 from rustmq.client.errors import ClientError
 
@@ -376,33 +376,6 @@ async def run_produce(args: argparse.Namespace) -> int:
     return 0
 
 
-def _text(data: bytes | None) -> tuple[str | None, bool]:
-    if data is None:
-        return None, False
-    try:
-        return data.decode(), False
-    except UnicodeDecodeError:
-        return base64.b64encode(data).decode(), True
-
-
-def message_json(message: Any) -> dict[str, Any]:
-    key, key_b64 = _text(message.key)
-    value, value_b64 = _text(message.value)
-    out: dict[str, Any] = {
-        "topic": message.topic,
-        "partition": message.partition,
-        "offset": message.offset,
-        "timestamp": message.timestamp_ms,
-        "key": key,
-        "value": value,
-    }
-    if message.headers:
-        out["headers"] = {name: _text(raw)[0] for name, raw in message.headers}
-    if key_b64 or value_b64:
-        out["base64"] = [name for name, flag in (("key", key_b64), ("value", value_b64)) if flag]
-    return out
-
-
 def parse_start(text: str) -> str | int | tuple[str, int]:
     if text in ("earliest", "latest"):
         return text
@@ -432,7 +405,7 @@ async def run_consume(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(message_json(message)))
                 else:
-                    value = _text(message.value)[0]
+                    value = text_or_base64(message.value)[0]
                     print(f"{message.partition}@{message.offset}\t{value}")
             sys.stdout.flush()
             seen += len(messages)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from rustmq import cli_output
 from rustmq.client import Admin
 from rustmq.client.consumer import Consumer
 from rustmq.client.groups import GroupConsumer, describe_group, list_groups
@@ -143,13 +144,11 @@ async def run_group_describe(args: argparse.Namespace) -> int:
 
 
 def _print_message(args: argparse.Namespace, message: Any, extra: dict[str, Any] | None = None) -> None:
-    from rustmq import cli
-
     if args.json:
-        print(json.dumps({**cli.message_json(message), **(extra or {})}))
+        print(json.dumps({**cli_output.message_json(message), **(extra or {})}))
     else:
         suffix = "".join(f"\t{k}={v}" for k, v in (extra or {}).items())
-        print(f"{message.partition}@{message.offset}\t{cli._text(message.value)[0]}{suffix}")
+        print(f"{message.partition}@{message.offset}\t{cli_output.text_or_base64(message.value)[0]}{suffix}")
 
 
 async def run_group_consume(args: argparse.Namespace) -> int:

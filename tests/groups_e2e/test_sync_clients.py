@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from rustmq.client.groups import SyncGroupConsumer
 from rustmq.client.queues import SyncQueue
+from rustmq.client.sync import SyncGroupConsumer
 
 
 def test_sync_queue_publish_receive_ack(broker) -> None:

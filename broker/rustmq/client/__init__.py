@@ -17,10 +17,10 @@ See docs/client.md.
 from rustmq.client.admin import Admin
 from rustmq.client.consumer import Consumer, Message
 from rustmq.client.errors import BrokerError, ProduceError
-from rustmq.client.groups import GroupConsumer, SyncGroupConsumer
+from rustmq.client.groups import GroupConsumer
 from rustmq.client.producer import Producer, RecordMetadata
 from rustmq.client.queues import Queue, QueueConsumer, QueueMessage, SyncQueue
-from rustmq.client.sync import SyncAdmin, SyncConsumer, SyncProducer
+from rustmq.client.sync import SyncAdmin, SyncConsumer, SyncGroupConsumer, SyncProducer
 
 __all__ = [
     "Admin",

@@ -35,10 +35,9 @@ from typing import Any
 
 from rustmq.client.admin import Admin
 from rustmq.client.connection import Connection, check, response_within
-from rustmq.client.consumer import Message, decode_batches
 from rustmq.client.errors import BrokerError, ConnectionClosedError
+from rustmq.client.messages import Message, decode_batches
 from rustmq.client.routing import Routes, backoff, retriable
-from rustmq.client.sync import SyncClient
 from rustmq.protocol.api import EARLIEST, LATEST, ApiKey, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -463,22 +462,3 @@ async def list_groups(bootstrap: str, *, timeout_s: float = 30.0) -> list[str]:
         return sorted(names)
     finally:
         routes.close()
-
-
-class SyncGroupConsumer(SyncClient):
-    """Blocking GroupConsumer for scripts. Membership heartbeats run only while a call is in
-    progress (the private event loop is idle otherwise), so call poll() at least every
-    session_timeout_ms / 2."""
-
-    def __init__(self, bootstrap: str = "localhost:9092", topic: str | list[str] = "default", **options: Any) -> None:
-        super().__init__(GroupConsumer(bootstrap, topic, **options))
-
-    @property
-    def assignment(self) -> list[tuple[str, int]]:
-        return self._client.assignment
-
-    def poll(self, timeout_s: float | None = None) -> list[Message]:
-        return self._run(self._client.getmany(timeout_s))
-
-    def commit(self) -> None:
-        self._run(self._client.commit())

@@ -22,6 +22,7 @@ from typing import Any, Self, TypeVar
 
 from rustmq.client.admin import Admin
 from rustmq.client.consumer import Consumer, Message
+from rustmq.client.groups import GroupConsumer
 from rustmq.client.producer import Producer, RecordMetadata
 
 T = TypeVar("T")
@@ -106,3 +107,22 @@ class SyncAdmin(SyncClient):
             return self._run(method(*args, **kwargs))
 
         return call
+
+
+class SyncGroupConsumer(SyncClient):
+    """Blocking GroupConsumer for scripts. Membership heartbeats run only while a call is in
+    progress (the private event loop is idle otherwise), so call poll() at least every
+    session_timeout_ms / 2."""
+
+    def __init__(self, bootstrap: str = "localhost:9092", topic: str | list[str] = "default", **options: Any) -> None:
+        super().__init__(GroupConsumer(bootstrap, topic, **options))
+
+    @property
+    def assignment(self) -> list[tuple[str, int]]:
+        return self._client.assignment
+
+    def poll(self, timeout_s: float | None = None) -> list[Message]:
+        return self._run(self._client.getmany(timeout_s))
+
+    def commit(self) -> None:
+        self._run(self._client.commit())
