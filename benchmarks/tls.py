@@ -1,17 +1,20 @@
 """What TLS costs on the producer and consumer ports: the same `rustmq bench` against two brokers.
 
-    python benchmarks/tls.py [--messages 1000000] [--repeat 3] [--mutual]
+    python benchmarks/tls.py [--messages 1000000] [--repeat 3] [--mutual] [--no-loop]
 
-Prints one JSON object. Two broker processes start side by side with default settings (port 0,
-temporary data directories): one plaintext, one serving TLS with an ECDSA P-256 certificate made
-here (with --mutual it also requires a client certificate, and the bench presents one). Then
-`rustmq bench produce --acks leader` (1 KiB values, batched) and `rustmq bench consume` (a
-backlog of the same size) run against each, alternating plaintext and TLS so that the shared
-machine's drifts hit both alike; every run is kept. `ratio` is the TLS median over the plaintext
-median (1.0 = free; issue 15's goal for batched produce: at least 0.75). On a loaded machine
-wall time exaggerates any extra CPU, so each run also records the CPU seconds the broker and the
-bench client spent (from /proc and getrusage): `cpu_ratio` is plaintext CPU over TLS CPU, the
-throughput ratio a CPU-bound run would see.
+Prints one JSON object. Three broker processes start side by side with default settings (port 0,
+temporary data directories): one plaintext, two serving TLS with an ECDSA P-256 certificate made
+here (with --mutual they also require a client certificate, and the bench presents one): `tls`
+with the default TLS transport (`tls_io: threads`, rustmq.tlsio: OpenSSL on a thread per
+connection, in the broker and in the bench client) and `tls_loop` with the event loop's own TLS
+transport (`--tls-io loop`, and RUSTMQ_TLS_IO=loop for the bench client); --no-loop leaves the
+latter out. Then `rustmq bench produce --acks leader` (1 KiB values, batched) and `rustmq bench
+consume` (a backlog of the same size) run against each, in an order that alternates so that the
+shared machine's drifts hit all alike; every run is kept. `ratio` is a TLS median over the
+plaintext median (1.0 = free; issue 15's goal for batched produce: at least 0.75). On a loaded
+machine wall time exaggerates any extra CPU, so each run also records the CPU seconds the broker
+and the bench client spent (from /proc and getrusage, all threads): `cpu_ratio` is plaintext CPU
+over TLS CPU, the throughput ratio a run bound by the CPU of one core would see.
 """
 
 from __future__ import annotations
@@ -71,12 +74,12 @@ def make_pki(directory: Path) -> dict[str, Path]:
     return files
 
 
-def start_broker(directory: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+def start_broker(directory: Path, extra: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     ports_file = directory / "ports.json"
     process = subprocess.Popen(
         [*RUSTMQ, "broker", "--data-dir", str(directory / "data"), "--host", "127.0.0.1", "--producer-port", "0",
          "--consumer-port", "0", "--metrics-port", "0", "--ports-file", str(ports_file), *extra],
-        stdout=subprocess.DEVNULL, stderr=(directory / "broker.log").open("wb"),
+        stdout=subprocess.DEVNULL, stderr=(directory / "broker.log").open("wb"), env=env,
     )
     deadline = time.monotonic() + 60
     while not ports_file.exists():
@@ -96,13 +99,14 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def bench(kind: str, port: int, messages: int, tls: list[str], broker_pid: int) -> tuple[dict[str, object], float]:
+def bench(kind: str, port: int, messages: int, tls: list[str], broker_pid: int,
+          env: dict[str, str]) -> tuple[dict[str, object], float]:
     """One `rustmq bench` run: its JSON and the CPU seconds it and the broker spent."""
     command = [*RUSTMQ, "bench", kind, "--messages", str(messages), "--bootstrap", f"localhost:{port}", "--json", *tls]
     if kind == "produce":
         command += ["--acks", "leader"]
     before = process_cpu_s(broker_pid) + children_cpu_s()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr}")
     spent = process_cpu_s(broker_pid) + children_cpu_s() - before
@@ -114,6 +118,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--mutual", action="store_true", help="require and present client certificates")
+    parser.add_argument("--no-loop", action="store_true", help="leave out the event loop's TLS transport")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rustmq-tls-bench-") as tmp:
         root = Path(tmp)
@@ -123,20 +128,28 @@ def main() -> None:
         if args.mutual:
             tls_broker_flags += ["--tls-client-ca-file", str(pki["ca"]), "--tls-client-auth", "required"]
             tls_client_flags += ["--tls-cert", str(pki["client"]), "--tls-key", str(pki["client_key"])]
+        modes = {
+            "plaintext": ([], [], {}),
+            "tls": (tls_broker_flags, tls_client_flags, {"RUSTMQ_TLS_IO": "threads"}),
+            "tls_loop": ([*tls_broker_flags, "--tls-io", "loop"], tls_client_flags, {"RUSTMQ_TLS_IO": "loop"}),
+        }
+        if args.no_loop:
+            del modes["tls_loop"]
         brokers = {}
-        for mode, flags in (("plaintext", []), ("tls", tls_broker_flags)):
+        for mode, (broker_flags, _, env) in modes.items():
             (root / mode).mkdir()
-            brokers[mode] = start_broker(root / mode, flags)
-        runs: dict[str, dict[str, list[int]]] = {kind: {"plaintext": [], "tls": []} for kind in ("produce", "consume")}
-        cpu: dict[str, dict[str, list[float]]] = {kind: {"plaintext": [], "tls": []} for kind in ("produce", "consume")}
+            brokers[mode] = start_broker(root / mode, broker_flags, {**os.environ, **env})
+        runs: dict[str, dict[str, list[int]]] = {kind: {mode: [] for mode in modes} for kind in ("produce", "consume")}
+        cpu: dict[str, dict[str, list[float]]] = {kind: {mode: [] for mode in modes} for kind in ("produce", "consume")}
         try:
             for repeat in range(args.repeat):
-                order = ("plaintext", "tls") if repeat % 2 == 0 else ("tls", "plaintext")
+                order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
                 for kind in ("produce", "consume"):
                     for mode in order:
                         port = brokers[mode][1]["producer_port"]  # bench consume fills its backlog first
-                        found, spent = bench(kind, port, args.messages, tls_client_flags if mode == "tls" else [],
-                                             brokers[mode][0].pid)
+                        _, client_flags, env = modes[mode]
+                        found, spent = bench(kind, port, args.messages, client_flags, brokers[mode][0].pid,
+                                             {**os.environ, **env})
                         runs[kind][mode].append(int(found["msg_per_s"]))  # type: ignore[call-overload]
                         cpu[kind][mode].append(round(spent, 2))
         finally:
@@ -152,17 +165,22 @@ def main() -> None:
         "load_average": os.getloadavg(),
     }
     for kind, by_mode in runs.items():
-        plain, secured = statistics.median(by_mode["plaintext"]), statistics.median(by_mode["tls"])
-        summary[kind] = {
-            "plaintext_msg_per_s": by_mode["plaintext"],
-            "tls_msg_per_s": by_mode["tls"],
-            "plaintext_median": round(plain),
-            "tls_median": round(secured),
-            "ratio": round(secured / plain, 3) if plain else None,
-            "plaintext_cpu_s": cpu[kind]["plaintext"],
-            "tls_cpu_s": cpu[kind]["tls"],
-            "cpu_ratio": round(statistics.median(cpu[kind]["plaintext"]) / statistics.median(cpu[kind]["tls"]), 3),
-        }
+        plain = statistics.median(by_mode["plaintext"])
+        plain_cpu = statistics.median(cpu[kind]["plaintext"])
+        found: dict[str, object] = {"plaintext_msg_per_s": by_mode["plaintext"], "plaintext_median": round(plain),
+                                    "plaintext_cpu_s": cpu[kind]["plaintext"]}
+        for mode in by_mode:
+            if mode == "plaintext":
+                continue
+            secured = statistics.median(by_mode[mode])
+            found.update({
+                f"{mode}_msg_per_s": by_mode[mode],
+                f"{mode}_median": round(secured),
+                f"{mode}_ratio": round(secured / plain, 3) if plain else None,
+                f"{mode}_cpu_s": cpu[kind][mode],
+                f"{mode}_cpu_ratio": round(plain_cpu / statistics.median(cpu[kind][mode]), 3),
+            })
+        summary[kind] = found
     print(json.dumps(summary))
 
 

@@ -80,6 +80,7 @@ class BrokerConfig:
     tls_client_auth: str = "none"  # none | optional | required (fixed at start-up)
     tls_reload_s: float = 10.0  # how often the TLS files are checked for a change
     tls_peer_ca_file: Path | None = None  # cluster mode: CAs of the other brokers' certificates
+    tls_io: str = "threads"  # threads: OpenSSL on a thread per connection; loop: the event loop's TLS
     # Authentication, ACLs and quotas (docs/security.md): on when a token or ACL file is given.
     auth_token_file: Path | None = None  # "<principal>:scrypt$..." lines; reloaded when it changes
     auth_acl_file: Path | None = None  # YAML policy: default, super_users, rules, quotas; reloaded
@@ -184,6 +185,7 @@ class BrokerConfig:
             client_auth=self.tls_client_auth,
             reload_s=self.tls_reload_s,
             peer_ca_file=self.tls_peer_ca_file,
+            io=self.tls_io,
         )
 
     def auth_settings(self) -> AuthSettings | None:

@@ -28,8 +28,9 @@ import ssl as ssl_module
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
+from rustmq import tlsio
 from rustmq.client.errors import BrokerError, ConnectionClosedError
 from rustmq.protocol import frames
 from rustmq.protocol.api import MAX_CORRELATION_ID, ApiKey, ErrorCode
@@ -82,6 +83,16 @@ def default_tls() -> tuple[ssl_module.SSLContext | None, str | None]:
     """The process-wide TLS context and server name of ``use_tls`` (for raw streams)."""
     context = _default_ssl() if callable(_default_ssl) else _default_ssl
     return context, _default_server_name if context is not None else None
+
+
+def tls_io() -> str:
+    """Which TLS transport connections use: ``threads`` (the default; rustmq.tlsio, OpenSSL on a
+    thread per connection, which takes the cipher and its copies off the event loop) or
+    ``loop`` (the event loop's own TLS transport), from $RUSTMQ_TLS_IO."""
+    chosen = os.environ.get("RUSTMQ_TLS_IO", "threads")
+    if chosen not in ("threads", "loop"):
+        raise ValueError(f"RUSTMQ_TLS_IO must be 'threads' or 'loop', not {chosen!r}")
+    return chosen
 
 
 def tls_context(
@@ -207,7 +218,7 @@ class _Protocol(asyncio.BufferedProtocol):
                 "certificate (--tls-cert, --tls-key) or refused the one presented (not signed "
                 "by a CA it trusts); its log says which"))
             return
-        if exc is None and not self._connection._tls and not self._connection._answered:
+        if closed and not self._connection._tls and not self._connection._answered:
             self._connection._abort(ConnectionClosedError(
                 "connection closed by the broker before answering (if this port speaks TLS, "
                 "use --tls and --tls-ca, or tls_context() in the library)"))
@@ -245,16 +256,22 @@ class Connection:
             context, name = default_tls()
             if name:
                 extra["server_hostname"] = name
+        transport: asyncio.BaseTransport
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(connection), host, port, ssl=context, **extra), timeout
-            )
+            if context is not None and tls_io() == "threads":
+                transport, _ = await asyncio.wait_for(tlsio.open_tls_connection(
+                    host, port, context, lambda: _Protocol(connection), server_hostname=extra.get("server_hostname"),
+                    handshake_timeout=timeout), timeout)
+            else:
+                transport, _ = await asyncio.wait_for(
+                    loop.create_connection(lambda: _Protocol(connection), host, port, ssl=context, **extra), timeout
+                )
         except ssl_module.SSLError as exc:
             raise ConnectionClosedError(f"TLS handshake with {host}:{port} failed: {_tls_reason(exc)}") from exc
-        transport.set_write_buffer_limits(high=8 << 20)
+        cast(asyncio.Transport, transport).set_write_buffer_limits(high=8 << 20)
         connection._lost = loop.create_future()
         connection._tls = context is not None
-        connection._transport = transport
+        connection._transport = cast(asyncio.Transport, transport)
         token = token if token is not None else default_token()
         if token:
             try:

@@ -17,6 +17,7 @@ import socket
 import ssl
 import time
 
+from rustmq import tlsio
 from rustmq.server.broker import Broker
 from rustmq.server.connection import Connection, build_router
 from rustmq.server.tls import ReloadingContext, TlsSettings
@@ -178,12 +179,18 @@ class _TlsPort:
         listener = self._listener
         assert listener.tls is not None
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: _TlsConnection(listener, listener._broker, self._accept_simple),
-                client,
-                ssl=listener.tls.current,
-                ssl_handshake_timeout=listener.tls.settings.handshake_timeout_s,
-            )
+            if listener.tls.settings.io == "threads":
+                await tlsio.start_tls_thread(
+                    client, listener.tls.current,
+                    lambda: _TlsConnection(listener, listener._broker, self._accept_simple),
+                    server_side=True, handshake_timeout=listener.tls.settings.handshake_timeout_s)
+            else:
+                await asyncio.get_running_loop().connect_accepted_socket(
+                    lambda: _TlsConnection(listener, listener._broker, self._accept_simple),
+                    client,
+                    ssl=listener.tls.current,
+                    ssl_handshake_timeout=listener.tls.settings.handshake_timeout_s,
+                )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             listener.tls.handshake_failures += 1
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__

@@ -27,6 +27,7 @@ from typing import Final
 log = logging.getLogger(__name__)
 
 CLIENT_AUTH: Final = ("none", "optional", "required")
+TLS_IO: Final = ("threads", "loop")
 
 
 class TlsError(ValueError):
@@ -42,12 +43,15 @@ class TlsSettings:
     reload_s: float = 10.0  # how often the files are checked for a change
     peer_ca_file: Path | None = None  # CAs of the other brokers' certificates (None: the system's)
     handshake_timeout_s: float = 10.0  # a client that has not finished its handshake by then is dropped
+    io: str = "threads"  # threads: rustmq.tlsio (OpenSSL on a thread per connection); loop: the event loop's
 
     def __post_init__(self) -> None:
         if self.client_auth not in CLIENT_AUTH:
             raise ValueError(f"client_auth must be one of {', '.join(CLIENT_AUTH)}, not {self.client_auth!r}")
         if self.client_auth != "none" and self.client_ca_file is None:
             raise ValueError("client certificates need a CA file to check them against")
+        if self.io not in TLS_IO:
+            raise ValueError(f"io must be one of {', '.join(TLS_IO)}, not {self.io!r}")
         if self.reload_s <= 0:
             raise ValueError("reload_s must be positive")
 
