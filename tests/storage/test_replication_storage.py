@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
+import pytest
+
 from rustmq.protocol import batch
+from rustmq.replication.node import rebuild_off_loop
+from rustmq.storage import errors
 from rustmq.storage.config import LogConfig
 from rustmq.storage.partition import PartitionLog
 
@@ -104,3 +110,97 @@ def test_restart_at_zero_discards_a_replica_that_moved_away(tmp_path: Path) -> N
     reopened = PartitionLog.open(tmp_path, config())
     assert (reopened.start_offset, reopened.end_offset, reopened.size_bytes) == (0, 0, 0)
     reopened.close()
+
+
+def test_a_truncation_off_the_owner_thread_fences_the_partition_until_it_is_adopted(tmp_path: Path) -> None:
+    plog = PartitionLog.open(tmp_path, config())
+    for i in range(30):
+        plog.append(one(bytes(1000), count=2), leader_epoch=1 if i < 20 else 2)
+    plog.flush()
+    before_start, before_end = plog.start_offset, plog.end_offset
+    rebuild = plog.begin_truncate(41)
+    assert rebuild is not None and plog.busy
+    worker = threading.Thread(target=rebuild.run)
+    worker.start()
+    worker.join()
+    # Run, not adopted yet: the files are cut, the object still describes the old log, and
+    # nothing may read or append it; the numbers readers see are the old ones, whole.
+    assert rebuild.finished and rebuild.error is None
+    assert (plog.start_offset, plog.end_offset) == (before_start, before_end)
+    for call in (lambda: plog.append(one()), lambda: plog.read(0, 100), plog.epoch_starts, plog.roll,
+                 lambda: plog.begin_truncate(0), lambda: plog.begin_restart(100), lambda: plog.offset_for_timestamp(0)):
+        with pytest.raises(errors.PartitionBusyError):
+            call()
+    assert plog.enforce_retention(1 << 62) == 0 and plog.delete_before(1 << 62) == 0
+    assert plog.sealed_segments() == [] and not plog.flush_due(1e12)
+    plog.flush()  # syncs nothing, fails nothing
+    assert plog.finish_rebuild(rebuild) == 40 and not plog.busy
+    assert plog.epoch_starts() == [(1, 0)]
+    assert plog.append(one(), leader_epoch=3).base_offset == 40
+    assert plog.finish_rebuild(rebuild) == 41  # a second finish is a no-op
+    plog.close()
+    reopened = PartitionLog.open(tmp_path, config())
+    assert reopened.end_offset == 41 and reopened.epoch_starts() == [(1, 0), (3, 40)]
+    reopened.close()
+
+
+def test_close_during_a_rebuild_waits_for_it_and_keeps_its_result(tmp_path: Path) -> None:
+    plog = PartitionLog.open(tmp_path, config())
+    for _ in range(10):
+        plog.append(one(bytes(1000)), leader_epoch=1)
+    rebuild = plog.begin_restart(50)
+    worker = threading.Thread(target=rebuild.run)
+    worker.start()
+    plog.close()  # waits for the worker, adopts, closes
+    worker.join()
+    assert plog.finish_rebuild(rebuild) == 50  # the owner's late finish changes nothing
+    reopened = PartitionLog.open(tmp_path, config())
+    assert (reopened.start_offset, reopened.end_offset) == (50, 50)
+    reopened.close()
+
+
+def test_a_failed_rebuild_leaves_the_partition_refusing_writes(tmp_path: Path) -> None:
+    plog = PartitionLog.open(tmp_path, config())
+    for _ in range(10):
+        plog.append(one(bytes(1000)), leader_epoch=1)
+    rebuild = plog.begin_truncate(3)
+    assert rebuild is not None
+
+    def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    rebuild.work = broken
+    rebuild.run()
+    with pytest.raises(errors.StorageIOError):
+        plog.finish_rebuild(rebuild)
+    assert not plog.busy
+    with pytest.raises(errors.LogClosedError):
+        plog.append(one())
+    plog.close(clean=False)
+
+
+async def test_a_follower_truncation_keeps_the_event_loop_running(tmp_path: Path) -> None:
+    plog = PartitionLog.open(tmp_path, LogConfig().merged({"segment_bytes": 256 << 20}))
+    chunk = one(bytes(1 << 20))
+    for _ in range(96):  # 96 MiB in one segment: zeroing it and fsyncing takes a while
+        plog.append(chunk, leader_epoch=1)
+    ticks = 0
+    running = True
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while running:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    task = asyncio.get_running_loop().create_task(ticker())
+    await asyncio.sleep(0.01)
+    rebuild = plog.begin_truncate(1)
+    at_start = ticks
+    end = await rebuild_off_loop(plog, rebuild)
+    during = ticks - at_start
+    running = False
+    await task
+    assert end == 1 and plog.end_offset == 1 and not plog.busy
+    assert during >= 3, f"the loop ran {during} times while the partition was truncated"
+    plog.close()

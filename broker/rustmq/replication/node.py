@@ -16,7 +16,9 @@ Loops (each bounded by the store's api_timeout_s per call; docs/cluster.md has t
   leader and epoch), and run one fetcher per leader this broker follows.
 - fetchers: a replica FETCH (replica_id, leader_epoch, last_fetched_epoch per partition) in a
   loop; batches are appended with the leader's offsets and epochs; a ``diverging`` answer
-  truncates the local log to the leader's end of that epoch first (KIP-101/279). Replicas being
+  truncates the local log to the leader's end of that epoch first (KIP-101/279; the file work
+  on a worker thread, `rebuild_off_loop`), and every answer's ``log_start_offset`` moves the
+  local log start up to the leader's (whole segments, never above the high watermark). Replicas being
   added by a reassignment fetch within the ``reassign_bytes_per_s`` token bucket.
 
 Scaling (rustmq.cluster.reassign, docs/cluster.md "Scaling"): the controller reads the
@@ -53,6 +55,7 @@ from rustmq.server.broker import Broker
 from rustmq.server.replicated import ClusterRoles, PartitionRole
 from rustmq.storage import errors as storage_errors
 from rustmq.storage.log import validate_topic_name
+from rustmq.storage.partition import PartitionLog, Rebuild
 
 log = logging.getLogger("rustmq.replication")
 
@@ -575,7 +578,7 @@ class ClusterNode:
                 apply_local(storage, topic)
             self._applied.add(name)
             for i, plog in enumerate(local.partitions):
-                if i not in mine and plog.end_offset and not plog.closed:
+                if i not in mine and plog.end_offset and not plog.closed and not plog.busy:
                     # A replica moved away (or left over from before a restart): nothing reads
                     # it; its files go, and should it come back it copies from the leader anew.
                     self.roles.remove(name, i)
@@ -588,7 +591,10 @@ class ClusterNode:
                 role = self.roles.roles.get(key)
                 if role is None or role.plog is not local.partitions[i]:
                     role = self.roles.roles[key] = PartitionRole(name, i, local.partitions[i])
-                leader = p.leader if may_lead or p.leader != me else cstate.NO_LEADER
+                # A replica being truncated (fenced, rustmq.storage.partition) leads nothing
+                # until its log is whole again: the next sync installs the leadership.
+                usable = may_lead and not local.partitions[i].busy
+                leader = p.leader if usable or p.leader != me else cstate.NO_LEADER
                 self.roles.assign(role, leader, p.leader_epoch, p.replicas, p.isr, topic.min_insync)
                 if p.leader != me and p.leader != cstate.NO_LEADER:
                     follow.setdefault(p.leader, {})[key] = role
@@ -700,7 +706,10 @@ class ClusterNode:
         return bool(p.target) and self.settings.broker_id not in p.isr
 
     async def _fetch_once(self, connection: Connection, leader: int, parts: dict[tuple[str, int], PartitionRole]) -> None:
-        roles = list(parts.values())
+        roles = [r for r in parts.values() if not r.plog.busy]  # fenced while truncated off the loop
+        if not roles:
+            await asyncio.sleep(0.01)
+            return
         limit = self.settings.replica_fetch_max_bytes
         throttled = {id(r) for r in roles if self._being_added(r)} if self.settings.reassign_bytes_per_s > 0 else set()
         if throttled:
@@ -742,7 +751,7 @@ class ClusterNode:
                 continue  # moved away, restarted or truncated while the fetch was out: ask again
             if size and id(role) in throttled:
                 self._throttle.spent(size, time.monotonic())
-            if role.leader != leader or role.plog.closed:
+            if role.leader != leader or role.plog.closed or role.plog.busy:
                 continue  # the state moved while the fetch was out
             if entry.get("error"):
                 if entry["error"] in (ErrorCode.NOT_LEADER, ErrorCode.FENCED_LEADER_EPOCH, ErrorCode.UNKNOWN_TOPIC):
@@ -752,7 +761,7 @@ class ClusterNode:
                     # old topic): start over, empty, where the leader's log starts.
                     log.warning("%s/%d: leader %d starts at %s, after this replica's end %d: restarting there",
                                 role.topic, role.index, leader, entry["log_start_offset"], role.plog.end_offset)
-                    role.plog.restart_at(int(entry["log_start_offset"]))
+                    await rebuild_off_loop(role.plog, role.plog.begin_restart(int(entry["log_start_offset"])))
                     role.epochs = None
                 continue
             diverging = entry.get("diverging")
@@ -760,7 +769,7 @@ class ClusterNode:
                 end = min(int(diverging["end_offset"]), role.plog.end_offset)
                 log.warning("%s/%d: log diverges from leader %d after epoch %s: truncating to %d",
                             role.topic, role.index, leader, diverging["epoch"], end)
-                role.truncated(role.plog.truncate_to(end))
+                role.truncated(await rebuild_off_loop(role.plog, role.plog.begin_truncate(end)))
                 continue
             if size:
                 try:
@@ -855,6 +864,30 @@ class ClusterNode:
             return await call
         except StoreUnavailable as exc:
             raise RequestError(ErrorCode.CLUSTER_UNAVAILABLE, f"the coordination store did not answer: {exc}") from None
+
+
+async def rebuild_off_loop(plog: PartitionLog, rebuild: Rebuild | None) -> int:
+    """Run a truncation's or restart's file work (`PartitionLog.begin_truncate`/`begin_restart`)
+    on a worker thread and adopt the result here; return the new end offset. The partition is
+    fenced meanwhile (its reads and appends answer PartitionBusyError), so the loop keeps
+    serving every other partition and nobody sees a half-truncated log. Cancelled meanwhile,
+    the thread still finishes and the fence is lifted when it does (or `close` takes it over)."""
+    if rebuild is None:
+        return plog.end_offset
+    future = asyncio.get_running_loop().run_in_executor(None, rebuild.run)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda _: _finish_quietly(plog, rebuild))
+        raise
+    return plog.finish_rebuild(rebuild)
+
+
+def _finish_quietly(plog: PartitionLog, rebuild: Rebuild) -> None:
+    try:
+        plog.finish_rebuild(rebuild)
+    except storage_errors.StorageError as exc:
+        log.error("%s: rebuilding the partition failed: %s", plog.directory, exc)
 
 
 def _lead_elsewhere(topic: TopicState, avoid: frozenset[int]) -> TopicState:

@@ -47,6 +47,7 @@ _STORAGE_ERROR_CODES: tuple[tuple[type[BaseException], ErrorCode], ...] = (
     (storage_errors.TopicExistsError, ErrorCode.TOPIC_EXISTS),
     (storage_errors.InvalidConfigError, ErrorCode.INVALID_CONFIG),
     (storage_errors.LogClosedError, ErrorCode.SHUTTING_DOWN),
+    (storage_errors.PartitionBusyError, ErrorCode.LOAD_IN_PROGRESS),
     (storage_errors.StorageIOError, ErrorCode.STORAGE_ERROR),
     (storage_errors.StorageError, ErrorCode.STORAGE_ERROR),
 )

@@ -58,6 +58,11 @@ class StaleCompactionError(StorageError):
     """A compaction plan no longer matches the partition (retention or another swap moved it)."""
 
 
+class PartitionBusyError(StorageError):
+    """The partition's files are being rebuilt on a worker thread (a follower's truncation or
+    restart, `PartitionLog.begin_truncate`): nothing can be read or appended until it is done."""
+
+
 class LogClosedError(StorageError):
     """The partition or log was closed (or failed an fsync and stopped accepting writes)."""
 

@@ -20,6 +20,15 @@ the Log's background flusher); the ordering argument is spelled out at `append` 
 The segment list is mutated only under `_segments_lock`, which `flush` holds just long enough to
 snapshot it and dup the fds it will sync, never across I/O.
 
+A follower's truncation and restart (`begin_truncate`, `begin_restart`) do their file work
+(deleting segments, zeroing the cut tail, fsyncs, the re-open's recovery scan) on a worker
+thread (`Rebuild.run`) so the event loop never waits for it. Hazard: meanwhile the segments
+are closed and the files change underneath, so the partition is *fenced*: append, read, roll,
+epoch_starts and the other owner-thread operations raise PartitionBusyError (retriable),
+retention and `delete_before` delete nothing, `flush` syncs nothing (the rebuild fsyncs what
+it writes) and `close` waits for the rebuild. `finish_rebuild` (owner thread) then adopts the
+re-opened state in one step: no reader ever sees a half-truncated log.
+
 Appends take batches already validated by `batch.scan_batches` (the server does that per
 produce), re-walk their framing per batch (cheap, no CRC) and write them into the active segment
 with one pwritev, each batch's broker-owned prefix (base_offset, length, leader_epoch) freshly
@@ -139,6 +148,7 @@ class PartitionLog:
         self._flush_lock = threading.Lock()
         self._failure: errors.StorageError | None = None
         self._closed = False  # no append, read or flush is accepted any more (owner thread)
+        self._rebuild: Rebuild | None = None  # the partition is fenced while its files are rebuilt
         self._released = False  # fds and maps closed (close(), any thread after detach())
         self.flush_wakeup: Callable[[], None] | None = None  # set by a background flusher
 
@@ -402,6 +412,8 @@ class PartitionLog:
         """
         if self._closed or self._failure is not None:
             raise self._closed_error()
+        if self._rebuild is not None:
+            raise self._busy_error()
         view = memoryview(batches)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
@@ -499,6 +511,8 @@ class PartitionLog:
         """
         if self._closed:
             raise self._closed_error()
+        if self._rebuild is not None:
+            raise self._busy_error()
         end = self._end_offset
         if offset < self._bases[0] or offset > end:
             raise errors.OffsetOutOfRangeError(offset, self._bases[0], end)
@@ -525,6 +539,8 @@ class PartitionLog:
 
     def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
         """First offset of the first batch whose max_timestamp_ms >= `timestamp_ms`, or None."""
+        if self._rebuild is not None:
+            raise self._busy_error()
         for segment in self._segments:
             found = segment.offset_for_timestamp(timestamp_ms)
             if found is not None:
@@ -540,6 +556,8 @@ class PartitionLog:
         cluster mode rebuilds its epoch cache from the log itself and it can never disagree
         with what is stored. Batches without an epoch (-1) start no entry.
         """
+        if self._rebuild is not None:
+            raise self._busy_error()
         starts: list[tuple[int, int]] = []
         last = batch.NO_LEADER_EPOCH
         for segment in list(self._segments):
@@ -555,22 +573,31 @@ class PartitionLog:
 
     def truncate_to(self, offset: int) -> int:
         """Remove every batch at and after the one holding `offset`; return the new end offset.
+        All on the calling (owner) thread: `begin_truncate`, `Rebuild.run`, `finish_rebuild`."""
+        rebuild = self.begin_truncate(offset)
+        if rebuild is None:
+            return self._end_offset
+        rebuild.run()
+        return self.finish_rebuild(rebuild)
+
+    def begin_truncate(self, offset: int) -> Rebuild | None:
+        """Fence the partition and return the file work of a truncation (None: nothing to cut).
 
         For a follower whose tail diverged from its new leader (KIP-101): the cut is at a batch
         boundary at or below `offset`. Implemented as a durable cut plus a re-open: the segments
         after the cut are deleted, the data bytes after the cut are overwritten with zeros and
         fsynced, the segment's index files are dropped and the recovery point moved before it,
         then the ordinary recovery scan rebuilds the state (it trims and re-sizes the sparse
-        file within this call, on the owner thread, where no reader touches a map meanwhile).
+        file) into a fresh object that `finish_rebuild` adopts. Run `Rebuild.run` on a worker
+        thread (the file work blocks), then `finish_rebuild` on the owner thread; the partition
+        is fenced in between (module docstring).
         Hazard: views of the cut range handed out before (a fetch response still queued in a
         transport) read zeros afterwards; only replication fetches can hold such views, since
         consumers never read above the high watermark and truncation never goes below it.
-        Blocking file work: run it where the partition's owner thread may block (it is rare).
         """
-        if self._closed or self._failure is not None:
-            raise self._closed_error()
+        self._check_rebuildable()
         if offset >= self._end_offset:
-            return self._end_offset
+            return None
         offset = max(offset, self._bases[0])
         i = bisect.bisect_right(self._bases, offset) - 1
         segment = self._segments[i]
@@ -580,12 +607,12 @@ class PartitionLog:
         cut_base = segment.base_offset
         data_end = segment.size  # past it the file reads as zeros already (allocated or sparse)
         later = [s.base_offset for s in self._segments[i + 1:]]
-        wakeup = self.flush_wakeup
-        with self._flush_lock:
-            self._close_segments()
+        directory = self.directory
+
+        def cut() -> None:
             for base in later:
-                _remove_segment_files(self.directory, base)
-            path = self.directory / file_name(cut_base, LOG_SUFFIX)
+                _remove_segment_files(directory, base)
+            path = directory / file_name(cut_base, LOG_SUFFIX)
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
                 size = min(os.fstat(fd).st_size, data_end)
@@ -597,19 +624,24 @@ class PartitionLog:
             finally:
                 os.close(fd)
             for suffix in (INDEX_SUFFIX, TIME_INDEX_SUFFIX):
-                (self.directory / file_name(cut_base, suffix)).unlink(missing_ok=True)
-            recovery_point = min(_read_recovery_point(self.directory / RECOVERY_POINT_FILE), cut_base)
-            _write_durably(self.directory / RECOVERY_POINT_FILE, b"%d\n" % recovery_point)
-            (self.directory / CLEAN_SHUTDOWN_FILE).unlink(missing_ok=True)
-            self.__init__(self.directory, self.config)  # type: ignore[misc]
-            self._open()
-            self.flush_wakeup = wakeup
-        logger.warning("%s: truncated to offset %d (asked %d) to follow a new leader",
-                       self.directory, self._end_offset, offset)
-        return self._end_offset
+                (directory / file_name(cut_base, suffix)).unlink(missing_ok=True)
+            recovery_point = min(_read_recovery_point(directory / RECOVERY_POINT_FILE), cut_base)
+            _write_durably(directory / RECOVERY_POINT_FILE, b"%d\n" % recovery_point)
+            (directory / CLEAN_SHUTDOWN_FILE).unlink(missing_ok=True)
+
+        rebuild = self._rebuild = Rebuild(self, cut, f"truncated to offset %d (asked {offset}) to follow a new leader")
+        return rebuild
 
     def restart_at(self, offset: int, reuse_offsets: bool = False) -> int:
         """Drop every segment; the log goes on, empty, at `offset`. Returns the new end offset.
+        All on the calling (owner) thread, like `truncate_to`."""
+        rebuild = self.begin_restart(offset, reuse_offsets)
+        rebuild.run()
+        return self.finish_rebuild(rebuild)
+
+    def begin_restart(self, offset: int, reuse_offsets: bool = False) -> Rebuild:
+        """Fence the partition and return the file work of a restart at `offset` (as
+        `begin_truncate`: run it on a worker thread, then `finish_rebuild`).
 
         For a follower whose leader no longer holds the offsets it lacks (retention removed them
         there): it cannot append them, so it starts over at the leader's log start (Kafka's
@@ -617,35 +649,74 @@ class PartitionLog:
         current end is refused (StorageError), since readers could see one offset with two
         values; a replica that no longer belongs here (nothing reads it) is discarded with
         ``restart_at(0, reuse_offsets=True)``. The directory keeps one empty segment
-        named by `offset`, which the recovery scan takes as the log's start. Blocking file work,
-        like `truncate_to` (rare; on the owner thread).
+        named by `offset`, which the recovery scan takes as the log's start.
         """
-        if self._closed or self._failure is not None:
-            raise self._closed_error()
+        self._check_rebuildable()
         if offset < 0 or (offset < self._end_offset and not reuse_offsets):
             raise errors.StorageError(f"cannot restart at {offset}, below the end offset {self._end_offset}")
         bases = list(self._bases)
-        wakeup = self.flush_wakeup
-        with self._flush_lock:
-            self._close_segments()
+        directory = self.directory
+
+        def restart() -> None:
             # A crash in between leaves fewer segments or none: either way an empty log that
             # the follower's next fetch restarts again (nothing here was needed any more).
-            (self.directory / CLEAN_SHUTDOWN_FILE).unlink(missing_ok=True)
+            (directory / CLEAN_SHUTDOWN_FILE).unlink(missing_ok=True)
             for base in bases:
-                _remove_segment_files(self.directory, base)
-            path = self.directory / file_name(offset, LOG_SUFFIX)
+                _remove_segment_files(directory, base)
+            path = directory / file_name(offset, LOG_SUFFIX)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _write_durably(self.directory / RECOVERY_POINT_FILE, b"%d\n" % offset)
-            _fsync_directory(self.directory)
-            self.__init__(self.directory, self.config)  # type: ignore[misc]
-            self._open()
-            self.flush_wakeup = wakeup
-        logger.warning("%s: restarted empty at offset %d", self.directory, offset)
+            _write_durably(directory / RECOVERY_POINT_FILE, b"%d\n" % offset)
+            _fsync_directory(directory)
+
+        rebuild = self._rebuild = Rebuild(self, restart, "restarted empty at offset %d")
+        return rebuild
+
+    def finish_rebuild(self, rebuild: Rebuild) -> int:
+        """Owner thread, after `rebuild.run` returned: adopt the re-opened state (or, if the file
+        work failed, refuse writes until a restart, as after a failed fsync) and lift the fence.
+        Returns the new end offset. A rebuild that `close` already took over is left alone."""
+        if self._rebuild is not rebuild:
+            return self._end_offset
+        if not rebuild.finished:
+            raise errors.StorageError("finish_rebuild before the rebuild ran")
+        self._adopt(rebuild)
+        logger.warning("%s: " + rebuild.message, self.directory, self._end_offset)
         return self._end_offset
+
+    def _adopt(self, rebuild: Rebuild) -> None:
+        self._rebuild = None
+        fresh = rebuild.fresh
+        if fresh is None:
+            error = rebuild.error
+            self._failure = (errors.from_os_error(error, f"rebuilding partition {self.directory}")
+                             if isinstance(error, OSError) else
+                             error if isinstance(error, errors.StorageError) else
+                             errors.StorageIOError(f"rebuilding partition {self.directory}: {error}"))
+            logger.error("%s: %s; the partition refuses writes until restarted", self.directory, self._failure)
+            raise self._failure
+        # One step on the owner thread: every attribute but the locks (a flusher may be
+        # waiting on them) and the flusher's wake-up.
+        for name, value in vars(fresh).items():
+            if name not in ("_flush_lock", "_segments_lock", "flush_wakeup"):
+                setattr(self, name, value)
+
+    def _check_rebuildable(self) -> None:
+        if self._closed or self._failure is not None:
+            raise self._closed_error()
+        if self._rebuild is not None:
+            raise self._busy_error()
+
+    @property
+    def busy(self) -> bool:
+        """Fenced: its files are being rebuilt (module docstring)."""
+        return self._rebuild is not None
+
+    def _busy_error(self) -> errors.StorageError:
+        return errors.PartitionBusyError(f"partition {self.directory} is being rebuilt (a follower's truncation); retry")
 
     # ----------------------------------------------------------------------------- flush
 
@@ -664,6 +735,8 @@ class PartitionLog:
                 raise self._failure
             if self._closed:
                 raise self._closed_error()
+            if self._rebuild is not None:  # its segments are closed; the rebuild syncs its own work
+                return self._durable_offset
             return self._flush_locked()
 
     def _flush_locked(self) -> int:
@@ -729,7 +802,7 @@ class PartitionLog:
 
     def flush_due(self, now_monotonic: float) -> bool:
         """Whether the flush policy (or a freshly sealed segment) asks for a flush now."""
-        if self._closed or self._failure is not None:
+        if self._closed or self._failure is not None or self._rebuild is not None:
             return False
         if self._seal_generation != self._flushed_seal_generation:
             return True
@@ -756,6 +829,8 @@ class PartitionLog:
         """
         if self._closed:
             raise self._closed_error()
+        if self._rebuild is not None:
+            return 0
         config = self.config
         deleted = 0
         while len(self._segments) > 1 and config.deletes:
@@ -794,6 +869,8 @@ class PartitionLog:
         """
         if self._closed:
             raise self._closed_error()
+        if self._rebuild is not None:
+            return 0
         deleted = 0
         while len(self._segments) > 1 and self._segments[0].next_offset <= offset:
             self._delete_oldest()
@@ -812,8 +889,7 @@ class PartitionLog:
     def roll(self) -> None:
         """Seal the active segment now (if it holds anything): the next append starts a segment,
         so its first offset can become the log start by `delete_before`."""
-        if self._closed or self._failure is not None:
-            raise self._closed_error()
+        self._check_rebuildable()
         if self._active.size:
             self._roll(0)
 
@@ -828,6 +904,8 @@ class PartitionLog:
         """
         if self._closed:
             raise self._closed_error()
+        if self._rebuild is not None:
+            return []
         result = []
         for segment in self._segments[:-1]:
             if not (segment.sealed and segment.index_persisted and not segment.deleted
@@ -950,6 +1028,13 @@ class PartitionLog:
         """
         if self._released:
             return
+        rebuild = self._rebuild
+        if rebuild is not None:  # a rebuild on a worker thread: wait for it and take it over
+            rebuild.done.wait()
+            try:
+                self._adopt(rebuild)
+            except errors.StorageError:
+                clean = False
         with self._flush_lock:
             if clean and self._failure is None:
                 try:
@@ -1006,6 +1091,38 @@ class PartitionLog:
     def __repr__(self) -> str:
         return (f"PartitionLog({str(self.directory)!r}, offsets [{self.start_offset}, "
                 f"{self._end_offset}), durable {self._durable_offset})")
+
+
+class Rebuild:
+    """The file work of a truncation or restart (`PartitionLog.begin_truncate`/`begin_restart`).
+
+    `run` (any thread; once) closes the partition's segments, does the work under the flush
+    lock and re-opens the directory into a fresh PartitionLog, or records the error; then the
+    owner thread calls `PartitionLog.finish_rebuild`."""
+
+    def __init__(self, plog: PartitionLog, work: Callable[[], None], message: str) -> None:
+        self.plog = plog
+        self.work = work
+        self.message = message  # logged with the new end offset
+        self.fresh: PartitionLog | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.done.is_set()
+
+    def run(self) -> None:
+        plog = self.plog
+        try:
+            with plog._flush_lock:
+                plog._close_segments()
+                self.work()
+                self.fresh = PartitionLog.open(plog.directory, plog.config)
+        except BaseException as error:  # noqa: BLE001 - handed to the owner thread
+            self.error = error
+        finally:
+            self.done.set()
 
 
 class CompactedSegments:
