@@ -41,6 +41,7 @@ from rustmq.server.broker import Broker
 from rustmq.server.listener import Listener
 from rustmq.server.resources import ResourceGuard
 from rustmq.server.stats import BrokerStats, MaintenanceStats
+from rustmq.server.tls import ReloadingContext
 from rustmq.storage import durability
 from rustmq.storage import errors as storage_errors
 from rustmq.storage import log as storage_log
@@ -59,12 +60,15 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
     auth_settings = config.auth_settings()
     auth = AuthState(auth_settings) if auth_settings is not None else None  # AuthError: bad files, exit 2
     state = AdminState(stats=stats, auth=auth, admin_auth=config.admin_auth)
+    tls_settings = config.tls_settings()
+    tls = ReloadingContext(tls_settings) if tls_settings is not None else None  # TlsError: exit 2
     runner = web.AppRunner(make_admin_app(state), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.metrics_port, reuse_address=True)
+    admin_context = tls.admin_listener_context() if tls is not None and config.admin_tls else None
+    site = web.TCPSite(runner, config.host, config.metrics_port, reuse_address=True, ssl_context=admin_context)
     await site.start()
     metrics_port = _site_port(runner)
-    log.info("admin port listening on %s:%d", config.host, metrics_port)
+    log.info("admin port listening on %s:%d%s", config.host, metrics_port, " (HTTPS)" if admin_context else "")
 
     config.data_dir.mkdir(parents=True, exist_ok=True)
     # Before any segment is opened: the soft open-files limit up to the hard one.
@@ -98,7 +102,7 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         coordination.reschedule()
         if config.cluster_mode == "standalone":
             _ensure_default_topic(opened, config)
-        listener = Listener(broker, tls=config.tls_settings())
+        listener = Listener(broker, tls=tls)
         ports = await listener.start()
         broker.ports["metrics"] = metrics_port
         if config.cluster_mode == "kubernetes":

@@ -81,6 +81,7 @@ class BrokerConfig:
     tls_reload_s: float = 10.0  # how often the TLS files are checked for a change
     tls_peer_ca_file: Path | None = None  # cluster mode: CAs of the other brokers' certificates
     tls_io: str = "threads"  # threads: OpenSSL on a thread per connection; loop: the event loop's TLS
+    admin_tls: bool = False  # the admin/metrics port speaks HTTPS too (the tls_* certificate, reloaded)
     # Authentication, ACLs and quotas (docs/security.md): on when a token or ACL file is given.
     auth_token_file: Path | None = None  # "<principal>:scrypt$..." lines; reloaded when it changes
     auth_acl_file: Path | None = None  # YAML policy: default, super_users, rules, quotas; reloaded
@@ -144,6 +145,8 @@ class BrokerConfig:
         if self.tls_cert_file is None and (self.tls_client_ca_file is not None or self.tls_peer_ca_file is not None
                                            or self.tls_client_auth != "none"):
             raise ConfigError("tls_client_ca_file, tls_peer_ca_file and tls_client_auth need TLS (tls_cert_file and tls_key_file)")
+        if self.admin_tls and self.tls_cert_file is None:
+            raise ConfigError("admin_tls needs TLS (tls_cert_file and tls_key_file)")
         try:
             self.tls_settings()
         except ValueError as exc:

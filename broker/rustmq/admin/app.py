@@ -26,7 +26,9 @@ for ``Authorization: Bearer <principal>:<secret>`` (a token of the token file): 
 (POST, PATCH, DELETE) needs an authenticated principal the policy allows ``cluster alter`` (401
 without a token or with a wrong one, 403 for a principal without it); with ``admin_auth: all``
 ``/metrics`` and the GET routes need ``cluster describe`` too. ``/healthz`` and ``/readyz``
-stay open (the kubelet's probes carry no token).
+stay open (the kubelet's probes carry no token). With ``admin_tls`` the port speaks HTTPS (the
+broker's certificate, reloaded with it) and a request without a bearer token runs as the
+principal of its verified client certificate, if it presented one.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from rustmq.auth.acl import ANONYMOUS
 from rustmq.protocol import api
 from rustmq.protocol.api import ErrorCode, RequestError
 from rustmq.server import topic_admin
-from rustmq.server.authz import AuthState
+from rustmq.server.authz import AuthState, cert_principal
 from rustmq.server.broker import Broker, error_code_for
 from rustmq.server.stats import BrokerStats
 
@@ -136,19 +138,29 @@ async def _authorize(request: web.Request, handler: Any) -> web.StreamResponse:
         return await handler(request)
     principal = ANONYMOUS
     header = request.headers.get("Authorization", "")
-    if header:
+    certified = _certificate_principal(request, auth)
+    if certified is not None and not header:
+        principal = certified  # admin_tls with a client certificate from tls_client_ca_file
+    elif header:
         scheme, _, token = header.partition(" ")
         found = await auth.authenticate(token.strip()) if scheme.lower() == "bearer" else None
         if found is None:
             return _unauthenticated("the bearer token was refused (unknown principal or wrong secret)")
         principal = found
     elif write:
-        return _unauthenticated("this endpoint needs an admin principal: send Authorization: Bearer <token>")
+        return _unauthenticated("this endpoint needs an admin principal: send Authorization: Bearer <token>"
+                                " (or, with admin_tls, a client certificate)")
     verb = "alter" if write else "describe"
     if not auth.policy.allowed(principal, "cluster", "*", verb):
         auth.authorization_failures += 1
         return _error(ErrorCode.AUTHORIZATION_FAILED, f"principal {principal} may not {verb} the cluster")
     return await handler(request)
+
+
+def _certificate_principal(request: web.Request, auth: AuthState) -> str | None:
+    transport = request.transport
+    peercert = transport.get_extra_info("peercert") if transport is not None else None
+    return cert_principal(peercert, auth.settings.cert_principal)
 
 
 def _unauthenticated(message: str) -> web.Response:

@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 class Listener:
     """Both TCP listeners of one broker and the set of their open connections."""
 
-    def __init__(self, broker: Broker, tls: TlsSettings | None = None) -> None:
+    def __init__(self, broker: Broker, tls: TlsSettings | ReloadingContext | None = None) -> None:
         self._broker = broker
-        self.tls = ReloadingContext(tls) if tls is not None else None
+        self.tls = ReloadingContext(tls) if isinstance(tls, TlsSettings) else tls
         self._tls_watch: asyncio.Task[None] | None = None
         self._settings = broker.settings
         self._servers: dict[str, asyncio.Server | _TlsPort] = {}

@@ -1,4 +1,5 @@
-"""TLS for the producer and consumer ports: contexts from files, reloaded when the files change.
+"""TLS for the producer and consumer ports (and, with ``admin_tls``, the admin/metrics port):
+contexts from files, reloaded when the files change.
 
 The listener accepts plain TCP and upgrades each connection with ``loop.start_tls`` and the
 context that is *current* at that moment (rather than giving create_server a context fixed at
@@ -72,6 +73,19 @@ def build_context(settings: TlsSettings) -> ssl.SSLContext:
     return context
 
 
+def build_admin_context(settings: TlsSettings) -> ssl.SSLContext:
+    """The admin/metrics port's server context (``admin_tls``): the same certificate; client
+    certificates are asked for but optional whatever ``client_auth`` says (the kubelet's probes
+    and most scrapers present none), and a verified one names the request's principal."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.cert_file, settings.key_file)
+    if settings.client_ca_file is not None:
+        context.load_verify_locations(cafile=settings.client_ca_file)
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
 def build_peer_context(settings: TlsSettings) -> ssl.SSLContext:
     """The client side of broker-to-broker connections (replica fetches): other brokers'
     certificates are checked against ``peer_ca_file`` and the name dialled (their internal
@@ -104,6 +118,7 @@ class ReloadingContext:
         try:
             self.current = build_context(settings)
             self.peer = build_peer_context(settings)
+            self.admin = build_admin_context(settings)
         except (OSError, ssl.SSLError) as exc:  # at start-up a broken file is an error
             raise TlsError(
                 f"cannot load the TLS certificate {settings.cert_file} and key {settings.key_file}"
@@ -124,14 +139,28 @@ class ReloadingContext:
         try:
             fresh = await asyncio.to_thread(build_context, self.settings)
             peer = await asyncio.to_thread(build_peer_context, self.settings)
+            admin = await asyncio.to_thread(build_admin_context, self.settings)
         except (OSError, ssl.SSLError, ValueError) as exc:
             self.failures += 1
             log.error("TLS files changed but do not load (%s); still serving the previous certificate", exc)
             return False
-        self.current, self.peer = fresh, peer
+        self.current, self.peer, self.admin = fresh, peer, admin
         self.reloads += 1
         log.info("TLS certificate reloaded from %s; new connections use it", self.settings.cert_file)
         return True
+
+    def admin_listener_context(self) -> ssl.SSLContext:
+        """A context for a server that takes one fixed context (aiohttp's site): at each
+        ClientHello it hands the connection over to the admin context current then, so the
+        admin port follows reloads like the other ports (OpenSSL calls this hook for every
+        ClientHello, with a server name or without)."""
+        base = build_admin_context(self.settings)
+
+        def current(connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+            connection.context = self.admin
+
+        base.sni_callback = current
+        return base
 
     async def watch(self) -> None:
         """Check the files every ``reload_s`` until cancelled."""
