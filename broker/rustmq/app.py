@@ -34,6 +34,7 @@ from rustmq.client import connection
 from rustmq.config import BrokerConfig
 from rustmq.coordination.service import CoordinationLimits, Coordinator
 from rustmq.kube import KubeStore
+from rustmq.replication.holds import RetentionHolds
 from rustmq.replication.node import ClusterNode, ClusterSettings
 from rustmq.server import coordination_handlers
 from rustmq.server.authz import AuthError, AuthState
@@ -115,10 +116,13 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> None
         state.broker = broker
         state.ready = True
         _report_ready(config, {**ports, "metrics": metrics_port})
+        holds = RetentionHolds(broker.cluster, opened) if broker.cluster is not None else None
         retention = asyncio.get_running_loop().create_task(
-            _enforce_retention(opened, coordinator, config.retention_check_s, broker.stats.maintenance))
+            _enforce_retention(opened, coordinator, config.retention_check_s, broker.stats.maintenance, holds))
         await stop.wait()
         retention.cancel()
+        if holds is not None:
+            holds.close()
         log.info("shutting down")
         state.ready = False
         if coordination is not None:
@@ -166,18 +170,25 @@ async def _start_cluster_node(config: BrokerConfig, broker: Broker) -> ClusterNo
 
 
 async def _enforce_retention(opened: storage_log.Log, coordinator: Coordinator, interval_s: float,
-                             stats: MaintenanceStats) -> None:
+                             stats: MaintenanceStats, holds: RetentionHolds | None = None) -> None:
     """Every interval_s: delete expired segments, then compact the topics that ask for it.
 
     Runs on the loop thread (the log's owner thread). Retention respects each topic's "keep
-    until consumed" floor from the coordinator. Compaction decides and writes the new segment
+    until consumed" floor from the coordinator (cluster mode: `holds`, the floors the partition
+    leaders learn from the groups' coordinators before each pass; rustmq.replication.holds). Compaction decides and writes the new segment
     files on a worker thread (sealed segments never change) and swaps them in here, one
     partition at a time.
     """
     states: dict[tuple[str, int], compaction.CompactionState] = {}
-    floor = _retention_floor(coordinator)
+    floor = _retention_floor(coordinator) if holds is None else holds.floor
     while True:
         await asyncio.sleep(interval_s)
+        if holds is not None:  # cluster mode: the held partitions' floors from their groups' coordinators
+            try:
+                await holds.refresh()
+            except Exception:
+                log.exception("asking the coordinators for retention holds failed; holding")
+                holds.floors = {}
         try:
             deleted = opened.enforce_retention(int(time.time() * 1000), floor)
         except Exception:

@@ -13,10 +13,11 @@ What is refused in cluster mode, and why (``unsafe_in_cluster``):
 - ``cleanup_policy`` compact or compact,delete. Compaction leaves gaps between the offsets of
   the batches it keeps, and a follower appends its leader's batches at its own log end: a
   follower fetching a compacted range would hold the records at other offsets than its leader.
-- ``retain_until_consumed_by`` / ``retain_until_settled``. The hold is evaluated from the group
-  offsets and queue state of the broker doing the retention, which in cluster mode are not (yet)
-  the same on every replica: a follower could delete what a group has not read, and lose it for
-  good once it leads.
+- ``retain_until_settled``. The hold is evaluated from the queue state of the broker doing the
+  retention, which in cluster mode is not (yet) the same on every replica: a follower could
+  delete what a subscription has not settled, and lose it for good once it leads.
+  (``retain_until_consumed_by`` works: the partition leader asks the groups' coordinators and
+  followers follow its log start, rustmq.replication.holds.)
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def unsafe_in_cluster(config: LogConfig) -> str | None:
     if config.compacted:
         return ("cleanup_policy compact is not available in cluster mode yet: followers cannot "
                 "replicate the offset gaps compaction leaves (docs/cluster.md)")
-    if config.retain_until_consumed_by or config.retain_until_settled:
-        return ("retention holds (retain_until_consumed_by, retain_until_settled) are not available in "
-                "cluster mode yet: group and queue state is not the same on every replica (docs/cluster.md)")
+    if config.retain_until_settled:
+        return ("retain_until_settled is not available in cluster mode yet: queue state is not the same "
+                "on every replica (docs/cluster.md); retain_until_consumed_by is")
     return None
 
 
