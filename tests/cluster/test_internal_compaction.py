@@ -169,3 +169,69 @@ def test_the_internal_topic_stays_bounded_and_loses_no_commit(compacting_cluster
                      "the restarted broker leads the partition", timeout=60, topics=[INTERNAL])
     for group in groups:
         assert served(cluster, behind, group) == expected[group], group
+
+
+@pytest.fixture
+def uncompacted_cluster(tmp_path: Path, kubeconfig: Path) -> Any:
+    import clusterproc
+
+    # The largest threshold: nothing is compacted, so a new coordinator replays everything.
+    cluster = clusterproc.BrokerCluster(tmp_path, kubeconfig, clusterproc.create_namespace(kubeconfig), 3,
+                                        env={"RUSTMQ_COORDINATION_COMPACT_BYTES": str(1 << 30)})
+    try:
+        yield cluster.start_all()
+    finally:
+        cluster.stop_all()
+
+
+@pytest.mark.timeout(300)
+def test_a_long_replay_runs_in_steps_while_the_broker_serves_others(uncompacted_cluster: BrokerCluster) -> None:
+    cluster = uncompacted_cluster
+    cluster.wait_for(in_sync(INTERNAL), "the internal coordination topic", timeout=60, topics=[INTERNAL])
+    answer = call(cluster, 0, {"api": int(ApiKey.CREATE_TOPIC), "topic": TOPIC, "partitions": TOPIC_PARTITIONS})
+    assert answer["error"] == 0, answer
+    cluster.wait_for(in_sync(TOPIC), f"{TOPIC} in sync", topics=[TOPIC])
+    found = call(cluster, 0, {"api": int(ApiKey.FIND_COORDINATOR), "group": "team-0"})
+    index, coordinator = found["partition"], found["coordinator"]
+    group = groups_of(index, 1)[0]
+
+    # ~32 KiB per commit (4 KiB of metadata on each of 8 partitions): 600 commits are ~20 MB
+    # of internal partition, which the next coordinator reads back in 1 MiB steps.
+    metadata = "m" * 4000
+    client = RawClient(cluster.brokers[coordinator].consumer_port, timeout=20)
+    try:
+        for r in range(600):
+            offsets = [[TOPIC, p, r + p] for p in range(TOPIC_PARTITIONS)]
+            done = client.call({"api": int(ApiKey.COMMIT_OFFSETS), "group": group, "offsets": offsets,
+                                "metadata": metadata})[0]
+            assert done["error"] == 0, done
+    finally:
+        client.close()
+    expected = {(TOPIC, p): 599 + p for p in range(TOPIC_PARTITIONS)}
+
+    cluster.kill(coordinator)
+    cluster.wait_for(lambda m: m["topics"][0]["partitions"][index]["leader"] not in (-1, coordinator),
+                     "a new coordinator", timeout=40, topics=[INTERNAL])
+    new = cluster.partition(INTERNAL, index)["leader"]
+    fetch = RawClient(cluster.brokers[new].consumer_port, timeout=20)
+    other = RawClient(cluster.brokers[new].producer_port, timeout=20)
+    loading = served_meanwhile = 0
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            answer = fetch.call({"api": int(ApiKey.FETCH_OFFSETS), "group": group})[0]
+            if answer["error"] != ErrorCode.LOAD_IN_PROGRESS:
+                break
+            loading += 1
+            assert time.monotonic() < deadline, "the replay did not finish"
+            # The same broker answers other requests while it replays.
+            assert other.call({"api": int(ApiKey.METADATA), "topics": [TOPIC]})[0]["error"] == 0
+            served_meanwhile += 1
+    finally:
+        fetch.close()
+        other.close()
+    assert answer["error"] == 0, answer
+    assert {(t, p): o for t, p, o in answer["offsets"]} == expected
+    assert loading >= 1 and served_meanwhile >= 1, (loading, served_meanwhile)
+    replayed = [line for line in cluster.brokers[new].log().splitlines() if "bytes replayed" in line]
+    print(f"LOAD_IN_PROGRESS answers: {loading}, other requests served meanwhile: {served_meanwhile}; {replayed}")
