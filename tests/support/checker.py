@@ -65,3 +65,54 @@ class History:
             "examples": {"lost": [v.decode() for v in lost[:5]], "duplicated": [v.decode() for v in duplicated[:5]],
                          "inconsistent": [list(k) for k in inconsistent[:5]], "wrong_offset": [v.decode() for v in wrong_offset[:5]]},
         }
+
+
+@dataclass
+class QueueHistory:
+    """Deliveries of a shared queue subscription, for lost and duplicated deliveries.
+
+    ``published`` values are acknowledged produces (unique values); ``delivered`` records each
+    delivery (value, consumer, attempt); ``acked`` the values whose ack the broker confirmed,
+    with the number of deliveries seen before the confirmation; ``released`` values whose lease
+    the test let expire, nacked, or that were in flight when the coordinator died (each such
+    event allows one more delivery). ``check`` reports:
+
+    - lost: a published value never delivered;
+    - duplicated: a value delivered more often than 1 + its releases (two consumers got it at
+      once, or it came again though nothing released it);
+    - after_ack: a value delivered again after its ack was confirmed (an ack the cluster lost).
+    """
+
+    published: set[bytes] = field(default_factory=set)
+    deliveries: dict[bytes, list[str]] = field(default_factory=lambda: defaultdict(list))
+    acked: dict[bytes, int] = field(default_factory=dict)
+    released: dict[bytes, int] = field(default_factory=lambda: defaultdict(int))
+
+    def publish(self, value: bytes) -> None:
+        self.published.add(value)
+
+    def deliver(self, value: bytes, consumer: str) -> None:
+        self.deliveries[value].append(consumer)
+
+    def ack_confirmed(self, value: bytes) -> None:
+        self.acked.setdefault(value, len(self.deliveries[value]))
+
+    def release(self, value: bytes) -> None:
+        self.released[value] += 1
+
+    def in_flight(self) -> list[bytes]:
+        """Delivered, not acked (their lease may be held right now)."""
+        return [v for v in self.deliveries if v not in self.acked]
+
+    def check(self) -> dict[str, Any]:
+        lost = sorted(v for v in self.published if not self.deliveries.get(v))
+        duplicated = sorted(v for v, got in self.deliveries.items() if len(got) > 1 + self.released.get(v, 0))
+        after_ack = sorted(v for v, seen in self.acked.items() if len(self.deliveries[v]) > seen)
+        return {
+            "published": len(self.published), "delivered": len(self.deliveries),
+            "deliveries": sum(len(got) for got in self.deliveries.values()), "acked": len(self.acked),
+            "lost": len(lost), "duplicated": len(duplicated), "after_ack": len(after_ack),
+            "examples": {"lost": [v.decode() for v in lost[:5]],
+                         "duplicated": [[v.decode(), self.deliveries[v]] for v in duplicated[:5]],
+                         "after_ack": [v.decode() for v in after_ack[:5]]},
+        }

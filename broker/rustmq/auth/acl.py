@@ -227,6 +227,8 @@ def requirements(api_key: int, header: dict[str, Any]) -> list[Need]:
                  for entry in offsets}
         verb = "alter" if header.get("member_id") is None else "consume"
         return [("group", group, verb), *(_topic(name, "consume") for name in sorted(names))]
+    if api_key == ApiKey.FIND_COORDINATOR and header.get("key_type") == "queue":
+        return [_topic(_str(header, "topic"), "describe")]
     if api_key in (ApiKey.FETCH_OFFSETS, ApiKey.DESCRIBE_GROUP, ApiKey.FIND_COORDINATOR):
         return [("group", _str(header, "group"), "describe")]
     if api_key in (ApiKey.QUEUE_FETCH, ApiKey.QUEUE_ACK, ApiKey.QUEUE_NACK, ApiKey.QUEUE_EXTEND):

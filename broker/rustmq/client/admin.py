@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from rustmq.client.connection import Connection, parse_address
-from rustmq.protocol.api import EARLIEST, LATEST, ApiKey
+from rustmq.client.errors import BrokerError, ConnectionClosedError
+from rustmq.client.routing import backoff
+from rustmq.protocol.api import EARLIEST, LATEST, ApiKey, ErrorCode
 
 
 class Admin:
@@ -93,14 +96,44 @@ class Admin:
         default_priority, ttl_ms (None: no TTL), max_delay_ms; `reset` names settings to drop
         back to the inherited value. Durable once this returns; returns what describe_queue does.
         """
-        return await self._call(ApiKey.QUEUE_CONFIGURE, topic=topic, subscription=subscription,
-                                set=settings, reset=list(reset))
+        return await self._queue_call(ApiKey.QUEUE_CONFIGURE, topic=topic, subscription=subscription,
+                                      set=settings, reset=list(reset))
 
     async def describe_queue(self, topic: str, subscription: str | None = None) -> dict[str, Any]:
         """Broker defaults, topic and subscription overrides, effective settings; with a
         subscription also per-partition state (ack floor, in flight, counters), without one the
         topic's subscription names."""
-        return await self._call(ApiKey.QUEUE_DESCRIBE, topic=topic, subscription=subscription)
+        return await self._queue_call(ApiKey.QUEUE_DESCRIBE, topic=topic, subscription=subscription)
+
+    async def _queue_call(self, api: ApiKey, *, topic: str, **fields: Any) -> dict[str, Any]:
+        """A queue request at the coordinator of the topic's subscriptions: this broker when it
+        is (or in standalone mode); else, against a cluster, the one FIND_COORDINATOR names,
+        retried with backoff while it moves (NOT_COORDINATOR) until the timeout."""
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        attempt = 0
+        while True:
+            try:
+                return await self._call(api, topic=topic, **fields)
+            except BrokerError as exc:
+                if exc.code is not ErrorCode.NOT_COORDINATOR:
+                    raise
+                last: Exception = exc
+            try:
+                found = await self._call(ApiKey.FIND_COORDINATOR, key_type="queue", topic=topic)
+                coordinator = await Connection.open(found["host"], found["producer_port"], timeout=self._timeout)
+                try:
+                    response = await coordinator.request({"api": int(api), "topic": topic, **fields}, timeout=self._timeout)
+                finally:
+                    coordinator.close()
+                return {k: v for k, v in response.header.items() if k not in ("corr", "error")}
+            except (BrokerError, ConnectionClosedError, OSError, TimeoutError) as exc:
+                if isinstance(exc, BrokerError) and exc.code is not ErrorCode.NOT_COORDINATOR:
+                    raise
+                last = exc
+            if asyncio.get_running_loop().time() > deadline:
+                raise last
+            await asyncio.sleep(backoff(attempt))
+            attempt += 1
 
     async def list_offset(self, topic: str, partition: int, at: int | str) -> int:
         """Offset at 'earliest', 'latest' or a timestamp in ms (first offset at or after it)."""

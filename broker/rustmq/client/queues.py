@@ -21,23 +21,34 @@ event-loop pass leave together as one QUEUE_ACK per partition (offset ranges), t
 clients group acknowledgements. ``await msg.ack()`` waits until the broker made it durable;
 a loop that awaits every ack therefore pays one round trip and one journal fsync per message.
 ``ack_many``/``nack_many`` settle a given set with one request per partition and report counts.
+
+Against a cluster (METADATA says ``cluster``) the consumer talks to the coordinator of the
+topic's queue subscriptions, found with FIND_COORDINATOR (``key_type: "queue"``; the leader of
+the topic's partition of the internal topic, docs/cluster.md). NOT_COORDINATOR, a lost
+connection or a timeout find the coordinator again and retry with backoff until
+``timeout_s`` (fetches, acks, nacks and extends; an ack is idempotent, so a retried one is at
+worst counted as a duplicate). After a failover the records this consumer held leased are
+delivered again (leases are not replicated); acked ones are not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, NamedTuple
 
 from rustmq.client.connection import Connection, Response, check, parse_address, response_within
+from rustmq.client.errors import BrokerError
 from rustmq.client.producer import Producer, RecordMetadata
+from rustmq.client.routing import Routes, backoff, retriable
 from rustmq.client.sync import SyncClient
 from rustmq.protocol import batch as record_batch
 from rustmq.protocol import records
-from rustmq.protocol.api import ApiKey
+from rustmq.protocol.api import ApiKey, ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +113,8 @@ class QueueConsumer:
     def __init__(self, bootstrap: str = "localhost:9092", topic: str = "default", subscription: str = "default", *,
                  partition: int | None = None, max_messages: int = 500, ack_wait_ms: int | None = None,
                  max_wait_ms: int = 500, timeout_s: float = 30.0) -> None:
-        self.host, self.port = parse_address(bootstrap)
+        self.bootstrap = bootstrap
+        self.host, self.port = parse_address(bootstrap.split(",")[0].strip())
         self.topic = topic
         self.subscription = subscription
         self.partition = partition
@@ -120,15 +132,109 @@ class QueueConsumer:
         self._ack_group_done: asyncio.Future[None] | None = None
         self._acks_in_flight: set[asyncio.Future[None]] = set()
         self.ack_failures = 0  # grouped acks the broker did not confirm (the records come again)
+        self.clustered = False
+        self._routes: Routes | None = None
+        self._generation = 0  # bumped whenever the connections move to a (new) coordinator
+        self._moving: asyncio.Lock | None = None
+        self.coordinator_moves = 0
+        self._ack_tasks: set[asyncio.Task[list[Response]]] = set()
 
     async def start(self) -> QueueConsumer:
-        self._connection = await Connection.open(self.host, self.port)
         try:
-            self._settle_connection = await Connection.open(self.host, self.port)
+            self._routes = Routes(self.bootstrap, timeout=self.timeout_s)
+            await self._routes.metadata([])
+            self.clustered = self._routes.clustered
+            self._moving = asyncio.Lock()
+            if self.clustered:
+                await self._connect_coordinator()
+                return self
+            host, port = self._routes._answered
+            self._routes.close()
+            self._routes = None
+            self._connection = await Connection.open(host, port)
+            self._settle_connection = await Connection.open(host, port)
         except BaseException:
-            self._connection.close()
+            for connection in (self._connection, self._settle_connection):
+                if connection is not None:
+                    connection.close()
+            if self._routes is not None:
+                self._routes.close()
             raise
         return self
+
+    # -- cluster: the coordinator ---------------------------------------------------------------
+
+    @staticmethod
+    def _retriable(exc: BaseException) -> bool:
+        return retriable(exc, True) or (isinstance(exc, BrokerError) and exc.code == ErrorCode.NOT_COORDINATOR)
+
+    async def _connect_coordinator(self) -> None:
+        """(Re)open both connections at the coordinator of the topic's queue subscriptions,
+        retried with backoff until timeout_s while it moves or is not elected yet."""
+        assert self._routes is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        attempt = 0
+        while True:
+            try:
+                connection = await self._routes.any_connection()
+                found = (await connection.request({"api": int(ApiKey.FIND_COORDINATOR), "key_type": "queue",
+                                                   "topic": self.topic}, timeout=self.timeout_s)).header
+                address = (found["host"], found["consumer_port"])
+                fetch = await Connection.open(*address, timeout=min(self.timeout_s, 10.0))
+                try:
+                    settle = await Connection.open(*address, timeout=min(self.timeout_s, 10.0))
+                except BaseException:
+                    fetch.close()
+                    raise
+                break
+            except Exception as exc:
+                if not self._retriable(exc) or loop.time() > deadline:
+                    raise
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
+                with contextlib.suppress(Exception):
+                    await self._routes.metadata([])  # the broker asked may be the one that died
+        for old in (self._connection, self._settle_connection):
+            if old is not None:
+                old.close()
+        self._connection, self._settle_connection = fetch, settle
+        self._buffer.clear()  # leased by the old connection: they come again
+        self._generation += 1
+
+    async def _moved(self, generation: int, error: BaseException) -> None:
+        """A request made on connections of `generation` failed retriably: move to the
+        coordinator again unless another request did so meanwhile."""
+        assert self._moving is not None
+        async with self._moving:
+            if self._generation != generation:
+                return
+            log.warning("queue %s/%s: coordinator lost (%s); finding it again", self.topic, self.subscription, error)
+            self.coordinator_moves += 1
+            await self._connect_coordinator()
+
+    async def _request(self, header: dict[str, Any], timeout: float, *, settle: bool) -> Response:
+        """A request on the fetch (or settle) connection; against a cluster retried at the
+        (new) coordinator until timeout_s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        attempt = 0
+        while True:
+            generation = self._generation
+            connection = self._settle_connection if settle else self._connection
+            assert connection is not None, "call start() first"
+            try:
+                return check(await response_within(connection.send(dict(header)), timeout))  # type: ignore[arg-type]
+            except Exception as exc:
+                if not self.clustered or not self._retriable(exc) or loop.time() > deadline:
+                    raise
+                if isinstance(exc, BrokerError) and exc.code != ErrorCode.NOT_COORDINATOR:
+                    await asyncio.sleep(backoff(attempt))  # LOAD_IN_PROGRESS and the like: same coordinator
+                    attempt += 1
+                    continue
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
+                await self._moved(generation, exc)
 
     async def close(self) -> None:
         """Send the acks still grouped, wait for the ones in flight (up to timeout_s), then close
@@ -140,6 +246,8 @@ class QueueConsumer:
             self._connection.close()
         if self._settle_connection is not None:
             self._settle_connection.close()
+        if self._routes is not None:
+            self._routes.close()
         self._buffer.clear()
 
     async def __aenter__(self) -> QueueConsumer:
@@ -166,7 +274,10 @@ class QueueConsumer:
             header["partition"] = self.partition
         if self.ack_wait_ms is not None:
             header["ack_wait_ms"] = self.ack_wait_ms
-        response = await self._connection.request(header, timeout=self.timeout_s + wait / 1000)
+        if self.clustered:
+            response = await self._request(header, self.timeout_s + wait / 1000, settle=False)
+        else:
+            response = await self._connection.request(header, timeout=self.timeout_s + wait / 1000)
         return self._decode(response.header["deliveries"], memoryview(response.payload))
 
     def _decode(self, deliveries: list[dict[str, Any]], payload: memoryview) -> list[QueueMessage]:
@@ -246,6 +357,12 @@ class QueueConsumer:
             return
         self._acks_in_flight.add(group)
         group.add_done_callback(self._ack_group_settled)
+        if self.clustered:  # retried at the (new) coordinator: an ack may be sent again
+            task = asyncio.get_running_loop().create_task(self._settle_offsets(ApiKey.QUEUE_ACK, by_partition, {}))
+            self._ack_tasks.add(task)
+            task.add_done_callback(self._ack_tasks.discard)
+            task.add_done_callback(lambda done: _settle_group(group, done))
+            return
         try:
             assert self._settle_connection is not None, "call start() first"
             futures = []
@@ -270,6 +387,8 @@ class QueueConsumer:
         by_partition: dict[int, list[int]] = {}
         for message in messages:
             by_partition.setdefault(message.partition, []).append(message.offset)
+        if self.clustered:
+            return [r.header for r in await self._settle_offsets(api, by_partition, extra)]
         futures = []
         for partition, offsets in by_partition.items():
             header = {"api": int(api), "subscription": self.subscription, "topic": self.topic, "partition": partition,
@@ -279,6 +398,14 @@ class QueueConsumer:
             futures.append(future)
         responses = [check(await response_within(f, self.timeout_s)) for f in futures]
         return [r.header for r in responses]
+
+
+    async def _settle_offsets(self, api: ApiKey, by_partition: dict[int, list[int]], extra: dict[str, Any]) -> list[Response]:
+        """Cluster: one settle request per partition, each retried at the (new) coordinator."""
+        return list(await asyncio.gather(*(
+            self._request({"api": int(api), "subscription": self.subscription, "topic": self.topic,
+                           "partition": partition, "ranges": _ranges(offsets), **extra}, self.timeout_s, settle=True)
+            for partition, offsets in by_partition.items())))
 
 
 def _settle_group(group: asyncio.Future[None], responses: asyncio.Future[list[Response]]) -> None:

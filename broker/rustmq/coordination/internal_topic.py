@@ -35,5 +35,12 @@ def partition_for(key: str, partitions: int) -> int:
     return crc32c.crc32c(key.encode()) % partitions
 
 
+def queue_key(topic: str) -> str:
+    """The key the queue subscriptions of `topic` are coordinated under. A topic name is
+    [a-zA-Z0-9._-] only, so the NUL-led prefix keeps these keys apart from every topic and
+    from every group id a client can send (FIND_COORDINATOR names the kind of key besides)."""
+    return f"\x00queue\x00{topic}"
+
+
 def is_internal(topic: str) -> bool:
     return topic.startswith(INTERNAL_PREFIX)

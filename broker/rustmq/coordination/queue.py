@@ -393,10 +393,14 @@ class QueueSubscription:
 
     # ------------------------------------------------------------------------------- settling
 
-    def ack(self, offsets: Iterable[int]) -> AckResult:
-        """Acknowledge offsets (any order). Unknown offsets raise QueueError before any change."""
+    def ack(self, offsets: Iterable[int], known_end: int | None = None) -> AckResult:
+        """Acknowledge offsets (any order). Unknown offsets raise QueueError before any change.
+
+        `known_end` (cluster mode: the partition's high watermark as the coordinator knows it)
+        accepts acks of records not offered here yet: a new coordinator after a failover gets
+        the acks of records its predecessor delivered before it has read that far itself."""
         offsets = offsets if isinstance(offsets, (list, range, tuple)) else list(offsets)
-        next_offset = self.next_offset
+        next_offset = self.next_offset if known_end is None else max(self.next_offset, known_end)
         if offsets and (max(offsets) >= next_offset or min(offsets) < 0):
             raise QueueError(f"ack of an offset never delivered (known offsets end at {next_offset})")
         floor = self.ack_floor
@@ -863,7 +867,7 @@ class QueueStore:
     Compaction writes every override map again.
     """
 
-    def __init__(self, journal: Journal, settings: QueueSettings) -> None:
+    def __init__(self, journal: Journal | SharedJournal, settings: QueueSettings) -> None:
         self.journal = journal
         self.settings = settings
         self.subscriptions: dict[tuple[str, str, int], QueueSubscription] = {}
@@ -873,13 +877,28 @@ class QueueStore:
     @classmethod
     def open(cls, directory: Path, settings: QueueSettings | None = None, *,
              compact_bytes: int = DEFAULT_COMPACT_BYTES) -> QueueStore:
-        store = cls(Journal.open(directory, compact_bytes=compact_bytes),
-                    settings or QueueSettings())
-        for key, value in store.journal.replay():
+        journal = Journal.open(directory, compact_bytes=compact_bytes)
+        store = cls(journal, settings or QueueSettings())
+        for key, value in journal.replay():
             store._apply(key, value)
-        for (subscription, topic, _), state in store.subscriptions.items():
-            state.settings = store.settings_for(subscription, topic)
+        store.replayed()
         return store
+
+    def apply(self, key: bytes, value: bytes | None) -> None:
+        """Apply one journal entry (replay of a journal shared with other stores); call
+        `replayed` after the last one."""
+        self._apply(key, value)
+
+    def replayed(self) -> None:
+        """After a replay: every subscription gets its merged settings."""
+        for (subscription, topic, _), state in self.subscriptions.items():
+            state.settings = self.settings_for(subscription, topic)
+
+    def subscription_names(self) -> set[tuple[str, str]]:
+        """Every (subscription, topic) with state or settings here."""
+        names = {(s, t) for s, t, _ in self.subscriptions}
+        names.update((s, t) for s, t in self.overrides if s is not None)
+        return names
 
     def get(self, subscription: str, topic: str, partition: int, *, start_offset: int = 0,
             settings: QueueSettings | None = None) -> QueueSubscription:
@@ -1010,11 +1029,18 @@ class QueueStore:
         self.journal.maybe_compact(self._live_entries, now_ms)
         return last
 
+    def has_changes(self) -> bool:
+        return bool(self._changed)
+
     def flush(self) -> int:
         return self.journal.flush()
 
     def close(self, clean: bool = True) -> None:
         self.journal.close(clean)
+
+    def live_entries(self) -> list[Entry]:
+        """The store's state as entries (a compaction's snapshot)."""
+        return self._live_entries()
 
     def _live_entries(self) -> list[Entry]:
         entries = [_overrides_entry(subscription, topic, values)
@@ -1053,6 +1079,49 @@ class QueueStore:
             state.restore(state.ack_floor, ranges, dict(failures))
         else:
             raise ValueError(f"unknown queue state record kind {kind!r}")
+
+
+SHARED_KEY_KIND: Final = 3  # offsets use 1 and producer names 2 on the internal partition
+
+
+class SharedJournal:
+    """A QueueStore's view of a journal shared with other stores (cluster mode: a partition of
+    the internal topic, which also holds committed offsets ``[1, ...]`` and producer names
+    ``[2, name]``): every key is wrapped as msgpack ``[3, key]``, so replay can tell the
+    stores' entries apart (`is_queue_key`, `unwrap_key`)."""
+
+    def __init__(self, journal: Any) -> None:
+        self.inner = journal
+
+    @staticmethod
+    def is_queue_key(key: bytes) -> bool:
+        decoded = msgpack.unpackb(key)
+        return isinstance(decoded, list) and len(decoded) == 2 and decoded[0] == SHARED_KEY_KIND
+
+    @staticmethod
+    def unwrap_key(key: bytes) -> bytes:
+        return bytes(msgpack.unpackb(key)[1])
+
+    @staticmethod
+    def wrap(entries: Iterable[Entry]) -> list[Entry]:
+        return [(msgpack.packb([SHARED_KEY_KIND, key]), value) for key, value in entries]
+
+    def append(self, entries: Sequence[Entry], now_ms: int) -> int:
+        return int(self.inner.append(self.wrap(entries), now_ms))
+
+    def position(self) -> Any:
+        return self.inner.position()
+
+    def maybe_compact(self, live: Any, now_ms: int) -> bool:
+        """Let the shared journal compact if due: its snapshot is its owner's live state of
+        every store (rustmq.server.group_stores.PartitionStores), not this store's `live`."""
+        return bool(self.inner.maybe_compact(live, now_ms))
+
+    def flush(self) -> int:
+        return int(self.inner.flush())
+
+    def close(self, clean: bool = True) -> None:
+        """The shared journal belongs to its owner: nothing to close here."""
 
 
 def _snapshot_entry(state: QueueSubscription) -> Entry:

@@ -1,8 +1,9 @@
 """The storage side of queue delivery: feed a QueueSubscription from a partition log, read the
 batches of a delivery, write dead letters, and build replays.
 
-Synchronous calls on `rustmq.storage.partition.PartitionLog` only (run them on the thread that
-owns the logs, the server's event loop). What the server still does itself: send the views,
+Synchronous calls on a `RecordSource`: a `rustmq.storage.partition.PartitionLog` (run them on the
+thread that owns the logs, the server's event loop), or in cluster mode a coordinator's window
+of a partition it holds no replica of (rustmq.server.queue_sources). What the server still does itself: send the views,
 wait for durability (`Broker.when_durable` with the returned partition and offset) and persist
 queue state after the dead letters are durable.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from rustmq.coordination import queue
 from rustmq.protocol import batch, records
@@ -31,7 +32,19 @@ assert all(name.encode().startswith(_DELIVERY_HEADER_PREFIX) for name in
 _DELIVERY_HEADER_MARK: Final = re.compile(re.escape(_DELIVERY_HEADER_PREFIX))
 
 
-def fill(sub: queue.QueueSubscription, partition: PartitionLog, now_ms: int,
+class RecordSource(Protocol):
+    """What a queue reads a partition's records from (PartitionLog's reading side)."""
+
+    @property
+    def start_offset(self) -> int: ...
+
+    @property
+    def end_offset(self) -> int: ...
+
+    def read(self, offset: int, max_bytes: int) -> Any: ...
+
+
+def fill(sub: queue.QueueSubscription, partition: RecordSource, now_ms: int,
          max_bytes: int = READ_CHUNK_BYTES, end_offset: int | None = None) -> int:
     """Offer the subscription the records after `sub.next_offset`, up to its lookahead room and
     about `max_bytes` of batches; returns how many records were offered.
@@ -88,7 +101,7 @@ def fill(sub: queue.QueueSubscription, partition: PartitionLog, now_ms: int,
     return offered
 
 
-def read_delivery(partition: PartitionLog, delivery: queue.Delivery,
+def read_delivery(partition: RecordSource, delivery: queue.Delivery,
                   max_bytes: int = READ_CHUNK_BYTES) -> list[memoryview]:
     """Zero-copy views of the batches holding a delivery's ranges, and no others (whole batches:
     the client keeps only the leased offsets). Release the views once sent."""
@@ -128,7 +141,7 @@ def _batches_before(view: memoryview, end: int) -> tuple[memoryview | None, int 
     return view, None
 
 
-def read_record(partition: PartitionLog, offset: int) -> list[Any]:
+def read_record(partition: RecordSource, offset: int) -> list[Any]:
     """The decoded record ([timestamp_delta, key, value, headers]) at `offset`, with the
     timestamp delta made absolute (first_timestamp_ms + delta)."""
     fetched = partition.read(offset, 1)
@@ -149,7 +162,7 @@ def read_record(partition: PartitionLog, offset: int) -> list[Any]:
 
 
 def write_dead_letters(letters: Sequence[queue.DeadLetter], subscription: str,
-                       source: PartitionLog, dlq: PartitionLog, now_ms: int
+                       source: RecordSource, dlq: PartitionLog, now_ms: int
                        ) -> AppendResult | None:
     """Append the dead letters (one batch) to the DLQ partition; None when there are none.
 
@@ -158,6 +171,12 @@ def write_dead_letters(letters: Sequence[queue.DeadLetter], subscription: str,
     """
     if not letters:
         return None
+    return dlq.append(dead_letter_batch(letters, subscription, source))
+
+
+def dead_letter_batch(letters: Sequence[queue.DeadLetter], subscription: str, source: RecordSource) -> bytes:
+    """The dead letters of `letters` (not empty) as one batch (cluster mode: placed on the DLQ
+    partition's leader with acks=all before the subscription records them as done)."""
     dead: list[list[object]] = []
     first_ts = None
     for letter in letters:
@@ -170,8 +189,7 @@ def write_dead_letters(letters: Sequence[queue.DeadLetter], subscription: str,
     for record in dead:
         record[0] = int(record[0]) - first_ts  # type: ignore[call-overload]
     body = records.encode_body(dead)
-    return dlq.append(batch.build_batch(body, record_count=len(dead),
-                                        first_timestamp_ms=first_ts, max_timestamp_ms=max_ts))
+    return batch.build_batch(body, record_count=len(dead), first_timestamp_ms=first_ts, max_timestamp_ms=max_ts)
 
 
 def replay_batches(dead: Sequence[Sequence[Any]], now_ms: int) -> dict[str, bytes]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -102,6 +102,25 @@ class GroupStores(Protocol):
         """Partitions of a topic in the cluster state (0: no such topic)."""
         ...
 
+    def queues_for(self, topic: str) -> queue.QueueStore:
+        """The queue state of every subscription of `topic` (as `store_for`, under the key
+        `internal_topic.queue_key(topic)`)."""
+        ...
+
+    def queue_stores(self) -> list[queue.QueueStore]:
+        """The queue stores of the partitions this broker leads now."""
+        ...
+
+    def check_queue_store(self, store: queue.QueueStore) -> None:
+        """NotCoordinatorError unless this broker still leads the store's partition at the epoch
+        it was built at; NOT_ENOUGH_REPLICAS when its in-sync replicas could not take a write."""
+        ...
+
+    def queue_source(self, subscription: str, topic: str, partition: int) -> tuple[queue_log.RecordSource, int]:
+        """Where a subscription reads the partition's records and how far (its high
+        watermark): this broker's replica, or a window fetched from the partition's leader."""
+        ...
+
 
 class LimitReachedError(Exception):
     """A new group or subscription beyond the broker's limit (nothing was created)."""
@@ -114,12 +133,28 @@ class CoordinationLimits(NamedTuple):
     max_subscriptions: int = 10_000  # distinct (subscription, topic) pairs with state or settings
 
 
+class Placement(NamedTuple):
+    """Cluster mode: a dead-letter batch to place on the DLQ topic's partition leader."""
+
+    topic: str  # the DLQ topic (created cluster-wide if missing)
+    partition: int  # the origin partition (the DLQ partition is this modulo its partition count)
+    partitions: int  # the origin topic's partition count (the DLQ topic is created with as many)
+    batch: bytes
+    record_count: int
+
+
 class DeadLetterWrite(NamedTuple):
-    """Dead letters appended to a DLQ partition, not yet settled in their subscription."""
+    """Dead letters appended to a DLQ partition (standalone: `durable`) or to be placed on its
+    leader (cluster mode: `placement`), not yet settled in their subscription."""
 
     sub: queue.QueueSubscription
     letters: list[queue.DeadLetter]
-    durable: Durable
+    durable: Durable | None
+    placement: Placement | None = None
+
+
+# What a persist gives to wait for: one position (standalone), one per store (cluster mode).
+Durables = Durable | list[Durable] | None
 
 
 class QueueFetch(NamedTuple):
@@ -138,10 +173,9 @@ class Coordinator:
         self.queues = queues
         self.producer_ids = producer_ids
         self.groups = group_mod.GroupCoordinator(self._partition_count, incarnation)
-        # Cluster mode: where the committed offsets of each group live (None: `offsets`), and
-        # how far a queue may read a partition (its high watermark here; None: the log end).
+        # Cluster mode: where committed offsets, producer names and queue state live (None:
+        # this broker's own journals, `offsets`, `queues`, `_names`).
         self.group_stores: GroupStores | None = None
-        self.visible_end: Callable[[str, int], int] | None = None
         self._names: ProducerNames | None = None  # standalone: set by `open`
         self._producer_states: dict[TopicPartition, tuple[PartitionLog, ProducerStateTable]] = {}
         self._producer_snapshots = producer_snapshots
@@ -317,42 +351,89 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------- queues
 
+    def queues_for(self, topic: str) -> queue.QueueStore:
+        """The store of the topic's queue subscriptions (cluster mode: NotCoordinatorError when
+        another broker coordinates them)."""
+        if self.group_stores is None:
+            return self.queues
+        return self.group_stores.queues_for(topic)
+
+    def _queue_stores(self) -> list[queue.QueueStore]:
+        return [self.queues] if self.group_stores is None else self.group_stores.queue_stores()
+
+    def _source(self, subscription: str, topic: str, partition: int) -> tuple[queue_log.RecordSource, int | None]:
+        """Where a queue reads the partition and up to where (None: the log end)."""
+        if self.group_stores is None:
+            return self._partition(topic, partition), None
+        count = self.group_stores.partition_count(topic)
+        if count == 0:
+            raise errors.UnknownTopicError(topic)
+        if not 0 <= partition < count:
+            raise UnknownPartitionError(f"topic {topic!r} has {count} partitions; there is no partition {partition}")
+        return self.group_stores.queue_source(subscription, topic, partition)
+
     def subscription(self, subscription: str, topic: str, partition: int
                      ) -> queue.QueueSubscription:
-        plog = self._partition(topic, partition)
-        self._check_subscription(subscription, topic)
-        return self.queues.get(subscription, topic, partition, start_offset=plog.start_offset)
+        source, _ = self._source(subscription, topic, partition)
+        store = self.queues_for(topic)
+        state = store.subscriptions.get((subscription, topic, partition))
+        if state is not None:
+            return state
+        self._check_subscription(subscription, topic, store)
+        return store.get(subscription, topic, partition, start_offset=source.start_offset)
 
-    def _check_subscription(self, subscription: str | None, topic: str) -> None:
+    def _check_subscription(self, subscription: str | None, topic: str, store: queue.QueueStore) -> None:
         """LimitReachedError for a new (subscription, topic) beyond max_subscriptions."""
-        if subscription is None or (subscription, topic) in self._subscription_names:
+        if subscription is None:
             return
-        if len(self._subscription_names) >= self.limits.max_subscriptions:
+        if self.group_stores is None:
+            names = self._subscription_names
+        else:  # the subscriptions this broker coordinates now
+            if (subscription, topic) in store.subscription_names():
+                return
+            names = set().union(*(s.subscription_names() for s in self._queue_stores()))
+        if (subscription, topic) in names:
+            return
+        if len(names) >= self.limits.max_subscriptions:
             raise LimitReachedError(
                 f"the broker allows {self.limits.max_subscriptions} queue subscriptions (max_subscriptions)")
-        self._subscription_names.add((subscription, topic))
+        names.add((subscription, topic))
 
     def queue_fetch(self, now_ms: int, subscription: str, topic: str, partition: int,
                     consumer: str, max_messages: int, ack_wait_ms: int | None = None
                     ) -> QueueFetch | None:
-        plog = self._partition(topic, partition)
+        source, limit = self._source(subscription, topic, partition)
         sub = self.subscription(subscription, topic, partition)
-        limit = self.visible_end(topic, partition) if self.visible_end is not None else None
-        queue_log.fill(sub, plog, now_ms, end_offset=limit)
+        queue_log.fill(sub, source, now_ms, end_offset=limit)
         delivery = sub.acquire(now_ms, consumer, max_messages, ack_wait_ms)
         self._dead_letter(now_ms, sub, sub.take_dead_letters())
         if delivery is None:
             return None
-        return QueueFetch(delivery, queue_log.read_delivery(plog, delivery))
+        return QueueFetch(delivery, queue_log.read_delivery(source, delivery))
+
+    def ack(self, subscription: str, topic: str, partition: int, offsets: Sequence[int]) -> queue.AckResult:
+        """Apply an ack in memory (persisted by the next `persist_store`). Cluster mode: acks of
+        records this coordinator has not read yet are taken up to the partition's high
+        watermark (acks a previous coordinator delivered); one above it waits (LoadInProgress)."""
+        sub = self.subscription(subscription, topic, partition)
+        if self.group_stores is None:
+            return sub.ack(offsets)
+        _, limit = self._source(subscription, topic, partition)
+        assert limit is not None
+        if offsets and max(offsets) >= max(sub.next_offset, limit):
+            raise CoordinatorLoadingError(
+                f"ack of offset {max(offsets)} of {topic}/{partition}: this coordinator has seen the partition "
+                f"up to {max(sub.next_offset, limit)} so far; retry")
+        return sub.ack(offsets, known_end=limit)
 
     def queue_ack(self, now_ms: int, subscription: str, topic: str, partition: int,
-                  offsets: Sequence[int]) -> tuple[queue.AckResult, Durable | None]:
-        result = self.subscription(subscription, topic, partition).ack(offsets)
+                  offsets: Sequence[int]) -> tuple[queue.AckResult, Durables]:
+        result = self.ack(subscription, topic, partition, offsets)
         return result, self.persist(now_ms)
 
     def queue_nack(self, now_ms: int, subscription: str, topic: str, partition: int,
                    offsets: Sequence[int], delay_ms: int = 0, reason: str = "nack"
-                   ) -> Durable | None:
+                   ) -> Durables:
         sub = self.subscription(subscription, topic, partition)
         self._dead_letter(now_ms, sub, sub.nack(now_ms, offsets, delay_ms, reason))
         return self.persist(now_ms)
@@ -362,39 +443,82 @@ class Coordinator:
         return self.subscription(subscription, topic, partition).extend(now_ms, offsets,
                                                                         ack_wait_ms)
 
+    def _check_topic(self, topic: str) -> None:
+        if self.group_stores is None:
+            self.log.topic(topic)  # UnknownTopicError
+        elif self.group_stores.partition_count(topic) == 0:
+            raise errors.UnknownTopicError(topic)
+
     def configure_queue(self, now_ms: int, topic: str, subscription: str | None,
                         values: Mapping[str, object], reset: Sequence[str] = ()
                         ) -> tuple[dict[str, object], Durable]:
         """Set or reset settings overrides (subscription None: for every subscription of the
         topic); returns the new description and the journal position to wait for."""
-        self.log.topic(topic)  # UnknownTopicError: overrides of a topic that does not exist
-        self._check_subscription(subscription, topic)
-        self.queues.configure(now_ms, topic, subscription, values, reset)
-        return self.queues.describe(topic, subscription), Durable(*self.queues.journal.position())
+        self._check_topic(topic)  # overrides of a topic that does not exist
+        store = self.queues_for(topic)
+        if self.group_stores is not None:
+            self.group_stores.check_queue_store(store)
+        self._check_subscription(subscription, topic, store)
+        store.configure(now_ms, topic, subscription, values, reset)
+        return store.describe(topic, subscription), Durable(*store.journal.position())
 
     def describe_queue(self, topic: str, subscription: str | None) -> dict[str, object]:
-        self.log.topic(topic)
-        return self.queues.describe(topic, subscription)
+        self._check_topic(topic)
+        return self.queues_for(topic).describe(topic, subscription)
 
-    def consumer_gone(self, now_ms: int, consumer: str) -> Durable | None:
+    def consumer_gone(self, now_ms: int, consumer: str) -> Durables:
         """A queue consumer disconnected: its leases fail (count towards max deliveries)."""
-        for sub in list(self.queues.subscriptions.values()):
-            self._dead_letter(now_ms, sub, sub.release_consumer(now_ms, consumer))
+        for store in self._queue_stores():
+            for sub in list(store.subscriptions.values()):
+                self._dead_letter(now_ms, sub, sub.release_consumer(now_ms, consumer))
         return self.persist(now_ms)
 
-    def persist(self, now_ms: int) -> Durable | None:
-        if self.queues.persist(now_ms) is None:
-            return None
-        return Durable(*self.queues.journal.position())
+    def persist(self, now_ms: int) -> Durables:
+        """Journal the changes of every queue store; standalone the position to wait for (None:
+        nothing changed), in cluster mode one per store written."""
+        if self.group_stores is None:
+            if self.queues.persist(now_ms) is None:
+                return None
+            return Durable(*self.queues.journal.position())
+        durables = []
+        for store in self.group_stores.queue_stores():
+            if store.has_changes():
+                try:
+                    durable = self.persist_store(now_ms, store)
+                except Exception as error:  # kept in memory: the next persist retries
+                    logger.warning("queue state not persisted now: %s", error)
+                    continue
+                if durable is not None:
+                    durables.append(durable)
+        return durables
+
+    def persist_store(self, now_ms: int, store: queue.QueueStore) -> Durable | None:
+        """Journal one store's changes; the position to wait for covers everything it journaled
+        before too (cluster mode: a change journaled by an earlier persist may not be
+        replicated yet). NotCoordinatorError / NOT_ENOUGH_REPLICAS: nothing written, the
+        changes stay for a later persist."""
+        if self.group_stores is None:
+            return None if store.persist(now_ms) is None else Durable(*store.journal.position())
+        self.group_stores.check_queue_store(store)
+        store.persist(now_ms)
+        return Durable(*store.journal.position())
 
     def _dead_letter(self, now_ms: int, sub: queue.QueueSubscription,
                      letters: list[queue.DeadLetter]) -> None:
         """Append the dead letters to the DLQ (page cache only); the done marks wait until the
-        append is durable (`take_dead_letter_writes`). A failed append is retried later."""
+        append is durable (`take_dead_letter_writes`). A failed append is retried later.
+        Cluster mode: build the batch; the server places it on the DLQ partition's leader
+        (acks=all) before the done marks are made."""
         if not letters:
             return
         name = queue.dead_letter_topic(sub.topic, sub.subscription)
         try:
+            if self.group_stores is not None:
+                source, _ = self._source(sub.subscription, sub.topic, sub.partition)
+                built = queue_log.dead_letter_batch(letters, sub.subscription, source)
+                placement = Placement(name, sub.partition, self._partition_count(sub.topic) or 1, built, len(letters))
+                self._dlq_writes.append(DeadLetterWrite(sub, letters, None, placement))
+                return
             try:
                 dlq_topic = self.log.topic(name)
             except errors.UnknownTopicError:
@@ -402,7 +526,7 @@ class Coordinator:
             dlq = dlq_topic.partitions[sub.partition % len(dlq_topic.partitions)]
             written = queue_log.write_dead_letters(letters, sub.subscription,
                                                    self._partition(sub.topic, sub.partition), dlq, now_ms)
-        except (errors.StorageError, OSError, UnknownPartitionError) as error:
+        except (errors.StorageError, OSError, UnknownPartitionError, NotCoordinatorError, CoordinatorLoadingError) as error:
             logger.error("dead letters of %s/%s/%d not written (%s); retrying in %d ms",
                          sub.subscription, sub.topic, sub.partition, error, queue.DLQ_RETRY_MS)
             sub.dead_letters_failed(now_ms, letters)
@@ -427,8 +551,12 @@ class Coordinator:
         write.sub.dead_letters_failed(now_ms, write.letters)
 
     def flush_dead_letters(self, now_ms: int = 0) -> None:
-        """Blocking: make every pending DLQ append durable and settle it (shutdown, tests)."""
+        """Blocking: make every pending DLQ append durable and settle it (shutdown, tests).
+        Cluster mode: placements not made are dropped (their records stay pending and are
+        delivered again by the next coordinator: at-least-once)."""
         for write in self.take_dead_letter_writes():
+            if write.durable is None:
+                continue
             try:
                 write.durable.partition.flush()
             except (errors.StorageError, OSError) as error:
@@ -439,16 +567,18 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------- timers
 
-    def tick(self, now_ms: int) -> Durable | None:
+    def tick(self, now_ms: int) -> Durables:
         """Expire group sessions and queue leases; handle dead letters; persist."""
         self.groups.expire(now_ms)
-        for sub in list(self.queues.subscriptions.values()):
-            self._dead_letter(now_ms, sub, sub.expire_leases(now_ms))
+        for store in self._queue_stores():
+            for sub in list(store.subscriptions.values()):
+                self._dead_letter(now_ms, sub, sub.expire_leases(now_ms))
         return self.persist(now_ms)
 
     def next_deadline_ms(self) -> int | None:
         times = [t for t in (self.groups.next_deadline_ms(),
-                             *(s.next_deadline_ms() for s in self.queues.subscriptions.values()))
+                             *(s.next_deadline_ms() for store in self._queue_stores()
+                               for s in store.subscriptions.values()))
                  if t is not None]
         return min(times, default=None)
 
@@ -564,7 +694,7 @@ class Coordinator:
         return {
             "group_lag": {g: {f"{t}/{p}": lag for (t, p), lag in self.group_lag(g).items()}
                           for g in self.list_groups()},
-            "queues": [s.describe() for s in self.queues.subscriptions.values()],
+            "queues": [s.describe() for store in self._queue_stores() for s in store.subscriptions.values()],
         }
 
 

@@ -50,6 +50,7 @@ from rustmq.cluster.store import Conflict, LeaseRecord, ObjectStore, StoreUnavai
 from rustmq.coordination import internal_topic
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.replication.forward import Forwarder
+from rustmq.replication.queue_sources import RemoteWindow
 from rustmq.replication.topics import TopicChanges, apply_local, check_config
 from rustmq.server.broker import Broker
 from rustmq.server.replicated import ClusterRoles, PartitionRole
@@ -111,7 +112,7 @@ class ClusterNode:
         coordination = getattr(broker, "coordination", None)
         if coordination is not None:
             self.roles.became_leader = coordination.coordinator.forget_producer_state
-            coordination.use_cluster(self.roles)
+            coordination.use_cluster(self.roles, RemoteWindow)
         broker.cluster = self.roles
         self.topics: dict[str, TopicState] = {}
         self.members: dict[int, dict[str, Any]] = {}
@@ -778,7 +779,10 @@ class ClusterNode:
                     log.warning("%s/%d: unusable batches from leader %d (%s); fetching again", role.topic, role.index, leader, exc)
                     continue
                 role.note_epochs(chunk)
-            role.high_watermark = max(role.high_watermark, min(int(entry.get("high_watermark", 0)), role.plog.end_offset))
+            high_watermark = max(role.high_watermark, min(int(entry.get("high_watermark", 0)), role.plog.end_offset))
+            if high_watermark > role.high_watermark:
+                role.high_watermark = high_watermark
+                self.broker._wake(role.plog)  # a queue coordinator reading this replica delivers up to it
             # Follow the leader's log start (Kafka's follower does the same): whole segments
             # below it go, never above this replica's high watermark (a compacted coordination
             # partition, a retention hold the leader decided; docs/cluster.md).

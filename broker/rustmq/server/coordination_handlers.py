@@ -31,15 +31,22 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from rustmq.coordination import internal_topic, queue_log
 from rustmq.coordination import queue as queue_mod
-from rustmq.coordination import queue_log
 from rustmq.coordination.producers import ProducerRebuild, Verdict
-from rustmq.coordination.service import PRODUCER_REBUILD_STEP_BYTES, Coordinator, DeadLetterWrite, Durable
+from rustmq.coordination.queue import QueueStore
+from rustmq.coordination.service import (
+    PRODUCER_REBUILD_STEP_BYTES,
+    Coordinator,
+    DeadLetterWrite,
+    Durable,
+    Durables,
+)
 from rustmq.protocol import api, frames, records
 from rustmq.protocol import batch as record_batch
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from rustmq.server.broker import Produced, error_code_for
-from rustmq.server.group_stores import ClusterGroupStores
+from rustmq.server.group_stores import ClusterGroupStores, WindowFactory
 from rustmq.server.responder import Responder
 from rustmq.storage import errors as storage_errors
 
@@ -66,7 +73,11 @@ class CoordinationService:
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due_ms: int | None = None
-        self._persist_waiters: list[Callable[[BaseException | None], None]] = []
+        # Waiters for the next persist of each queue store (cluster mode: one per internal
+        # partition led), answered once that store's journal position is durable/replicated.
+        self._persist_waiters: dict[int, tuple[QueueStore, list[Callable[[BaseException | None], None]]]] = {}
+        self._persist_scheduled = False
+        self._placements: set[asyncio.Task[None]] = set()
         self._queue_waits: set[_QueueWait] = set()
         self._heartbeat_waits: set[_HeartbeatWait] = set()
         self._consumer_ids: dict[Responder, str] = {}
@@ -77,11 +88,12 @@ class CoordinationService:
         self._closed = False
         self.group_stores: ClusterGroupStores | None = None  # cluster mode: groups on the internal topic
 
-    def use_cluster(self, roles: ClusterRoles) -> None:
-        """Cluster mode: groups and committed offsets move to the replicated internal topic."""
-        self.group_stores = ClusterGroupStores(self.broker, self.coordinator, roles)
+    def use_cluster(self, roles: ClusterRoles, windows: WindowFactory | None = None) -> None:
+        """Cluster mode: groups, committed offsets and queue state move to the replicated
+        internal topic; `windows` makes the windows a queue coordinator reads partitions it holds
+        no replica of through (rustmq.replication.queue_sources)."""
+        self.group_stores = ClusterGroupStores(self.broker, self.coordinator, roles, self.wake_queues, windows)
         self.coordinator.group_stores = self.group_stores
-        self.coordinator.visible_end = self.group_stores.high_watermark
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -97,6 +109,10 @@ class CoordinationService:
         for task in self._producer_rebuilds.values():
             task.cancel()
         self._producer_rebuilds.clear()
+        for placement in self._placements:
+            placement.cancel()
+        if self.group_stores is not None:
+            self.group_stores.close()
         self.coordinator.give_back_dead_letter_writes(self._dlq_in_flight)
         self._dlq_in_flight = []
         if self._timer is not None:
@@ -189,16 +205,21 @@ class CoordinationService:
 
     # -- durability ----------------------------------------------------------------------------
 
-    def _request_fsync(self, durable: Durable | None) -> None:
+    def _request_fsync(self, durable: Durables) -> None:
+        if isinstance(durable, list):  # cluster mode: replicated, nothing to ask for
+            return
         if durable is not None:
             try:
                 self.broker.when_durable(durable.partition, durable.offset, _ignore)
             except Exception:  # the committer is closed (shutdown): close() flushes the journals
                 pass
 
-    def when_durable(self, durable: Durable | None, done: Callable[[BaseException | None], None]) -> None:
+    def when_durable(self, durable: Durables, done: Callable[[BaseException | None], None]) -> None:
         if durable is None:
             done(None)
+            return
+        if isinstance(durable, list):
+            _when_all(durable, done, self.when_durable)
             return
         if self.group_stores is not None:
             role = self.group_stores.replicated_role(durable.partition)
@@ -220,6 +241,7 @@ class CoordinationService:
             return False
         self._dlq_in_flight.extend(writes)
         remaining = [len(writes)]
+        stores: dict[int, queue_mod.QueueSubscription] = {}  # one subscription per store touched
 
         def one_done(write: DeadLetterWrite, error: BaseException | None) -> None:
             if self._closed:
@@ -231,40 +253,100 @@ class CoordinationService:
                 log.error("dead letters not durable (%s); retrying in %d ms", error, queue_mod.DLQ_RETRY_MS)
                 self.coordinator.dead_letters_failed(_now_ms(), write)
             remaining[0] -= 1
+            stores[id(write.sub.changed)] = write.sub
             if remaining[0] == 0:
-                self.after_persist(then or _ignore)
+                subs = list(stores.values())
+                _when_all(subs, then or _ignore, self._persist_sub)
                 self.wake_queues()
                 self.reschedule()
 
         for write in writes:
-            self.when_durable(write.durable, functools.partial(one_done, write))
+            if write.placement is not None:
+                task = self._loop.create_task(self._place(write, functools.partial(one_done, write)))
+                self._placements.add(task)
+                task.add_done_callback(self._placements.discard)
+            else:
+                self.when_durable(write.durable, functools.partial(one_done, write))
         return True
 
-    def after_persist(self, done: Callable[[BaseException | None], None]) -> None:
-        """Persist the queue state at the end of this loop pass (shared), then done(error)."""
-        self._persist_waiters.append(done)
-        if len(self._persist_waiters) == 1:
+    async def _place(self, write: DeadLetterWrite, done: Callable[[BaseException | None], None]) -> None:
+        """Cluster mode: put a dead-letter batch on its DLQ partition's leader with acks=all
+        (the DLQ topic is created cluster-wide first if it does not exist: the origin's
+        partition count, the cluster's default replication factor), then done(error)."""
+        placement = write.placement
+        assert placement is not None
+        roles = self.broker.cluster
+        try:
+            state = roles.topics.get(placement.topic)
+            if state is None:
+                try:
+                    await roles.admin.create_topic(placement.topic, placement.partitions, {}, None, None)
+                except RequestError as exc:
+                    if exc.code is not ErrorCode.TOPIC_EXISTS:
+                        raise
+                    await roles.admin.refresh()
+                state = roles.topics.get(placement.topic)
+                if state is None:
+                    raise RequestError(ErrorCode.UNKNOWN_TOPIC, f"{placement.topic} was created but is not in the state yet")
+            index = placement.partition % len(state.partitions)
+            await roles.placer.place(placement.topic, index, placement.batch, placement.record_count)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            done(exc)
+            return
+        done(None)
+
+    def after_persist(self, store: QueueStore, done: Callable[[BaseException | None], None]) -> None:
+        """Persist the store's queue state at the end of this loop pass (shared), then
+        done(error) once everything it journaled is durable (cluster mode: replicated)."""
+        entry = self._persist_waiters.get(id(store))
+        if entry is None:
+            self._persist_waiters[id(store)] = (store, [done])
+        else:
+            entry[1].append(done)
+        if not self._persist_scheduled:
+            self._persist_scheduled = True
             self._loop.call_soon(self._persist_now)
 
     def _persist_now(self) -> None:
-        waiters, self._persist_waiters = self._persist_waiters, []
-        if not waiters:
-            return
+        self._persist_scheduled = False
+        waiting, self._persist_waiters = self._persist_waiters, {}
+        for store, waiters in waiting.values():
+            try:
+                durable = self.coordinator.persist_store(_now_ms(), store)
+            except Exception as exc:
+                translated = _translate(exc)
+                if not isinstance(translated, RequestError):
+                    log.exception("persisting queue state failed")
+                    self.broker.note_write_failure(exc, "the queue state journal",
+                                                   sticky=not isinstance(exc, storage_errors.StorageFullError))
+                for done in waiters:
+                    done(translated)
+                continue
+            self.when_durable(durable, functools.partial(_call_all, waiters))
+
+    def _persist_sub(self, sub: queue_mod.QueueSubscription, done: Callable[[BaseException | None], None]) -> None:
+        """after_persist for the store holding `sub`."""
         try:
-            durable = self.coordinator.persist(_now_ms())
+            store = self.coordinator.queues_for(sub.topic)
         except Exception as exc:
-            log.exception("persisting queue state failed")
-            self.broker.note_write_failure(exc, "the queue state journal",
-                                           sticky=not isinstance(exc, storage_errors.StorageFullError))
-            for done in waiters:
-                done(exc)
+            done(_translate(exc))
             return
+        if store.subscriptions.get((sub.subscription, sub.topic, sub.partition)) is not sub:
+            done(RequestError(ErrorCode.NOT_COORDINATOR, "the subscription's coordinator changed"))
+            return
+        self.after_persist(store, done)
 
-        def all_done(error: BaseException | None) -> None:
-            for done in waiters:
-                done(error)
-
-        self.when_durable(durable, all_done)
+    def check_topic(self, name: str) -> int:
+        """The topic's partition count (cluster mode: from the cluster state, for the queue
+        coordinator need not hold a replica); UNKNOWN_TOPIC if there is no such topic."""
+        if self.group_stores is None:
+            return len(self.broker.topic(name).partitions)
+        count = self.group_stores.partition_count(name)
+        if count == 0:
+            raise RequestError(ErrorCode.UNKNOWN_TOPIC, f"unknown topic {name!r}")
+        return count
 
     # -- wake-ups ------------------------------------------------------------------------------
 
@@ -280,10 +362,11 @@ class CoordinationService:
     # -- queue fetch ---------------------------------------------------------------------------
 
     def queue_fetch(self, consumer: str, request: QueueFetchRequest) -> tuple[list[dict[str, Any]], list[memoryview], int]:
-        topic = self.broker.topic(request.topic)
-        count = len(topic.partitions)
+        count = self.check_topic(request.topic)
         if request.partition is not None:
-            self.broker.partition_log(topic, request.partition)
+            if request.partition >= count:
+                raise RequestError(ErrorCode.UNKNOWN_PARTITION,
+                                   f"topic {request.topic!r} has {count} partitions; there is no partition {request.partition}")
             order = [request.partition]
         else:
             key = (request.subscription, request.topic)
@@ -328,6 +411,31 @@ class CoordinationService:
 def _ignore(error: BaseException | None) -> None:
     if error is not None:
         log.error("journal flush failed: %s", error)
+
+
+def _call_all(waiters: list[Callable[[BaseException | None], None]], error: BaseException | None) -> None:
+    for done in waiters:
+        done(error)
+
+
+def _when_all(items: list[Any], done: Callable[[BaseException | None], None],
+              wait: Callable[[Any, Callable[[BaseException | None], None]], None]) -> None:
+    """done(first error or None) once wait(item, callback) has called back for every item."""
+    if not items:
+        done(None)
+        return
+    remaining = [len(items)]
+    failure: list[BaseException] = []
+
+    def one(error: BaseException | None) -> None:
+        if error is not None and not failure:
+            failure.append(error)
+        remaining[0] -= 1
+        if remaining[0] == 0:
+            done(failure[0] if failure else None)
+
+    for item in items:
+        wait(item, one)
 
 
 # -------------------------------------------------------------------------------- requests
@@ -665,13 +773,20 @@ def _list_groups(conn: Responder, service: CoordinationService, corr: int, heade
 
 
 def _find_coordinator(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
-    """The broker that coordinates a group: in cluster mode the leader of its partition of the
-    internal topic (NOT_COORDINATOR while it has none); standalone, this broker (host "")."""
-    group = _name(header, "group")
+    """The broker that coordinates a group (or producer name), or with ``key_type: "queue"``
+    the queue subscriptions of ``topic``: in cluster mode the leader of the key's partition of
+    the internal topic (NOT_COORDINATOR while it has none); standalone, this broker (host "")."""
+    key_type = api._field(header, "key_type", str, "group")
+    if key_type == "queue":
+        key = internal_topic.queue_key(api._field(header, "topic", str))
+    elif key_type == "group":
+        key = _name(header, "group")
+    else:
+        raise RequestError(ErrorCode.INVALID_REQUEST, f"key_type must be 'group' or 'queue', not {key_type!r}")
     if service.group_stores is None:
         conn.ok(corr, {"coordinator": service.broker.settings.broker_id, "partition": -1, "host": ""})
         return
-    conn.ok(corr, service.group_stores.find(group))
+    conn.ok(corr, service.group_stores.find(key))
 
 
 class _HeartbeatWait:
@@ -755,9 +870,15 @@ class _QueueWait:
         self.consumer = consumer
         self.deadline = time.monotonic() + request.max_wait_ms / 1000
         self.slot = conn.reserve()
-        topic = service.broker.topic(request.topic)
-        self.plogs = (list(topic.partitions) if request.partition is None
-                      else [service.broker.partition_log(topic, request.partition)])
+        if service.group_stores is None:
+            topic = service.broker.topic(request.topic)
+            self.plogs = (list(topic.partitions) if request.partition is None
+                          else [service.broker.partition_log(topic, request.partition)])
+        else:  # the replicas held here (their high watermark moving wakes it); windows wake all
+            roles = service.group_stores.roles
+            count = service.check_topic(request.topic)
+            indexes = range(count) if request.partition is None else [request.partition]
+            self.plogs = [role.plog for role in (roles.role(request.topic, i) for i in indexes) if role is not None]
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
 
@@ -811,11 +932,12 @@ def _queue_target(header: dict[str, Any]) -> tuple[str, str, int]:
 def _queue_ack(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     subscription, topic, partition = _queue_target(header)
     offsets = _offsets(header)
-    service.broker.topic(topic)
-    result = service.coordinator.subscription(subscription, topic, partition).ack(offsets)
+    service.check_topic(topic)
+    result = service.coordinator.ack(subscription, topic, partition, offsets)
     fields = {"acked": result.acked, "duplicates": result.duplicates}
     slot = conn.reserve()
-    service.after_persist(lambda error: conn.complete(slot, [_result_frame(corr, fields, error)]))
+    service.after_persist(service.coordinator.queues_for(topic),
+                          lambda error: conn.complete(slot, [_result_frame(corr, fields, error)]))
 
 
 def _queue_nack(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
@@ -823,7 +945,7 @@ def _queue_nack(conn: Responder, service: CoordinationService, corr: int, header
     offsets = _offsets(header)
     delay_ms = api._int(header, "delay_ms", 0, 7 * 24 * 3600 * 1000, 0)
     reason = api._field(header, "reason", str, "nack")[:1024]
-    service.broker.topic(topic)
+    service.check_topic(topic)
     durable = service.coordinator.queue_nack(_now_ms(), subscription, topic, partition, offsets, delay_ms, reason)
     fields = {"nacked": len(offsets)}
     service.wake_queues()
@@ -838,7 +960,7 @@ def _queue_extend(conn: Responder, service: CoordinationService, corr: int, head
     subscription, topic, partition = _queue_target(header)
     offsets = _offsets(header)
     ack_wait_ms = api._int(header, "ack_wait_ms", 1, 12 * 3600 * 1000, None)
-    service.broker.topic(topic)
+    service.check_topic(topic)
     extended = service.coordinator.queue_extend(_now_ms(), subscription, topic, partition, offsets, ack_wait_ms)
     service.reschedule()
     conn.ok(corr, {"extended": extended})
@@ -847,7 +969,7 @@ def _queue_extend(conn: Responder, service: CoordinationService, corr: int, head
 def _queue_configure(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     """Per-subscription (or topic-wide) settings overrides, answered once journaled durably."""
     request = api.parse_queue_configure(header)
-    service.broker.topic(request.topic)
+    service.check_topic(request.topic)
     described, durable = service.coordinator.configure_queue(
         _now_ms(), request.topic, request.subscription, request.values, request.reset)
     service.wake_queues()  # a larger max_in_flight or lookahead may make records available
@@ -857,7 +979,7 @@ def _queue_configure(conn: Responder, service: CoordinationService, corr: int, h
 
 def _queue_describe(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     topic, subscription = api.parse_queue_describe(header)
-    service.broker.topic(topic)
+    service.check_topic(topic)
     conn.ok(corr, service.coordinator.describe_queue(topic, subscription))
 
 

@@ -27,6 +27,12 @@ keeps one `OffsetStore` and one `ProducerNames` (stable producer names -> id, ep
   watermark passes the snapshot the segments below it are deleted here (the leader's log start
   moves to it; followers follow the leader's log start, rustmq.replication.node). A new leader
   that replayed a snapshot its predecessor had not yet advanced to advances itself.
+- Queue subscriptions: the queue state of every subscription of topic T (done marks, failure
+  counts, settings overrides; rustmq.coordination.queue.QueueStore) lives on partition
+  ``partition_for(queue_key(T))``, its keys wrapped as ``[3, key]`` (`SharedJournal`) so one
+  replay feeds the three stores. Leases are not replicated: a new coordinator hands the records
+  that were in flight out again. A queue reads T's partitions from this broker's replica (below
+  the high watermark) or, without one, from a window fetched from the leader (`Window`).
 """
 
 from __future__ import annotations
@@ -34,12 +40,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from rustmq.coordination import internal_topic
+from rustmq.coordination import internal_topic, queue_log
 from rustmq.coordination.journal import Entry, LogJournal, LogReplay
 from rustmq.coordination.offsets import OffsetStore
 from rustmq.coordination.producers import ProducerNames
+from rustmq.coordination.queue import QueueSettings, QueueStore, SharedJournal
 from rustmq.coordination.service import Coordinator, CoordinatorLoadingError, NotCoordinatorError
 from rustmq.protocol.api import ErrorCode, RequestError
 
@@ -52,28 +59,58 @@ log = logging.getLogger("rustmq.coordination")
 REPLAY_STEP_BYTES: Final = 1 << 20  # bytes of the internal partition replayed per loop pass
 
 
+class Window(queue_log.RecordSource, Protocol):
+    """A coordinator's copy of a partition it holds no replica of, fetched from its leader
+    (rustmq.replication.queue_sources.RemoteWindow, injected by the replication runtime)."""
+
+    known: bool
+    high_watermark: int
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+WindowFactory = Callable[..., Window]
+
+
 class PartitionStores:
     """Every store kept on one partition of the internal topic, over one journal.
 
     A store added here (its own key format) needs three things: `apply` routes its entries to
     it, `live_entries` includes its live state (the compaction snapshot is exactly this list:
-    a store left out would lose its state at the next compaction), `reset` starts it empty."""
+    a store left out would lose its state at the next compaction), `reset` starts it empty.
+    Committed offsets have keys ``[1, ...]``, producer names ``[2, name]``, queue state
+    ``[3, key]`` (the QueueStore's own key wrapped by `SharedJournal`)."""
 
-    def __init__(self, journal: LogJournal) -> None:
+    def __init__(self, journal: LogJournal, queue_settings: QueueSettings | None = None) -> None:
         self.journal = journal
+        self.queue_settings = queue_settings or QueueSettings()
         self.offsets = OffsetStore(journal)
         self.names = ProducerNames(journal)
+        self.queues = QueueStore(SharedJournal(journal), self.queue_settings)
 
     def apply(self, key: bytes, value: bytes | None) -> None:
-        (self.names if ProducerNames.is_name_key(key) else self.offsets).apply(key, value)
+        if SharedJournal.is_queue_key(key):
+            self.queues.apply(SharedJournal.unwrap_key(key), value)
+        elif ProducerNames.is_name_key(key):
+            self.names.apply(key, value)
+        else:
+            self.offsets.apply(key, value)
+
+    def replayed(self) -> None:
+        """After the last entry of a replay."""
+        self.queues.replayed()
 
     def reset(self) -> None:
         """A snapshot marker: the entries after it are the whole state."""
         self.offsets = OffsetStore(self.journal)
         self.names = ProducerNames(self.journal)
+        self.queues = QueueStore(SharedJournal(self.journal), self.queue_settings)
 
     def live_entries(self) -> list[Entry]:
-        return [*self.offsets.live_entries(), *self.names.live_entries()]
+        return [*self.offsets.live_entries(), *self.names.live_entries(),
+                *SharedJournal.wrap(self.queues.live_entries())]
 
 
 class _Led:
@@ -90,13 +127,19 @@ class _Led:
 
 
 class ClusterGroupStores:
-    def __init__(self, broker: Broker, coordinator: Coordinator, roles: ClusterRoles) -> None:
+    def __init__(self, broker: Broker, coordinator: Coordinator, roles: ClusterRoles,
+                 wake_queues: Callable[[], None] | None = None, windows: WindowFactory | None = None) -> None:
         self.broker = broker
         self.coordinator = coordinator
         self.roles = roles
         self.compact_bytes: int = broker.settings.coordination_compact_bytes
+        self.wake_queues = wake_queues or (lambda: None)
+        self._window_factory = windows
         self._stores: dict[int, _Led] = {}  # built
         self._loads: dict[int, _Led] = {}  # being replayed
+        # Subscription partitions read from another broker: (subscription, topic, partition) ->
+        # (the store it belongs to, its window); dropped with the store.
+        self._windows: dict[tuple[str, str, int], tuple[QueueStore, Window]] = {}
 
     # -- GroupStores -------------------------------------------------------------------------
 
@@ -109,6 +152,9 @@ class ClusterGroupStores:
 
     def names_for(self, name: str) -> ProducerNames:
         return self._state(name).stores.names
+
+    def queues_for(self, topic: str) -> QueueStore:
+        return self._state(internal_topic.queue_key(topic)).stores.queues
 
     def _state(self, key: str) -> _Led:
         index = self.partition_of(key)
@@ -123,7 +169,7 @@ class ClusterGroupStores:
                 load.task.cancel()
             journal = LogJournal(role.plog, role.leader_epoch, lambda: self._appended(role),
                                  compact_bytes=self.compact_bytes)
-            load = self._loads[index] = _Led(role, PartitionStores(journal))
+            load = self._loads[index] = _Led(role, PartitionStores(journal, self.coordinator.queues.settings))
             journal.live = load.stores.live_entries
             journal.on_snapshot = lambda end: self._snapshot_appended(load, end)
             if load.replay.step(REPLAY_STEP_BYTES):  # a short log: at once
@@ -154,6 +200,10 @@ class ClusterGroupStores:
             del self.coordinator.groups.groups[name]  # members of an earlier term join again
         journal = load.stores.journal
         journal.replayed(load.replay)
+        load.stores.replayed()
+        previous = self._stores.get(index)
+        if previous is not None:
+            self._dropped(previous)
         self._stores[index] = load
         log.info("partition %d of %s loaded at epoch %d: %d bytes replayed from offset %d (snapshot at %s)",
                  index, internal_topic.TOPIC, load.epoch, load.replay.bytes_read, load.role.plog.start_offset,
@@ -178,14 +228,77 @@ class ClusterGroupStores:
             log.info("%s/%d: log start moved to %d (the snapshot at %d is replicated)", led.role.topic,
                      led.role.index, led.role.plog.start_offset, journal.snapshot_offset)
 
-    def stores(self) -> list[OffsetStore]:
+    def _led_states(self) -> list[_Led]:
         led = []
         for index, state in list(self._stores.items()):
             if self._leads(state.role) and state.role.leader_epoch == state.epoch:
-                led.append(state.stores.offsets)
+                led.append(state)
             else:
                 del self._stores[index]
+                self._dropped(state)
         return led
+
+    def stores(self) -> list[OffsetStore]:
+        return [state.stores.offsets for state in self._led_states()]
+
+    # -- queues ------------------------------------------------------------------------------
+
+    def queue_stores(self) -> list[QueueStore]:
+        return [state.stores.queues for state in self._led_states()]
+
+    def check_queue_store(self, store: QueueStore) -> None:
+        for state in self._led_states():
+            if state.stores.queues is store:
+                self.roles.check_insync(state.role)
+                return
+        raise NotCoordinatorError(f"broker {self.roles.broker_id} no longer coordinates these queue subscriptions")
+
+    def _dropped(self, state: _Led) -> None:
+        """Stores of an earlier term: their windows stop (new stores start their own)."""
+        queues = state.stores.queues
+        for key, (store, window) in list(self._windows.items()):
+            if store is queues:
+                window.close()
+                del self._windows[key]
+
+    def queue_source(self, subscription: str, topic: str, index: int) -> tuple[queue_log.RecordSource, int]:
+        role = self.roles.role(topic, index)
+        if role is not None and not role.plog.closed:
+            hw = role.tracker.high_watermark if role.tracker is not None else role.high_watermark
+            return role.plog, min(hw, role.plog.end_offset)
+        store = self.queues_for(topic)
+        key = (subscription, topic, index)
+        held = self._windows.get(key)
+        if held is None or held[0] is not store:
+            if held is not None:
+                held[1].close()
+            if self._window_factory is None:
+                raise CoordinatorLoadingError(f"broker {self.roles.broker_id} holds no replica of {topic}/{index} "
+                                              "and cannot read it from its leader")
+            sub = store.subscriptions.get(key)
+            window = self._window_factory(topic, index, sub.ack_floor if sub is not None else 0,
+                                          leader=lambda: self._leader_of(topic, index),
+                                          floor=lambda: self._floor(store, key), wake=self.wake_queues)
+            window.start()
+            held = self._windows[key] = (store, window)
+        window = held[1]
+        return window, window.high_watermark if window.known else 0
+
+    def _floor(self, store: QueueStore, key: tuple[str, str, int]) -> int:
+        sub = store.subscriptions.get(key)
+        return sub.ack_floor if sub is not None else 0
+
+    def _leader_of(self, topic: str, index: int) -> dict[str, Any] | None:
+        state = self.roles.topics.get(topic)
+        if state is None or index >= len(state.partitions):
+            return None
+        leader = state.partitions[index].leader
+        return next((b for b in self.roles.brokers if b["id"] == leader), None)
+
+    def close(self) -> None:
+        for _, window in self._windows.values():
+            window.close()
+        self._windows.clear()
 
     # -- the request path --------------------------------------------------------------------
 
@@ -198,7 +311,8 @@ class ClusterGroupStores:
         return internal_topic.partition_for(group, count)
 
     def find(self, group: str) -> dict[str, Any]:
-        """FIND_COORDINATOR's answer: the stored leader of the group's partition."""
+        """FIND_COORDINATOR's answer: the stored leader of the key's partition (a group id, a
+        producer name, or `internal_topic.queue_key(topic)`)."""
         index = self.partition_of(group)
         state = self.roles.topics[internal_topic.TOPIC]
         leader = state.partitions[index].leader
@@ -206,14 +320,6 @@ class ClusterGroupStores:
         if broker is None:
             raise NotCoordinatorError(f"partition {index} of {internal_topic.TOPIC} has no live leader right now")
         return {"coordinator": leader, "partition": index, **{k: v for k, v in broker.items() if k != "id"}}
-
-    def high_watermark(self, topic: str, index: int) -> int:
-        """How far queues may read this broker's replica of a partition: its high watermark
-        (a leader's own, a follower's as its leader last reported it; 0 without a replica)."""
-        role = self.roles.role(topic, index)
-        if role is None:
-            return 0
-        return role.tracker.high_watermark if role.tracker is not None else role.high_watermark
 
     def check_replicas(self, group: str) -> None:
         """NOT_ENOUGH_REPLICAS before a write the ISR could not acknowledge."""
