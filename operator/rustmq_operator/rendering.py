@@ -127,6 +127,8 @@ def broker_environment(
         if tls["mutual"]:
             env["RUSTMQ_TLS_CLIENT_CA_FILE"] = f"{naming.TLS_DIR}/ca.crt"
             env["RUSTMQ_TLS_CLIENT_AUTH"] = "required"
+        if tls["admin"]:
+            env["RUSTMQ_ADMIN_TLS"] = "true"  # HTTPS on the metrics port: probes and scrapes follow
         if tls["mutual"] or tls.get("certManager"):
             # Brokers check each other (replica fetches) against the Secret's CA, which both
             # cases guarantee; otherwise against the system's CAs (a publicly signed certificate).

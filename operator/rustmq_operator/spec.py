@@ -68,7 +68,7 @@ DEFAULTS: Final[dict[str, Any]] = {
     "scaling": {"drainTimeoutSeconds": 3600, "handoverTimeoutSeconds": 120},
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
     "networkPolicy": {"enabled": False, "clients": [{"podSelector": {}}], "monitoringNamespace": "monitoring"},
-    "tls": {"enabled": False, "mutual": False},
+    "tls": {"enabled": False, "mutual": False, "admin": False},
     "auth": {"enabled": False, "brokerToken": True, "certPrincipal": "cn", "adminAuth": "writes"},
 }
 
@@ -163,6 +163,8 @@ def problems(spec: Mapping[str, Any]) -> list[str]:
             "monitoring.serviceMonitor.enabled needs services.metrics.enabled, "
             "since the ServiceMonitor scrapes the metrics Service"
         )
+    if spec["tls"]["admin"] and not spec["tls"]["enabled"]:
+        found.append("tls.admin needs tls.enabled: the admin port serves the same certificate")
     return found
 
 

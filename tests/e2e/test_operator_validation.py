@@ -31,6 +31,7 @@ def refused(kubectl: Any, obj: dict[str, Any]) -> str:
         ({"networkPolicy": {"clients": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}}, "either an ipBlock or pod/namespace selectors"),
         ({"tls": {"enabled": True, "certManager": {"issuerRef": {"name": "ca", "kind": "Vault"}}}}, "Vault"),
         ({"services": {"metrics": {"enabled": False}}}, "monitoring.serviceMonitor.enabled needs services.metrics.enabled"),
+        ({"tls": {"admin": True}}, "tls.admin needs tls.enabled"),
         ({"services": {"external": {"enabled": True, "type": "NodePort", "loadBalancerClass": "x"}}}, "need type LoadBalancer"),
     ],
 )

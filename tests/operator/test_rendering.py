@@ -58,10 +58,17 @@ CASES["tls-mutual-cert-manager"] = {
         },
     },
 }
+CASES["tls-admin"] = {
+    "apiVersion": "rustmq.io/v1alpha1",
+    "kind": "RustMQCluster",
+    "metadata": {"name": "rustmq", "namespace": "data-pipeline"},
+    "spec": {"tls": {"enabled": True, "admin": True, "certManager": {"issuerRef": {"name": "data-pipeline-ca"}}}},
+}
 # Decisions a reconcile pass would make from what it observed (render_cr's keyword arguments).
 DECISIONS: dict[str, dict[str, Any]] = {
     "per-broker-cluster-mode": {"listener_hosts": {0: "10.0.50.11", 2: "rmq-2.lb.example"}, "cluster_mode": True},
     "tls-mutual-cert-manager": {"certificate": True},
+    "tls-admin": {"certificate": True},
 }
 
 OPENAPI_MODELS = {

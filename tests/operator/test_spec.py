@@ -36,6 +36,9 @@ def test_problems_repeat_the_cel_rules_for_old_objects() -> None:
     assert any("ports must be distinct" in p for p in found)
     assert not any("tls" in p for p in found)  # TLS is served now
     assert specs.problems(specs.with_defaults({})) == []
+    (alone,) = specs.problems(specs.with_defaults({"tls": {"admin": True}}))
+    assert alone.startswith("tls.admin needs tls.enabled")
+    assert specs.problems(specs.with_defaults({"tls": {"enabled": True, "admin": True}})) == []
 
 
 def test_pause_annotation() -> None:
