@@ -39,7 +39,7 @@ def stores_on(plog: PartitionLog, roles: ClusterRoles, *, compact_bytes: int) ->
     roles.assign(role, 0, 5, (0, 1), (0, 1), 1)  # led at epoch 5; the follower 1 acknowledged nothing yet
     broker: Any = SimpleNamespace(settings=SimpleNamespace(coordination_compact_bytes=compact_bytes),
                                   _wake=lambda plog: None)
-    coordinator: Any = SimpleNamespace(groups=SimpleNamespace(groups={}))
+    coordinator: Any = SimpleNamespace(groups=SimpleNamespace(groups={}), queues=SimpleNamespace(settings=None))
     return ClusterGroupStores(broker, coordinator, roles), role
 
 
@@ -90,3 +90,25 @@ async def test_a_new_leader_advances_to_a_snapshot_its_predecessor_did_not(plog:
     stores2, _ = stores_on(plog, ClusterRoles(0, lambda: True, 5.0, lambda plog: None), compact_bytes=8 << 10)
     again = stores2.store_for(GROUP)
     assert {tp: c.offset for tp, c in again.fetch(GROUP).items()} == expected
+
+
+async def test_a_replay_abandoned_while_the_lease_was_in_doubt_starts_again(plog: PartitionLog) -> None:
+    expected = write_history(plog, 800, compact_bytes=1 << 30, metadata="m" * 4000)
+    lease = {"valid": True}
+    roles = ClusterRoles(0, lambda: lease["valid"], 5.0, lambda plog: None)
+    stores, _ = stores_on(plog, roles, compact_bytes=1 << 30)
+    with pytest.raises(CoordinatorLoadingError):
+        stores.store_for(GROUP)
+    lease["valid"] = False  # the replay task gives up at its next step
+    for _ in range(5):
+        await asyncio.sleep(0)
+    lease["valid"] = True
+    for _ in range(1000):
+        try:
+            store = stores.store_for(GROUP)
+            break
+        except CoordinatorLoadingError:
+            await asyncio.sleep(0)
+    else:
+        raise AssertionError("the coordinator never finished loading after its lease was valid again")
+    assert {tp: c.offset for tp, c in store.fetch(GROUP).items()} == expected

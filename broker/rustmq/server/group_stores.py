@@ -172,8 +172,12 @@ class ClusterGroupStores:
             load = self._loads[index] = _Led(role, PartitionStores(journal, self.coordinator.queues.settings))
             journal.live = load.stores.live_entries
             journal.on_snapshot = lambda end: self._snapshot_appended(load, end)
-            if load.replay.step(REPLAY_STEP_BYTES):  # a short log: at once
-                return self._install(index, load)
+            try:
+                if load.replay.step(REPLAY_STEP_BYTES):  # a short log: at once
+                    return self._install(index, load)
+            except Exception:
+                del self._loads[index]  # the next request starts afresh
+                raise
             load.task = asyncio.get_running_loop().create_task(self._replay(index, load))
         raise CoordinatorLoadingError(
             f"broker {self.roles.broker_id} is loading partition {index} of {internal_topic.TOPIC} "
@@ -183,8 +187,11 @@ class ClusterGroupStores:
         try:
             while True:
                 await asyncio.sleep(0)  # one step per loop pass: other requests run in between
-                if self._loads.get(index) is not load or load.role.leader_epoch != load.epoch or not self._leads(load.role):
-                    return  # leadership moved: the next request starts afresh
+                if self._loads.get(index) is not load:
+                    return  # a newer load took over
+                if load.role.leader_epoch != load.epoch or not self._leads(load.role):
+                    del self._loads[index]  # leadership moved or in doubt: the next request starts afresh
+                    return
                 if load.replay.step(REPLAY_STEP_BYTES):
                     self._install(index, load)
                     return
