@@ -17,7 +17,7 @@ from checker import QueueHistory
 from clusterproc import BrokerCluster
 from rustmq.client import Admin, Producer
 from rustmq.client.consumer import Consumer
-from rustmq.client.queues import QueueConsumer, QueueMessage
+from rustmq.client.queues import QueueConsumer, QueueMessage, replay_dead_letters
 from rustmq.protocol import batch, records
 from rustmq.protocol.api import ApiKey, ErrorCode
 
@@ -231,17 +231,35 @@ async def test_acks_and_dead_letters_survive_kill_of_the_coordinator(three_broke
     assert consumer.coordinator_moves >= 1
 
     # Every dead letter is in the DLQ topic (read from the replicated topic after the failover).
-    letters: set[bytes] = set()
+    letters: dict[bytes, tuple[int, int]] = {}
     reader = await Consumer(cluster.bootstrap, dlq, start="earliest", max_wait_ms=200, timeout_s=10).start()
     try:
         deadline = time.monotonic() + 30
-        while not dead <= letters and time.monotonic() < deadline:
+        while not dead <= set(letters) and time.monotonic() < deadline:
             for got in await reader.getmany(timeout_s=0.5):
                 assert got.value is not None
-                letters.add(got.value)
+                letters[got.value] = (got.partition, got.offset)
     finally:
         await reader.close()
-    assert dead <= letters, sorted(dead - letters)[:5]
+    assert dead <= set(letters), sorted(dead - set(letters))[:5]
+
+    # A dead letter replayed through any broker lands on its origin partition's leader.
+    value = sorted(dead)[0]
+    dlq_partition, dlq_offset = letters[value]
+    replayed = await replay_dead_letters(cluster.bootstrap, dlq, dlq_partition, [dlq_offset])
+    ((origin, index, base, last),) = replayed["to"]
+    assert origin == "tasks" and base == last and replayed["replayed"] == 1
+    again = await Consumer(cluster.bootstrap, "tasks", start="earliest", max_wait_ms=200, timeout_s=10).start()
+    try:
+        found = None
+        deadline = time.monotonic() + 30
+        while found is None and time.monotonic() < deadline:
+            for got in await again.getmany(timeout_s=0.5):
+                if (got.partition, got.offset) == (index, base):
+                    found = got.value
+    finally:
+        await again.close()
+    assert found == value
 
 
 @pytest.mark.timeout(240)

@@ -491,16 +491,29 @@ async def replay_dead_letters(bootstrap: str, dlq_topic: str, partition: int, of
     """Produce the dead letters at `offsets` of a DLQ partition back to their origin topic and
     partition, without the DLQ headers (DLQ_REPLAY). Returns {replayed, to: [[topic, partition,
     base_offset, last_offset]]}."""
-    host, port = parse_address(bootstrap)
-    connection = await Connection.open(host, port)
+    request = {"api": int(ApiKey.DLQ_REPLAY), "topic": dlq_topic, "partition": partition, "offsets": offsets}
+    routes = Routes(bootstrap, timeout=timeout_s)
     try:
-        response = await connection.request(
-            {"api": int(ApiKey.DLQ_REPLAY), "topic": dlq_topic, "partition": partition, "offsets": offsets},
-            timeout=timeout_s,
-        )
-        return {k: v for k, v in response.header.items() if k not in ("corr", "error")}
+        await routes.metadata([dlq_topic])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        attempt = 0
+        while True:
+            try:
+                # Against a cluster the DLQ partition's leader answers (it reads below its high
+                # watermark and places the records on their origin partitions' leaders).
+                connection = await routes.leader_connection(dlq_topic, partition)
+                response = await connection.request(request, timeout=timeout_s)
+                return {k: v for k, v in response.header.items() if k not in ("corr", "error")}
+            except BrokerError as exc:
+                # NOT_LEADER is answered before anything is read or written: safe to send again.
+                if not routes.clustered or exc.code is not ErrorCode.NOT_LEADER or loop.time() > deadline:
+                    raise
+            await asyncio.sleep(backoff(attempt))
+            attempt += 1
+            routes.invalidate(dlq_topic)
     finally:
-        connection.close()
+        routes.close()
 
 
 # -- synchronous wrappers (scripts; not for use inside a running event loop) ---------------------

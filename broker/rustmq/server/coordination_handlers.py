@@ -77,7 +77,7 @@ class CoordinationService:
         # partition led), answered once that store's journal position is durable/replicated.
         self._persist_waiters: dict[int, tuple[QueueStore, list[Callable[[BaseException | None], None]]]] = {}
         self._persist_scheduled = False
-        self._placements: set[asyncio.Task[None]] = set()
+        self._placements: set[asyncio.Task[Any]] = set()
         self._queue_waits: set[_QueueWait] = set()
         self._heartbeat_waits: set[_HeartbeatWait] = set()
         self._consumer_ids: dict[Responder, str] = {}
@@ -985,16 +985,27 @@ def _queue_describe(conn: Responder, service: CoordinationService, corr: int, he
 
 def _dlq_replay(conn: Responder, service: CoordinationService, corr: int, header: dict[str, Any], payload: memoryview) -> None:
     """Re-produce dead letters (by DLQ offset) to their origin topic and partition, without the
-    DLQ headers. Replaying the same offset twice produces it twice (the DLQ is not changed)."""
+    DLQ headers. Replaying the same offset twice produces it twice (the DLQ is not changed).
+
+    Cluster mode: answered by the DLQ partition's leader (NOT_LEADER elsewhere: nothing was
+    read or written), which reads below its high watermark and places each origin partition's
+    batch on that partition's leader with acks=all (rustmq.replication.forward), answering once
+    every batch is held by its in-sync replicas."""
     topic_name = api._field(header, "topic", str)
     partition = api._int(header, "partition", 0, api.MAX_PARTITIONS_PER_TOPIC - 1)
     offsets = _offsets(header, MAX_QUEUE_MESSAGES)
     broker = service.broker
-    plog = broker.partition_log(broker.topic(topic_name), partition)
+    cluster = broker.cluster
+    if cluster is None:
+        plog = broker.partition_log(broker.topic(topic_name), partition)
+        end = plog.end_offset
+    else:
+        role, end = cluster.consumer_limit(topic_name, partition)
+        plog = role.plog
     now = _now_ms()
     groups: dict[tuple[str, int], list[list[object]]] = {}
     for offset in offsets:
-        if not plog.start_offset <= offset < plog.end_offset:
+        if not plog.start_offset <= offset < end:
             raise RequestError(ErrorCode.OFFSET_OUT_OF_RANGE, f"no dead letter at offset {offset} of {topic_name}/{partition}")
         dead = queue_log.read_record(plog, offset)
         headers = dead[3] or []
@@ -1005,12 +1016,45 @@ def _dlq_replay(conn: Responder, service: CoordinationService, corr: int, header
             raise RequestError(ErrorCode.INVALID_REQUEST, f"offset {offset}: {exc}") from None
         clean[0] = 0
         groups.setdefault((origin, origin_partition), []).append(clean)
+    built = {key: record_batch.build_batch(records.encode_body(recs), record_count=len(recs),
+                                           first_timestamp_ms=now, max_timestamp_ms=now)
+             for key, recs in groups.items()}
+    if cluster is not None:
+        slot = conn.reserve()
+        task = asyncio.get_running_loop().create_task(_place_replays(service, built, {k: len(v) for k, v in groups.items()}))
+        service._placements.add(task)
+        task.add_done_callback(service._placements.discard)
+        task.add_done_callback(lambda done: conn.complete(slot, [_replay_frame(corr, len(offsets), done)]))
+        return
     replayed = []
-    for (origin, origin_partition), recs in groups.items():
-        built = record_batch.build_batch(records.encode_body(recs), record_count=len(recs),
-                                          first_timestamp_ms=now, max_timestamp_ms=now)
+    for (origin, origin_partition), batch_bytes in built.items():
+        count = len(groups[(origin, origin_partition)])
         target = broker.topic(origin)
         index = origin_partition if origin_partition < len(target.partitions) else 0
-        produced = broker.produce(origin, index, None, built, built_here=len(recs))
+        produced = broker.produce(origin, index, None, batch_bytes, built_here=count)
         replayed.append([origin, index, produced.base_offset, produced.last_offset])
     conn.ok(corr, {"replayed": len(offsets), "to": replayed})
+
+
+async def _place_replays(service: CoordinationService, built: dict[tuple[str, int], bytes],
+                         counts: dict[tuple[str, int], int]) -> list[list[Any]]:
+    roles = service.broker.cluster
+    replayed = []
+    for (origin, origin_partition), batch_bytes in built.items():
+        state = roles.topics.get(origin)
+        if state is None:
+            raise RequestError(ErrorCode.UNKNOWN_TOPIC, f"the origin topic {origin!r} does not exist")
+        index = origin_partition if origin_partition < len(state.partitions) else 0
+        base = await roles.placer.place(origin, index, batch_bytes, counts[(origin, origin_partition)])
+        replayed.append([origin, index, base, base + counts[(origin, origin_partition)] - 1])
+    return replayed
+
+
+def _replay_frame(corr: int, count: int, done: asyncio.Task[list[list[Any]]]) -> bytes:
+    if done.cancelled():
+        return frames.encode_frame(api.error_header(corr, ErrorCode.SHUTTING_DOWN, "the broker is stopping"))
+    error = done.exception()
+    if error is not None:
+        translated = _translate(error)
+        return frames.encode_frame(api.error_header(corr, error_code_for(translated), str(error)))
+    return frames.encode_frame({"corr": corr, "error": 0, "replayed": count, "to": done.result()})
