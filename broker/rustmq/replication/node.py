@@ -786,10 +786,16 @@ class ClusterNode:
             # Follow the leader's log start (Kafka's follower does the same): whole segments
             # below it go, never above this replica's high watermark (a compacted coordination
             # partition, a retention hold the leader decided; docs/cluster.md).
+            # When the leader's log start lies inside this replica's active segment (its
+            # segments are cut by its own size, not the leader's), that segment is rolled so the
+            # leader's next advance past it can delete it.
             leader_start = min(int(entry.get("log_start_offset", -1)), role.high_watermark)
-            if leader_start > role.plog.start_offset and role.plog.delete_before(leader_start):
-                log.info("%s/%d: log start moved to %d following leader %d (its log starts at %s)",
-                         role.topic, role.index, role.plog.start_offset, leader, entry.get("log_start_offset"))
+            if leader_start > role.plog.start_offset:
+                if role.plog.delete_before(leader_start):
+                    log.info("%s/%d: log start moved to %d following leader %d (its log starts at %s)",
+                             role.topic, role.index, role.plog.start_offset, leader, entry.get("log_start_offset"))
+                if role.plog.active_base_offset < leader_start:
+                    role.plog.roll()
         if stale:
             self._nudge()
             await asyncio.sleep(0.05)

@@ -390,6 +390,11 @@ class PartitionLog:
         return self._size_bytes
 
     @property
+    def active_base_offset(self) -> int:
+        """The first offset of the active (last) segment."""
+        return self._bases[-1]
+
+    @property
     def segment_count(self) -> int:
         return len(self._segments)
 
