@@ -263,6 +263,15 @@ class ThreadedTlsTransport(asyncio.Transport):
             self._deliver_backlog()
 
     def _deliver_backlog(self) -> None:
+        try:
+            self._deliver()
+        except Exception as exc:  # noqa: BLE001 - a protocol that fails on its input: as asyncio does, log and cut
+            self._loop.call_exception_handler({
+                "message": "Fatal error: protocol failed on data from a TLS connection",
+                "exception": exc, "transport": self, "protocol": self._protocol})
+            self.abort()
+
+    def _deliver(self) -> None:
         protocol = self._protocol
         assert protocol is not None
         while self._backlog and not self._reading_paused and not self._closing:
@@ -370,7 +379,7 @@ class ThreadedTlsTransport(asyncio.Transport):
         error: BaseException | None = None
         try:
             self._serve()
-        except (OSError, ssl.SSLError) as exc:
+        except Exception as exc:  # noqa: BLE001 - OSError and SSLError mostly; the protocol hears of any
             error = exc
         finally:
             with self._lock:
