@@ -197,7 +197,8 @@ class _TlsPort:
             if isinstance(exc, ConnectionResetError):
                 reason = "the client gave up during the handshake (does it trust this broker's certificate?)"
             log.warning("TLS handshake with %s failed: %s", _address(address), reason)
-            client.close()
+            if listener.tls.settings.io != "threads":
+                client.close()  # (rustmq.tlsio owns the socket from the start and has closed it)
 
     def close(self) -> None:
         self._accepting.cancel()
