@@ -247,6 +247,15 @@ def plan_scale(
                     f"the brokers are moving {fresh.reassigning} partition replica(s) "
                     f"({fresh.bytes_to_move} bytes left to copy)",
                 )
+            elif fresh is not None and membership is not None and (
+                    members not in (None, membership.brokers) or fresh.observed_generation < membership.generation):
+                # A broker just joined: until the controller's report has seen the membership
+                # that names it, "nothing moving" is a report from before it joined.
+                progressing = Verdict(
+                    "Rebalancing",
+                    f"waiting for the brokers' controller to act on membership generation "
+                    f"{membership.generation + (members != membership.brokers)}",
+                )
         return ScalePlan(
             replicas=desired,
             last_non_zero=desired,

@@ -335,6 +335,21 @@ def test_a_rebalance_in_progress_is_progress() -> None:
     assert plan.progressing is not None and plan.progressing.reason == "Rebalancing"
 
 
+def test_a_broker_joining_is_rebalancing_until_the_report_has_seen_it() -> None:
+    """A report from before a new broker joined says nothing moves: not taken for converged."""
+    world = three()
+    world.replicas, world.pods = 4, [*world.pods, pod(3)]
+    plan = scale(world, 4, T0)  # broker 3 Ready: it joins in this pass
+    assert plan.members == (0, 1, 2, 3)
+    assert plan.progressing is not None and plan.progressing.reason == "Rebalancing"
+    assert "generation 2" in plan.progressing.message
+    world.write_membership(plan.members)
+    plan = scale(world, 4, T0)  # written, but the report is still the one of generation 1
+    assert plan.progressing is not None and plan.progressing.reason == "Rebalancing"
+    world.controller_round(T0)
+    assert scale(world, 4, T0).progressing is None  # the report of generation 2: done
+
+
 # -- rolling restarts with a controlled shutdown ---------------------------------------------------
 
 
