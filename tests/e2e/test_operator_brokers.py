@@ -1,6 +1,7 @@
 """The operator and real brokers together: scaling 3 -> 5 -> 2 -> 3 and a configuration roll of
-3 brokers under a steady acks=all load with a consumer reading, checked by the history checker
-(tests/support/checker.py: nothing acknowledged lost, nothing duplicated or inconsistent).
+3 brokers under a steady acks=all load with a consumer group's member reading, checked by the
+history checker (tests/support/checker.py: nothing acknowledged lost, nothing duplicated or
+inconsistent; the member never paused reading for long, so no consumer got stuck).
 
 Everything is real except the kubelet: the real `rustmq-operator` process against the local
 control plane's API server, and one real broker process per kwok pod of the StatefulSet with the
@@ -72,8 +73,8 @@ async def settled(kubectl: Any, brokers: PodBrokers, size: int, timeout: float) 
 
 async def under_load(brokers: PodBrokers, scenario: Callable[[], Awaitable[None]], writers: int = 3) -> dict[str, Any]:
     """acks=all writers (one key each), steady rather than flat out on a shared machine, and a
-    consumer reading, while ``scenario`` runs."""
-    load = AcksAllLoad(brokers.bootstrap, TOPIC, writers, pause_s=0.01)
+    consumer group's member reading, while ``scenario`` runs."""
+    load = AcksAllLoad(brokers.bootstrap, TOPIC, writers, pause_s=0.01, group="readers")
     return await load.run(scenario, settle_s=2, drain_s=60)
 
 
@@ -134,6 +135,7 @@ def test_scaling_3_5_2_3_under_acks_all_load_loses_nothing(
         assert report["lost"] == 0 and report["duplicated"] == 0 and report["inconsistent"] == 0, report
         assert report["wrong_offset"] == 0 and report["reordered"] == 0, report
         assert report["acknowledged"] > 100, report  # the load was steady, not stalled
+        assert report["longest_read_gap_s"] < 30, report  # the group's member never got stuck
         assert [o for _, o, _ in brokers.stopped if o >= 2] == [4, 3, 2], brokers.stopped  # one at a time, highest first
         assert sorted(brokers.wiped) == ["data-rustmq-2", "data-rustmq-3", "data-rustmq-4"]
         reasons = [e["reason"] for e in kubectl.list("events")]
@@ -170,5 +172,6 @@ def test_a_configuration_roll_under_acks_all_load_loses_nothing(
         print(json.dumps({"checker": report}))
         assert report["lost"] == 0 and report["duplicated"] == 0 and report["inconsistent"] == 0, report
         assert report["acknowledged"] > 100, report
+        assert report["longest_read_gap_s"] < 30, report
         assert [e["reason"] for e in kubectl.list("events")].count("ControlledShutdown") == 3
         assert brokers.error is None

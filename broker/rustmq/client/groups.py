@@ -47,7 +47,8 @@ class GroupConsumer:
     def __init__(self, bootstrap: str = "localhost:9092", topic: str | list[str] = "default", *, group: str,
                  start: str = "earliest", client_id: str = "consumer", instance_id: str | None = None,
                  session_timeout_ms: int = 10_000, heartbeat_wait_ms: int = 3_000, auto_commit: bool = True,
-                 max_bytes: int = 4 << 20, max_wait_ms: int = 500, timeout_s: float = 30.0) -> None:
+                 max_bytes: int = 4 << 20, max_wait_ms: int = 500, timeout_s: float = 30.0,
+                 external: bool = False) -> None:
         self.bootstrap = bootstrap
         self.topics = [topic] if isinstance(topic, str) else list(topic)
         self.group = group
@@ -67,7 +68,8 @@ class GroupConsumer:
         self.rebalances = 0
         self._committed: dict[tuple[str, int], int] = {}
         self._admin = Admin(bootstrap, timeout=timeout_s)
-        self._routes = Routes(bootstrap, timeout=timeout_s)
+        self._routes = Routes(bootstrap, timeout=timeout_s, external=external)
+        self.external = external  # brokers at their advertised external addresses (see Routes)
         self.clustered = False
         self._data: Connection | None = None
         self._membership: Connection | None = None
@@ -141,7 +143,8 @@ class GroupConsumer:
                 connection = await self._routes.any_connection()
                 found = (await connection.request({"api": int(ApiKey.FIND_COORDINATOR), "group": self.group},
                                                   timeout=self.timeout_s)).header
-                return await Connection.open(found["host"], found["consumer_port"], timeout=min(self.timeout_s, 10.0))
+                host = (found.get("external_host") if self.external else None) or found["host"]
+                return await Connection.open(host, found["consumer_port"], timeout=min(self.timeout_s, 10.0))
             except Exception as exc:
                 if not self._retriable(exc) or asyncio.get_running_loop().time() > deadline:
                     raise
