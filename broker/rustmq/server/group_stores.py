@@ -270,11 +270,14 @@ class ClusterGroupStores:
 
     def queue_source(self, subscription: str, topic: str, index: int) -> tuple[queue_log.RecordSource, int]:
         role = self.roles.role(topic, index)
+        key = (subscription, topic, index)
         if role is not None and not role.plog.closed:
+            stale = self._windows.pop(key, None)
+            if stale is not None:  # a replica arrived here (reassignment): the window is not needed
+                stale[1].close()
             hw = role.tracker.high_watermark if role.tracker is not None else role.high_watermark
             return role.plog, min(hw, role.plog.end_offset)
         store = self.queues_for(topic)
-        key = (subscription, topic, index)
         held = self._windows.get(key)
         if held is None or held[0] is not store:
             if held is not None:
