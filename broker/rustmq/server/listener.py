@@ -140,8 +140,9 @@ class _TlsPort:
     """A TLS port, shaped like the asyncio.Server of a plain one (``sockets``, ``close``,
     ``wait_closed``).
 
-    It accepts TCP connections itself and hands each to ``connect_accepted_socket`` with the
-    context current at that moment, which does the handshake and raises when it fails: so a
+    It accepts TCP connections itself and hands each to ``tlsio.start_tls_thread`` (or, with
+    ``tls_io: loop``, ``connect_accepted_socket``) with the context current at that moment,
+    which does the handshake and raises when it fails: so a
     reloaded certificate applies to every later connection, and a refused client (no
     certificate, an untrusted one, a plaintext client that never sends a ClientHello) is logged
     with its address instead of vanishing inside the event loop."""

@@ -1,13 +1,18 @@
 """TLS for the producer and consumer ports (and, with ``admin_tls``, the admin/metrics port):
 contexts from files, reloaded when the files change.
 
-The listener accepts plain TCP and upgrades each connection with ``loop.start_tls`` and the
-context that is *current* at that moment (rather than giving create_server a context fixed at
-start-up), which gives two things: a reload (a new context built from the files) applies to
+The listener accepts plain TCP and upgrades each connection with the context that is *current*
+at that moment (rather than giving create_server a context fixed at start-up), through
+rustmq.tlsio (``io: threads``, OpenSSL on a thread per connection) or the event loop's
+``connect_accepted_socket`` (``io: loop``), which gives two things: a reload (a new context built from the files) applies to
 every connection accepted afterwards while connections already open keep the one they shook
 hands with and are never dropped, and a failed handshake (no client certificate, an untrusted
 one, a plaintext client) is seen and logged with the peer's address instead of vanishing inside
 the event loop.
+
+The admin port's aiohttp site takes one fixed context; ``admin_listener_context`` gives it one
+whose SNI hook (which OpenSSL runs for every ClientHello) moves each handshake onto the admin
+context current then, so that port follows reloads the same way.
 
 A Kubernetes Secret volume (cert-manager's, for instance) replaces its files by swapping a
 symlink, so the watcher compares the resolved path, size and mtime of each file. Files that do
