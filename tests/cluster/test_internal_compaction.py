@@ -41,7 +41,8 @@ def compacting_cluster(tmp_path: Path, kubeconfig: Path) -> Any:
 
 
 def call(cluster: BrokerCluster, broker_id: int, header: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-    """One request; LOAD_IN_PROGRESS (a coordinator replaying its partition) is retried."""
+    """One request; LOAD_IN_PROGRESS (a coordinator replaying its partition) and NOT_COORDINATOR
+    (a new coordinator that has not read its leadership from the cluster state yet) are retried."""
     deadline = time.monotonic() + timeout
     while True:
         client = RawClient(cluster.brokers[broker_id].consumer_port, timeout=10)
@@ -49,7 +50,7 @@ def call(cluster: BrokerCluster, broker_id: int, header: dict[str, Any], timeout
             answer = client.call(header)[0]
         finally:
             client.close()
-        if answer.get("error") != ErrorCode.LOAD_IN_PROGRESS or time.monotonic() > deadline:
+        if answer.get("error") not in (ErrorCode.LOAD_IN_PROGRESS, ErrorCode.NOT_COORDINATOR) or time.monotonic() > deadline:
             return answer
         time.sleep(0.05)
 
@@ -220,6 +221,9 @@ def test_a_long_replay_runs_in_steps_while_the_broker_serves_others(uncompacted_
         deadline = time.monotonic() + 60
         while True:
             answer = fetch.call({"api": int(ApiKey.FETCH_OFFSETS), "group": group})[0]
+            if answer["error"] == ErrorCode.NOT_COORDINATOR and time.monotonic() < deadline:
+                time.sleep(0.05)  # it has not read its new leadership from the cluster state yet
+                continue
             if answer["error"] != ErrorCode.LOAD_IN_PROGRESS:
                 break
             loading += 1

@@ -53,6 +53,16 @@ def write_history(plog: PartitionLog, commits: int, *, compact_bytes: int, metad
     return {tp: c.offset for tp, c in stores.offsets.fetch(GROUP).items()}
 
 
+async def loaded(stores: ClusterGroupStores) -> Any:
+    """The group's store once its partition is replayed (a loop pass per step)."""
+    for _ in range(10_000):
+        try:
+            return stores.store_for(GROUP)
+        except CoordinatorLoadingError:
+            await asyncio.sleep(0)
+    raise AssertionError("never loaded")
+
+
 async def test_a_long_replay_answers_load_in_progress_and_finishes_in_steps(plog: PartitionLog) -> None:
     expected = write_history(plog, 800, compact_bytes=1 << 30, metadata="m" * 4000)  # ~3 MB, no snapshot
     roles = ClusterRoles(0, lambda: True, 5.0, lambda plog: None)
@@ -79,7 +89,7 @@ async def test_a_new_leader_advances_to_a_snapshot_its_predecessor_did_not(plog:
     assert plog.start_offset == 0  # the previous leader never advanced (it died first)
     roles = ClusterRoles(0, lambda: True, 5.0, lambda plog: None)
     stores, role = stores_on(plog, roles, compact_bytes=8 << 10)
-    store = stores.store_for(GROUP)  # short enough: replayed at once
+    store = await loaded(stores)
     assert {tp: c.offset for tp, c in store.fetch(GROUP).items()} == expected
     journal = store.journal
     assert isinstance(journal, LogJournal) and journal.snapshot_offset is not None
@@ -88,7 +98,7 @@ async def test_a_new_leader_advances_to_a_snapshot_its_predecessor_did_not(plog:
     assert plog.start_offset == journal.snapshot_offset > 0
     # A replay from the new log start gives the same state.
     stores2, _ = stores_on(plog, ClusterRoles(0, lambda: True, 5.0, lambda plog: None), compact_bytes=8 << 10)
-    again = stores2.store_for(GROUP)
+    again = await loaded(stores2)
     assert {tp: c.offset for tp, c in again.fetch(GROUP).items()} == expected
 
 

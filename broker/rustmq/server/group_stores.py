@@ -13,7 +13,7 @@ keeps one `OffsetStore` and one `ProducerNames` (stable producer names -> id, ep
   appended as a follower is exactly what the previous leader wrote. Group membership is not
   replicated: on a new coordinator members get UNKNOWN_MEMBER and join again; the members a
   broker held in an earlier term are dropped when it rebuilds.
-- The replay runs in steps of REPLAY_STEP_BYTES, one per event-loop pass (a short log in
+- The replay runs in steps of REPLAY_STEP_BYTES (128 KiB), one per event-loop pass (a short log in
   one go, at once): meanwhile requests for that partition's keys get LOAD_IN_PROGRESS, which
   clients retry (Kafka's COORDINATOR_LOAD_IN_PROGRESS), and the loop keeps serving everything
   else. A leadership lost or changed during the replay abandons it.
@@ -56,7 +56,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rustmq.coordination")
 
-REPLAY_STEP_BYTES: Final = 1 << 20  # bytes of the internal partition replayed per loop pass
+# Bytes of the internal partition replayed per loop pass: small commits cost about 13 ms of CPU
+# per 128 KiB here (benchmarks/coordination_replay.py, docs/benchmarks.md).
+REPLAY_STEP_BYTES: Final = 128 << 10
 
 
 class Window(queue_log.RecordSource, Protocol):
