@@ -52,8 +52,8 @@ def retry(cluster: BrokerCluster, broker_id: int, header: dict[str, Any], timeou
         time.sleep(0.1)
 
 
-def first_base(cluster: BrokerCluster, broker_id: int) -> int:
-    directory = cluster.root / f"broker-{broker_id}" / "topics" / TOPIC / "0"
+def first_base(cluster: BrokerCluster, broker_id: int, topic: str = TOPIC) -> int:
+    directory = cluster.root / f"broker-{broker_id}" / "topics" / topic / "0"
     return min(int(name[:-4]) for name in os.listdir(directory) if name.endswith(".log"))
 
 
@@ -105,11 +105,56 @@ def test_holds_keep_unconsumed_data_on_every_replica_until_the_groups_commit(fas
     # nothing at or above 60 goes anywhere.
     commit(cluster, "billing", 60)
     deadline = time.monotonic() + 30
-    while not all(0 < base <= 60 for base in bases(cluster).values()):
+    while True:
         seen = bases(cluster)
+        if all(0 < base <= 60 for base in seen.values()):
+            break
         assert time.monotonic() < deadline, f"the hold was not released on every replica: {seen}\n{cluster.logs()}"
         time.sleep(0.3)
     time.sleep(2)  # more passes: still nothing above the floor
     assert all(0 < base <= 60 for base in bases(cluster).values()), bases(cluster)
     listed = call(cluster, leader, {"api": int(ApiKey.LIST_OFFSETS), "topic": TOPIC, "partition": 0, "at": -2})
     assert listed["error"] == 0 and 0 < listed["start_offset"] <= 60, listed
+
+
+@pytest.mark.timeout(240)
+def test_retain_until_settled_keeps_what_a_queue_subscription_has_not_acked(fast_retention_brokers: BrokerCluster) -> None:
+    cluster = fast_retention_brokers
+    topic = "jobs"
+    created = call(cluster, 0, {"api": int(ApiKey.CREATE_TOPIC), "topic": topic, "partitions": 1,
+                                "config": {"segment_bytes": 4096, "retention_messages": 10, "retain_until_settled": True}})
+    assert created["error"] == 0, created
+    cluster.wait_for(in_sync(topic), "the topic in sync", topics=[topic])
+    leader = cluster.partition(topic, 0)["leader"]
+    found = retry(cluster, 0, {"api": int(ApiKey.FIND_COORDINATOR), "key_type": "queue", "topic": topic}, timeout=60)
+    assert found["error"] == 0, found
+    queues = found["coordinator"]
+    fetch = {"api": int(ApiKey.QUEUE_FETCH), "subscription": "workers", "topic": topic, "partition": 0,
+             "max_wait_ms": 0, "max_messages": 60}
+    assert retry(cluster, queues, dict(fetch))["error"] == 0  # the subscription exists from here on, at 0
+
+    record = batch.build_batch(bytes(1000), record_count=1, first_timestamp_ms=1, max_timestamp_ms=1)
+    for _ in range(120):
+        answer = call(cluster, leader, {"api": int(ApiKey.PRODUCE), "topic": topic, "partition": 0, "acks": 3}, record)
+        assert answer["error"] == 0, answer
+    time.sleep(4)  # many retention passes: nothing is settled yet
+    assert {b: first_base(cluster, b, topic) for b in (0, 1, 2)} == {0: 0, 1: 0, 2: 0}
+
+    leased: list[int] = []
+    deadline = time.monotonic() + 30
+    while len(leased) < 60:
+        assert time.monotonic() < deadline, leased
+        delivered = retry(cluster, queues, dict(fetch, max_messages=60 - len(leased)))
+        assert delivered["error"] == 0, delivered
+        leased += [o for d in delivered["deliveries"] for start, end in d["ranges"] for o in range(start, end)]
+    assert sorted(leased) == list(range(60))
+    acked = retry(cluster, queues, {"api": int(ApiKey.QUEUE_ACK), "subscription": "workers", "topic": topic,
+                                    "partition": 0, "ranges": [[0, 60]]})
+    assert acked["error"] == 0 and acked["acked"] == 60, acked
+    deadline = time.monotonic() + 30
+    while True:
+        seen = {b: first_base(cluster, b, topic) for b in (0, 1, 2)}
+        if all(0 < base <= 60 for base in seen.values()):
+            break
+        assert time.monotonic() < deadline, f"the settled hold was not released on every replica: {seen}\n{cluster.logs()}"
+        time.sleep(0.3)

@@ -1,6 +1,6 @@
 """ADD_PARTITIONS and ALTER_TOPIC_CONFIG in cluster mode, with three real brokers and the real API
 server: asked on one broker, stored once (CAS on the topic's shard), applied by every broker to
-its own log; and what cluster mode refuses (compaction, retain_until_settled: docs/cluster.md)."""
+its own log; and what cluster mode refuses (compaction: docs/cluster.md)."""
 
 from __future__ import annotations
 
@@ -125,13 +125,11 @@ def test_topic_changes_refuse_clearly(three_brokers: BrokerCluster) -> None:
     assert bad["error"] == ErrorCode.INVALID_CONFIG
     compact = call(cluster, 2, {"api": 10, "topic": "t", "set": {"cleanup_policy": "compact"}})
     assert compact["error"] == ErrorCode.INVALID_CONFIG and "not available in cluster mode" in compact["message"]
-    hold = call(cluster, 0, {"api": 4, "topic": "held", "partitions": 1, "config": {"retain_until_settled": True}})
-    assert hold["error"] == ErrorCode.INVALID_CONFIG and "retain_until_settled" in hold["message"]
     created = call(cluster, 0, {"api": 4, "topic": "c", "partitions": 1, "config": {"cleanup_policy": "compact,delete"}})
     assert created["error"] == ErrorCode.INVALID_CONFIG
     internal = call(cluster, 1, {"api": 9, "topic": internal_topic.TOPIC, "partitions": 99})
     assert internal["error"] == ErrorCode.INVALID_REQUEST and "internal" in internal["message"]
     # Nothing of the refused changes was stored.
-    metadata = cluster.wait_for(lambda m: True, "metadata", topics=["t", "held", "c"])
+    metadata = cluster.wait_for(lambda m: True, "metadata", topics=["t", "c"])
     assert len(metadata["topics"][0]["partitions"]) == 3
-    assert [t["error"] for t in metadata["topics"][1:]] == [ErrorCode.UNKNOWN_TOPIC, ErrorCode.UNKNOWN_TOPIC]
+    assert [t["error"] for t in metadata["topics"][1:]] == [ErrorCode.UNKNOWN_TOPIC]

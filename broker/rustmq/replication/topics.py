@@ -13,11 +13,10 @@ What is refused in cluster mode, and why (``unsafe_in_cluster``):
 - ``cleanup_policy`` compact or compact,delete. Compaction leaves gaps between the offsets of
   the batches it keeps, and a follower appends its leader's batches at its own log end: a
   follower fetching a compacted range would hold the records at other offsets than its leader.
-- ``retain_until_settled``. The hold is evaluated from the queue state of the broker doing the
-  retention, which in cluster mode is not (yet) the same on every replica: a follower could
-  delete what a subscription has not settled, and lose it for good once it leads.
-  (``retain_until_consumed_by`` works: the partition leader asks the groups' coordinators and
-  followers follow its log start, rustmq.replication.holds.)
+
+Retention holds (``retain_until_consumed_by``, ``retain_until_settled``) work: the partition
+leader asks the groups' and the topic's queue coordinators and followers follow its log start
+(rustmq.replication.holds).
 """
 
 from __future__ import annotations
@@ -50,9 +49,6 @@ def unsafe_in_cluster(config: LogConfig) -> str | None:
     if config.compacted:
         return ("cleanup_policy compact is not available in cluster mode yet: followers cannot "
                 "replicate the offset gaps compaction leaves (docs/cluster.md)")
-    if config.retain_until_settled:
-        return ("retain_until_settled is not available in cluster mode yet: queue state is not the same "
-                "on every replica (docs/cluster.md); retain_until_consumed_by is")
     return None
 
 
