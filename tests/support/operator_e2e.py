@@ -128,7 +128,14 @@ class OperatorProcess:
 @pytest.fixture(scope="module")
 def crd_installed(cluster: Any) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/rustmqclusters.rustmq.io", "--timeout=60s")
+    # A CRD created a moment ago may have no status yet, and `kubectl wait` then fails at once
+    # (".status.conditions accessor error: <nil>") instead of waiting: ask again.
+    for attempt in range(5):
+        waited = cluster.kubectl("wait", "--for=condition=Established", "crd/rustmqclusters.rustmq.io",
+                                 "--timeout=60s", check=attempt == 4, timeout=75)
+        if waited.returncode == 0:
+            return
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
