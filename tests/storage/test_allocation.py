@@ -49,6 +49,8 @@ def test_blocks_are_allocated_ahead_of_the_write_position_in_bounded_steps(tmp_p
         appended += len(raw)
         assert active.size <= active.allocated
         assert active.allocated - active.size <= segment.PREALLOCATE_MAX_STEP + 4096
+    active._collect_file_work(wait=True)  # noqa: SLF001 - the thread's step ahead, if one runs
+    assert active.allocated - active.size <= segment.PREALLOCATE_MAX_STEP + 4096
     on_disk = os.stat(active.path).st_blocks * 512
     assert active.size <= on_disk <= active.allocated + 4096
     partition.close()
@@ -173,3 +175,30 @@ def test_a_topics_segment_size_is_bounded_by_the_broker(tmp_path: Path) -> None:
     log.close()
     with pytest.raises(errors.InvalidConfigError, match="override_segment_bytes"):
         Log.open(tmp_path, small_config(), override_segment_bytes=(100, 1 << 20))
+
+
+def test_the_appending_thread_does_not_allocate_while_the_file_thread_keeps_ahead(tmp_path: Path) -> None:
+    """Past the first step, every posix_fallocate of a steadily written segment runs on the
+    segment-file thread, not on the thread that appends (the broker's event loop)."""
+    import threading
+    from unittest import mock
+
+    partition = PartitionLog.open(tmp_path, small_config(segment_bytes=64 << 20))
+    raw = make_batch(0, records=1, body_size=1000)
+    partition.append(raw)
+    callers: list[str] = []
+    real = os.posix_fallocate
+
+    def recording(fd: int, offset: int, length: int) -> None:
+        callers.append(threading.current_thread().name)
+        real(fd, offset, length)
+
+    with mock.patch.object(os, "posix_fallocate", recording):
+        appended = 0
+        while appended < 40 << 20:
+            partition.append(raw)
+            appended += len(raw)
+            partition._active._collect_file_work(wait=True)  # noqa: SLF001 - a thread that keeps up
+    partition.close()
+    assert len(callers) >= 5, callers
+    assert all(name.startswith("rustmq-segment-files") for name in callers), callers

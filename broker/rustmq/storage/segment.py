@@ -25,6 +25,12 @@ posix_fallocate of the next PREALLOCATE_MIN_STEP .. PREALLOCATE_MAX_STEP bytes, 
 the segment is young), always before the bytes are written: a full disk is reported
 (ENOSPC -> StorageFullError) before anything of an append is written, never half way through
 it, and an empty partition holds no data blocks at all instead of a whole preallocated segment.
+The next step is allocated by the process's segment-file thread (`_FileWork`) once the writes
+reach the second half of the current one, so the appending thread (the broker's event loop)
+does not wait for posix_fallocate; it allocates itself only when the writes outran that thread
+or it failed (a full disk: then the append gets StorageFullError as before). The same thread
+trims sealed segments (`trim`). Hazard: a segment settles its pending file work before closing
+its fd (else the thread could act on a closed or reused descriptor).
 The active segment is appended to with pwritev on its fd: the map shares the page cache the
 writes fill, so readers' views see the bytes, and no store through a map can ever corrupt a
 segment. Because the file's size is the capacity from the start, growing the allocation never
@@ -42,10 +48,14 @@ is unmapped by CPython when the last slice is released. The fd is ours alone and
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import struct
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -73,6 +83,35 @@ _IOV_MAX: Final = 1024
 PREALLOCATE_MIN_STEP: Final = 64 << 10
 PREALLOCATE_MAX_STEP: Final = 8 << 20
 _BLOCK: Final = 4096
+
+
+logger = logging.getLogger(__name__)
+
+
+class _FileWork:
+    """One thread per process for the segments' slow file calls (posix_fallocate ahead of the
+    writes, ftruncate of sealed tails), in submission order; started at first use."""
+
+    _lock = threading.Lock()
+    _executor: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def submit(cls, call: Callable[..., int], *args: int) -> Future[int]:
+        with cls._lock:
+            if cls._executor is None:
+                cls._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rustmq-segment-files")
+            return cls._executor.submit(call, *args)
+
+
+def _allocate(fd: int, start: int, end: int) -> int:
+    os.posix_fallocate(fd, start, end - start)
+    return end
+
+
+def _trim(fd: int, size: int) -> int:
+    if os.fstat(fd).st_size > size:
+        os.ftruncate(fd, size)
+    return -1
 
 
 def _write_fully(fd: int, buffers: list[bytes | memoryview], position: int) -> None:
@@ -299,7 +338,7 @@ class Segment:
         "max_timestamp_before_last", "last_batch_position", "rolling_base_ms", "offset_index",
         "time_index", "bytes_since_index_entry", "sealed", "flushed_size", "dir_synced",
         "index_persisted", "pending_index_files", "deleted", "compacted", "allocated", "_mm",
-        "_view",
+        "_view", "_file_work",
     )
 
     def __init__(self, directory: Path, base_offset: int, fd: int, capacity: int,
@@ -328,6 +367,7 @@ class Segment:
         self.deleted = False
         self.compacted = False  # written by compaction: may have gaps (see the module docstring)
         self.allocated = state.size  # blocks known allocated from 0 (reserve); more may be
+        self._file_work: Future[int] | None = None  # the segment-file thread's call for this segment
         if writable:
             self._mm = mmap.mmap(fd, capacity, access=mmap.ACCESS_READ)
         else:
@@ -366,22 +406,50 @@ class Segment:
         return segment
 
     def reserve(self, end: int) -> None:
-        """Make sure blocks are allocated up to byte `end` (at most the capacity), allocating a
-        step ahead so that most appends find their blocks already there.
+        """Make sure blocks are allocated up to byte `end` (at most the capacity), and have the
+        segment-file thread allocate the next step ahead once `end` passes the middle of the
+        current one, so that appends find their blocks already there.
 
         Raises StorageFullError (ENOSPC, EDQUOT, EFBIG) with nothing written and the segment
         unchanged, so the caller can refuse the append and keep serving; a later call retries.
         """
-        if end <= self.allocated:
+        self._collect_file_work(wait=False)
+        if end > self.allocated:
+            if self._file_work is not None:  # an allocation ahead may cover it: wait, not twice
+                self._collect_file_work(wait=True)
+            if end > self.allocated:
+                target = self._step_target(end)
+                try:
+                    _allocate(self.fd, self.allocated, target)
+                except OSError as error:
+                    raise errors.from_os_error(
+                        error, f"allocating {target - self.allocated} bytes for {self.path}") from error
+                self.allocated = target
+        step = self._step()
+        # An empty segment gets no blocks ahead: an idle partition holds none (see the docstring).
+        if end and self._file_work is None and self.allocated < self.capacity and self.allocated - end < step // 2:
+            self._file_work = _FileWork.submit(_allocate, self.fd, self.allocated, self._step_target(end))
+
+    def _step(self) -> int:
+        return min(max(self.allocated, PREALLOCATE_MIN_STEP), PREALLOCATE_MAX_STEP)
+
+    def _step_target(self, end: int) -> int:
+        return min(self.capacity, -(-(end + self._step()) // _BLOCK) * _BLOCK)
+
+    def _collect_file_work(self, *, wait: bool) -> None:
+        """Take the result of the segment-file thread's call once it is done (or wait for it):
+        a finished allocation raises `allocated`; a failed one only leaves the allocation to
+        the appending thread, which reports the error with the append it refuses."""
+        work = self._file_work
+        if work is None or not (wait or work.done()):
             return
-        step = min(max(self.allocated, PREALLOCATE_MIN_STEP), PREALLOCATE_MAX_STEP)
-        target = min(self.capacity, -(-(end + step) // _BLOCK) * _BLOCK)
+        self._file_work = None
         try:
-            os.posix_fallocate(self.fd, self.allocated, target - self.allocated)
+            allocated = work.result()
         except OSError as error:
-            raise errors.from_os_error(
-                error, f"allocating {target - self.allocated} bytes for {self.path}") from error
-        self.allocated = target
+            logger.debug("%s: file work ahead failed (%s); the next append allocates itself", self.path, error)
+            return
+        self.allocated = max(self.allocated, allocated)
 
     @property
     def path(self) -> Path:
@@ -508,14 +576,13 @@ class Segment:
         return None
 
     def trim(self) -> None:
-        """Give the tail of a sealed segment (allocated ahead or sparse) back to the file system."""
-        if self.deleted:
+        """Have the segment-file thread give the tail of a sealed segment (allocated ahead or
+        sparse) back to the file system, after any allocation it still runs for it. A failure
+        only wastes space: recovery and the next clean start trim again."""
+        if self.deleted or self.fd < 0:
             return
-        try:
-            if os.fstat(self.fd).st_size > self.size:
-                os.ftruncate(self.fd, self.size)
-        except OSError:
-            pass  # only wasted space; recovery and the next clean start trim again
+        self._collect_file_work(wait=False)
+        self._file_work = _FileWork.submit(_trim, self.fd, self.size)
 
     def index_files(self) -> tuple[tuple[Path, bytes], tuple[Path, bytes]]:
         """The two index files' paths and contents, each ending with the terminal entry."""
@@ -559,6 +626,7 @@ class Segment:
         """Close the fd and unmap; False if the unmap is deferred to the last reader's release."""
         if self.fd < 0:
             return True
+        self._collect_file_work(wait=True)  # Hazard: the thread must not outlive our fd.
         self._view.release()
         unmapped = True
         try:
