@@ -15,7 +15,7 @@ from brokerproc import RawClient
 from clusterproc import BrokerCluster
 from rustmq.client import Admin, Consumer, Producer
 from rustmq.protocol import batch, records, simple
-from rustmq.protocol.api import ErrorCode, RequestError
+from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 from workload import AcksAllLoad
 
 pytestmark = [pytest.mark.slow]
@@ -221,6 +221,15 @@ def test_errors_are_clear(three_brokers: BrokerCluster) -> None:
     assert response["error"] == ErrorCode.INVALID_CONFIG and "needs 5 live brokers" in response["message"]
     assert call(cluster, 0, {"api": 4, "topic": "ok", "partitions": 1})["error"] == 0
     assert call(cluster, 2, {"api": 4, "topic": "ok", "partitions": 1})["error"] == ErrorCode.TOPIC_EXISTS
+    # A topic created through one broker is known at once on the others: asked about a name it
+    # does not know, a broker reads the cluster state before it answers UNKNOWN_TOPIC.
+    for i in range(5):
+        assert call(cluster, 0, {"api": 4, "topic": f"fresh-{i}", "partitions": 1})["error"] == 0
+        for other in (1, 2):
+            described = call(cluster, other, {"api": int(ApiKey.METADATA), "topics": [f"fresh-{i}"]})
+            assert described["topics"][0]["error"] == 0, (other, described)
+    unknown = call(cluster, 1, {"api": int(ApiKey.METADATA), "topics": ["never-made"]})
+    assert unknown["topics"][0]["error"] == ErrorCode.UNKNOWN_TOPIC
     assert call(cluster, 1, {"api": 9, "topic": "ok", "partitions": 1})["error"] == ErrorCode.INVALID_CONFIG  # only grows
     assert call(cluster, 2, {"api": 5, "topic": "ok"})["error"] == 0
     cluster.wait_for(lambda m: m["topics"][0]["error"] == ErrorCode.UNKNOWN_TOPIC, "deletion seen", topics=["ok"])

@@ -123,6 +123,7 @@ class ClusterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeup = asyncio.Event()
         self._sync_lock = asyncio.Lock()
+        self._next_refresh: asyncio.Future[None] | None = None
         self._stopping = False
         self._shutting_down = False
         self._throttle = reassign.Throttle(settings.reassign_bytes_per_s, time.monotonic())
@@ -518,48 +519,52 @@ class ClusterNode:
 
     async def _sync(self) -> None:
         async with self._sync_lock:
-            leases = await self.store.list_leases(self._broker_prefix)
-            controller = await self.store.get_lease(self._controller_name)
-            shards = await self.store.list_maps(self._state_prefix)
-            # The operator's per-broker external addresses (read-only here; may not exist).
-            listeners = await self.store.get_map(f"{self.settings.cluster_name}-listeners")
-            external = listeners.value if listeners is not None else {}
-            now = time.monotonic()
-            members: dict[int, dict[str, Any]] = {}
-            for name, lease in leases.items():
-                self.observer.observe(name, lease.value, now)
-                broker_id = _broker_id(name, self._broker_prefix)
-                if broker_id is None or self.observer.holder(name, now) is None:
-                    continue
-                notes = lease.value.annotations
-                members[broker_id] = {
-                    "id": broker_id,
-                    "host": notes.get(ANNOTATION + "host", ""),
-                    "producer_port": int(notes.get(ANNOTATION + "producer-port", "0")),
-                    "consumer_port": int(notes.get(ANNOTATION + "consumer-port", "0")),
-                }
-                if external.get(f"broker-{broker_id}"):
-                    members[broker_id]["external_host"] = external[f"broker-{broker_id}"]
-            self.members = members
-            self.roles.brokers = [members[b] for b in sorted(members)]
-            self.roles.controller = -1
-            if controller is not None and controller.value.holder:
-                self.roles.controller = _holder_id(controller.value.holder)
-            topics: dict[str, TopicState] = {}
-            versions: dict[str, Versioned[dict[str, str]]] = {}
-            for name, shard in shards.items():
-                if name == self._brokers_map:
-                    continue
-                versions[name] = shard
-                topics.update(cstate.decode_shard(shard.value))
-            self.topics = topics
-            self.roles.topics = topics
-            known = shards.get(self._brokers_map)
-            # A restarted broker leads nothing until the controller has seen its new incarnation
-            # (and so taken it out of the ISRs it may no longer deserve: KIP-903's lesson).
-            seen = known is not None and known.value.get(f"broker-{self.settings.broker_id}") == self.incarnation
-            self._apply(topics, may_lead=seen)
-            await self._store_isr_changes(versions)
+            await self._read_state()
+
+    async def _read_state(self) -> None:
+        """One read of the leases and the state maps, applied here (the caller holds _sync_lock)."""
+        leases = await self.store.list_leases(self._broker_prefix)
+        controller = await self.store.get_lease(self._controller_name)
+        shards = await self.store.list_maps(self._state_prefix)
+        # The operator's per-broker external addresses (read-only here; may not exist).
+        listeners = await self.store.get_map(f"{self.settings.cluster_name}-listeners")
+        external = listeners.value if listeners is not None else {}
+        now = time.monotonic()
+        members: dict[int, dict[str, Any]] = {}
+        for name, lease in leases.items():
+            self.observer.observe(name, lease.value, now)
+            broker_id = _broker_id(name, self._broker_prefix)
+            if broker_id is None or self.observer.holder(name, now) is None:
+                continue
+            notes = lease.value.annotations
+            members[broker_id] = {
+                "id": broker_id,
+                "host": notes.get(ANNOTATION + "host", ""),
+                "producer_port": int(notes.get(ANNOTATION + "producer-port", "0")),
+                "consumer_port": int(notes.get(ANNOTATION + "consumer-port", "0")),
+            }
+            if external.get(f"broker-{broker_id}"):
+                members[broker_id]["external_host"] = external[f"broker-{broker_id}"]
+        self.members = members
+        self.roles.brokers = [members[b] for b in sorted(members)]
+        self.roles.controller = -1
+        if controller is not None and controller.value.holder:
+            self.roles.controller = _holder_id(controller.value.holder)
+        topics: dict[str, TopicState] = {}
+        versions: dict[str, Versioned[dict[str, str]]] = {}
+        for name, shard in shards.items():
+            if name == self._brokers_map:
+                continue
+            versions[name] = shard
+            topics.update(cstate.decode_shard(shard.value))
+        self.topics = topics
+        self.roles.topics = topics
+        known = shards.get(self._brokers_map)
+        # A restarted broker leads nothing until the controller has seen its new incarnation
+        # (and so taken it out of the ISRs it may no longer deserve: KIP-903's lesson).
+        seen = known is not None and known.value.get(f"broker-{self.settings.broker_id}") == self.incarnation
+        self._apply(topics, may_lead=seen)
+        await self._store_isr_changes(versions)
 
     def _apply(self, topics: dict[str, TopicState], may_lead: bool = True) -> None:
         me = self.settings.broker_id
@@ -866,14 +871,31 @@ class ClusterNode:
         raise RequestError(ErrorCode.CLUSTER_UNAVAILABLE, f"deleting {name!r}: too many concurrent changes, retry")
 
     async def refresh(self) -> None:
-        """Read the cluster state now (a topic another broker just created)."""
-        await self._store_call(self._sync())
+        """Read the cluster state, a read that starts after this call (a topic another broker
+        just created is then known). Callers share reads: those arriving while one is under
+        way wait for the next, so a burst of lookups of topics that do not exist costs the
+        API server one read at a time, not one per request."""
+        if self._next_refresh is None:
+            self._next_refresh = asyncio.ensure_future(self._refresh_after_current())
+            self._next_refresh.add_done_callback(_retrieve)
+        await self._store_call(asyncio.shield(self._next_refresh))
+
+    async def _refresh_after_current(self) -> None:
+        async with self._sync_lock:  # a read under way started before some callers asked
+            self._next_refresh = None
+            await self._read_state()
 
     async def _store_call(self, call: Any) -> Any:
         try:
             return await call
         except StoreUnavailable as exc:
             raise RequestError(ErrorCode.CLUSTER_UNAVAILABLE, f"the coordination store did not answer: {exc}") from None
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a shared read's failure as seen (its callers may all have been cancelled)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def rebuild_off_loop(plog: PartitionLog, rebuild: Rebuild | None) -> int:

@@ -765,6 +765,8 @@ class Connection(asyncio.BufferedProtocol):
             missing = [n for n in names or () if n not in cluster.topics]
             if header.get("create") is True and missing and self._settings.auto_create_topics:
                 self._later(corr, self._create_then_describe(missing, names))
+            elif missing:  # perhaps created on another broker a moment ago: read the state once
+                self._later(corr, self._refresh_then_describe(names))
             else:
                 response = self._broker.metadata(names)
                 if self._auth is not None and names is None:
@@ -779,6 +781,10 @@ class Connection(asyncio.BufferedProtocol):
         if self._auth is not None and names is None:
             response["topics"] = [t for t in response["topics"] if self._auth.allowed("topic", t["name"], "describe")]
         self.ok(corr, response)
+
+    async def _refresh_then_describe(self, names: list[str] | None) -> dict[str, Any]:
+        await self._broker.cluster.admin.refresh()
+        return self._broker.metadata(names)
 
     async def _create_then_describe(self, missing: list[str], names: list[str] | None) -> dict[str, Any]:
         admin = self._broker.cluster.admin
