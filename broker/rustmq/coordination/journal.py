@@ -73,7 +73,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import msgpack
 
@@ -482,17 +482,7 @@ class LogReplay:
         return self.done
 
     def _apply_view(self, view: memoryview) -> None:
-        pos, end = 0, len(view)
-        while pos < end:
-            header = batch.read_header(view, pos)
-            body = view[pos + batch.HEADER_SIZE : pos + header.size]
-            try:
-                decoded = records.decode_body(body, header.codec)
-            except records.RecordDecodeError as error:
-                raise JournalCorruptError(f"journal batch at offset {header.base_offset}: {error}"
-                                          ) from error
-            finally:
-                body.release()
+        for header, decoded in _batches_in(view):
             self.bytes_read += header.size
             if decoded and decoded[0][1] == GENERATION_KEY:
                 self.reset()
@@ -505,7 +495,6 @@ class LogReplay:
                 key = record[1]
                 if key != GENERATION_KEY:
                     self.apply(bytes(key), None if record[2] is None else bytes(record[2]))
-            pos += header.size
 
 
 class _PendingGeneration:
@@ -674,22 +663,26 @@ def _entries(partition: PartitionLog) -> Iterator[Entry]:
 
 
 def _decode_batches(view: memoryview) -> Iterator[Entry]:
-    pos = 0
-    end = len(view)
+    for _, decoded in _batches_in(view):
+        for record in decoded:
+            key = record[1]
+            if key != GENERATION_KEY:
+                yield bytes(key), (None if record[2] is None else bytes(record[2]))
+
+
+def _batches_in(view: memoryview) -> Iterator[tuple[batch.BatchHeader, tuple[Any, ...]]]:
+    """Each whole batch in `view` with its decoded records; JournalCorruptError on a bad body."""
+    pos, end = 0, len(view)
     while pos < end:
         header = batch.read_header(view, pos)
         body = view[pos + batch.HEADER_SIZE : pos + header.size]
         try:
             decoded = records.decode_body(body, header.codec)
         except records.RecordDecodeError as error:
-            raise JournalCorruptError(f"journal batch at offset {header.base_offset}: {error}"
-                                      ) from error
+            raise JournalCorruptError(f"journal batch at offset {header.base_offset}: {error}") from error
         finally:
             body.release()
-        for record in decoded:
-            key = record[1]
-            if key != GENERATION_KEY:
-                yield bytes(key), (None if record[2] is None else bytes(record[2]))
+        yield header, decoded
         pos += header.size
 
 
