@@ -43,11 +43,10 @@ from typing import Any, NamedTuple
 
 from rustmq.client.connection import Connection, Response, check, parse_address, response_within
 from rustmq.client.errors import BrokerError
+from rustmq.client.messages import verified_batches
 from rustmq.client.producer import Producer, RecordMetadata
 from rustmq.client.routing import Routes, backoff, retriable
 from rustmq.client.sync import SyncClient
-from rustmq.protocol import batch as record_batch
-from rustmq.protocol import records
 from rustmq.protocol.api import ApiKey, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -286,7 +285,7 @@ class QueueConsumer:
         pos = 0
         for entry in deliveries:
             partition, size = entry["partition"], entry["size"]
-            batches = _decode_batches(payload[pos : pos + size])
+            batches = _decode_batches(payload[pos : pos + size], f"{topic}/{partition}")
             pos += size
             bases = [base for base, _, _ in batches]
             attempts = dict(entry["attempts"])
@@ -427,12 +426,10 @@ def _settle_group(group: asyncio.Future[None], responses: asyncio.Future[list[Re
         group.set_exception(error)
 
 
-def _decode_batches(data: memoryview) -> list[tuple[int, int, tuple[Any, ...]]]:
+def _decode_batches(data: memoryview, where: str) -> list[tuple[int, int, tuple[Any, ...]]]:
     """(base_offset, first_timestamp_ms, decoded records) of each whole batch in `data`."""
-    return [(header.base_offset, header.first_timestamp_ms,
-             records.decode_body(data[pos + record_batch.HEADER_SIZE : pos + header.size],
-                                 header.attributes & records.CODEC_MASK))
-            for pos, header in record_batch.iter_batches(data)]
+    return [(header.base_offset, header.first_timestamp_ms, entries)
+            for header, entries in verified_batches(data, where)]
 
 
 def _ranges(offsets: list[int]) -> list[list[int]]:
