@@ -23,7 +23,7 @@ from rustmq.client.connection import Connection, Response, check, response_withi
 from rustmq.client.errors import BrokerError
 from rustmq.client.groups import GroupConsumer
 from rustmq.client.messages import Message, decode_batches
-from rustmq.client.routing import Routes, backoff, retriable
+from rustmq.client.routing import Routes, backoff, merge_fetches, retriable
 from rustmq.protocol import batch as record_batch
 from rustmq.protocol.api import EARLIEST, LATEST, ApiKey, ErrorCode
 
@@ -226,17 +226,7 @@ class Consumer:
             groups.setdefault(routes.leader_of(self.topic, partition), []).append(partition)
         results = await asyncio.gather(*(self._fetch_from(partitions) for partitions in groups.values()),
                                        return_exceptions=True)
-        out: list[tuple[int, memoryview, int]] = []
-        failed = False
-        for result in results:
-            if isinstance(result, BaseException):
-                if not retriable(result, True):
-                    raise result
-                failed = True
-            else:
-                got, stale = result
-                out += got
-                failed = failed or stale
+        out, failed = merge_fetches(results)
         if failed:
             routes.invalidate(self.topic)
             if not out:

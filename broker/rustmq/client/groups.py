@@ -37,7 +37,7 @@ from rustmq.client.admin import Admin
 from rustmq.client.connection import Connection, check, response_within
 from rustmq.client.errors import BrokerError, ConnectionClosedError
 from rustmq.client.messages import Message, decode_batches
-from rustmq.client.routing import Routes, backoff, retriable
+from rustmq.client.routing import Routes, backoff, merge_fetches, retriable
 from rustmq.protocol.api import EARLIEST, LATEST, ApiKey, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -367,17 +367,7 @@ class GroupConsumer:
             by_leader.setdefault(self._routes.leader_of(topic, partition), []).append((topic, partition))
         results = await asyncio.gather(*(self._fetch_from(tps, wait) for tps in by_leader.values()),
                                        return_exceptions=True)
-        out: list[Message] = []
-        failed = False
-        for result in results:
-            if isinstance(result, BaseException):
-                if not retriable(result, True):
-                    raise result
-                failed = True
-            else:
-                got, stale = result
-                out += got
-                failed = failed or stale
+        out, failed = merge_fetches(results)
         if failed:
             for topic in self.topics:
                 self._routes.invalidate(topic)

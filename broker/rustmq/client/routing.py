@@ -45,6 +45,24 @@ def retriable(exc: BaseException, clustered: bool) -> bool:
     return False
 
 
+def merge_fetches(results: list[Any]) -> tuple[list[Any], bool]:
+    """Merge the answers of one fetch per leader (asyncio.gather(..., return_exceptions=True),
+    each answer a (fetched items, stale) pair): the items that arrived, and whether a retriable
+    failure or a stale entry asks for a metadata refresh. Any other failure is raised."""
+    out: list[Any] = []
+    failed = False
+    for result in results:
+        if isinstance(result, BaseException):
+            if not retriable(result, True):
+                raise result
+            failed = True
+        else:
+            got, stale = result
+            out += got
+            failed = failed or stale
+    return out, failed
+
+
 class Routes:
     def __init__(self, bootstrap: str, *, timeout: float = 30.0, external: bool = False) -> None:
         self.bootstrap = [parse_address(address.strip()) for address in bootstrap.split(",") if address.strip()]
