@@ -13,13 +13,18 @@ Loops (each bounded by the store's api_timeout_s per call; docs/cluster.md has t
 - sync: every poll_s, list the broker Leases and the state ConfigMaps, create local partitions
   for the replicas assigned here, install roles (leader/follower, epoch, ISR) for the request
   path, store the ISR changes this broker's leaderships want (CAS, checked against the stored
-  leader and epoch), and run one fetcher per leader this broker follows.
-- fetchers: a replica FETCH (replica_id, leader_epoch, last_fetched_epoch per partition) in a
-  loop; batches are appended with the leader's offsets and epochs; a ``diverging`` answer
+  leader and epoch), and run two fetch sessions per leader this broker follows.
+- fetchers: per leader, one session (its own connection) for the partitions this replica is in
+  the ISR of and one for those it is not (new replicas of a reassignment, a restarted follower):
+  an acks=all write waits only for in-sync copies, so it must never queue behind a catch-up
+  chunk, nor catch-up behind the in-sync session's long poll (Kafka keeps throttled replicas
+  apart the same way). Each sends a replica FETCH (replica_id, leader_epoch,
+  last_fetched_epoch per partition) in a loop; batches are appended with the leader's offsets and epochs; a ``diverging`` answer
   truncates the local log to the leader's end of that epoch first (KIP-101/279; the file work
   on a worker thread, `rebuild_off_loop`), and every answer's ``log_start_offset`` moves the
   local log start up to the leader's (whole segments, never above the high watermark). Replicas being
-  added by a reassignment fetch within the ``reassign_bytes_per_s`` token bucket.
+  added by a reassignment fetch within the ``reassign_bytes_per_s`` token bucket, in responses of
+  at most ``catchup_fetch_max_bytes``; a replica that moved away is deleted on a worker thread.
 
 Scaling (rustmq.cluster.reassign, docs/cluster.md "Scaling"): the controller reads the
 operator's ``<cluster>-membership``, plans reassignments, controlled-shutdown and preferred-leader
@@ -32,6 +37,7 @@ Lease annotations. On stop a broker first asks for a controlled shutdown (Lease 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -79,6 +85,7 @@ class ClusterSettings:
     forward_timeout_s: float = 10.0  # a forwarded simple produce waits at most this long for its leader
     forward_max_inflight: int = 256  # forwarded PRODUCE requests outstanding at once, all leaders together
     reassign_bytes_per_s: int = 50 << 20  # catch-up fetches of replicas being added; 0: unlimited
+    catchup_fetch_max_bytes: int = 1 << 20  # one catch-up response at most (at least one whole batch)
     max_reassignments: int = 4  # partitions moving at once
     controlled_shutdown_s: float = 20.0  # how long a stopping broker waits for its leaderships to move
     preferred_leader_delay_s: float = 10.0  # a returning broker leads its preferred partitions after this
@@ -118,7 +125,9 @@ class ClusterNode:
         self.members: dict[int, dict[str, Any]] = {}
         self._lease_version: str | None = None
         self._applied: set[str] = set()
-        self._fetchers: dict[int, asyncio.Task[None]] = {}
+        self._fetchers: dict[tuple[int, bool], asyncio.Task[None]] = {}  # (leader, catch-up session)
+        self._discards: set[asyncio.Task[None]] = set()  # replicas being deleted (_discard)
+        self._reclassified = asyncio.Event()  # replaced at each _apply: an idle session looks again
         self._follow: dict[int, dict[tuple[str, int], PartitionRole]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeup = asyncio.Event()
@@ -172,7 +181,7 @@ class ClusterNode:
         and fetcher and release the leases so peers need not wait them out."""
         await self.controlled_shutdown()
         self._stopping = True
-        await _cancel_all([*self._tasks, *self._fetchers.values()])
+        await _cancel_all([*self._tasks, *self._fetchers.values(), *self._discards])
         self.forwarder.close()
         self.held.lost()
         for name in (self._controller_name, self._lease_name):
@@ -587,9 +596,10 @@ class ClusterNode:
                 if i not in mine and plog.end_offset and not plog.closed and not plog.busy:
                     # A replica moved away (or left over from before a restart): nothing reads
                     # it; its files go, and should it come back it copies from the leader anew.
+                    # Off the loop: deleting a GB of segments stalled this broker's requests
+                    # for a quarter second, acks=all of the partitions it still serves with them.
                     self.roles.remove(name, i)
-                    plog.restart_at(0, reuse_offsets=True)
-                    log.info("%s/%d: deleted the local replica (this broker is no longer one of its replicas)", name, i)
+                    self._discard(name, i, plog)
             for i in mine:
                 p = topic.partitions[i]
                 key = (name, i)
@@ -614,10 +624,27 @@ class ClusterNode:
                 except RequestError:
                     pass
         self._follow = follow
+        self._reclassified.set()
+        self._reclassified = asyncio.Event()
         for leader in follow:
-            task = self._fetchers.get(leader)
-            if task is None or task.done():
-                self._fetchers[leader] = asyncio.get_running_loop().create_task(self._fetch_loop(leader))
+            for catchup in (False, True):
+                task = self._fetchers.get((leader, catchup))
+                if task is None or task.done():
+                    self._fetchers[(leader, catchup)] = asyncio.get_running_loop().create_task(
+                        self._fetch_loop(leader, catchup), name=f"fetch-{leader}-{'catchup' if catchup else 'insync'}")
+
+    def _discard(self, name: str, index: int, plog: PartitionLog) -> None:
+        """Empty a replica that moved away, its file work on a worker thread (fenced meanwhile)."""
+        async def discard() -> None:
+            try:
+                await rebuild_off_loop(plog, plog.begin_restart(0, reuse_offsets=True))
+                log.info("%s/%d: deleted the local replica (this broker is no longer one of its replicas)", name, index)
+            except storage_errors.StorageError as exc:
+                log.warning("%s/%d: deleting the local replica: %s", name, index, exc)
+
+        task = asyncio.get_running_loop().create_task(discard(), name=f"discard-{name}-{index}")
+        self._discards.add(task)
+        task.add_done_callback(self._discards.discard)
 
     def _drop_local(self, name: str) -> None:
         """A topic this broker holds no replica of any more (moved away by a reassignment): its
@@ -674,7 +701,10 @@ class ClusterNode:
 
     # -- followers --------------------------------------------------------------------------
 
-    async def _fetch_loop(self, leader: int) -> None:
+    async def _fetch_loop(self, leader: int, catchup: bool) -> None:
+        """One fetch session with `leader`: its in-sync partitions (catchup False) or the ones
+        this replica is not in the ISR of (catchup True; the throttle applies there). Apart, so
+        an acks=all write never waits behind a catch-up chunk, nor catch-up behind a long poll."""
         connection: Connection | None = None
         backoff = 0.05
         try:
@@ -689,7 +719,7 @@ class ClusterNode:
                 try:
                     if connection is None or connection.closed:
                         connection = await Connection.open(member["host"], member["consumer_port"], timeout=2.0)
-                    await self._fetch_once(connection, leader, parts)
+                    await self._fetch_once(connection, leader, parts, catchup)
                     backoff = 0.05
                 except (ClientError, OSError, TimeoutError) as exc:
                     log.debug("fetch from broker %d: %s", leader, exc)
@@ -711,13 +741,20 @@ class ClusterNode:
         p = topic.partitions[role.index]
         return bool(p.target) and self.settings.broker_id not in p.isr
 
-    async def _fetch_once(self, connection: Connection, leader: int, parts: dict[tuple[str, int], PartitionRole]) -> None:
-        roles = [r for r in parts.values() if not r.plog.busy]  # fenced while truncated off the loop
+    async def _fetch_once(self, connection: Connection, leader: int, parts: dict[tuple[str, int], PartitionRole],
+                          catchup: bool = False) -> None:
+        me = self.settings.broker_id
+        reclassified = self._reclassified
+        # Not fenced (truncated off the loop), and this session's kind: in the ISR or not.
+        roles = [r for r in parts.values() if not r.plog.busy and (me not in r.isr) == catchup]
         if not roles:
-            await asyncio.sleep(0.01)
+            with contextlib.suppress(TimeoutError):  # until the next state sync (or a truncation ends)
+                await asyncio.wait_for(reclassified.wait(), 0.05 if any(r.plog.busy for r in parts.values())
+                                       else self.settings.poll_s)
             return
-        limit = self.settings.replica_fetch_max_bytes
-        throttled = {id(r) for r in roles if self._being_added(r)} if self.settings.reassign_bytes_per_s > 0 else set()
+        limit = total = self.settings.catchup_fetch_max_bytes if catchup else self.settings.replica_fetch_max_bytes
+        throttled = ({id(r) for r in roles if self._being_added(r)}
+                     if catchup and self.settings.reassign_bytes_per_s > 0 else set())
         if throttled:
             allowance = self._throttle.allowance(time.monotonic())
             if allowance <= 0:
@@ -729,14 +766,13 @@ class ClusterNode:
         asked = [r.plog.end_offset for r in roles]
         request = {
             "api": int(ApiKey.FETCH),
-            "replica_id": self.settings.broker_id,
+            "replica_id": me,
             "max_wait_ms": self.settings.replica_fetch_wait_ms,
             "min_bytes": 1,
-            "max_bytes": self.settings.replica_fetch_max_bytes,
+            "max_bytes": total,
             "partitions": [
                 {"topic": r.topic, "partition": r.index, "offset": r.plog.end_offset, "leader_epoch": r.leader_epoch,
-                 "last_fetched_epoch": r.last_epoch(),
-                 "max_bytes": limit if id(r) in throttled else self.settings.replica_fetch_max_bytes}
+                 "last_fetched_epoch": r.last_epoch(), "max_bytes": limit if id(r) in throttled else total}
                 for r in roles
             ],
         }
