@@ -1,7 +1,7 @@
 """Client throughput before, during and after the drain of a broker holding a backlog (issue 14).
 
     python benchmarks/drain_throughput.py [--backlog-mib 1024] [--rate 10000] [--phase-s 15]
-                                          [--throttles default,0]
+                                          [--throttles default,0] [--segment-bytes N] [--keep-logs DIR]
 
 Prints one JSON object. The question: do clients keep their throughput while the controller
 copies a leaving broker's replicas elsewhere, with the catch-up throttle
@@ -22,8 +22,13 @@ up`, or $KUBECONFIG when it names a file) with the brokers' DEFAULT timing:
    does for a scale-down, and "during" lasts until the controller's report says broker 2 holds
    nothing and nothing moves; then `--phase-s` seconds "after".
 
+The brokers run with their default segment size (64 MiB) unless `--segment-bytes` says otherwise
+(the test harness' own default is 1 MiB, many more files per GiB to create and delete).
+`--keep-logs DIR` keeps the client's and the brokers' logs with the phase times.
+
 Per phase: produced and consumed MB/s (1 MB = 10^6 bytes; consumed counts record-batch bytes,
-about 3 % over the payload) and the ticks' acknowledgement latency p50/p99/max.
+about 3 % over the payload) and the ticks' acknowledgement latency p50/p99/max; and the CPU each broker and the client used
+(in cores) with the share of the whole machine's CPU that was busy (other work included).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -137,12 +143,48 @@ def phases(log: Path, bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:
     return out
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, every core (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    total = sum(values[:8])
+    return (total - idle) / os.sysconf("SC_CLK_TCK"), total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_sample(pids: dict[str, int]) -> dict[str, Any]:
+    return {"processes": {name: process_cpu_s(pid) for name, pid in pids.items()}, "machine": machine_cpu()}
+
+
+def cpu_between(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """CPU used between two samples: cores' worth per process and for the machine."""
+    (busy0, total0), (busy1, total1) = first["machine"], second["machine"]
+    cores = len(os.sched_getaffinity(0))
+    wall = (total1 - total0) / cores
+    return {
+        "cores_used": {name: round((second["processes"][name] - used) / wall, 2) for name, used in first["processes"].items()},
+        "machine_busy_share": round((busy1 - busy0) / (total1 - total0), 2),
+    }
+
+
 def run_once(kubeconfig: Path, root: Path, args: argparse.Namespace, throttle: str) -> dict[str, Any]:
     env = dict(DEFAULT_TIMING)
     if throttle != "default":
         env["RUSTMQ_REASSIGN_BYTES_PER_S"] = throttle
     namespace = clusterproc.create_namespace(kubeconfig)
-    cluster = clusterproc.BrokerCluster(root, kubeconfig, namespace, 3, env=env).start_all()
+    # The test harness gives brokers 1 MiB segments (many files from little data); "{}" restores
+    # the brokers' default segment size, as a production broker runs.
+    log_config = {} if args.segment_bytes is None else {"segment_bytes": args.segment_bytes}
+    cluster = clusterproc.BrokerCluster(root, kubeconfig, namespace, 3, env=env,
+                                        extra_args=("--log", json.dumps(log_config))).start_all()
     client_process = None
     try:
         create(cluster, "live")
@@ -171,8 +213,12 @@ def run_once(kubeconfig: Path, root: Path, args: argparse.Namespace, throttle: s
             [sys.executable, __file__, "--client", cluster.bootstrap, "--rate", str(args.rate), "--log", str(log)],
             env=dict(os.environ))
         time.sleep(3)  # connected and running
+        pids = {f"broker_{i}": process.proc.pid for i, process in sorted(cluster.brokers.items()) if process.proc is not None}
+        pids["client"] = client_process.pid
+        samples = [cpu_sample(pids)]
         before_start = time.monotonic()
         time.sleep(args.phase_s)
+        samples.append(cpu_sample(pids))
         drain_start = time.monotonic()
         clusterproc.write_membership(cluster, [0, 1, 3], generation=1)
         while True:
@@ -187,17 +233,29 @@ def run_once(kubeconfig: Path, root: Path, args: argparse.Namespace, throttle: s
                 raise RuntimeError(f"the client process exited with {client_process.returncode}")
             time.sleep(0.25)
         drain_end = time.monotonic()
+        samples.append(cpu_sample(pids))
         time.sleep(args.phase_s)
         after_end = time.monotonic()
+        samples.append(cpu_sample(pids))
         client_process.send_signal(signal.SIGTERM)
         client_process.wait(60)
+        if args.keep_logs is not None:  # the client's log and the brokers' logs, for a closer look
+            kept = args.keep_logs / f"{throttle}-{int(time.time())}"
+            kept.mkdir(parents=True)
+            shutil.copy(log, kept / "client.jsonl")
+            for broker_log in root.glob("*-broker.log"):
+                shutil.copy(broker_log, kept / broker_log.name)
+            (kept / "phases.json").write_text(json.dumps({"before": before_start, "drain": drain_start,
+                                                          "drained": drain_end, "end": after_end}))
+        cpu = {name: cpu_between(samples[i], samples[i + 1]) for i, name in enumerate(("before", "during", "after"))}
         return {
-            "reassign_bytes_per_s": throttle, "backlog_mib": args.backlog_mib, "backlog_write_s": round(backlog_s, 1),
+            "reassign_bytes_per_s": throttle, "segment_bytes": args.segment_bytes or "default", "backlog_mib": args.backlog_mib, "backlog_write_s": round(backlog_s, 1),
             "broker_2_log_bytes": held, "drain_s": round(drain_end - drain_start, 1),
             "drain_mb_per_s": round(held / (drain_end - drain_start) / 1e6, 1),
             "offered_mb_per_s": round(3 * max(1, round(args.rate * TICK_S / 3)) * VALUE / TICK_S / 1e6, 2),
             "phases": phases(log, {"before": (before_start, drain_start), "during": (drain_start, drain_end),
                                    "after": (drain_end, after_end)}),
+            "cpu": cpu,
         }
     finally:
         if client_process is not None and client_process.poll() is None:
@@ -213,6 +271,8 @@ def main() -> None:
     parser.add_argument("--phase-s", type=float, default=15.0, help="seconds of load before and after the drain")
     parser.add_argument("--throttles", default="default,0",
                         help="comma-separated RUSTMQ_REASSIGN_BYTES_PER_S values, 'default' for the brokers' own")
+    parser.add_argument("--segment-bytes", type=int, help="the brokers' segment size (default: theirs, 64 MiB)")
+    parser.add_argument("--keep-logs", type=Path, help="copy the client's and the brokers' logs (and the phase times) here")
     parser.add_argument("--client", help=argparse.SUPPRESS)  # internal: run the client process
     parser.add_argument("--log", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
