@@ -238,3 +238,46 @@ async def test_an_untrusted_server_is_refused_by_the_client(listening: socket.so
         await client
     with pytest.raises((ssl.SSLError, OSError)):
         await server
+
+
+async def test_the_broker_and_client_contexts_agree_on_aes_128_gcm(listening: socket.socket, tmp_path: Path) -> None:
+    """TLS 1.3 with the contexts the broker and the client library build: AES-128-GCM, put first
+    by tlsio.prefer_fast_suites (OpenSSL's default first choice is AES-256-GCM, which a server
+    context made without it picks, as the last part shows)."""
+    from rustmq.client.connection import tls_context  # noqa: PLC0415 - the client side of the pair
+    from rustmq.server.tls import TlsSettings, build_context  # noqa: PLC0415
+
+    ca = Authority("suites test CA")
+    server = ca.issue("localhost", server=True)
+    for name, data in (("ca.crt", ca.pem), ("server.crt", server.cert), ("server.key", server.key)):
+        (tmp_path / name).write_bytes(data)
+    broker_context = build_context(TlsSettings(cert_file=tmp_path / "server.crt", key_file=tmp_path / "server.key"))
+    client_context = tls_context(tmp_path / "ca.crt")
+    for context in (broker_context, client_context):
+        assert [cipher["name"] for cipher in context.get_ciphers()][:3] == tlsio.TLS13_SUITES.decode().split(":")
+    default_server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    default_server.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
+    default_client = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    for server_context, client, expected in ((broker_context, default_client, "TLS_AES_128_GCM_SHA256"),
+                                             (default_server, client_context, "TLS_AES_256_GCM_SHA384")):
+        transports = await pair(listening, Contexts(server_context, client))
+        assert transports[0].get_extra_info("cipher")[:2] == (expected, "TLSv1.3")
+        assert transports[2].get_extra_info("cipher")[0] == expected
+        await exchange_and_close(transports)
+
+
+async def exchange_and_close(transports: tuple[tlsio.ThreadedTlsTransport, Recorder, tlsio.ThreadedTlsTransport, Recorder],
+                             ) -> None:
+    server_transport, server, client_transport, _ = transports
+    client_transport.write(b"x" * 100_000)
+    await server.until(100_000)
+    client_transport.close()
+    await asyncio.wait_for(server.lost, 10)
+    server_transport.close()
+
+
+def test_a_context_the_suites_cannot_be_set_on_keeps_the_default_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tlsio, "_LIBSSL", None)  # as on a Python whose layout is not known
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    assert tlsio.prefer_fast_suites(context) is False
+    assert context.get_ciphers()[0]["name"] == "TLS_AES_256_GCM_SHA384"
