@@ -14,7 +14,9 @@ shared machine's drifts hit all alike; every run is kept. `ratio` is a TLS media
 plaintext median (1.0 = free; issue 15's goal for batched produce: at least 0.75). On a loaded
 machine wall time exaggerates any extra CPU, so each run also records the CPU seconds the broker
 and the bench client spent (from /proc and getrusage, all threads): `cpu_ratio` is plaintext CPU
-over TLS CPU, the throughput ratio a run bound by the CPU of one core would see.
+over TLS CPU, the throughput ratio a run bound by the CPU of one core would see;
+`*_broker_loop_cpu_s` is the broker's event-loop thread alone (with `tls` the TLS work runs on
+other threads).
 """
 
 from __future__ import annotations
@@ -89,8 +91,10 @@ def start_broker(directory: Path, extra: list[str], env: dict[str, str]) -> tupl
     return process, json.loads(ports_file.read_text())
 
 
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def process_cpu_s(pid: int, thread: int | None = None) -> float:
+    """CPU seconds of a process, all threads (those that have ended too), or of one of its threads."""
+    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -100,17 +104,20 @@ def children_cpu_s() -> float:
 
 
 def bench(kind: str, port: int, messages: int, tls: list[str], broker_pid: int,
-          env: dict[str, str]) -> tuple[dict[str, object], float]:
-    """One `rustmq bench` run: its JSON and the CPU seconds it and the broker spent."""
+          env: dict[str, str]) -> tuple[dict[str, object], float, float]:
+    """One `rustmq bench` run: its JSON, the CPU seconds it and the broker spent, and those of the
+    broker's event-loop thread (its main thread) alone."""
     command = [*RUSTMQ, "bench", kind, "--messages", str(messages), "--bootstrap", f"localhost:{port}", "--json", *tls]
     if kind == "produce":
         command += ["--acks", "leader"]
     before = process_cpu_s(broker_pid) + children_cpu_s()
+    loop_before = process_cpu_s(broker_pid, broker_pid)
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr}")
     spent = process_cpu_s(broker_pid) + children_cpu_s() - before
-    return json.loads(result.stdout.strip().splitlines()[-1]), spent
+    loop_spent = process_cpu_s(broker_pid, broker_pid) - loop_before
+    return json.loads(result.stdout.strip().splitlines()[-1]), spent, loop_spent
 
 
 def main() -> None:
@@ -141,6 +148,7 @@ def main() -> None:
             brokers[mode] = start_broker(root / mode, broker_flags, {**os.environ, **env})
         runs: dict[str, dict[str, list[int]]] = {kind: {mode: [] for mode in modes} for kind in ("produce", "consume")}
         cpu: dict[str, dict[str, list[float]]] = {kind: {mode: [] for mode in modes} for kind in ("produce", "consume")}
+        loop_cpu: dict[str, dict[str, list[float]]] = {kind: {mode: [] for mode in modes} for kind in ("produce", "consume")}
         try:
             for repeat in range(args.repeat):
                 order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
@@ -148,10 +156,11 @@ def main() -> None:
                     for mode in order:
                         port = brokers[mode][1]["producer_port"]  # bench consume fills its backlog first
                         _, client_flags, env = modes[mode]
-                        found, spent = bench(kind, port, args.messages, client_flags, brokers[mode][0].pid,
+                        found, spent, loop_spent = bench(kind, port, args.messages, client_flags, brokers[mode][0].pid,
                                              {**os.environ, **env})
                         runs[kind][mode].append(int(found["msg_per_s"]))  # type: ignore[call-overload]
                         cpu[kind][mode].append(round(spent, 2))
+                        loop_cpu[kind][mode].append(round(loop_spent, 2))
         finally:
             for process, _ in brokers.values():
                 process.terminate()
@@ -168,7 +177,8 @@ def main() -> None:
         plain = statistics.median(by_mode["plaintext"])
         plain_cpu = statistics.median(cpu[kind]["plaintext"])
         found: dict[str, object] = {"plaintext_msg_per_s": by_mode["plaintext"], "plaintext_median": round(plain),
-                                    "plaintext_cpu_s": cpu[kind]["plaintext"]}
+                                    "plaintext_cpu_s": cpu[kind]["plaintext"],
+                                    "plaintext_broker_loop_cpu_s": loop_cpu[kind]["plaintext"]}
         for mode in by_mode:
             if mode == "plaintext":
                 continue
@@ -179,6 +189,7 @@ def main() -> None:
                 f"{mode}_ratio": round(secured / plain, 3) if plain else None,
                 f"{mode}_cpu_s": cpu[kind][mode],
                 f"{mode}_cpu_ratio": round(plain_cpu / statistics.median(cpu[kind][mode]), 3),
+                f"{mode}_broker_loop_cpu_s": loop_cpu[kind][mode],
             })
         summary[kind] = found
     print(json.dumps(summary))
