@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from clusterproc import BrokerCluster, read_health, write_membership
+from clusterproc import BrokerCluster, read_health, read_placement, write_membership
 from rustmq.client import Admin, Producer
 from workload import AcksAllLoad
 
@@ -36,7 +36,7 @@ async def wait_health(cluster: BrokerCluster, condition: Callable[[dict[str, Any
 
 
 def placement(cluster: BrokerCluster, topic: str) -> list[dict[str, Any]]:
-    return list(cluster.metadata([topic])["topics"][0]["partitions"])
+    return read_placement(cluster, topic)
 
 
 async def under_load(cluster: BrokerCluster, topic: str, writers: int, nemesis: Callable[[], Awaitable[None]],

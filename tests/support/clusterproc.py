@@ -249,3 +249,22 @@ def read_health(cluster: BrokerCluster) -> dict[str, Any] | None:
     finally:
         api.api_client.close()
     return dict(json.loads(found.data["health"]))
+
+
+def read_placement(cluster: BrokerCluster, topic: str) -> list[dict[str, Any]]:
+    """A topic's partitions as the controller stored them (its ``<cluster>-state-NN`` shard), in
+    METADATA's shape: what every broker's METADATA converges to, without the lag of a broker's
+    state sync."""
+    from kubernetes import client, config
+
+    from rustmq.cluster import state as cstate
+
+    api = client.CoreV1Api(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+    try:
+        found = api.read_namespaced_config_map(cstate.shard_name(cluster.name, cstate.shard_of(topic)), cluster.namespace)
+    finally:
+        api.api_client.close()
+    stored = cstate.decode_shard(found.data or {})[topic]
+    return [{"partition": index, "leader": p.leader, "leader_epoch": p.leader_epoch, "replicas": list(p.replicas),
+             "isr": list(p.isr), **({"target": list(p.target)} if p.target else {})}
+            for index, p in enumerate(stored.partitions)]
