@@ -162,6 +162,7 @@ async def _start_cluster_node(config: BrokerConfig, broker: Broker) -> ClusterNo
         max_reassignments=config.max_reassignments,
         controlled_shutdown_s=config.controlled_shutdown_s,
         preferred_leader_delay_s=config.preferred_leader_delay_s,
+        rack=config.rack,
     )
     node = ClusterNode(broker, store, settings, incarnation=secrets.token_hex(8))
     await node.start()

@@ -95,6 +95,7 @@ class BrokerConfig:
     cluster_name: str = "rustmq"  # prefix of every coordination object (the RustMQCluster's name)
     cluster_namespace: str = "default"  # namespace of the Leases and ConfigMaps
     internal_host: str | None = None  # address other brokers and clients use (default: advertised_host or host)
+    rack: str = ""  # rack or zone of this broker: a partition's replicas are spread over racks ("" : none)
     kubeconfig: Path | None = None  # None: in-cluster service account credentials
     lease_duration_s: float = 6.0  # peers may take over this long after the last renewal they saw
     lease_renew_s: float = 1.0  # renew period of the broker and controller Leases

@@ -191,6 +191,10 @@ def container_env(
             {"name": "RUSTMQ_CLUSTER_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": "RUSTMQ_INTERNAL_HOST", "value": host},
         ]
+        rack_label = spec["rack"]["topologyKey"]
+        if rack_label:  # a pod without the label gets "" (no rack), not an error
+            downward.append({"name": "RUSTMQ_RACK",
+                             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{rack_label}']"}}})
     return downward + [dict(item) for item in spec["podTemplate"].get("env") or []]
 
 

@@ -66,6 +66,7 @@ DEFAULTS: Final[dict[str, Any]] = {
     },
     "podTemplate": {"terminationGracePeriodSeconds": 60},
     "scaling": {"drainTimeoutSeconds": 3600, "handoverTimeoutSeconds": 120},
+    "rack": {"topologyKey": "topology.kubernetes.io/zone"},
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
     "networkPolicy": {"enabled": False, "clients": [{"podSelector": {}}], "monitoringNamespace": "monitoring"},
     "tls": {"enabled": False, "mutual": False, "admin": False},

@@ -140,6 +140,33 @@ def test_a_target_naming_a_broker_that_left_the_membership_is_repaired() -> None
     assert new.target == (4, 0, 1) and new.replicas == (2, 0, 1, 3, 4) and new.isr == (2, 0, 1, 3)
 
 
+RACKS = {0: "a", 1: "a", 2: "b", 3: "b", 4: "c", 5: "c"}
+
+
+def racks_of(replicas: tuple[int, ...]) -> set[str]:
+    return {RACKS[b] for b in replicas}
+
+
+def test_a_drained_replica_goes_to_the_rack_the_partition_would_lose() -> None:
+    # Broker 4 (rack c) leaves; brokers 0 and 2 are the least loaded, but only 5 keeps rack c.
+    busy = placed("busy", 6, 1, [1, 3, 5])
+    topics = {"t": topic([PartitionState((0, 2, 4), 0, 1, (0, 2, 4))]), "busy": busy}
+    given_ = everyone(0, 1, 2, 3, 4, 5, members={0, 1, 2, 3, 5}, racks=RACKS)
+    assert reassign.plan(topics, given_)["t"].partitions[0].target == (0, 2, 5)
+    without_racks = everyone(0, 1, 2, 3, 4, 5, members={0, 1, 2, 3, 5})
+    assert reassign.plan(topics, without_racks)["t"].partitions[0].target != (0, 2, 5)
+
+
+def test_scale_up_into_new_racks_never_leaves_a_partition_in_fewer_racks() -> None:
+    four = {b: RACKS[b] for b in range(4)}
+    topics = {"a": state.new_topic("a", "id-a", 8, 2, 1, range(4), racks=four)}
+    assert all(len(racks_of(p.replicas)) == 2 for p in topics["a"].partitions)
+    final = run(topics, everyone(*range(6), members=set(range(6)), racks=RACKS))
+    assert all(len(racks_of(p.replicas)) == 2 for p in final["a"].partitions), final
+    counts = loads(final)
+    assert max(counts.values()) - min(counts[b] for b in range(6)) <= 1, counts
+
+
 def test_scale_up_moves_replicas_and_leaders_onto_the_new_broker() -> None:
     topics = {"a": placed("a", 6, 3, [0, 1, 2]), "b": placed("b", 6, 2, [0, 1, 2])}
     assert loads(topics)[3] == 0

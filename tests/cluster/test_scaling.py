@@ -303,3 +303,32 @@ async def test_a_new_replica_of_a_topic_whose_start_expired_starts_at_the_leader
         assert meta.offset == 60
     finally:
         cluster.stop_all()
+
+
+@pytest.mark.timeout(240)
+async def test_replicas_spread_over_racks_when_placed_and_when_drained(tmp_path: Any, kubeconfig: Any) -> None:
+    """Brokers 0, 1 in rack a and 2, 3 in rack b: in id order (0, 1) would share a rack; with
+    RUSTMQ_RACK every partition of replication factor 2 spans both, and a drained broker's
+    replicas go to the other broker of its rack."""
+    import clusterproc
+
+    racks = {0: "a", 1: "a", 2: "b", 3: "b"}
+    cluster = clusterproc.BrokerCluster(tmp_path, kubeconfig, clusterproc.create_namespace(kubeconfig), 4, racks=racks)
+    try:
+        await asyncio.to_thread(cluster.start_all)
+        metadata = await asyncio.to_thread(cluster.metadata, [])
+        assert {b["id"]: b.get("rack") for b in metadata["brokers"]} == racks
+        async with Admin(cluster.bootstrap) as admin:
+            await admin.create_topic("racked", 8, replication_factor=2)
+        parts = placement(cluster, "racked")
+        assert all({racks[b] for b in p["replicas"]} == {"a", "b"} for p in parts), parts
+        assert sorted(Counter(p["leader"] for p in parts).values()) == [2, 2, 2, 2]
+        await asyncio.to_thread(cluster.wait_for, lambda m: full(m["topics"][0]["partitions"], rf=2), "ISR", 30, ["racked"])
+        write_membership(cluster, [0, 1, 2], generation=1)
+        await wait_health(cluster, lambda h: h["observedMembershipGeneration"] == 1 and h["reassigning"] == 0
+                          and h["brokers"].get("3", {}).get("replicas", 0) == 0 and h["underReplicated"] == 0,
+                          "the drain of broker 3", 90)
+        parts = placement(cluster, "racked")
+        assert all(3 not in p["replicas"] and {racks[b] for b in p["replicas"]} == {"a", "b"} for p in parts), parts
+    finally:
+        cluster.stop_all()

@@ -52,6 +52,38 @@ def test_placement_balance_property(brokers: int, partitions: int, data: st.Data
     assert all(len(set(r)) == rf for r in placed)
 
 
+def test_rack_alternating_order_puts_neighbours_in_different_racks() -> None:
+    racks = {0: "a", 1: "a", 2: "b", 3: "b", 4: "c", 5: "c"}
+    assert state.rack_alternating(range(6), racks) == [0, 2, 4, 1, 3, 5]
+    assert state.rack_alternating([3, 1, 2], {}) == [1, 2, 3]  # no racks: id order
+    assert state.rack_alternating([0, 1, 2], {0: "a", 1: "a", 2: "a"}) == [0, 1, 2]
+    # Uneven racks: the larger one fills the tail.
+    assert state.rack_alternating(range(4), {0: "a", 1: "a", 2: "a", 3: "b"}) == [0, 3, 1, 2]
+
+
+def test_placement_without_racks_ignores_them_and_with_racks_spreads_replicas_over_them() -> None:
+    racks = {0: "a", 1: "a", 2: "b", 3: "b", 4: "c", 5: "c"}
+    placed = state.place(12, 3, range(6), racks=racks)
+    assert all({racks[b] for b in r} == {"a", "b", "c"} for r in placed), placed
+    assert Counter(r[0] for r in placed) == {b: 2 for b in range(6)}
+    # In id order (no racks) two of three consecutive brokers share a rack here.
+    assert any(len({racks[b] for b in r}) < 3 for r in state.place(12, 3, range(6)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(racks=st.lists(st.integers(1, 3), min_size=1, max_size=4), partitions=st.integers(1, 30), data=st.data())
+def test_placement_spans_as_many_racks_as_it_can(racks: list[int], partitions: int, data: st.DataObject) -> None:
+    """Equal racks (`racks[i]` brokers in rack i, cut to the smallest): every partition spans
+    min(replication factor, racks) racks, and leaders stay balanced."""
+    per_rack = min(racks)
+    rack_of = {r * per_rack + i: f"rack-{r}" for r in range(len(racks)) for i in range(per_rack)}
+    rf = data.draw(st.integers(1, len(rack_of)))
+    placed = state.place(partitions, rf, rack_of, racks=rack_of)
+    assert all(len({rack_of[b] for b in r}) == min(rf, len(racks)) for r in placed), placed
+    counts = Counter(r[0] for r in placed)
+    assert max(counts.get(b, 0) for b in rack_of) - min(counts.get(b, 0) for b in rack_of) <= 1
+
+
 def test_defaults_follow_the_broker_count() -> None:
     assert [state.default_replication_factor(n) for n in (1, 2, 3, 5)] == [1, 2, 3, 3]
     assert [state.default_min_insync(rf) for rf in (1, 2, 3)] == [1, 2, 2]

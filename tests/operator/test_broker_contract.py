@@ -43,6 +43,7 @@ def pod_environment(rendered: rendering.Rendered, ordinal: int, namespace: str) 
         "metadata.name": pod_name,
         "metadata.namespace": namespace,
         "metadata.labels['apps.kubernetes.io/pod-index']": str(ordinal),
+        "metadata.labels['topology.kubernetes.io/zone']": "zone-b",  # copied from the node (PodTopologyLabels)
     }
     (container,) = rendered.statefulset()["spec"]["template"]["spec"]["containers"]
     for item in container["env"]:

@@ -78,7 +78,8 @@ def create_namespace(kubeconfig: Path) -> str:
 
 class BrokerCluster:
     def __init__(self, root: Path, kubeconfig: Path, namespace: str, size: int, *, name: str = "rmq",
-                 env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> None:
+                 env: dict[str, str] | None = None, extra_args: tuple[str, ...] = (),
+                 racks: dict[int, str] | None = None) -> None:
         self.root = root
         self.kubeconfig = kubeconfig
         self.namespace = namespace
@@ -86,6 +87,7 @@ class BrokerCluster:
         self.size = size
         self.env = {**FAST_TIMING, **(env or {})}
         self.extra_args = extra_args
+        self.racks = racks or {}  # broker id -> RUSTMQ_RACK
         self.brokers: dict[int, BrokerProcess] = {}
 
     def broker_env(self, broker_id: int) -> dict[str, str]:
@@ -94,6 +96,7 @@ class BrokerCluster:
             "RUSTMQ_CLUSTER_NAMESPACE": self.namespace, "RUSTMQ_BROKER_ID": str(broker_id),
             "RUSTMQ_INTERNAL_HOST": self.broker_host(broker_id), "RUSTMQ_KUBECONFIG": str(self.kubeconfig),
             "RUSTMQ_UVLOOP": "true", **self.env,
+            **({"RUSTMQ_RACK": self.racks[broker_id]} if broker_id in self.racks else {}),
         }
 
     def broker_host(self, broker_id: int) -> str:

@@ -24,6 +24,9 @@ here, so its safety rules are checked exhaustively without an API server:
   moves) until each topic's leaders are spread over the members as evenly as its replica lists
   allow, and then the totals per broker (a topic of 12 partitions on 3 brokers: 4 leaders each;
   after growing to 5: 3, 3, 2, 2, 2).
+- Racks (``RoundInput.racks``, each broker's RUSTMQ_RACK): a replica moved off a broker goes
+  preferably to a rack the partition's other replicas are not in, and a balancing move never
+  leaves a partition in fewer racks than before.
 
 ``health`` renders the report of section 2 of the scaling contract; ``Throttle`` is the token
 bucket that bounds the catch-up traffic of reassigned replicas.
@@ -32,9 +35,9 @@ bucket that bounds the catch-up traffic of reassigned replicas.
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections import Counter, deque
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rustmq.cluster.state import NO_LEADER, PartitionState, TopicState
@@ -91,6 +94,7 @@ class RoundInput:
     stable: frozenset[int] = frozenset()  # eligible long enough to get preferred leaderships back
     members: frozenset[int] | None = None  # membership's brokers; None: no membership, move nothing
     max_moves: int = 4  # partitions being reassigned at once
+    racks: Mapping[int, str] = field(default_factory=dict)  # broker -> rack (RUSTMQ_RACK); absent: none
 
 
 class _Planner:
@@ -131,10 +135,19 @@ class _Planner:
             self.topic_prefs[key[0]][new.final_replicas[0]] += 1
         self.parts[key] = new
 
-    def pick_dest(self, exclude: Iterable[int]) -> int | None:
+    def pick_dest(self, exclude: Iterable[int], beside: Iterable[int] = ()) -> int | None:
+        """The least loaded live member not in `exclude`, preferring one in a rack that none of
+        `beside` (the replicas the partition keeps) is in."""
         taken = set(exclude)
+        racks = self.given.racks
+        used = {racks[b] for b in beside if racks.get(b)}
         free = [d for d in self.dests if d not in taken]
-        return min(free, key=lambda d: (self.loads[d], self.prefs[d], d)) if free else None
+        return min(free, key=lambda d: (racks.get(d, "") in used, self.loads[d], self.prefs[d], d)) if free else None
+
+    def rack_count(self, replicas: Iterable[int]) -> int:
+        """How many racks `replicas` span (a broker without a rack counts as its own)."""
+        racks = self.given.racks
+        return len({racks.get(b) or f"broker-{b}" for b in replicas})
 
     # -- per partition ------------------------------------------------------------------
 
@@ -149,7 +162,8 @@ class _Planner:
             for i, b in enumerate(target):
                 if b in given.members:
                     continue
-                dest = spare.pop(0) if spare else self.pick_dest([*target, *p.replicas])
+                dest = spare.pop(0) if spare else self.pick_dest([*target, *p.replicas],
+                                                                 [x for x in target if x in given.members])
                 if dest is not None:
                     target[i] = dest
             wanted = set(target)
@@ -203,7 +217,7 @@ class _Planner:
             target = list(p.replicas)
             for i, b in enumerate(target):
                 if b not in members:
-                    dest = self.pick_dest(target)
+                    dest = self.pick_dest(target, [x for x in target if x in members])
                     if dest is None:
                         break
                     target[i] = dest
@@ -239,19 +253,24 @@ class _Planner:
         """The partition to move from hi to lo: preferably of the topic whose replicas on hi
         exceed those on lo by the most, relative to its fair share per broker (so each topic
         spreads too, not only the totals), then one whose preferred leadership moving along
-        helps leader balance."""
+        helps leader balance. A move that would put the partition in fewer racks is never
+        taken; one that puts it in more comes first."""
         lead_too = self.prefs[hi] > self.prefs[lo] + 1
         best = None
-        best_score: tuple[float, bool] | None = None
+        best_score: tuple[int, float, bool] | None = None
         for key, p in self.parts.items():
             if (not self.movable(key, p) or hi not in p.replicas or lo in p.replicas
                     or set(p.isr) != set(p.replicas) or any(b not in members for b in p.replicas)):
                 continue
+            target = [lo if b == hi else b for b in p.replicas]
+            racks_gained = self.rack_count(target) - self.rack_count(p.replicas)
+            if racks_gained < 0:
+                continue
             spread = self.topic_loads[key[0]]
             share = max(1.0, sum(spread[d] for d in self.dests) / len(self.dests))  # the topic's fair share
-            score = ((spread[hi] - spread[lo]) / share, (p.replicas[0] == hi) == lead_too)
+            score = (racks_gained, (spread[hi] - spread[lo]) / share, (p.replicas[0] == hi) == lead_too)
             if best_score is None or score > best_score:
-                best, best_score = (key, p, [lo if b == hi else b for b in p.replicas]), score
+                best, best_score = (key, p, target), score
         return best
 
     def balance_leaders(self, budget: int) -> None:
@@ -259,7 +278,9 @@ class _Planner:
         leadership more even: each topic's leaders over the live members first (so a topic's
         traffic spreads, not only the totals), then the totals per broker. A swap is taken only
         if it lowers the sum of squares of the per-topic counts, or leaves it and lowers that of
-        the totals: the pair decreases with every swap, so this ends."""
+        the totals; when none does, a chain of swaps through brokers whose totals stay the same
+        (`_leadership_path`) is taken if it lowers the pair. The pair decreases with every
+        step, so this ends."""
         members = self.given.members
         assert members is not None
         dests = set(self.dests)
@@ -278,14 +299,67 @@ class _Planner:
                     gain = (per_topic[lo] - per_topic[hi] + 1, self.prefs[lo] - self.prefs[hi] + 1)
                     if gain < (0, 0) and (best is None or gain < best[0]):
                         best = (gain, key, lo)
-            if best is None:
+            if best is not None:
+                self._swap_preferred(best[1], best[2])
+                budget -= 1
+                continue
+            path = self._leadership_path(members, dests)
+            if path is None:  # taken whole even if longer than what is left of the budget
                 return
-            _, key, lo = best
-            p = self.parts[key]
-            hi = p.replicas[0]
-            self.set(key, replace(p, replicas=tuple(lo if b == hi else hi if b == lo else b for b in p.replicas)))
-            self.touched.add(key)
-            budget -= 1
+            before = self._leader_spread()
+            undo = [(key, self.parts[key].replicas[0]) for key, _ in path]
+            for key, lo in path:
+                self._swap_preferred(key, lo)
+            if self._leader_spread() >= before:  # swaps within one topic interfered: undo, stop here
+                for key, hi in reversed(undo):
+                    self._swap_preferred(key, hi)
+                return
+            budget -= len(path)
+
+    def _swap_preferred(self, key: tuple[str, int], lo: int) -> None:
+        """Make `lo` the partition's first replica (its preferred leader), in hi's place."""
+        p = self.parts[key]
+        hi = p.replicas[0]
+        self.set(key, replace(p, replicas=tuple(lo if b == hi else hi if b == lo else b for b in p.replicas)))
+        self.touched.add(key)
+
+    def _leader_spread(self) -> tuple[int, int]:
+        """What balance_leaders lowers: the sums of squares of the per-topic, then total, counts."""
+        per_topic = sum(n * n for counts in self.topic_prefs.values() for n in counts.values())
+        return per_topic, sum(n * n for n in self.prefs.values())
+
+    def _leadership_path(self, members: frozenset[int], dests: Collection[int]) -> list[tuple[tuple[str, int], int]] | None:
+        """When no single swap helps: a chain of swaps that hands one preferred leadership from
+        a broker with the most to one with at least two fewer, through brokers whose totals stay
+        as they are, each swap leaving its topic at least as evenly led (a shortest path, found
+        breadth-first over the brokers). Each partition appears in it at most once."""
+        edges: dict[int, list[tuple[int, tuple[str, int]]]] = {}
+        for key, p in self.parts.items():
+            if not self.movable(key, p) or not p.replicas or any(b not in members for b in p.replicas):
+                continue
+            hi, per_topic = p.replicas[0], self.topic_prefs[key[0]]
+            if hi in dests:
+                for lo in p.replicas[1:]:
+                    if lo in dests and per_topic[lo] + 1 <= per_topic[hi]:
+                        edges.setdefault(hi, []).append((lo, key))
+        top = max(self.prefs[d] for d in dests)
+        came_from: dict[int, tuple[int, tuple[str, int]] | None] = {d: None for d in sorted(dests) if self.prefs[d] == top}
+        queue = deque(came_from)
+        while queue:
+            broker = queue.popleft()
+            if self.prefs[broker] <= top - 2:
+                path = []
+                step = came_from[broker]
+                while step is not None:
+                    path.append((step[1], broker))
+                    broker = step[0]
+                    step = came_from[broker]
+                return path[::-1]
+            for lo, key in edges.get(broker, ()):
+                if lo not in came_from:
+                    came_from[lo] = (broker, key)
+                    queue.append(lo)
+        return None
 
 
 def plan(topics: Mapping[str, TopicState], given: RoundInput, controller_epoch: int = 0) -> dict[str, TopicState]:

@@ -148,6 +148,20 @@ def default_min_insync(replication_factor: int) -> int:
     return max(1, min(2, replication_factor))
 
 
+def rack_alternating(brokers: Iterable[int], racks: Mapping[int, str]) -> list[int]:
+    """The brokers in an order whose neighbours sit in different racks where the racks allow it
+    (Kafka's rack-aware assignment): one broker of each rack in turn, racks in name order,
+    brokers within a rack by id. Without racks (none known, or all brokers in one), id order."""
+    ordered = sorted(set(brokers))
+    by_rack: dict[str, list[int]] = {}
+    for b in ordered:
+        by_rack.setdefault(racks.get(b, ""), []).append(b)
+    if len(by_rack) < 2:
+        return ordered
+    columns = [by_rack[rack] for rack in sorted(by_rack)]
+    return [column[row] for row in range(max(map(len, columns))) for column in columns if row < len(column)]
+
+
 def place(
     partitions: int,
     replication_factor: int,
@@ -155,17 +169,20 @@ def place(
     existing: Iterable[TopicState] = (),
     first_index: int = 0,
     own: Iterable[tuple[int, ...]] = (),
+    racks: Mapping[int, str] | None = None,
 ) -> list[tuple[int, ...]]:
     """Replica lists for partitions first_index.. of a new (or growing) topic.
 
     Leaders (the first replica) go to the broker leading the fewest of this topic's partitions
     so far (``own``: the replica lists it already has, when it grows), then the fewest in all,
-    then the fewest replicas, then the lower id; followers to the next brokers in id order after
-    it. So each topic's leaders spread evenly (12 partitions on 3 brokers: 4 each), the totals
-    stay within what the topics' own spreading allows, and each partition's replicas are
-    distinct brokers. Raises ValueError when there are fewer brokers than the replication factor.
+    then the fewest replicas, then the lower id; followers to the next brokers after it in the
+    ring: id order, or with ``racks`` (broker -> rack) the rack-alternating order, so a
+    partition's replicas sit in as many racks as there are (up to its replication factor). So
+    each topic's leaders spread evenly (12 partitions on 3 brokers: 4 each), the totals stay
+    within what the topics' own spreading allows, and each partition's replicas are distinct
+    brokers. Raises ValueError when there are fewer brokers than the replication factor.
     """
-    ring = sorted(set(brokers))
+    ring = rack_alternating(brokers, racks or {})
     if replication_factor < 1:
         raise ValueError("replication factor must be at least 1")
     if len(ring) < replication_factor:
@@ -206,10 +223,11 @@ def new_topic(
     live_brokers: Iterable[int],
     existing: Iterable[TopicState] = (),
     config: dict[str, Any] | None = None,
+    racks: Mapping[int, str] | None = None,
 ) -> TopicState:
     if not 1 <= min_insync <= replication_factor:
         raise ValueError(f"min_insync_replicas must be between 1 and the replication factor {replication_factor}")
-    placed = place(partitions, replication_factor, live_brokers, existing)
+    placed = place(partitions, replication_factor, live_brokers, existing, racks=racks)
     return TopicState(
         name=name,
         topic_id=topic_id,
@@ -220,7 +238,8 @@ def new_topic(
     )
 
 
-def grow(topic: TopicState, total: int, live_brokers: Iterable[int], existing: Iterable[TopicState] = ()) -> TopicState:
+def grow(topic: TopicState, total: int, live_brokers: Iterable[int], existing: Iterable[TopicState] = (),
+         racks: Mapping[int, str] | None = None) -> TopicState:
     """ADD_PARTITIONS: partitions len(topic.partitions)..total-1 placed as a new topic's are
     (``existing`` should include topic itself), each led by its first replica at epoch 0 with
     every replica in sync (they are all empty). ValueError unless total grows the topic."""
@@ -228,7 +247,7 @@ def grow(topic: TopicState, total: int, live_brokers: Iterable[int], existing: I
     if total <= have:
         raise ValueError(f"topic {topic.name!r} has {have} partitions; can only grow, not to {total}")
     placed = place(total - have, topic.replication_factor, live_brokers, existing, first_index=have,
-                   own=[p.final_replicas for p in topic.partitions])
+                   own=[p.final_replicas for p in topic.partitions], racks=racks)
     return replace(topic, partitions=topic.partitions + tuple(PartitionState(r, r[0], 0, r) for r in placed))
 
 

@@ -42,6 +42,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -89,6 +90,7 @@ class ClusterSettings:
     max_reassignments: int = 4  # partitions moving at once
     controlled_shutdown_s: float = 20.0  # how long a stopping broker waits for its leaderships to move
     preferred_leader_delay_s: float = 10.0  # a returning broker leads its preferred partitions after this
+    rack: str = ""  # this broker's rack or zone (RUSTMQ_RACK): replicas of a partition spread over racks
 
 
 def _now_rfc3339() -> str:
@@ -218,6 +220,10 @@ class ClusterNode:
         log.warning("controlled shutdown: %d leadership(s) not moved within %.0f s", len(self._movable_leaderships()),
                     self.settings.controlled_shutdown_s)
 
+    def racks(self) -> dict[int, str]:
+        """broker -> rack of the live brokers that have one (their Leases, as last read)."""
+        return {b: m["rack"] for b, m in self.members.items() if m.get("rack")}
+
     def _movable_leaderships(self) -> list[tuple[str, int]]:
         me = self.settings.broker_id
         return [key for key, role in self.roles.roles.items()
@@ -264,6 +270,7 @@ class ClusterNode:
                 ANNOTATION + "producer-port": str(ports.get("producer", 0)),
                 ANNOTATION + "consumer-port": str(ports.get("consumer", 0)),
                 ANNOTATION + "incarnation": self.incarnation,
+                **({ANNOTATION + "rack": self.settings.rack} if self.settings.rack else {}),
                 **scaling,
             },
         )
@@ -423,7 +430,7 @@ class ClusterNode:
             alive=frozenset(alive), eligible=frozenset(eligible), avoid=frozenset(avoid),
             stable=frozenset(b for b in eligible if now - self._since[b][1] >= delay),
             members=membership.brokers if membership is not None else None,
-            max_moves=self.settings.max_reassignments)
+            max_moves=self.settings.max_reassignments, racks=_racks(leases, self._broker_prefix))
         everything = {t: topic for topics in by_shard.values() for t, topic in topics.items()}
         for topic_name, topic in reassign.plan(everything, given, self.controller_epoch).items():
             shard_name = cstate.shard_name(self.settings.cluster_name, cstate.shard_of(topic_name))
@@ -552,6 +559,8 @@ class ClusterNode:
                 "producer_port": int(notes.get(ANNOTATION + "producer-port", "0")),
                 "consumer_port": int(notes.get(ANNOTATION + "consumer-port", "0")),
             }
+            if notes.get(ANNOTATION + "rack"):
+                members[broker_id]["rack"] = notes[ANNOTATION + "rack"]
             if external.get(f"broker-{broker_id}"):
                 members[broker_id]["external_host"] = external[f"broker-{broker_id}"]
         self.members = members
@@ -870,7 +879,8 @@ class ClusterNode:
                 # User topics are balanced among themselves: the internal topic, created by the
                 # controller at some point, must not shift where the next user topic goes.
                 peers = [t for t in self.topics.values() if internal or not internal_topic.is_internal(t.name)]
-                topic = cstate.new_topic(name, uuid.uuid4().hex, count, rf, min_isr, live, peers, config)
+                topic = cstate.new_topic(name, uuid.uuid4().hex, count, rf, min_isr, live, peers, config,
+                                         racks=self.racks())
                 if internal and self._avoid:
                     topic = _lead_elsewhere(topic, self._avoid)
             except ValueError as exc:
@@ -926,6 +936,17 @@ class ClusterNode:
             return await call
         except StoreUnavailable as exc:
             raise RequestError(ErrorCode.CLUSTER_UNAVAILABLE, f"the coordination store did not answer: {exc}") from None
+
+
+def _racks(leases: Mapping[str, Versioned[LeaseRecord]], prefix: str) -> dict[int, str]:
+    """broker -> rack from the broker Leases (a broker that is down keeps its last rack)."""
+    out = {}
+    for name, lease in leases.items():
+        broker_id = _broker_id(name, prefix)
+        rack = lease.value.annotations.get(ANNOTATION + "rack")
+        if broker_id is not None and rack:
+            out[broker_id] = rack
+    return out
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -83,7 +83,7 @@ class TopicChanges:
                                    f"partitions (max_partitions_per_topic), not {total}")
             others = [t for n, t in node.topics.items() if n != name and not internal_topic.is_internal(n)]
             try:
-                return cstate.grow(topic, total, sorted(node.members), [*others, topic])
+                return cstate.grow(topic, total, sorted(node.members), [*others, topic], racks=node.racks())
             except ValueError as exc:
                 raise RequestError(ErrorCode.INVALID_CONFIG, str(exc)) from None
 

@@ -46,6 +46,18 @@ def seed(namespace: str, **spec: Any) -> dict[str, Any]:
     return cr
 
 
+def node_zone(cluster: Any) -> str:
+    """The real node's topology.kubernetes.io/zone, set to zone-a first if it has none (as a
+    cloud provider's node controller would)."""
+    nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    node = next(n for n in nodes if n["metadata"].get("labels", {}).get("type") != "kwok")
+    zone = node["metadata"].get("labels", {}).get("topology.kubernetes.io/zone")
+    if zone is None:
+        zone = "zone-a"
+        cluster.kubectl("label", "node", node["metadata"]["name"], f"topology.kubernetes.io/zone={zone}")
+    return str(zone)
+
+
 def wait_ready(kubectl: ops.Kubectl, timeout: float = 300) -> dict[str, Any]:
     return kubectl.wait_condition("Ready", "True", timeout=timeout)
 
@@ -190,11 +202,17 @@ def test_seed_cluster_runs_a_real_broker_reachable_by_dns_and_load_balancer(
     chart_operator: dict[str, Any], cluster: Any, namespace: str, lb_ipam: Any
 ) -> None:
     kubectl = ops.Kubectl(cluster, namespace)
+    zone = node_zone(cluster)
     cr = seed(namespace)
     cr["spec"]["services"]["external"]["perBroker"] = {"enabled": True}
     kubectl.apply(cr)
     wait_ready(kubectl)
     pod = broker_pod(kubectl)
+    # The API server copied the node's zone onto the pod (PodTopologyLabels), the kubelet gave it
+    # to the broker as RUSTMQ_RACK (spec.rack's default key), and the broker advertises it.
+    assert pod["metadata"]["labels"].get("topology.kubernetes.io/zone") == zone, pod["metadata"]["labels"]
+    described = json.loads(client_pod(kubectl, f"rustmq cluster describe --json --bootstrap rustmq.{namespace}.svc:9092"))
+    assert [b.get("rack") for b in described["brokers"]] == [zone], described["brokers"]
     status = container_status(pod)
     assert status["image"].endswith(BROKER_IMAGE) and status["imageID"], status
     assert status["ready"] and "running" in status["state"], status
