@@ -15,8 +15,8 @@ plaintext median (1.0 = free; issue 15's goal for batched produce: at least 0.75
 machine wall time exaggerates any extra CPU, so each run also records the CPU seconds the broker
 and the bench client spent (from /proc and getrusage, all threads): `cpu_ratio` is plaintext CPU
 over TLS CPU, the throughput ratio a run bound by the CPU of one core would see;
-`*_broker_loop_cpu_s` is the broker's event-loop thread alone (with `tls` the TLS work runs on
-other threads).
+`*_broker_cpu_s` is the broker's share of it (the rest is the client's) and `*_broker_loop_cpu_s`
+the broker's event-loop thread alone (with `tls` the TLS work runs on other threads).
 """
 
 from __future__ import annotations
@@ -104,20 +104,21 @@ def children_cpu_s() -> float:
 
 
 def bench(kind: str, port: int, messages: int, tls: list[str], broker_pid: int,
-          env: dict[str, str]) -> tuple[dict[str, object], float, float]:
-    """One `rustmq bench` run: its JSON, the CPU seconds it and the broker spent, and those of the
-    broker's event-loop thread (its main thread) alone."""
+          env: dict[str, str]) -> tuple[dict[str, object], float, float, float]:
+    """One `rustmq bench` run: its JSON, the CPU seconds it and the broker spent, those of the
+    broker alone and those of the broker's event-loop thread (its main thread) alone."""
     command = [*RUSTMQ, "bench", kind, "--messages", str(messages), "--bootstrap", f"localhost:{port}", "--json", *tls]
     if kind == "produce":
         command += ["--acks", "leader"]
-    before = process_cpu_s(broker_pid) + children_cpu_s()
+    broker_before, client_before = process_cpu_s(broker_pid), children_cpu_s()
     loop_before = process_cpu_s(broker_pid, broker_pid)
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr}")
-    spent = process_cpu_s(broker_pid) + children_cpu_s() - before
+    broker_spent = process_cpu_s(broker_pid) - broker_before
+    spent = broker_spent + children_cpu_s() - client_before
     loop_spent = process_cpu_s(broker_pid, broker_pid) - loop_before
-    return json.loads(result.stdout.strip().splitlines()[-1]), spent, loop_spent
+    return json.loads(result.stdout.strip().splitlines()[-1]), spent, broker_spent, loop_spent
 
 
 def main() -> None:
@@ -149,6 +150,7 @@ def main() -> None:
         runs: dict[str, dict[str, list[int]]] = {kind: {mode: [] for mode in modes} for kind in ("produce", "consume")}
         cpu: dict[str, dict[str, list[float]]] = {kind: {mode: [] for mode in modes} for kind in ("produce", "consume")}
         loop_cpu: dict[str, dict[str, list[float]]] = {kind: {mode: [] for mode in modes} for kind in ("produce", "consume")}
+        broker_cpu: dict[str, dict[str, list[float]]] = {kind: {mode: [] for mode in modes} for kind in ("produce", "consume")}
         try:
             for repeat in range(args.repeat):
                 order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
@@ -156,11 +158,12 @@ def main() -> None:
                     for mode in order:
                         port = brokers[mode][1]["producer_port"]  # bench consume fills its backlog first
                         _, client_flags, env = modes[mode]
-                        found, spent, loop_spent = bench(kind, port, args.messages, client_flags, brokers[mode][0].pid,
+                        found, spent, broker_spent, loop_spent = bench(kind, port, args.messages, client_flags, brokers[mode][0].pid,
                                              {**os.environ, **env})
                         runs[kind][mode].append(int(found["msg_per_s"]))  # type: ignore[call-overload]
                         cpu[kind][mode].append(round(spent, 2))
                         loop_cpu[kind][mode].append(round(loop_spent, 2))
+                        broker_cpu[kind][mode].append(round(broker_spent, 2))
         finally:
             for process, _ in brokers.values():
                 process.terminate()
@@ -178,6 +181,7 @@ def main() -> None:
         plain_cpu = statistics.median(cpu[kind]["plaintext"])
         found: dict[str, object] = {"plaintext_msg_per_s": by_mode["plaintext"], "plaintext_median": round(plain),
                                     "plaintext_cpu_s": cpu[kind]["plaintext"],
+                                    "plaintext_broker_cpu_s": broker_cpu[kind]["plaintext"],
                                     "plaintext_broker_loop_cpu_s": loop_cpu[kind]["plaintext"]}
         for mode in by_mode:
             if mode == "plaintext":
@@ -189,6 +193,7 @@ def main() -> None:
                 f"{mode}_ratio": round(secured / plain, 3) if plain else None,
                 f"{mode}_cpu_s": cpu[kind][mode],
                 f"{mode}_cpu_ratio": round(plain_cpu / statistics.median(cpu[kind][mode]), 3),
+                f"{mode}_broker_cpu_s": broker_cpu[kind][mode],
                 f"{mode}_broker_loop_cpu_s": loop_cpu[kind][mode],
             })
         summary[kind] = found
