@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--partition", type=int, action="append", help="only these partitions (repeatable)")
     consume.add_argument("--max-messages", type=int)
     consume.add_argument("--timeout", type=float, help="stop after this many seconds without a message")
+    consume.add_argument("--client-rack", help="read from an in-sync replica in this rack (zone) when there is one")
     cli_coordination.add_consume_arguments(consume)
     _client_flags(consume)
     cli_coordination.add_arguments(commands, _client_flags)
@@ -391,7 +392,8 @@ async def run_consume(args: argparse.Namespace) -> int:
     start = parse_start(args.start)
     seen = 0
     wait_ms = 500 if args.timeout is None else max(1, min(500, int(args.timeout * 1000)))
-    async with Consumer(args.bootstrap, args.topic, partitions=args.partition, start=start, max_wait_ms=wait_ms) as consumer:
+    async with Consumer(args.bootstrap, args.topic, partitions=args.partition, start=start, max_wait_ms=wait_ms,
+                        client_rack=args.client_rack) as consumer:
         last_message = time.monotonic()
         while args.max_messages is None or seen < args.max_messages:
             room = 10_000 if args.max_messages is None else args.max_messages - seen

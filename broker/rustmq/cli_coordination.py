@@ -155,7 +155,8 @@ async def run_group_consume(args: argparse.Namespace) -> int:
     seen = 0
     wait_ms = 500 if args.timeout is None else max(1, min(500, int(args.timeout * 1000)))
     start = args.start if args.start in ("earliest", "latest") else "earliest"
-    async with GroupConsumer(args.bootstrap, args.topic, group=args.group, start=start, max_wait_ms=wait_ms) as consumer:
+    async with GroupConsumer(args.bootstrap, args.topic, group=args.group, start=start, max_wait_ms=wait_ms,
+                             client_rack=args.client_rack) as consumer:
         last_message = time.monotonic()
         while args.max_messages is None or seen < args.max_messages:
             messages = await consumer.getmany()

@@ -38,6 +38,7 @@ class AcksAllLoad:
     group: str | None = None  # read as a member of this consumer group instead of a plain consumer
     external: bool = False  # reach the brokers at their advertised external addresses
     read_times: list[float] = field(default_factory=list)  # monotonic time of every batch read
+    client_rack: str | None = None  # the consumer reads from an in-sync replica in this rack
     consumer: Any = None
 
     async def run(self, scenario: Callable[[], Awaitable[None]], *, warmup_s: float = 2.0,
@@ -47,10 +48,11 @@ class AcksAllLoad:
         stop = asyncio.Event()
         if self.group is None:
             consumer = await Consumer(self.bootstrap, self.topic, start="earliest", max_wait_ms=200, timeout_s=5,
-                                      external=self.external).start()
+                                      external=self.external, client_rack=self.client_rack).start()
         else:
             consumer = await Consumer(self.bootstrap, self.topic, group=self.group, start="earliest",
-                                      max_wait_ms=200, timeout_s=15, external=self.external).start()
+                                      max_wait_ms=200, timeout_s=15, external=self.external,
+                                      client_rack=self.client_rack).start()
         self.consumer = consumer
         loop = asyncio.get_running_loop()
         reading = loop.create_task(self._read(consumer))

@@ -57,6 +57,7 @@ class Consumer:
         min_bytes: int = 1,
         timeout_s: float = 30.0,
         external: bool = False,
+        client_rack: str | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
@@ -69,7 +70,7 @@ class Consumer:
         self.positions: dict[int, int] = {}
         self.high_watermarks: dict[int, int] = {}
         self._admin = Admin(bootstrap.split(",")[0], timeout=timeout_s)
-        self._routes = Routes(bootstrap, timeout=timeout_s, external=external)
+        self._routes = Routes(bootstrap, timeout=timeout_s, external=external, client_rack=client_rack)
         self._connection: Connection | None = None
         self._next: asyncio.Future[Response] | None = None
         # The broker resolves a timestamp to the first *batch* whose max timestamp reaches it;
@@ -223,7 +224,7 @@ class Consumer:
                 return []
         groups: dict[int, list[int]] = {}
         for partition in self.positions:
-            groups.setdefault(routes.leader_of(self.topic, partition), []).append(partition)
+            groups.setdefault(routes.reader_of(self.topic, partition), []).append(partition)
         results = await asyncio.gather(*(self._fetch_from(partitions) for partitions in groups.values()),
                                        return_exceptions=True)
         out, failed = merge_fetches(results)
@@ -237,12 +238,14 @@ class Consumer:
         return out
 
     async def _fetch_from(self, partitions: list[int]) -> tuple[list[tuple[int, memoryview, int]], bool]:
-        connection = await self._routes.leader_connection(self.topic, partitions[0], "consumer")
+        connection = await self._routes.leader_connection(self.topic, partitions[0], "consumer", read=True)
         header = {
             "api": int(ApiKey.FETCH), "max_wait_ms": self.max_wait_ms, "min_bytes": self.min_bytes,
             "max_bytes": self.max_bytes,
             "partitions": [{"topic": self.topic, "partition": p, "offset": self.positions[p]} for p in partitions],
         }
+        if self._routes.client_rack is not None:
+            header["follower_read"] = True
         response = await connection.request(header, timeout=self.timeout_s + self.max_wait_ms / 1000)
         payload = memoryview(response.payload)
         out = []

@@ -48,7 +48,7 @@ class GroupConsumer:
                  start: str = "earliest", client_id: str = "consumer", instance_id: str | None = None,
                  session_timeout_ms: int = 10_000, heartbeat_wait_ms: int = 3_000, auto_commit: bool = True,
                  max_bytes: int = 4 << 20, max_wait_ms: int = 500, timeout_s: float = 30.0,
-                 external: bool = False) -> None:
+                 external: bool = False, client_rack: str | None = None) -> None:
         self.bootstrap = bootstrap
         self.topics = [topic] if isinstance(topic, str) else list(topic)
         self.group = group
@@ -68,7 +68,7 @@ class GroupConsumer:
         self.rebalances = 0
         self._committed: dict[tuple[str, int], int] = {}
         self._admin = Admin(bootstrap, timeout=timeout_s)
-        self._routes = Routes(bootstrap, timeout=timeout_s, external=external)
+        self._routes = Routes(bootstrap, timeout=timeout_s, external=external, client_rack=client_rack)
         self.external = external  # brokers at their advertised external addresses (see Routes)
         self.clustered = False
         self._data: Connection | None = None
@@ -364,7 +364,7 @@ class GroupConsumer:
             if topic not in self._routes.leaders:
                 with contextlib.suppress(Exception):
                     await self._routes.metadata(self.topics)
-            by_leader.setdefault(self._routes.leader_of(topic, partition), []).append((topic, partition))
+            by_leader.setdefault(self._routes.reader_of(topic, partition), []).append((topic, partition))
         results = await asyncio.gather(*(self._fetch_from(tps, wait) for tps in by_leader.values()),
                                        return_exceptions=True)
         out, failed = merge_fetches(results)
@@ -376,12 +376,15 @@ class GroupConsumer:
         return out
 
     async def _fetch_from(self, partitions: list[tuple[str, int]], wait: int) -> tuple[list[Message], bool]:
-        connection = await self._routes.leader_connection(partitions[0][0], partitions[0][1], "consumer")
-        response = await connection.request({
+        connection = await self._routes.leader_connection(partitions[0][0], partitions[0][1], "consumer", read=True)
+        header: dict[str, Any] = {
             "api": int(ApiKey.FETCH), "max_wait_ms": wait, "min_bytes": 1, "max_bytes": self.max_bytes,
             "partitions": [{"topic": t, "partition": p, "offset": self.positions[(t, p)]} for t, p in partitions
                            if (t, p) in self.positions],
-        }, timeout=self.timeout_s + wait / 1000)
+        }
+        if self._routes.client_rack is not None:
+            header["follower_read"] = True
+        response = await connection.request(header, timeout=self.timeout_s + wait / 1000)
         payload = memoryview(response.payload)
         out: list[Message] = []
         pos = 0

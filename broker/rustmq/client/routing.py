@@ -64,7 +64,8 @@ def merge_fetches(results: list[Any]) -> tuple[list[Any], bool]:
 
 
 class Routes:
-    def __init__(self, bootstrap: str, *, timeout: float = 30.0, external: bool = False) -> None:
+    def __init__(self, bootstrap: str, *, timeout: float = 30.0, external: bool = False,
+                 client_rack: str | None = None) -> None:
         self.bootstrap = [parse_address(address.strip()) for address in bootstrap.split(",") if address.strip()]
         if not self.bootstrap:
             raise ValueError("the bootstrap list is empty")
@@ -72,9 +73,13 @@ class Routes:
         # external=True: reach brokers at the addresses the operator advertises for clients
         # outside the cluster (METADATA `external_host`, one LoadBalancer per broker).
         self.external = external
+        # client_rack: consumers read from an in-sync replica in this rack when there is one
+        # (Kafka's fetch from the closest replica), else from the leader.
+        self.client_rack = client_rack or None
         self.clustered = False
         self.brokers: dict[int, dict[str, Any]] = {}
         self.leaders: dict[str, list[int]] = {}
+        self.readers: dict[str, list[int]] = {}  # per partition: the broker consumers read from
         self.metadata_header: dict[str, Any] = {}
         self._answered: tuple[str, int] = self.bootstrap[0]
         self._connections: dict[tuple[str, int], Connection] = {}
@@ -118,6 +123,15 @@ class Routes:
         for entry in header.get("topics", []):
             if not entry.get("error"):
                 self.leaders[entry["name"]] = [int(p.get("leader", -1)) for p in entry["partitions"]]
+                self.readers[entry["name"]] = [self._reader(p) for p in entry["partitions"]]
+
+    def _reader(self, partition: dict[str, Any]) -> int:
+        """The leader, or with client_rack an in-sync replica in that rack if the leader is not."""
+        leader = int(partition.get("leader", -1))
+        if self.client_rack is None or leader < 0:
+            return leader
+        same_rack = [b for b in partition.get("isr", ()) if self.brokers.get(b, {}).get("rack") == self.client_rack]
+        return leader if leader in same_rack or not same_rack else min(same_rack)
 
     async def any_connection(self) -> Connection:
         """A connection to the broker that last answered METADATA (for broker-wide requests)."""
@@ -125,6 +139,7 @@ class Routes:
 
     def invalidate(self, topic: str) -> None:
         self.leaders.pop(topic, None)
+        self.readers.pop(topic, None)
 
     async def partitions(self, topic: str, *, create: bool = False) -> int:
         if topic not in self.leaders:
@@ -134,8 +149,10 @@ class Routes:
                 raise BrokerError(entry["error"], f"topic {topic!r}")
         return len(self.leaders[topic])
 
-    async def leader_connection(self, topic: str, partition: int, port: str = "producer") -> Connection:
-        """The connection for a partition's leader ('producer' or 'consumer' port)."""
+    async def leader_connection(self, topic: str, partition: int, port: str = "producer", *,
+                                read: bool = False) -> Connection:
+        """The connection for a partition's leader ('producer' or 'consumer' port); with
+        `read`, for the replica consumers read from (`reader_of`)."""
         if not self.clustered:
             if port == "consumer" and self.metadata_header.get("brokers"):
                 broker = self.metadata_header["brokers"][0]
@@ -150,7 +167,7 @@ class Routes:
             # A broker that has not read the cluster state yet (just restarted) may answer without
             # the topic: retriable, unlike a partition the topic really lacks.
             raise BrokerError(ErrorCode.NOT_LEADER, f"{topic}/{partition} is not in the metadata yet")
-        leader = leaders[partition]
+        leader = self.readers[topic][partition] if read else leaders[partition]
         broker = self.brokers.get(leader)
         if leader < 0 or broker is None:
             raise BrokerError(ErrorCode.NOT_LEADER, f"{topic}/{partition} has no live leader right now")
@@ -160,6 +177,12 @@ class Routes:
     def leader_of(self, topic: str, partition: int) -> int:
         leaders = self.leaders.get(topic) or []
         return leaders[partition] if partition < len(leaders) else -1
+
+    def reader_of(self, topic: str, partition: int) -> int:
+        """The broker a consumer fetches this partition from: its leader, or a rack-local
+        in-sync follower (client_rack), which answers up to its own high watermark."""
+        readers = self.readers.get(topic) or []
+        return readers[partition] if partition < len(readers) else -1
 
     def close(self) -> None:
         for connection in self._connections.values():

@@ -140,6 +140,7 @@ class FetchRequest(NamedTuple):
     min_bytes: int
     max_bytes: int
     replica_id: int | None = None  # set by a follower broker: a replication fetch
+    follower_read: bool = False  # a consumer that may read from an in-sync follower (its client_rack)
 
 
 class ListOffsetsRequest(NamedTuple):
@@ -229,6 +230,7 @@ def parse_fetch(header: dict[str, Any], broker_max_bytes: int) -> FetchRequest:
         min_bytes=_int(header, "min_bytes", 0, 2**31 - 1, 1),
         max_bytes=max_bytes,
         replica_id=_int(header, "replica_id", 0, 2**31 - 1, None),
+        follower_read=_field(header, "follower_read", bool, False),
     )
 
 

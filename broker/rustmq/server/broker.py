@@ -404,10 +404,13 @@ class Broker:
 
     # -- fetch ----------------------------------------------------------------------------
 
-    def read_partition(self, request: api.FetchPartition, budget: int, replica_id: int | None = None) -> FetchedPartition:
+    def read_partition(self, request: api.FetchPartition, budget: int, replica_id: int | None = None,
+                       follower_read: bool = False) -> FetchedPartition:
         """One partition's part of a fetch response; errors become the entry's error code.
 
-        Cluster mode: a consumer reads from the leader only and below the high watermark; a
+        Cluster mode: a consumer reads below the high watermark, from the leader, or with
+        `follower_read` from an in-sync follower below the follower's high watermark (an offset
+        above it gets an empty answer: the follower has not learnt yet that it is committed); a
         replica fetch (replica_id set) is checked for epochs and divergence and acknowledges
         the follower's log end (rustmq.server.replicated).
         """
@@ -419,7 +422,7 @@ class Broker:
             if cluster is None:
                 header["high_watermark"] = plog.end_offset
             elif replica_id is None:
-                _, limit = cluster.consumer_limit(request.topic, request.partition)
+                _, limit = cluster.consumer_limit(request.topic, request.partition, follower_read)
                 header["high_watermark"] = limit
             else:
                 role, diverging = cluster.replica_fetch(replica_id, request)
@@ -433,6 +436,9 @@ class Broker:
             header["log_start_offset"] = plog.start_offset
             if request.offset < 0:
                 raise storage_errors.OffsetOutOfRangeError(request.offset, plog.start_offset, plog.end_offset)
+            if follower_read and limit is not None and request.offset > limit:
+                header["size"] = 0  # only the leader says an offset is out of range
+                return FetchedPartition(header, [], 0)
             if budget <= 0:
                 header["size"] = 0
                 return FetchedPartition(header, [], 0)
@@ -457,7 +463,8 @@ class Broker:
     def read_fetch(self, request: api.FetchRequest) -> tuple[list[FetchedPartition], int]:
         parts, total = [], 0
         for partition_request in request.partitions:
-            part = self.read_partition(partition_request, request.max_bytes - total, request.replica_id)
+            part = self.read_partition(partition_request, request.max_bytes - total, request.replica_id,
+                                       request.follower_read)
             parts.append(part)
             total += part.size
         return parts, total

@@ -254,12 +254,18 @@ class ClusterRoles:
 
     # -- fetch ------------------------------------------------------------------------------
 
-    def consumer_limit(self, topic: str, index: int) -> tuple[PartitionRole, int]:
+    def consumer_limit(self, topic: str, index: int, follower_read: bool = False) -> tuple[PartitionRole, int]:
+        """Up to where a consumer may read the partition here: the leader's high watermark, or
+        with `follower_read` an in-sync follower's (what its leader last told it, never above
+        its own log end); NOT_LEADER otherwise."""
         role = self.roles.get((topic, index))
-        if role is None or role.leader != self.broker_id or role.tracker is None:
-            leader = role.leader if role is not None else -1
-            raise RequestError(ErrorCode.NOT_LEADER, f"broker {self.broker_id} does not lead {topic}/{index} (leader: {leader})")
-        return role, role.tracker.high_watermark
+        if role is not None and role.leader == self.broker_id and role.tracker is not None:
+            return role, role.tracker.high_watermark
+        if (follower_read and role is not None and role.leader >= 0 and self.broker_id in role.isr
+                and not role.plog.busy and self.lease_valid()):
+            return role, min(role.high_watermark, role.plog.end_offset)
+        leader = role.leader if role is not None else -1
+        raise RequestError(ErrorCode.NOT_LEADER, f"broker {self.broker_id} does not lead {topic}/{index} (leader: {leader})")
 
     def replica_fetch(self, replica_id: int, request: api.FetchPartition) -> tuple[PartitionRole, Diverging | None]:
         role = self.roles.get((request.topic, request.partition))
