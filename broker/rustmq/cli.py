@@ -314,7 +314,8 @@ async def run_cluster(args: argparse.Namespace) -> int:
                      f"observed membership generation {health['observedMembershipGeneration']}")
     lines.append("brokers:")
     for b in metadata["brokers"]:
-        line = f"  {b['id']}: {b['host']}:{b['producer_port']} (consumer port {b['consumer_port']})"
+        line = f"  {b['id']}: {b['host']}:{b['producer_port']} (consumer port {b['consumer_port']}"
+        line += f", rack {b['rack']})" if b.get("rack") else ")"
         facts = per_broker.get(str(b["id"]))
         if facts is not None:
             line += (f": {facts['replicas']} replicas, {facts['leaders']} leaders, "

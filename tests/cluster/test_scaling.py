@@ -322,6 +322,10 @@ async def test_replicas_spread_over_racks_when_placed_and_when_drained(tmp_path:
             await admin.create_topic("racked", 8, replication_factor=2)
         parts = placement(cluster, "racked")
         assert all({racks[b] for b in p["replicas"]} == {"a", "b"} for p in parts), parts
+        described = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "rustmq", "cluster", "describe", "--bootstrap", cluster.bootstrap],
+            capture_output=True, text=True, timeout=60)
+        assert "(consumer port " in described.stdout and ", rack b)" in described.stdout, described.stdout
         assert sorted(Counter(p["leader"] for p in parts).values()) == [2, 2, 2, 2]
         await asyncio.to_thread(cluster.wait_for, lambda m: full(m["topics"][0]["partitions"], rf=2), "ISR", 30, ["racked"])
         write_membership(cluster, [0, 1, 2], generation=1)
