@@ -527,8 +527,8 @@ class ThreadedTlsTransport(asyncio.Transport):
         with self._lock:
             return bool(self._outq)
 
-# TLS 1.3 cipher suites, fastest first on x86 with AES-NI: AES-128-GCM runs at 4.1-4.6 GB/s
-# here against 3.2-3.9 GB/s for AES-256-GCM (`openssl speed -evp`, 16 KiB; docs/benchmarks.md,
+# TLS 1.3 cipher suites, fastest first on x86 with AES-NI: AES-128-GCM runs at 4.1-4.8 GB/s
+# here against 3.1-3.3 GB/s for AES-256-GCM (`openssl speed -evp`, 16 KiB; docs/benchmarks.md,
 # TLS), and both are suites of the standard. OpenSSL's default order puts AES-256 first and the
 # server's order decides (Python sets OP_CIPHER_SERVER_PREFERENCE), so brokers and clients offer
 # this order instead.
