@@ -25,10 +25,6 @@ when the protocol pauses reading, the worker stops reading once its chunks are f
 control holds the peer. Output is bounded as asyncio's is: ``pause_writing`` above the high-water
 mark, ``resume_writing`` once the worker has sent down to the low-water mark.
 
-Contexts made by the broker and the client library go through ``prefer_fast_suites``, which
-puts TLS 1.3's AES-128-GCM ahead of AES-256-GCM (OpenSSL's default first choice): the cipher is
-the largest single part of what TLS costs per byte here.
-
 The handshake runs on the worker too, bounded by a deadline the loop enforces (it shuts the
 socket down, which ends any blocking call); ``start_tls_thread`` raises its error (ssl.SSLError,
 OSError, TimeoutError) so the caller can log or report it.
@@ -36,17 +32,13 @@ OSError, TimeoutError) so the caller can log or report it.
 
 from __future__ import annotations
 
-import _ssl
 import asyncio
 import collections
 import contextlib
-import ctypes
 import os
 import select
 import socket
 import ssl
-import sys
-import sysconfig
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -526,56 +518,6 @@ class ThreadedTlsTransport(asyncio.Transport):
     def _outq_nonempty(self) -> bool:
         with self._lock:
             return bool(self._outq)
-
-# TLS 1.3 cipher suites, fastest first on x86 with AES-NI: AES-128-GCM runs at 4.1-4.8 GB/s
-# here against 3.1-3.3 GB/s for AES-256-GCM (`openssl speed -evp`, 16 KiB; docs/benchmarks.md,
-# TLS), and both are suites of the standard. OpenSSL's default order puts AES-256 first and the
-# server's order decides (Python sets OP_CIPHER_SERVER_PREFERENCE), so brokers and clients offer
-# this order instead.
-TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
-
-
-def prefer_fast_suites(context: ssl.SSLContext) -> bool:
-    """Put AES-128-GCM first among the context's TLS 1.3 suites; False where it cannot be done.
-
-    Python's ssl module (3.11 to 3.14) sets TLS 1.2 ciphers only, so this calls OpenSSL's
-    ``SSL_CTX_set_ciphersuites`` through ctypes on the ``SSL_CTX`` the context wraps. The suites
-    stay the default three; only their order changes, and any failure leaves the default order."""
-    ctx_pointer = _ssl_ctx_pointer(context)
-    if ctx_pointer is None:
-        return False
-    return bool(_LIBSSL.SSL_CTX_set_ciphersuites(ctx_pointer, TLS13_SUITES))
-
-
-def _load_libssl() -> Any:
-    """The libssl that Python's _ssl module links (dlsym through _ssl's handle finds it), typed."""
-    if (sys.implementation.name != "cpython" or sys.version_info >= (3, 15) or sysconfig.get_config_var("Py_GIL_DISABLED")
-            or not 0x30000000 <= ssl.OPENSSL_VERSION_NUMBER < 0x40000000):
-        return None
-    try:
-        lib = ctypes.CDLL(_ssl.__file__)
-        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
-        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
-        lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
-        lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    except (OSError, AttributeError):
-        return None
-    return lib
-
-
-def _ssl_ctx_pointer(context: ssl.SSLContext) -> int | None:
-    # Hazard: CPython's _ssl keeps the SSL_CTX pointer as the first field after the object
-    # header (PySSLContext, unchanged from 3.7 to 3.14). The options OpenSSL reports for that
-    # pointer must equal the context's before anything is set through it.
-    if _LIBSSL is None or type(context).__basicsize__ <= object.__basicsize__:
-        return None
-    pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
-    if not pointer or _LIBSSL.SSL_CTX_get_options(pointer) != context.options:
-        return None
-    return int(pointer)
-
-
-_LIBSSL = _load_libssl()
 
 
 def _set_result(future: asyncio.Future[None]) -> None:

@@ -108,7 +108,6 @@ def tls_context(
     context = ssl_module.create_default_context(cafile=str(ca_file) if ca_file else None)
     context.minimum_version = ssl_module.TLSVersion.TLSv1_2
     context.check_hostname = check_hostname
-    tlsio.prefer_fast_suites(context)
     if cert_file is not None:
         context.load_cert_chain(str(cert_file), str(key_file) if key_file is not None else None)
     return context

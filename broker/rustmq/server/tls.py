@@ -30,8 +30,6 @@ import ssl
 from pathlib import Path
 from typing import Final
 
-from rustmq import tlsio
-
 log = logging.getLogger(__name__)
 
 CLIENT_AUTH: Final = ("none", "optional", "required")
@@ -71,7 +69,6 @@ class TlsSettings:
 def build_context(settings: TlsSettings) -> ssl.SSLContext:
     """A server context from the files; ssl.SSLError or OSError when they do not load."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tlsio.prefer_fast_suites(context)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(settings.cert_file, settings.key_file)
     if settings.client_auth != "none":
@@ -86,7 +83,6 @@ def build_admin_context(settings: TlsSettings) -> ssl.SSLContext:
     certificates are asked for but optional whatever ``client_auth`` says (the kubelet's probes
     and most scrapers present none), and a verified one names the request's principal."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tlsio.prefer_fast_suites(context)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(settings.cert_file, settings.key_file)
     if settings.client_ca_file is not None:
@@ -102,7 +98,6 @@ def build_peer_context(settings: TlsSettings) -> ssl.SSLContext:
     needs the client-auth usage too; cert-manager's, as the operator asks for it, has it)."""
     context = ssl.create_default_context(cafile=str(settings.peer_ca_file) if settings.peer_ca_file else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    tlsio.prefer_fast_suites(context)
     context.load_cert_chain(settings.cert_file, settings.key_file)
     return context
 
