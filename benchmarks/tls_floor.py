@@ -8,9 +8,10 @@ process reads them the way rustmq.tlsio's worker does (non-blocking, one ``SSL_r
 into a 256 KiB chunk, ``poll`` when the socket is empty); nothing else runs in either, so their
 CPU seconds are what the cipher, OpenSSL's record handling, the kernel's socket copies and
 Python's call per record cost together: the floor under the TLS threads of the broker and of the
-bench client in benchmarks/tls.py. Each repeat runs once with AES-128-GCM first
-(rustmq.tlsio.prefer_fast_suites, what the broker uses) and once with OpenSSL's default order
-(AES-256-GCM), alternating. ``openssl speed`` figures for the two ciphers alone (16 KiB blocks,
+bench client in benchmarks/tls.py. Each repeat runs once with AES-128-GCM first (the reader,
+the server whose order decides, started with an ``OPENSSL_CONF`` that orders the TLS 1.3
+suites so: Python's ssl has no setter for them) and once with OpenSSL's default order
+(AES-256-GCM first, what the broker uses), alternating. ``openssl speed`` figures for the two ciphers alone (16 KiB blocks,
 one core) are added when the openssl command is there.
 """
 
@@ -34,17 +35,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tls import make_pki  # noqa: E402 - the bench's own certificates
 
-from rustmq import tlsio  # noqa: E402
-
 BUFFER = 1 << 20
 CHUNK = 256 << 10
+AES_128_FIRST_CONF = """openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_section
+[ssl_section]
+system_default = system_default_section
+[system_default_section]
+Ciphersuites = TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256
+"""
 
 
-def reader(port_file: Path, pki: dict[str, Path], total: int, fast: bool) -> None:
+def reader(port_file: Path, pki: dict[str, Path], total: int) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki["server"], pki["server_key"])
-    if fast:
-        tlsio.prefer_fast_suites(context)
     listener = socket.create_server(("127.0.0.1", 0))
     port_file.write_text(str(listener.getsockname()[1]))
     raw, _ = listener.accept()
@@ -79,10 +84,8 @@ def reader(port_file: Path, pki: dict[str, Path], total: int, fast: bool) -> Non
     sock.close()
 
 
-def writer(port: int, pki: dict[str, Path], total: int, fast: bool) -> dict[str, object]:
+def writer(port: int, pki: dict[str, Path], total: int) -> dict[str, object]:
     context = ssl.create_default_context(cafile=str(pki["ca"]))
-    if fast:
-        tlsio.prefer_fast_suites(context)
     raw = socket.create_connection(("127.0.0.1", port))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock = context.wrap_socket(raw, server_hostname="localhost")
@@ -105,14 +108,18 @@ def writer(port: int, pki: dict[str, Path], total: int, fast: bool) -> dict[str,
 
 def one_run(root: Path, pki: dict[str, Path], total: int, fast: bool) -> dict[str, object]:
     port_file = root / f"port-{time.monotonic_ns()}"
+    env = dict(os.environ)
+    if fast:
+        (root / "aes-128-first.cnf").write_text(AES_128_FIRST_CONF)
+        env["OPENSSL_CONF"] = str(root / "aes-128-first.cnf")
     child = subprocess.Popen([sys.executable, __file__, "--reader", str(port_file), "--bytes", str(total),
-                              "--pki", str(root), *(["--fast"] if fast else [])])
+                              "--pki", str(root)], env=env)
     try:
         while not port_file.exists() or not port_file.read_text():
             if child.poll() is not None:
                 raise SystemExit("the reader did not start")
             time.sleep(0.01)
-        return writer(int(port_file.read_text()), pki, total, fast)
+        return writer(int(port_file.read_text()), pki, total)
     finally:
         child.wait(120)
 
@@ -142,10 +149,9 @@ def main() -> None:
     parser.add_argument("--reader", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pki", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reader is not None:
-        reader(args.reader, pki_files(args.pki), args.bytes, args.fast)
+        reader(args.reader, pki_files(args.pki), args.bytes)
         return
     total = int(args.gb * (1 << 30)) // BUFFER * BUFFER
     load_before = os.getloadavg()
