@@ -175,6 +175,51 @@ async def test_a_paused_leader_comes_back_deposed_without_split_brain(three_brok
 
 
 @pytest.mark.timeout(240)
+async def test_a_paused_controller_comes_back_deposed_and_the_cluster_keeps_one_controller(
+        three_brokers: BrokerCluster) -> None:
+    """SIGSTOP of the controller for longer than its Lease under acks=all load: another broker
+    takes the controller Lease with a higher epoch and moves the paused broker's leaderships;
+    resumed, the old controller acts on nothing it knew before the pause (every broker names
+    the new controller, no partition goes offline) and the checker finds nothing lost."""
+    from clusterproc import read_health
+
+    cluster = three_brokers
+    async with Admin(cluster.bootstrap) as admin:
+        await admin.create_topic("ctl", 3)
+    old = (await wait_async(cluster, full_isr, "ISR", topics=["ctl"]))["controller"]
+    other = next(b for b in (0, 1, 2) if b != old)
+    seen: dict[str, Any] = {}
+
+    def seen_by_other() -> dict[str, Any]:
+        return call(cluster, other, {"api": int(ApiKey.METADATA), "topics": ["ctl"]})
+
+    async def pause_controller() -> None:
+        seen["epoch_before"] = (await asyncio.to_thread(read_health, cluster) or {}).get("controllerEpoch", 0)
+        cluster.pause(old)
+        deadline = time.monotonic() + 30
+        while True:
+            meta = await asyncio.to_thread(seen_by_other)
+            if meta["controller"] not in (-1, old) and all(p["leader"] not in (-1, old) for p in meta["topics"][0]["partitions"]):
+                break
+            assert time.monotonic() < deadline, f"no new controller and leaders: {meta}"
+            await asyncio.sleep(0.2)
+        seen["new"] = meta["controller"]
+        cluster.resume(old)
+        await asyncio.sleep(4)  # the old controller's rounds run again on what it knew
+
+    report = await run_load(cluster, "ctl", writers=3, nemesis=pause_controller, seconds=4)
+    print(json.dumps({**report, **seen, "old": old}))
+    assert report["acknowledged"] > 50, report
+    assert report["lost"] == 0 and report["inconsistent"] == 0 and report["wrong_offset"] == 0, report
+    assert report["duplicated"] == 0 and report["reordered"] == 0, report
+    named = {b: call(cluster, b, {"api": int(ApiKey.METADATA), "topics": []})["controller"] for b in (0, 1, 2)}
+    assert set(named.values()) == {seen["new"]}, named
+    health = await asyncio.to_thread(read_health, cluster)
+    assert health is not None and health["controller"] == seen["new"], health
+    assert health["controllerEpoch"] > seen["epoch_before"] and health["offline"] == 0, health
+
+
+@pytest.mark.timeout(240)
 async def test_restarting_every_broker_at_once_keeps_every_acknowledged_record(three_brokers: BrokerCluster) -> None:
     cluster = three_brokers
     async with Admin(cluster.brokers[0].bootstrap) as admin:
