@@ -42,3 +42,21 @@ def test_no_import_cycles_at_run_time() -> None:
             if graph.chain_exists(importer=imported, imported=module)
         })
         assert cycles == [], f"import cycles in {package}: {cycles}"
+
+
+def test_no_import_cycles_in_the_server_even_for_type_names() -> None:
+    """The server layer has no cycles even counting imports under TYPE_CHECKING (connection <->
+    listener and broker <-> coordination_handlers were such pairs): a connection sees its
+    listener through the ConnectionRegistry protocol, the broker holds the coordination service
+    without naming its type."""
+    import grimp
+
+    graph = grimp.build_graph("rustmq", exclude_type_checking_imports=False)
+    server = {m for m in graph.modules if m.startswith("rustmq.server.")}
+    cycles = sorted({
+        tuple(sorted((module, imported)))
+        for module in server
+        for imported in graph.find_modules_directly_imported_by(module)
+        if imported in server and graph.chain_exists(importer=imported, imported=module)
+    })
+    assert cycles == [], f"import cycles in rustmq.server: {cycles}"

@@ -31,7 +31,6 @@ from rustmq.server.stats import BrokerStats
 from rustmq.storage import errors as storage_errors
 
 if TYPE_CHECKING:
-    from rustmq.server.coordination_handlers import CoordinationService
     from rustmq.storage.durability import FlushTarget, GroupCommitter
     from rustmq.storage.log import Log, Topic
     from rustmq.storage.partition import PartitionLog
@@ -99,8 +98,9 @@ class Broker:
         # again is idempotent, so a waiter re-registering after each wake-up stays one entry.
         self._waiters: dict[PartitionLog, dict[Callable[[], None], None]] = {}
         self._loop = asyncio.get_running_loop()
-        # rustmq.server.coordination_handlers.CoordinationService, attached by the app (issue 4)
-        self.coordination: CoordinationService | None = None
+        # rustmq.server.coordination_handlers.CoordinationService, attached by the app and read
+        # by connection.build_router (typed loosely: that module builds on this one, not back)
+        self.coordination: object | None = None
         # rustmq.server.replicated.ClusterRoles in cluster mode, attached by the app; None standalone
         self.cluster: Any = None
 

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from rustmq.auth.acl import ANONYMOUS
 from rustmq.protocol import api, frames, records, simple
@@ -39,10 +39,20 @@ from rustmq.server.broker import Broker, error_code_for
 from rustmq.server.responder import Slot
 from rustmq.server.router import Handler, Router
 
-if TYPE_CHECKING:
-    from rustmq.server.listener import Listener
-
 log = logging.getLogger(__name__)
+
+
+class ConnectionRegistry(Protocol):
+    """What a connection needs of the listener that accepted it (rustmq.server.listener)."""
+
+    router: Router
+
+    def register(self, connection: Connection) -> bool: ...
+
+    def unregister(self, connection: Connection) -> bool: ...
+
+    def maybe_drained(self, connection: Connection) -> None: ...
+
 
 MIN_READ_BYTES = 64 << 10
 INITIAL_BUFFER_BYTES = MIN_READ_BYTES  # allocated at the first read, not at connect
@@ -53,7 +63,7 @@ _API_NAMES = {int(key): key.name for key in ApiKey}
 
 
 class Connection(asyncio.BufferedProtocol):
-    def __init__(self, listener: Listener, broker: Broker, accept_simple: bool) -> None:
+    def __init__(self, listener: ConnectionRegistry, broker: Broker, accept_simple: bool) -> None:
         self._listener = listener
         self._broker = broker
         self._settings = broker.settings
