@@ -27,14 +27,15 @@ def test_no_importable_package_shadows_the_standard_library_operator_module() ->
     assert hasattr(operator, "itemgetter")
 
 
-def test_no_import_cycles_at_run_time() -> None:
-    """No module imports, directly or through others, a module that imports it back (cli <->
-    cli_coordination and client consumer <-> groups <-> sync were such pairs). Imports under
-    TYPE_CHECKING are left out: they name a type for the checker and never run."""
+def test_no_import_cycles() -> None:
+    """No module imports, directly or through others, a module that imports it back, counting
+    imports under TYPE_CHECKING too (cli <-> cli_coordination, client consumer <-> groups <->
+    sync, server connection <-> listener, broker <-> coordination_handlers and replication
+    node <-> forward/topics were such pairs; the last three now meet through protocols)."""
     import grimp
 
     for package in ("rustmq", "rustmq_operator"):
-        graph = grimp.build_graph(package, exclude_type_checking_imports=True)
+        graph = grimp.build_graph(package, exclude_type_checking_imports=False)
         cycles = sorted({
             tuple(sorted((module, imported)))
             for module in graph.modules
@@ -42,21 +43,3 @@ def test_no_import_cycles_at_run_time() -> None:
             if graph.chain_exists(importer=imported, imported=module)
         })
         assert cycles == [], f"import cycles in {package}: {cycles}"
-
-
-def test_no_import_cycles_in_the_server_even_for_type_names() -> None:
-    """The server layer has no cycles even counting imports under TYPE_CHECKING (connection <->
-    listener and broker <-> coordination_handlers were such pairs): a connection sees its
-    listener through the ConnectionRegistry protocol, the broker holds the coordination service
-    without naming its type."""
-    import grimp
-
-    graph = grimp.build_graph("rustmq", exclude_type_checking_imports=False)
-    server = {m for m in graph.modules if m.startswith("rustmq.server.")}
-    cycles = sorted({
-        tuple(sorted((module, imported)))
-        for module in server
-        for imported in graph.find_modules_directly_imported_by(module)
-        if imported in server and graph.chain_exists(importer=imported, imported=module)
-    })
-    assert cycles == [], f"import cycles in rustmq.server: {cycles}"

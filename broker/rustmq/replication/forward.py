@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rustmq.client.connection import Connection
 from rustmq.client.errors import ClientError
@@ -31,7 +31,30 @@ from rustmq.cluster import state as cstate
 from rustmq.protocol.api import ApiKey, ErrorCode, RequestError
 
 if TYPE_CHECKING:
-    from rustmq.replication.node import ClusterNode
+    from rustmq.server.broker import Broker
+    from rustmq.server.replicated import ClusterRoles
+
+
+class _NodeSettings(Protocol):
+    @property
+    def broker_id(self) -> int: ...
+
+    @property
+    def poll_s(self) -> float: ...
+
+
+class ForwardingNode(Protocol):
+    """What the forwarder needs of its cluster node (rustmq.replication.node.ClusterNode)."""
+
+    broker: Broker
+    roles: ClusterRoles
+    members: dict[int, dict[str, Any]]
+
+    @property
+    def settings(self) -> _NodeSettings: ...
+
+    def request_sync(self) -> None: ...
+
 
 log = logging.getLogger("rustmq.replication.forward")
 
@@ -46,7 +69,7 @@ class _Retry(Exception):
 
 
 class Forwarder:
-    def __init__(self, node: ClusterNode, *, timeout_s: float, max_inflight: int) -> None:
+    def __init__(self, node: ForwardingNode, *, timeout_s: float, max_inflight: int) -> None:
         self._node = node
         self.timeout_s = timeout_s
         self._slots = asyncio.Semaphore(max_inflight)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rustmq.cluster import state as cstate
 from rustmq.cluster.state import TopicState
@@ -36,8 +36,32 @@ from rustmq.storage.config import LogConfig
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from rustmq.replication.node import ClusterNode
+    from rustmq.cluster.store import ObjectStore
+    from rustmq.server.broker import Broker
     from rustmq.storage.log import Log
+
+
+class _NodeSettings(Protocol):
+    @property
+    def cluster_name(self) -> str: ...
+
+
+class TopicNode(Protocol):
+    """What topic changes need of the cluster node (rustmq.replication.node.ClusterNode)."""
+
+    broker: Broker
+    store: ObjectStore
+    topics: dict[str, TopicState]
+    members: dict[int, dict[str, Any]]
+
+    @property
+    def settings(self) -> _NodeSettings: ...
+
+    def racks(self) -> dict[int, str]: ...
+
+    async def refresh(self) -> None: ...
+
+    async def _store_call(self, call: Any) -> Any: ...
 
 log = logging.getLogger("rustmq.replication.topics")
 
@@ -67,7 +91,7 @@ def check_config(default: LogConfig, overrides: dict[str, Any]) -> LogConfig:
 class TopicChanges:
     """ADD_PARTITIONS and ALTER_TOPIC_CONFIG on any broker, applied cluster-wide."""
 
-    def __init__(self, node: ClusterNode) -> None:
+    def __init__(self, node: TopicNode) -> None:
         self._node = node
 
     async def add_partitions(self, name: str, total: int) -> TopicState:
