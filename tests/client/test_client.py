@@ -212,3 +212,27 @@ async def test_consumer_with_a_group_is_a_group_consumer(broker) -> None:
     with pytest.raises(TypeError):
         Consumer(broker.bootstrap, "grouped", group="g", partitions=[0])
     assert type(Consumer(broker.bootstrap, "grouped")) is Consumer
+
+
+@pytest.mark.timeout(120)
+async def test_batches_written_but_answered_too_late_are_retried_as_duplicates_not_failed(tmp_path) -> None:
+    """Every durable answer takes the group committer's 40 ms and the producer waits 20 ms, so
+    each batch is written, its request times out and it is sent again. The retry is recognised
+    as a duplicate only among the producer's last five batches of the partition: the producer
+    keeps at most five of them unresolved (before, the ninth batch went out while the first was
+    retrying, and 253 of 256 batches failed with OUT_OF_ORDER_SEQUENCE although stored)."""
+    process = brokerproc.BrokerProcess(tmp_path / "data", env={"RUSTMQ_GROUP_COMMIT_MS": "40"}).start()
+    try:
+        async with Admin(process.bootstrap) as admin:
+            await admin.create_topic("late", 1)
+        values = [b"%08d" % i + b"." * 1016 for i in range(64 * 128)]
+        async with Producer(process.bootstrap, acks="durable", linger_ms=0, delivery_timeout_s=60) as producer:
+            producer.request_timeout_s = 0.02  # after INIT_PRODUCER, which is durable too
+            for start in range(0, len(values), 64):
+                await producer.send_batch("late", values[start:start + 64], partition=0)
+            await producer.flush()
+        got = await consume_n(process.bootstrap, "late", len(values))
+        assert [m.value for m in got] == values  # each once, in order
+        assert [m.offset for m in got] == list(range(len(values)))
+    finally:
+        assert process.stop() == 0

@@ -41,6 +41,11 @@ from rustmq.protocol.api import ApiKey, ErrorCode, partition_for_key
 
 ACKS = {"none": 0, "leader": 1, "durable": 2, "all": 3}
 SEQUENCE_MODULUS = 1 << 31
+# An idempotent producer's batches of one partition outstanding at once (sent and not answered,
+# or waiting to be sent again): the broker recognises a retried batch as a duplicate only among
+# the producer's last RECENT_BATCHES (5) batches of the partition (rustmq.coordination.producers),
+# so no batch may be sent while one five places before it is unresolved (Kafka's limit too).
+IDEMPOTENT_WINDOW = 5
 
 
 class RecordMetadata(NamedTuple):
@@ -50,8 +55,44 @@ class RecordMetadata(NamedTuple):
     timestamp_ms: int
 
 
+class _Window:
+    """The IDEMPOTENT_WINDOW of one partition: batches are numbered in dispatch order and batch
+    n waits until every batch before n - IDEMPOTENT_WINDOW + 1 is resolved. O(1) per batch."""
+
+    __slots__ = ("next", "oldest", "resolved", "waiting")
+
+    def __init__(self) -> None:
+        self.next = 0  # the number of the next batch dispatched
+        self.oldest = 0  # the first batch not resolved yet
+        self.resolved: set[int] = set()  # resolved, but after `oldest`
+        self.waiting: dict[int, asyncio.Future[None]] = {}
+
+    def take(self) -> int:
+        number = self.next
+        self.next += 1
+        return number
+
+    async def turn(self, number: int) -> None:
+        if number < self.oldest + IDEMPOTENT_WINDOW:
+            return
+        future = self.waiting[number] = asyncio.get_running_loop().create_future()
+        await future
+
+    def resolve(self, number: int) -> None:
+        self.resolved.add(number)
+        before = self.oldest
+        while self.oldest in self.resolved:
+            self.resolved.discard(self.oldest)
+            self.oldest += 1
+        for ready in range(before + IDEMPOTENT_WINDOW, self.oldest + IDEMPOTENT_WINDOW):
+            future = self.waiting.pop(ready, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+
 class _Batch:
-    __slots__ = ("topic", "partition", "records", "size", "first_ts", "max_ts", "waiters", "timer", "sequence")
+    __slots__ = ("topic", "partition", "records", "size", "first_ts", "max_ts", "waiters", "timer", "sequence",
+                 "number")
 
     def __init__(self, topic: str, partition: int, first_ts: int) -> None:
         self.topic = topic
@@ -63,6 +104,7 @@ class _Batch:
         self.waiters: list[tuple[int, asyncio.Future[RecordMetadata]]] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.sequence = -1  # idempotent producer: the base_sequence of this batch
+        self.number = -1  # idempotent producer: its place in its partition's _Window
 
 
 class Producer:
@@ -105,6 +147,7 @@ class Producer:
         self.producer_id = -1
         self.producer_epoch = -1
         self._sequences: dict[tuple[str, int], int] = {}
+        self._windows: dict[tuple[str, int], _Window] = {}
         self._routes: Routes | None = None
         self._partitions: dict[str, int] = {}
         self._open: dict[tuple[str, int], _Batch] = {}
@@ -315,6 +358,10 @@ class Producer:
             key = (batch.topic, batch.partition)
             batch.sequence = self._sequences.get(key, 0)
             self._sequences[key] = (batch.sequence + len(batch.records)) % SEQUENCE_MODULUS
+            window = self._windows.get(key)
+            if window is None:
+                window = self._windows[key] = _Window()
+            batch.number = window.take()
         task = asyncio.get_running_loop().create_task(self._send_batch(batch))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
@@ -322,7 +369,10 @@ class Producer:
     async def _send_batch(self, batch: _Batch) -> None:
         assert self._slots is not None and self._routes is not None
         routes = self._routes
+        window = self._windows.get((batch.topic, batch.partition)) if self.idempotent else None
         try:
+            if window is not None:
+                await window.turn(batch.number)
             payload = record_batch.build_batch(
                 records.encode_body(batch.records, self.codec),
                 record_count=len(batch.records),
@@ -378,6 +428,8 @@ class Producer:
                     if not waiter.done():
                         waiter.set_exception(exc)
         finally:
+            if window is not None:
+                window.resolve(batch.number)
             self._buffered -= batch.size
             if self._buffered < self.max_buffer_bytes:
                 self._space.set()

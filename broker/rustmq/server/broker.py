@@ -391,8 +391,13 @@ class Broker:
         return None
 
     def when_durable(self, plog: FlushTarget, offset: int, done: Callable[[BaseException | None], None]) -> None:
-        """Call done(error) on the loop thread once offset is fsynced (or the flush failed)."""
+        """Call done(error) on the loop thread once offset is fsynced (or the flush failed).
+        An offset fsynced already (a retried batch answered as a duplicate) is answered at once,
+        not after the group committer's next wait."""
         loop = self._loop
+        if offset < plog.durable_offset:
+            done(None)
+            return
 
         def on_committer_thread(error: BaseException | None) -> None:
             try:
